@@ -1,0 +1,310 @@
+//! The cache: one entry per stage key, written so that a killed run never leaves anything a later
+//! run trusts.
+//!
+//! ```text
+//! cache/
+//!   entries/<key>/out/…          the stage's results (content-hashed)
+//!   entries/<key>/volatile/…     logs, timings, human reports (stored, never hashed)
+//!   entries/<key>/manifest.json  fingerprint, input files, output hashes and sizes, wall time
+//!   entries/<key>/COMPLETE       written last; holds the outputs hash
+//!   tmp/<key>.<pid>.<n>/         an entry being written
+//!   work/<key>/                  a stage's scratch that survives a killed attempt (checkpoints)
+//!   run.lock                     held by the running `goemo run`
+//! ```
+//!
+//! Commit order: the stage writes into `tmp/`; the engine hashes its outputs, writes the
+//! manifest, fsyncs every file and folder, renames the folder into `entries/`, and only then
+//! writes `COMPLETE`. An entry is trusted only when `COMPLETE` matches its manifest and every
+//! output file has the recorded size; anything else is reported and rebuilt. Entries stay until
+//! `goemo gc`, so returning to an earlier param value restores results without running.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use anyhow::Context;
+use serde::{Deserialize, Serialize};
+
+use crate::fingerprint::Fingerprint;
+use crate::hashing::{hash_file_contents, list_files, rel_string, tree_hash, FileDigest};
+
+pub const MANIFEST: &str = "manifest.json";
+pub const COMPLETE: &str = "COMPLETE";
+
+/// What an entry's `manifest.json` holds: readable, and what `status` explains changes from.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EntryManifest {
+    pub key: String,
+    /// The stage name that produced it (for people; not part of the key).
+    pub stage: String,
+    pub fingerprint: Fingerprint,
+    /// For external inputs: the files they held, so `status` can say which changed.
+    pub input_files: BTreeMap<String, BTreeMap<String, FileDigest>>,
+    /// `out/`-relative path → digest.
+    pub outputs: BTreeMap<String, FileDigest>,
+    pub outputs_hash: String,
+    pub wall_s: f64,
+    pub created_unix: u64,
+}
+
+pub enum Lookup {
+    Hit(Box<EntryManifest>),
+    Missing,
+    Corrupt(String),
+}
+
+pub struct Cache {
+    pub root: PathBuf,
+}
+
+/// An entry being written: the stage fills `out` and `volatile`.
+pub struct PendingEntry {
+    pub dir: PathBuf,
+    pub key: String,
+}
+
+impl PendingEntry {
+    pub fn out_dir(&self) -> PathBuf {
+        self.dir.join("out")
+    }
+    pub fn volatile_dir(&self) -> PathBuf {
+        self.dir.join("volatile")
+    }
+}
+
+impl Drop for PendingEntry {
+    fn drop(&mut self) {
+        // Committed entries were renamed away; anything left here is an abandoned attempt.
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+static PENDING_SEQ: AtomicU64 = AtomicU64::new(0);
+
+impl Cache {
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Cache { root: root.into() }
+    }
+
+    pub fn entry_dir(&self, key: &str) -> PathBuf {
+        self.root.join("entries").join(key)
+    }
+
+    pub fn work_dir(&self, key: &str) -> PathBuf {
+        self.root.join("work").join(key)
+    }
+
+    /// Trust an entry only if it is complete and every output has its recorded size.
+    pub fn lookup(&self, key: &str) -> Lookup {
+        let dir = self.entry_dir(key);
+        if !dir.exists() {
+            return Lookup::Missing;
+        }
+        let manifest: EntryManifest = match std::fs::read(dir.join(MANIFEST))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+        {
+            Some(m) => m,
+            None => return Lookup::Corrupt("manifest.json is missing or unreadable".into()),
+        };
+        match std::fs::read_to_string(dir.join(COMPLETE)) {
+            Ok(marker) if marker.trim() == manifest.outputs_hash => {}
+            Ok(_) => return Lookup::Corrupt("completion marker does not match the manifest".into()),
+            Err(_) => {
+                return Lookup::Corrupt("no completion marker (an interrupted run wrote it)".into())
+            }
+        }
+        for (rel, d) in &manifest.outputs {
+            match std::fs::metadata(dir.join("out").join(rel)) {
+                Ok(m) if m.len() == d.size => {}
+                Ok(m) => {
+                    return Lookup::Corrupt(format!(
+                        "out/{rel} is {} bytes, the manifest says {}",
+                        m.len(),
+                        d.size
+                    ))
+                }
+                Err(_) => return Lookup::Corrupt(format!("out/{rel} is missing")),
+            }
+        }
+        Lookup::Hit(Box::new(manifest))
+    }
+
+    /// Re-hash every output of a complete entry; the differences, if any.
+    pub fn verify(&self, manifest: &EntryManifest) -> Vec<String> {
+        let out = self.entry_dir(&manifest.key).join("out");
+        let mut bad = Vec::new();
+        for (rel, d) in &manifest.outputs {
+            match hash_file_contents(&out.join(rel), d.size) {
+                Ok(h) if h == d.blake3 => {}
+                Ok(_) => bad.push(format!("out/{rel} content differs from its recorded hash")),
+                Err(e) => bad.push(format!("out/{rel}: {e}")),
+            }
+        }
+        bad
+    }
+
+    pub fn remove(&self, key: &str) -> std::io::Result<()> {
+        let dir = self.entry_dir(key);
+        if !dir.exists() {
+            return Ok(());
+        }
+        // Rename first so a half-deleted entry is never seen under its key.
+        let doomed = self.root.join("tmp").join(format!("{key}.removing.{}", std::process::id()));
+        std::fs::create_dir_all(self.root.join("tmp"))?;
+        std::fs::rename(&dir, &doomed)?;
+        std::fs::remove_dir_all(&doomed)
+    }
+
+    /// A fresh, empty place to write an entry.
+    pub fn begin(&self, key: &str) -> anyhow::Result<PendingEntry> {
+        let seq = PENDING_SEQ.fetch_add(1, Ordering::Relaxed);
+        let dir = self.root.join("tmp").join(format!("{key}.{}.{seq}", std::process::id()));
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir)?;
+        }
+        for sub in ["out", "volatile"] {
+            std::fs::create_dir_all(dir.join(sub))
+                .with_context(|| format!("creating {}", dir.join(sub).display()))?;
+        }
+        std::fs::create_dir_all(self.work_dir(key))?;
+        Ok(PendingEntry { dir, key: key.to_owned() })
+    }
+
+    /// Hash the outputs, write the manifest, fsync, rename into place, then write COMPLETE.
+    pub fn commit(
+        &self,
+        pending: PendingEntry,
+        stage: &str,
+        fingerprint: Fingerprint,
+        input_files: BTreeMap<String, BTreeMap<String, FileDigest>>,
+        wall_s: f64,
+    ) -> anyhow::Result<EntryManifest> {
+        use rayon::prelude::*;
+        let out = pending.out_dir();
+        let mut rels = Vec::new();
+        list_files(&out, Path::new(""), &mut rels)
+            .with_context(|| format!("listing the outputs of stage {stage}"))?;
+        let outputs: BTreeMap<String, FileDigest> = rels
+            .par_iter()
+            .map(|rel| {
+                let path = out.join(rel);
+                let size = std::fs::metadata(&path)?.len();
+                Ok((rel_string(rel), FileDigest { blake3: hash_file_contents(&path, size)?, size }))
+            })
+            .collect::<std::io::Result<_>>()
+            .with_context(|| format!("hashing the outputs of stage {stage}"))?;
+        let manifest = EntryManifest {
+            key: pending.key.clone(),
+            stage: stage.to_owned(),
+            fingerprint,
+            input_files,
+            outputs_hash: tree_hash(&outputs),
+            outputs,
+            wall_s,
+            created_unix: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+        };
+        let mut bytes = serde_json::to_vec_pretty(&manifest)?;
+        bytes.push(b'\n');
+        std::fs::write(pending.dir.join(MANIFEST), bytes)?;
+        fsync_tree(&pending.dir).context("syncing the new cache entry to disk")?;
+
+        let dest = self.entry_dir(&pending.key);
+        std::fs::create_dir_all(self.root.join("entries"))?;
+        if dest.exists() {
+            // A damaged entry under the same key (reported by lookup): replace it.
+            self.remove(&pending.key)?;
+        }
+        std::fs::rename(&pending.dir, &dest)
+            .with_context(|| format!("moving the new entry into {}", dest.display()))?;
+        sync_dir(&self.root.join("entries"));
+        goemo_stages::write_atomic(&dest.join(COMPLETE), manifest.outputs_hash.as_bytes())?;
+        sync_dir(&dest);
+        let _ = std::fs::remove_dir_all(self.work_dir(&pending.key));
+        std::mem::forget(pending); // renamed away: nothing for Drop to clean
+        Ok(manifest)
+    }
+
+    /// Remove abandoned temp folders (only call while holding the run lock).
+    pub fn clean_tmp(&self) {
+        if let Ok(rd) = std::fs::read_dir(self.root.join("tmp")) {
+            for e in rd.flatten() {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
+
+    /// Keys of all entries on disk.
+    pub fn keys(&self) -> Vec<String> {
+        let mut keys: Vec<String> = std::fs::read_dir(self.root.join("entries"))
+            .map(|rd| rd.flatten().filter_map(|e| e.file_name().into_string().ok()).collect())
+            .unwrap_or_default();
+        keys.sort();
+        keys
+    }
+
+    /// Delete entries (and work folders) whose key is not in `keep`; (entries removed, bytes).
+    pub fn gc(&self, keep: &HashSet<String>) -> std::io::Result<(usize, u64)> {
+        let (mut removed, mut bytes) = (0, 0);
+        for key in self.keys() {
+            if keep.contains(&key) {
+                continue;
+            }
+            bytes += dir_size(&self.entry_dir(&key));
+            self.remove(&key)?;
+            removed += 1;
+        }
+        if let Ok(rd) = std::fs::read_dir(self.root.join("work")) {
+            for e in rd.flatten() {
+                if !keep.contains(&e.file_name().to_string_lossy().to_string()) {
+                    bytes += dir_size(&e.path());
+                    std::fs::remove_dir_all(e.path())?;
+                }
+            }
+        }
+        bytes += dir_size(&self.root.join("tmp"));
+        self.clean_tmp();
+        Ok((removed, bytes))
+    }
+}
+
+/// Bytes of a file, or of all files under a folder.
+pub fn dir_size_or_len(path: &Path) -> u64 {
+    match std::fs::metadata(path) {
+        Ok(m) if m.is_file() => m.len(),
+        Ok(_) => dir_size(path),
+        Err(_) => 0,
+    }
+}
+
+pub fn dir_size(path: &Path) -> u64 {
+    let mut rels = Vec::new();
+    if list_files(path, Path::new(""), &mut rels).is_err() {
+        return 0;
+    }
+    rels.iter().filter_map(|r| std::fs::metadata(path.join(r)).ok()).map(|m| m.len()).sum()
+}
+
+fn fsync_tree(dir: &Path) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let ty = entry.file_type()?;
+        if ty.is_dir() {
+            fsync_tree(&entry.path())?;
+        } else if ty.is_file() {
+            std::fs::File::open(entry.path())?.sync_all()?;
+        }
+    }
+    sync_dir(dir);
+    Ok(())
+}
+
+/// fsync a folder so a rename or create inside it is durable (best effort off Unix).
+pub fn sync_dir(dir: &Path) {
+    if let Ok(f) = std::fs::File::open(dir) {
+        let _ = f.sync_all();
+    }
+}

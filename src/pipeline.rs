@@ -1,0 +1,581 @@
+//! pipeline.yaml: parsing, `--set` overrides and validation into a [`Pipeline`] whose stages
+//! are in a topological order.
+//!
+//! ```yaml
+//! stages:
+//!   load:                      # the stage's name; its kind defaults to the name
+//!     inputs: {data: data/goemotions}   # external files or folders, relative to the project
+//!     params: {on_bad_rows: fail}
+//!   sample:
+//!     deps: [load]             # upstream stages; the role is the upstream's kind…
+//!   evaluate:
+//!     deps: {model: train}     # …or named explicitly
+//!     publish: [report.csv]    # copied to outputs/ after the run
+//! ```
+//!
+//! Every error names the file, line and column (when the YAML has them), the stage and the key,
+//! and says what would be valid.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use goemo_stages::{Inputs, Stage};
+use serde::Deserialize;
+
+use crate::error::ConfigError;
+
+/// One stage as pipeline.yaml declares it, validated.
+pub struct StageDef {
+    pub name: String,
+    pub kind: String,
+    pub stage: Arc<dyn Stage>,
+    /// Role → upstream stage name.
+    pub deps: BTreeMap<String, String>,
+    /// Role → path relative to the project root.
+    pub inputs: BTreeMap<String, PathBuf>,
+    /// Params after defaults (what is hashed).
+    pub params: serde_json::Value,
+    /// Source inside the stage's result (`out/…` or `volatile/…` relative) → path under outputs/.
+    pub publish: Vec<Publish>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Publish {
+    pub from: String,
+    pub to: String,
+}
+
+pub struct Pipeline {
+    pub file: PathBuf,
+    pub root: PathBuf,
+    /// Topological order, ties broken by declaration order.
+    pub stages: Vec<StageDef>,
+    index: HashMap<String, usize>,
+}
+
+impl Pipeline {
+    pub fn get(&self, name: &str) -> Option<&StageDef> {
+        self.index.get(name).map(|&i| &self.stages[i])
+    }
+
+    pub fn position(&self, name: &str) -> Option<usize> {
+        self.index.get(name).copied()
+    }
+
+    /// Indices of the stages `name` depends on, directly.
+    pub fn upstream(&self, i: usize) -> Vec<usize> {
+        let mut ups: Vec<usize> =
+            self.stages[i].deps.values().map(|d| self.index[d.as_str()]).collect();
+        ups.sort_unstable();
+        ups.dedup();
+        ups
+    }
+
+    /// Whether `ancestor` is `i` or reaches `i` through deps.
+    pub fn reaches(&self, ancestor: usize, i: usize) -> bool {
+        if ancestor == i {
+            return true;
+        }
+        self.upstream(i).into_iter().any(|u| self.reaches(ancestor, u))
+    }
+
+    /// A stage name from the CLI, or a config error listing the valid ones.
+    pub fn require(&self, name: &str, flag: &str) -> Result<usize, ConfigError> {
+        self.position(name).ok_or_else(|| {
+            ConfigError::new(&self.file, format!("{flag} {name}: no stage named `{name}`"))
+                .hint(format!("stages are: {}", self.names().join(", ")))
+        })
+    }
+
+    pub fn names(&self) -> Vec<&str> {
+        self.stages.iter().map(|s| s.name.as_str()).collect()
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPipeline {
+    stages: serde_yaml::Mapping,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStage {
+    kind: Option<String>,
+    #[serde(default)]
+    deps: Option<RawDeps>,
+    #[serde(default)]
+    inputs: BTreeMap<String, String>,
+    #[serde(default)]
+    params: serde_yaml::Value,
+    #[serde(default)]
+    publish: Option<RawPublish>,
+    /// Free text for people; not hashed.
+    #[serde(default)]
+    #[allow(dead_code)]
+    description: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RawDeps {
+    List(Vec<String>),
+    Map(BTreeMap<String, String>),
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RawPublish {
+    List(Vec<String>),
+    Map(BTreeMap<String, String>),
+}
+
+const STAGE_KEYS: &str = "kind, deps, inputs, params, publish, description";
+
+/// A `--set stage.param=value` override; `value` is read as YAML (`3e-5`, `true`, `[1, 2]`).
+#[derive(Debug, Clone)]
+pub struct Override {
+    pub stage: String,
+    pub path: Vec<String>,
+    pub value: serde_yaml::Value,
+}
+
+impl Override {
+    pub fn parse(text: &str, file: &Path) -> Result<Override, ConfigError> {
+        let bad = || {
+            ConfigError::new(file, format!("--set {text}: expected STAGE.PARAM=VALUE"))
+                .hint("e.g. --set train.lr=3e-5 or --set sample.fraction=0.2")
+        };
+        let (lhs, rhs) = text.split_once('=').ok_or_else(bad)?;
+        let mut parts = lhs.split('.').map(str::trim);
+        let stage = parts.next().filter(|s| !s.is_empty()).ok_or_else(bad)?.to_owned();
+        let path: Vec<String> = parts.map(str::to_owned).collect();
+        if path.is_empty() || path.iter().any(String::is_empty) {
+            return Err(bad());
+        }
+        let value = serde_yaml::from_str(rhs).map_err(|e| {
+            ConfigError::new(file, format!("--set {text}: value is not valid YAML: {e}"))
+        })?;
+        Ok(Override { stage, path, value })
+    }
+}
+
+/// Read, override, validate.
+pub fn load(file: &Path, overrides: &[Override]) -> Result<Pipeline, ConfigError> {
+    let text = std::fs::read_to_string(file).map_err(|e| {
+        ConfigError::new(file, format!("cannot read the pipeline file: {e}"))
+            .hint("run goemo in the project folder, or pass --pipeline FILE")
+    })?;
+    let root = file
+        .parent()
+        .map(|p| if p.as_os_str().is_empty() { Path::new(".") } else { p })
+        .unwrap_or(Path::new("."))
+        .to_path_buf();
+    parse(&text, file, &root, overrides)
+}
+
+pub fn parse(
+    text: &str,
+    file: &Path,
+    root: &Path,
+    overrides: &[Override],
+) -> Result<Pipeline, ConfigError> {
+    let locate = |path: &[&str]| locate(text, path);
+    let raw: RawPipeline = serde_yaml::from_str(text).map_err(|e| yaml_error(file, &e))?;
+
+    let mut defs: Vec<StageDef> = Vec::new();
+    let mut names: HashMap<String, usize> = HashMap::new();
+    let mut raw_deps: Vec<(usize, BTreeMap<String, String>)> = Vec::new();
+
+    for (key, value) in raw.stages {
+        let name = match key {
+            serde_yaml::Value::String(s) => s,
+            other => {
+                return Err(ConfigError::new(
+                    file,
+                    format!("stage names must be strings, found {}", yaml_inline(&other)),
+                ))
+            }
+        };
+        let at = locate(&["stages", &name]);
+        if names.contains_key(&name) {
+            return Err(ConfigError::new(file, format!("stage `{name}` is declared twice"))
+                .at(at)
+                .hint("stage names must be unique; rename one of them"));
+        }
+        let raw_stage: RawStage = serde_yaml::from_value(value).map_err(|e| {
+            let msg = e.to_string();
+            let field = msg
+                .strip_prefix("unknown field `")
+                .and_then(|r| r.split('`').next())
+                .map(str::to_owned);
+            let at = field.as_deref().and_then(|f| locate(&["stages", &name, f])).or(at);
+            ConfigError::new(file, msg).stage(&name).at(at).hint(format!("a stage takes: {STAGE_KEYS}"))
+        })?;
+        let kind = raw_stage.kind.clone().unwrap_or_else(|| name.clone());
+        let stage: Arc<dyn Stage> = goemo_stages::find(&kind).map(Arc::from).ok_or_else(|| {
+            let kinds: Vec<&str> = KINDS.with(|k| k.clone());
+            ConfigError::new(file, format!("unknown stage kind `{kind}`"))
+                .stage(&name)
+                .at(locate(&["stages", &name, "kind"]).or(at))
+                .hint(format!("kinds are: {}; set `kind:` when the name is not a kind", kinds.join(", ")))
+        })?;
+
+        let mut params_raw = raw_stage.params.clone();
+        for o in overrides.iter().filter(|o| o.stage == name) {
+            set_path(&mut params_raw, &o.path, o.value.clone());
+        }
+        let params = stage.resolve_params(&params_raw).map_err(|e| {
+            let what = e.param.as_ref().map(|p| format!("param `{p}`")).unwrap_or("params".into());
+            let param_at = e.param.as_deref().and_then(|p| {
+                let mut path = vec!["stages", name.as_str(), "params"];
+                path.extend(p.split('.'));
+                locate(&path)
+            });
+            let from_set = overrides.iter().any(|o| {
+                o.stage == name && e.param.as_deref().is_none_or(|p| o.path.join(".") == p)
+            });
+            let mut err = ConfigError::new(file, e.message.clone())
+                .stage(&name)
+                .what(what)
+                .at(param_at.or_else(|| locate(&["stages", &name, "params"])).or(at));
+            if from_set {
+                err = err.hint("this value came from --set; check its spelling and type");
+            }
+            err
+        })?;
+
+        let deps = match raw_stage.deps {
+            None => BTreeMap::new(),
+            Some(RawDeps::Map(m)) => m,
+            Some(RawDeps::List(list)) => {
+                // The role of a listed upstream is its kind, resolved once every stage is known.
+                let mut m = BTreeMap::new();
+                for up in list {
+                    m.insert(format!("\0{up}"), up);
+                }
+                m
+            }
+        };
+        let inputs: BTreeMap<String, PathBuf> =
+            raw_stage.inputs.into_iter().map(|(k, v)| (k, PathBuf::from(v))).collect();
+        let publish = match raw_stage.publish {
+            None => Vec::new(),
+            Some(RawPublish::List(l)) => {
+                l.into_iter().map(|p| Publish { from: p.clone(), to: p }).collect()
+            }
+            Some(RawPublish::Map(m)) => {
+                m.into_iter().map(|(from, to)| Publish { from, to }).collect()
+            }
+        };
+        names.insert(name.clone(), defs.len());
+        raw_deps.push((defs.len(), deps));
+        defs.push(StageDef {
+            name,
+            kind,
+            stage,
+            deps: BTreeMap::new(),
+            inputs,
+            params,
+            publish,
+        });
+    }
+
+    for o in overrides {
+        if !names.contains_key(&o.stage) {
+            let known: Vec<&str> = defs.iter().map(|d| d.name.as_str()).collect();
+            return Err(ConfigError::new(file, format!("--set {}: no stage named `{}`", o.stage, o.stage))
+                .hint(format!("stages are: {}", known.join(", "))));
+        }
+    }
+    if defs.is_empty() {
+        return Err(ConfigError::new(file, "no stages declared").at(locate(&["stages"])));
+    }
+
+    // Resolve deps: existence, roles.
+    for (i, deps) in raw_deps {
+        let mut resolved = BTreeMap::new();
+        for (role, up) in deps {
+            let name = defs[i].name.clone();
+            let Some(&u) = names.get(&up) else {
+                let known: Vec<&str> = defs.iter().map(|d| d.name.as_str()).collect();
+                return Err(ConfigError::new(file, format!("upstream stage `{up}` does not exist"))
+                    .stage(&name)
+                    .what("deps")
+                    .at(locate(&["stages", &name, "deps"]))
+                    .hint(format!("stages are: {}", known.join(", "))));
+            };
+            if u == i {
+                return Err(ConfigError::new(file, format!("cycle: {name} → {name}"))
+                    .stage(&name)
+                    .what("deps")
+                    .at(locate(&["stages", &name, "deps"])));
+            }
+            let role = match role.strip_prefix('\0') {
+                Some(_) => role_for_kind(&defs[i], &defs[u].kind),
+                None => role,
+            };
+            if resolved.insert(role.clone(), up.clone()).is_some() {
+                return Err(ConfigError::new(file, format!("two upstream stages fill the role `{role}`"))
+                    .stage(&name)
+                    .what("deps")
+                    .at(locate(&["stages", &name, "deps"]))
+                    .hint("name the roles explicitly: deps: {role_a: stage1, role_b: stage2}"));
+            }
+        }
+        defs[i].deps = resolved;
+    }
+
+    // Roles against what each kind accepts; external paths must exist.
+    for def in &defs {
+        check_roles(def, file, &locate)?;
+        for (role, path) in &def.inputs {
+            if def.deps.contains_key(role) {
+                return Err(ConfigError::new(file, format!("input `{role}` is given both in deps and in inputs"))
+                    .stage(&def.name)
+                    .at(locate(&["stages", &def.name, "inputs", role])));
+            }
+            if !root.join(path).exists() {
+                return Err(ConfigError::new(file, format!("input path `{}` does not exist", path.display()))
+                    .stage(&def.name)
+                    .what(format!("input `{role}`"))
+                    .at(locate(&["stages", &def.name, "inputs", role]))
+                    .hint(missing_input_hint(role)));
+            }
+        }
+        let mut seen = std::collections::HashSet::new();
+        for p in &def.publish {
+            if !(p.from.starts_with("out/") || p.from.starts_with("volatile/") || p.from == "out" || p.from == "volatile") {
+                return Err(ConfigError::new(file, format!("publish source `{}` must start with `out/` or `volatile/`", p.from))
+                    .stage(&def.name)
+                    .what("publish")
+                    .at(locate(&["stages", &def.name, "publish"]))
+                    .hint("e.g. publish: {out/model: model, volatile/report.html: report.html}"));
+            }
+            if !seen.insert(p.to.clone()) || p.to.split('/').any(|c| c == "..") || p.to.starts_with('/') {
+                return Err(ConfigError::new(file, format!("publish target `{}` is repeated or leaves outputs/", p.to))
+                    .stage(&def.name)
+                    .what("publish")
+                    .at(locate(&["stages", &def.name, "publish"])));
+            }
+        }
+    }
+    let mut targets: HashMap<&str, &str> = HashMap::new();
+    for def in &defs {
+        for p in &def.publish {
+            if let Some(other) = targets.insert(&p.to, &def.name) {
+                return Err(ConfigError::new(file, format!("outputs/{} is published by both `{other}` and `{}`", p.to, def.name))
+                    .stage(&def.name)
+                    .what("publish")
+                    .at(locate(&["stages", &def.name, "publish"])));
+            }
+        }
+    }
+
+    let order = topo_order(&defs, &names).map_err(|cycle| {
+        let first = cycle[0].clone();
+        ConfigError::new(file, format!("cycle: {}", cycle.join(" → ")))
+            .stage(&first)
+            .what("deps")
+            .at(locate(&["stages", &first, "deps"]))
+            .hint("a stage cannot depend, directly or through others, on itself; remove one of these deps")
+    })?;
+    let mut slots: Vec<Option<StageDef>> = defs.into_iter().map(Some).collect();
+    let stages: Vec<StageDef> = order.iter().map(|&i| slots[i].take().expect("each once")).collect();
+    let index = stages.iter().enumerate().map(|(i, s)| (s.name.clone(), i)).collect();
+    Ok(Pipeline { file: file.to_path_buf(), root: root.to_path_buf(), stages, index })
+}
+
+thread_local! {
+    static KINDS: Vec<&'static str> = goemo_stages::registry().iter().map(|s| s.kind()).collect();
+}
+
+/// The role an unnamed dep fills: the role whose accepted kinds include the upstream's kind,
+/// else the kind itself.
+fn role_for_kind(def: &StageDef, kind: &str) -> String {
+    if let Inputs::Fixed(specs) = def.stage.inputs() {
+        if let Some(spec) = specs.iter().find(|s| s.from_kinds.contains(&kind)) {
+            return spec.role.to_owned();
+        }
+    }
+    kind.to_owned()
+}
+
+fn missing_input_hint(role: &str) -> String {
+    match role {
+        "data" => "run ./setup.sh (it puts GoEmotions in data/goemotions), or point inputs.data at your copy".into(),
+        "model" => "run ./setup.sh (it unpacks all-MiniLM-L6-v2 into models/), or point inputs.model at a local HF model folder".into(),
+        _ => "create it, or fix the path (relative to the folder holding pipeline.yaml)".into(),
+    }
+}
+
+fn check_roles(
+    def: &StageDef,
+    file: &Path,
+    locate: &dyn Fn(&[&str]) -> Option<(usize, usize)>,
+) -> Result<(), ConfigError> {
+    let Inputs::Fixed(specs) = def.stage.inputs() else { return Ok(()) };
+    let accepted = || {
+        specs
+            .iter()
+            .map(|s| format!("{} ({}{})", s.role, s.what, if s.required { "" } else { ", optional" }))
+            .collect::<Vec<_>>()
+            .join("; ")
+    };
+    for role in def.deps.keys().chain(def.inputs.keys()) {
+        if !specs.iter().any(|s| s.role == role) {
+            let section = if def.deps.contains_key(role) { "deps" } else { "inputs" };
+            return Err(ConfigError::new(file, format!("kind `{}` takes no input `{role}`", def.kind))
+                .stage(&def.name)
+                .what(section)
+                .at(locate(&["stages", &def.name, section]))
+                .hint(format!("it takes: {}", accepted())));
+        }
+    }
+    for spec in specs.iter().filter(|s| s.required) {
+        if !def.deps.contains_key(spec.role) && !def.inputs.contains_key(spec.role) {
+            return Err(ConfigError::new(file, format!("missing input `{}` ({})", spec.role, spec.what))
+                .stage(&def.name)
+                .at(locate(&["stages", &def.name]))
+                .hint(if spec.from_kinds.is_empty() {
+                    format!("add `inputs: {{{}: PATH}}`", spec.role)
+                } else {
+                    format!("add a stage of kind {} to `deps`, or `deps: {{{}: STAGE}}`", spec.from_kinds.join(" or "), spec.role)
+                }));
+        }
+    }
+    Ok(())
+}
+
+/// Kahn's algorithm, ties broken by declaration order; on a cycle, returns its stage names with
+/// the first repeated at the end.
+fn topo_order(defs: &[StageDef], names: &HashMap<String, usize>) -> Result<Vec<usize>, Vec<String>> {
+    let n = defs.len();
+    let ups: Vec<Vec<usize>> =
+        defs.iter().map(|d| d.deps.values().map(|u| names[u.as_str()]).collect()).collect();
+    let mut indegree: Vec<usize> = ups.iter().map(Vec::len).collect();
+    let mut order = Vec::with_capacity(n);
+    let mut done = vec![false; n];
+    while order.len() < n {
+        let Some(next) = (0..n).find(|&i| !done[i] && indegree[i] == 0) else {
+            // Walk upstream from any stage left until a stage repeats: that loop is a cycle.
+            let mut path = vec![(0..n).find(|&i| !done[i]).expect("some left")];
+            loop {
+                let cur = *path.last().expect("non-empty");
+                let up = ups[cur].iter().copied().find(|&u| !done[u]).expect("in a cycle");
+                if let Some(pos) = path.iter().position(|&p| p == up) {
+                    // In data-flow order, starting at the first-declared stage.
+                    let mut cycle: Vec<usize> = path[pos..].iter().rev().copied().collect();
+                    let first = (0..cycle.len()).min_by_key(|&k| cycle[k]).expect("non-empty");
+                    cycle.rotate_left(first);
+                    cycle.push(cycle[0]);
+                    return Err(cycle.iter().map(|&i| defs[i].name.clone()).collect());
+                }
+                path.push(up);
+            }
+        };
+        done[next] = true;
+        order.push(next);
+        for (i, u) in ups.iter().enumerate() {
+            indegree[i] -= u.iter().filter(|&&x| x == next).count();
+        }
+    }
+    Ok(order)
+}
+
+fn set_path(target: &mut serde_yaml::Value, path: &[String], value: serde_yaml::Value) {
+    if path.is_empty() {
+        *target = value;
+        return;
+    }
+    if !target.is_mapping() {
+        *target = serde_yaml::Value::Mapping(Default::default());
+    }
+    let map = target.as_mapping_mut().expect("just made a mapping");
+    let key = serde_yaml::Value::String(path[0].clone());
+    let entry = map.entry(key).or_insert(serde_yaml::Value::Null);
+    set_path(entry, &path[1..], value);
+}
+
+fn yaml_error(file: &Path, e: &serde_yaml::Error) -> ConfigError {
+    let at = e.location().map(|l| (l.line(), l.column()));
+    let mut msg = e.to_string();
+    // serde_yaml appends " at line X column Y"; the location is already in front.
+    if let Some(pos) = msg.find(" at line ") {
+        msg.truncate(pos);
+    }
+    let hint = if msg.contains("unknown field") && !msg.contains("stages.") {
+        "the file has one top-level key, `stages:`"
+    } else if msg.contains("duplicate entry") {
+        "stage names must be unique; rename one of them"
+    } else {
+        "check the indentation and the `key: value` syntax there"
+    };
+    ConfigError::new(file, msg).at(at).hint(hint)
+}
+
+fn yaml_inline(v: &serde_yaml::Value) -> String {
+    serde_yaml::to_string(v).unwrap_or_default().trim().to_owned()
+}
+
+/// Line and column (1-based) of the key at `path` in block-style YAML: each segment is searched
+/// below the previous one at a deeper indentation. Good enough to point at a key; `None` when
+/// the file uses flow style there.
+pub fn locate(text: &str, path: &[&str]) -> Option<(usize, usize)> {
+    let lines: Vec<&str> = text.lines().collect();
+    let mut start = 0;
+    let mut parent_indent: Option<usize> = None;
+    let mut found = None;
+    for seg in path {
+        let mut hit = None;
+        for (i, line) in lines.iter().enumerate().skip(start) {
+            let content = line.trim_start();
+            if content.is_empty() || content.starts_with('#') {
+                continue;
+            }
+            let indent = line.len() - content.len();
+            // Left the parent's block: the key is not there.
+            if parent_indent.is_some_and(|p| indent <= p) {
+                break;
+            }
+            let key = content.trim_start_matches("- ");
+            let matches = key.strip_prefix(seg).is_some_and(|r| r.starts_with(':'))
+                || key.strip_prefix(&format!("\"{seg}\"")).is_some_and(|r| r.starts_with(':'))
+                || key.strip_prefix(&format!("'{seg}'")).is_some_and(|r| r.starts_with(':'));
+            if matches {
+                hit = Some((i, indent));
+                break;
+            }
+        }
+        // Not there (flow style, or a key serde made up): point at the closest enclosing key.
+        let Some((i, indent)) = hit else { return found };
+        found = Some((i + 1, indent + 1));
+        parent_indent = Some(indent);
+        start = i + 1;
+    }
+    found
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn locate_finds_nested_keys() {
+        let text = "stages:\n  a:\n    params:\n      lr: 1\n  b:\n    params:\n      lr: 2\n";
+        assert_eq!(locate(text, &["stages", "b", "params", "lr"]), Some((7, 7)));
+        assert_eq!(locate(text, &["stages", "a", "params", "lr"]), Some((4, 7)));
+        assert_eq!(locate(text, &["stages", "a", "kind"]), Some((2, 3)));
+        assert_eq!(locate(text, &["nope"]), None);
+    }
+
+    #[test]
+    fn override_parses_yaml_values() {
+        let o = Override::parse("train.lr=3e-5", Path::new("p.yaml")).unwrap();
+        assert_eq!(o.stage, "train");
+        assert_eq!(o.path, vec!["lr"]);
+        assert_eq!(o.value.as_f64(), Some(3e-5));
+        assert!(Override::parse("train=3", Path::new("p.yaml")).is_err());
+    }
+}

@@ -1,0 +1,137 @@
+//! goemo's side of the benchmarks in scripts/bench.sh, printed as `RESULT …` lines like
+//! ../shared/bench/torch_reference.py, on the same data and the same batches.
+//!
+//!   goemo-bench tokenize                 43,410 train texts, best of 3
+//!   goemo-bench train minilm|distilbert  30 timed steps after 5 warm-up, batch 32 (BENCH_BATCHES)
+//!   goemo-bench infer minilm|distilbert  the dev split, batch 64
+//!
+//! Env: MODEL_DIR (all-MiniLM-L6-v2), GE_DATA (GoEmotions), BENCH_BATCHES, RAYON_NUM_THREADS.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use candle_core::Device;
+use goemo_stages::data::{Row, Split};
+use goemo_stages::model::{EncoderConfig, ModelDir, Params};
+use goemo_stages::train::{self, AdamW, TrainParams};
+
+fn env_path(key: &str, default: &str) -> PathBuf {
+    std::env::var_os(key).map(PathBuf::from).unwrap_or_else(|| PathBuf::from(default))
+}
+
+fn read_split(split: Split) -> anyhow::Result<(Vec<String>, Vec<Row>)> {
+    let dir = env_path("GE_DATA", "data/goemotions");
+    let shown = |p: &std::path::Path| p.display().to_string();
+    let labels = goemo_stages::load::read_label_names(&dir, &shown)?;
+    let bytes = std::fs::read(dir.join(format!("{}.tsv", split.name())))?;
+    let mut rejects = Vec::new();
+    let (rows, _) = goemo_stages::load::parse_official(&bytes, split.name(), split, labels.len(), &mut rejects);
+    Ok((labels, rows))
+}
+
+fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok()))
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(0.0)
+}
+
+fn model_config(which: &str, model: &std::path::Path) -> anyhow::Result<(EncoderConfig, bool)> {
+    match which {
+        "minilm" => Ok((ModelDir::open(model)?.cfg, true)),
+        // transformers' DistilBertConfig defaults: dim 768, 6 layers, 12 heads, hidden 3072.
+        "distilbert" => Ok((
+            EncoderConfig::from_json(serde_json::json!({
+                "model_type": "distilbert", "vocab_size": 30522, "dim": 768, "n_layers": 6, "n_heads": 12,
+                "hidden_dim": 3072, "max_position_embeddings": 512, "dropout": 0.1, "attention_dropout": 0.1,
+                "seq_classif_dropout": 0.2, "activation": "gelu"
+            }))?,
+            false,
+        )),
+        other => anyhow::bail!("unknown model {other}: minilm or distilbert"),
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    goemo_stages::runtime::tune_allocator();
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let model = env_path("MODEL_DIR", "models/all-MiniLM-L6-v2");
+    let threads = rayon::current_num_threads();
+    match args.first().map(String::as_str) {
+        Some("tokenize") => {
+            let (_, rows) = read_split(Split::Train)?;
+            let texts: Vec<&str> = rows.iter().map(|r| r.text.as_str()).collect();
+            let mut best = f64::INFINITY;
+            let mut tokens = 0;
+            for run in 0..3 {
+                let t = Instant::now();
+                let enc = goemo_stages::tokenize::tokenize_all(&model, 128, &texts)?;
+                let dt = t.elapsed().as_secs_f64();
+                tokens = enc.iter().map(|e| e.0.len()).sum::<usize>();
+                println!("run {run}: {dt:.3}s {:.0} texts/s", texts.len() as f64 / dt);
+                best = best.min(dt);
+            }
+            println!("RESULT tokenize threads={threads} texts={} best_s={best:.3} texts_per_s={:.0} tokens_per_s={:.0}", texts.len(), texts.len() as f64 / best, tokens as f64 / best);
+        }
+        Some("train") => {
+            let which = args.get(1).map(String::as_str).unwrap_or("minilm");
+            let (labels, rows) = read_split(Split::Train)?;
+            let data = goemo_stages::tokenize::build(&rows, labels, &model, 128)?;
+            let batches: Vec<Vec<usize>> = serde_json::from_slice(&std::fs::read(env_path("BENCH_BATCHES", "bench-results/bench_batches.json"))?)?;
+            let (cfg, pretrained) = model_config(which, &model)?;
+            let params = Params::init(&cfg, 28, 0, &Device::Cpu)?;
+            if pretrained {
+                params.load_backbone(&model.join("model.safetensors"))?;
+            }
+            let p = TrainParams { lr: 5e-5, ..Default::default() };
+            let mut opt = AdamW::new(&params, &p);
+            let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(0);
+            let (mut tsum, mut fb, mut o, mut ex, mut toks) = (0.0, 0.0, 0.0, 0usize, 0usize);
+            for (step, b) in batches.iter().take(35).enumerate() {
+                let t = Instant::now();
+                let (loss, grads) = train::loss_and_grads(&params, &data, b, None, Some(&mut rng), &Device::Cpu)?;
+                let t1 = Instant::now();
+                opt.step(&params, &grads, 5e-5)?;
+                let (f, s) = ((t1 - t).as_secs_f64(), t1.elapsed().as_secs_f64());
+                let len = b.iter().map(|&i| data.row(i).len()).max().unwrap_or(0);
+                println!("step {step} L={len} loss={loss:.4} {:.3}s fwd+bwd={f:.3} opt={s:.3}", f + s);
+                if step >= 5 {
+                    tsum += f + s;
+                    fb += f;
+                    o += s;
+                    ex += b.len();
+                    toks += b.len() * len;
+                }
+            }
+            let n = batches.len().min(35).saturating_sub(5).max(1) as f64;
+            println!(
+                "RESULT train model={which} threads={threads} steps={n} secs={tsum:.2} ex_per_s={:.2} padded_tok_per_s={:.0} s_per_step={:.3} peak_rss_mib={:.0} split_s_per_step fwd_bwd={:.3} opt={:.3}",
+                ex as f64 / tsum, toks as f64 / tsum, tsum / n, peak_rss_mib(), fb / n, o / n
+            );
+        }
+        Some("infer") => {
+            let which = args.get(1).map(String::as_str).unwrap_or("minilm");
+            let (labels, rows) = read_split(Split::Dev)?;
+            let data = goemo_stages::tokenize::build(&rows, labels, &model, 128)?;
+            let (cfg, pretrained) = model_config(which, &model)?;
+            let params = Params::init(&cfg, 28, 0, &Device::Cpu)?;
+            if pretrained {
+                params.load_backbone(&model.join("model.safetensors"))?;
+            }
+            let weights = params.detached();
+            let all: Vec<usize> = (0..data.len()).collect();
+            train::predict_scores(&cfg, &weights, &data, &all[..64], 64, &Device::Cpu)?;
+            let t = Instant::now();
+            // In file order, like the reference (no length sorting across batches).
+            let mut checksum = 0.0f64;
+            for chunk in all.chunks(64) {
+                checksum += train::predict_scores(&cfg, &weights, &data, chunk, 64, &Device::Cpu)?.iter().map(|&x| x as f64).sum::<f64>();
+            }
+            let dt = t.elapsed().as_secs_f64();
+            println!("RESULT infer model={which} threads={threads} n={} secs={dt:.2} ex_per_s={:.1} peak_rss_mib={:.0} checksum={checksum:.2}", data.len(), data.len() as f64 / dt, peak_rss_mib());
+        }
+        _ => anyhow::bail!("usage: goemo-bench tokenize | train minilm|distilbert | infer minilm|distilbert"),
+    }
+    Ok(())
+}

@@ -1,0 +1,99 @@
+//! `command`: run a shell command as a cached stage (what a DVC stage is).
+//!
+//! The command sees its folders in the environment: `GOEMO_OUT` (write results here),
+//! `GOEMO_VOLATILE` (logs, timings), `GOEMO_WORK` (survives a killed attempt),
+//! `GOEMO_IN_<ROLE>` for each input (role upper-cased, `-` → `_`), and `GOEMO_VAR_<NAME>` for
+//! each entry of `vars`. It runs in the project root with `sh -c`.
+
+use std::collections::BTreeMap;
+use std::process::Command;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::stage::{resolve_typed, Inputs, ParamError, Stage, StageContext};
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CommandParams {
+    /// The shell command.
+    pub cmd: String,
+    /// Values exported as `GOEMO_VAR_<NAME>`; part of the key, so changing one re-runs.
+    pub vars: BTreeMap<String, serde_json::Value>,
+}
+
+pub struct CommandStage;
+
+impl Stage for CommandStage {
+    fn kind(&self) -> &'static str {
+        "command"
+    }
+    fn version(&self) -> u32 {
+        1
+    }
+    fn summary(&self) -> &'static str {
+        "run a shell command; inputs as $GOEMO_IN_<ROLE>, results into $GOEMO_OUT"
+    }
+    fn inputs(&self) -> Inputs {
+        Inputs::Any
+    }
+    fn resolve_params(&self, raw: &serde_yaml::Value) -> Result<serde_json::Value, ParamError> {
+        let value = resolve_typed::<CommandParams>(raw)?;
+        if value["cmd"].as_str().is_none_or(|c| c.trim().is_empty()) {
+            return Err(ParamError::new("cmd", "missing field `cmd`: give the shell command to run"));
+        }
+        Ok(value)
+    }
+
+    fn run(&self, ctx: &StageContext<'_>) -> anyhow::Result<()> {
+        let params: CommandParams = ctx.params()?;
+        let mut command = Command::new("sh");
+        command
+            .arg("-c")
+            .arg(&params.cmd)
+            .current_dir(ctx.project_dir)
+            .env("GOEMO_STAGE", ctx.name)
+            .env("GOEMO_OUT", ctx.out_dir)
+            .env("GOEMO_VOLATILE", ctx.volatile_dir)
+            .env("GOEMO_WORK", ctx.work_dir);
+        for (role, path) in ctx.inputs {
+            command.env(format!("GOEMO_IN_{}", env_name(role)), path);
+        }
+        for (name, value) in &params.vars {
+            let text = match value {
+                serde_json::Value::String(s) => s.clone(),
+                other => other.to_string(),
+            };
+            command.env(format!("GOEMO_VAR_{}", env_name(name)), text);
+        }
+        let mut child = command
+            .spawn()
+            .map_err(|e| anyhow::anyhow!("stage {}: could not start `sh -c`: {e}", ctx.name))?;
+        // Poll rather than wait, so Ctrl-C can stop a long command.
+        let status = loop {
+            if let Some(status) = child.try_wait()? {
+                break status;
+            }
+            if ctx.check_cancelled().is_err() {
+                let _ = child.kill();
+                let _ = child.wait();
+                ctx.check_cancelled()?;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        if !status.success() {
+            anyhow::bail!(
+                "stage {}: command failed ({status}): {}",
+                ctx.name,
+                params.cmd.trim()
+            );
+        }
+        Ok(())
+    }
+}
+
+fn env_name(name: &str) -> String {
+    name.chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_uppercase() } else { '_' })
+        .collect()
+}

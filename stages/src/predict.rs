@@ -1,0 +1,161 @@
+//! `goemo predict`: classify texts with a fine-tuned model folder and its thresholds, printing
+//! one JSON line per input: `{"text": …, "labels": [{"label": …, "score": …}, …]}`.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use serde::Serialize;
+
+use crate::model::Classifier;
+use crate::thresholds::Thresholds;
+use crate::tokens::load_tokenizer;
+
+pub struct PredictOptions {
+    pub model: PathBuf,
+    /// thresholds.json; default: beside the model folder or inside it.
+    pub thresholds: Option<PathBuf>,
+    /// One threshold for every label, overriding thresholds.json.
+    pub threshold: Option<f32>,
+    /// The K best labels whatever their score.
+    pub top_k: Option<usize>,
+    pub batch_size: usize,
+}
+
+/// One input text and where it came from (for messages).
+pub struct InputText {
+    pub origin: String,
+    pub text: String,
+}
+
+#[derive(Serialize)]
+struct LabelScore<'a> {
+    label: &'a str,
+    score: f32,
+}
+
+#[derive(Serialize)]
+struct Prediction<'a> {
+    text: &'a str,
+    labels: Vec<LabelScore<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    warning: Option<String>,
+}
+
+pub struct PredictStats {
+    pub texts: usize,
+    pub seconds: f64,
+    pub truncated: usize,
+}
+
+/// Where the thresholds of a model folder are: `--thresholds`, else `thresholds.json` inside the
+/// folder or beside it (`outputs/thresholds.json` next to `outputs/model`).
+pub fn find_thresholds(model: &Path, given: Option<&Path>) -> Option<PathBuf> {
+    if let Some(g) = given {
+        return Some(g.to_path_buf());
+    }
+    [model.join("thresholds.json"), model.parent().unwrap_or(Path::new(".")).join("thresholds.json")].into_iter().find(|p| p.exists())
+}
+
+pub fn predict(inputs: &[InputText], opts: &PredictOptions, out: &mut dyn Write) -> anyhow::Result<PredictStats> {
+    let device = crate::train::select_device(crate::train::DeviceChoice::Auto)?;
+    let classifier = Classifier::load(&opts.model, &device)?;
+    let n = classifier.labels.len();
+    let thresholds: Vec<f32> = match (opts.threshold, find_thresholds(&opts.model, opts.thresholds.as_deref())) {
+        (Some(t), _) => vec![t; n],
+        (None, Some(path)) => {
+            let t: Thresholds = crate::read_json(&path)?;
+            if t.labels != classifier.labels {
+                anyhow::bail!("{}: its labels differ from the model's config.json; pass the thresholds.json made for this model, or --threshold", path.display());
+            }
+            t.thresholds
+        }
+        (None, None) => {
+            tracing::warn!("no thresholds.json beside {}; using 0.5 for every label (pass --thresholds or --threshold)", opts.model.display());
+            vec![0.5; n]
+        }
+    };
+    let limit = classifier.cfg.max_positions.min(512);
+    let tokenizer = load_tokenizer(&classifier.dir, limit)?;
+    let pad = tokenizer.token_to_id("[PAD]").unwrap_or(0);
+    let started = Instant::now();
+    let mut truncated = 0;
+    let mut encoded: Vec<Vec<u32>> = Vec::with_capacity(inputs.len());
+    let mut warnings: Vec<Option<String>> = Vec::with_capacity(inputs.len());
+    for input in inputs {
+        if input.text.trim().is_empty() {
+            tracing::warn!("{}: empty text; no labels predicted", input.origin);
+            encoded.push(Vec::new());
+            warnings.push(Some("empty text".into()));
+            continue;
+        }
+        let enc = tokenizer.encode_fast(input.text.as_str(), true).map_err(|e| anyhow::anyhow!("{}: cannot tokenize: {e}", input.origin))?;
+        let mut warning = None;
+        if !enc.get_overflowing().is_empty() {
+            truncated += 1;
+            tracing::warn!("{}: longer than the model's {limit} tokens; truncated", input.origin);
+            warning = Some(format!("truncated to {limit} tokens"));
+        }
+        encoded.push(enc.get_ids().to_vec());
+        warnings.push(warning);
+    }
+    // Batches of similar length; results go back in input order.
+    let mut order: Vec<usize> = (0..inputs.len()).filter(|&i| !encoded[i].is_empty()).collect();
+    order.sort_by_key(|&i| encoded[i].len());
+    let mut scores = vec![Vec::new(); inputs.len()];
+    for chunk in order.chunks(opts.batch_size.max(1)) {
+        let rows: Vec<&[u32]> = chunk.iter().map(|&i| encoded[i].as_slice()).collect();
+        let s = classifier.scores(&rows, pad)?;
+        for (j, &i) in chunk.iter().enumerate() {
+            scores[i] = s[j * n..(j + 1) * n].to_vec();
+        }
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    for (i, input) in inputs.iter().enumerate() {
+        let mut labels: Vec<LabelScore<'_>> = scores[i]
+            .iter()
+            .enumerate()
+            .filter(|(l, &s)| opts.top_k.is_some() || s >= thresholds[*l])
+            .map(|(l, &s)| LabelScore { label: &classifier.labels[l], score: s })
+            .collect();
+        labels.sort_by(|a, b| b.score.total_cmp(&a.score));
+        if let Some(k) = opts.top_k {
+            labels.truncate(k);
+        }
+        let line = serde_json::to_string(&Prediction { text: &input.text, labels, warning: warnings[i].clone() })?;
+        writeln!(out, "{line}")?;
+    }
+    Ok(PredictStats { texts: inputs.len(), seconds, truncated })
+}
+
+/// Texts from a file or stdin: one per line, or JSON lines with a `text` field (a `.jsonl`
+/// file, or input whose first line is a JSON object). Names the line of any bad input.
+pub fn parse_texts(bytes: &[u8], origin: &str, jsonl: Option<bool>) -> anyhow::Result<Vec<InputText>> {
+    let body = bytes.strip_suffix(b"\n").unwrap_or(bytes);
+    if body.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut lines = Vec::new();
+    for (i, raw) in body.split(|&b| b == b'\n').enumerate() {
+        let raw = raw.strip_suffix(b"\r").unwrap_or(raw);
+        let text = std::str::from_utf8(raw).map_err(|e| {
+            anyhow::anyhow!("{origin}:{}: not valid UTF-8 (byte {}); goemo predict reads UTF-8 text", i + 1, e.valid_up_to() + 1)
+        })?;
+        lines.push(text);
+    }
+    let jsonl = jsonl.unwrap_or_else(|| lines.first().is_some_and(|l| l.trim_start().starts_with('{')));
+    lines
+        .into_iter()
+        .enumerate()
+        .map(|(i, l)| {
+            let origin = format!("{origin}:{}", i + 1);
+            let text = if jsonl {
+                let v: serde_json::Value = serde_json::from_str(l).map_err(|e| anyhow::anyhow!("{origin}: not a JSON object: {e}"))?;
+                v["text"].as_str().ok_or_else(|| anyhow::anyhow!("{origin}: no string field `text`"))?.to_owned()
+            } else {
+                l.to_owned()
+            };
+            Ok(InputText { origin, text })
+        })
+        .collect()
+}

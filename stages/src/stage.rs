@@ -1,0 +1,241 @@
+//! The one small trait every stage implements, and what the engine hands a stage when it runs.
+//!
+//! A stage is a pure function of its params and inputs: it reads the paths in
+//! [`StageContext::inputs`], writes its outputs into [`StageContext::out_dir`] and nothing else
+//! matters to the engine. It knows nothing about caching, hashing or where its folder lives:
+//! the engine gives it a fresh, empty output folder and decides afterwards whether to keep it.
+//!
+//! Two output areas, because reproducibility and bookkeeping pull in opposite directions:
+//! - `out_dir` holds the results. They are content-hashed, feed downstream keys and
+//!   `pipeline.lock`, so they must be byte-identical for identical inputs (no timestamps, no
+//!   wall times, no absolute paths).
+//! - `volatile_dir` holds what a person reads but that may differ run to run: logs, timings,
+//!   the human report. It is stored with the cache entry and can be published to `outputs/`,
+//!   but it is never hashed, so it cannot break early cutoff or `--locked`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+/// An input a stage reads, named by its role (`data`, `model`, `dataset`, …).
+#[derive(Debug, Clone, Copy)]
+pub struct InputSpec {
+    pub role: &'static str,
+    pub what: &'static str,
+    pub required: bool,
+    /// Upstream stage kinds that fill this role when pipeline.yaml lists deps without roles
+    /// (`deps: [sample]`); empty for external files and folders.
+    pub from_kinds: &'static [&'static str],
+}
+
+impl InputSpec {
+    /// An external file or folder (`inputs:` in pipeline.yaml).
+    pub const fn path(role: &'static str, what: &'static str) -> Self {
+        InputSpec { role, what, required: true, from_kinds: &[] }
+    }
+    /// An upstream stage's results (`deps:` in pipeline.yaml).
+    pub const fn stage(role: &'static str, what: &'static str, from_kinds: &'static [&'static str]) -> Self {
+        InputSpec { role, what, required: true, from_kinds }
+    }
+    pub const fn optional(self) -> Self {
+        InputSpec { required: false, ..self }
+    }
+}
+
+/// Which inputs a stage accepts.
+#[derive(Debug, Clone, Copy)]
+pub enum Inputs {
+    /// Exactly these roles (required ones must be given, others are refused).
+    Fixed(&'static [InputSpec]),
+    /// Any roles (the generic `command` stage).
+    Any,
+}
+
+/// A param that did not fit the stage's typed params.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{message}")]
+pub struct ParamError {
+    /// The param's dotted path when serde could tell which one (`lr`, `vars.seed`).
+    pub param: Option<String>,
+    pub message: String,
+}
+
+impl ParamError {
+    pub fn new(param: &str, message: impl Into<String>) -> Self {
+        ParamError { param: Some(param.to_owned()), message: message.into() }
+    }
+}
+
+/// Facts about the run that a stage may show a person (report metadata) but must not let into
+/// `out_dir`: stage keys, wall times, backbone.
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize)]
+pub struct RunRecord {
+    pub stages: Vec<StageRecord>,
+}
+
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct StageRecord {
+    pub name: String,
+    pub kind: String,
+    pub key: String,
+    pub params: serde_json::Value,
+    pub wall_s: f64,
+}
+
+/// Everything a running stage gets from the engine.
+pub struct StageContext<'a> {
+    /// The stage's name in pipeline.yaml (for messages).
+    pub name: &'a str,
+    /// Params after defaults, as returned by [`Stage::resolve_params`].
+    pub params: &'a serde_json::Value,
+    /// Role → path: an upstream stage's `out` folder or an external file or folder.
+    pub inputs: &'a BTreeMap<String, PathBuf>,
+    /// Role → the upstream stage's volatile folder (logs, timings), when the input is a stage.
+    pub upstream_volatile: &'a BTreeMap<String, PathBuf>,
+    /// Fresh, empty; becomes the cached result.
+    pub out_dir: &'a Path,
+    /// Fresh, empty; stored beside the result, never hashed.
+    pub volatile_dir: &'a Path,
+    /// Survives a killed attempt with the same key (checkpoints for resume); removed once the
+    /// entry is committed.
+    pub work_dir: &'a Path,
+    /// The project root, for messages that show relative paths.
+    pub project_dir: &'a Path,
+    /// Ancestors of this stage in this run: keys, params, wall times.
+    pub run_record: &'a RunRecord,
+    pub cancel: &'a AtomicBool,
+    /// True when stdout is a terminal: show progress bars rather than log lines.
+    pub interactive: bool,
+}
+
+impl StageContext<'_> {
+    /// The path given for `role`; the engine has checked required roles, so a missing one is a
+    /// bug in the stage's `inputs()` declaration.
+    pub fn input(&self, role: &str) -> anyhow::Result<&Path> {
+        self.inputs.get(role).map(PathBuf::as_path).ok_or_else(|| {
+            anyhow::anyhow!(
+                "stage {}: input `{role}` is not connected; add it to the stage's `deps` or `inputs` in pipeline.yaml",
+                self.name
+            )
+        })
+    }
+
+    pub fn optional_input(&self, role: &str) -> Option<&Path> {
+        self.inputs.get(role).map(PathBuf::as_path)
+    }
+
+    /// Typed params (already validated by `resolve_params`).
+    pub fn params<P: DeserializeOwned>(&self) -> anyhow::Result<P> {
+        Ok(serde_json::from_value(self.params.clone())?)
+    }
+
+    /// Err(Cancelled) once the user pressed Ctrl-C: long loops call this between steps.
+    pub fn check_cancelled(&self) -> anyhow::Result<()> {
+        if self.cancel.load(Ordering::Relaxed) {
+            Err(Cancelled.into())
+        } else {
+            Ok(())
+        }
+    }
+}
+
+/// Returned by a stage that stopped because the run was interrupted.
+#[derive(Debug, thiserror::Error)]
+#[error("interrupted")]
+pub struct Cancelled;
+
+/// One kind of stage. Implementations live one per module in this crate.
+pub trait Stage: Send + Sync {
+    /// The `kind:` name in pipeline.yaml.
+    fn kind(&self) -> &'static str;
+    /// Bump whenever the implementation changes what it writes for the same params and inputs:
+    /// it is part of the stage key, so old cache entries stop matching.
+    fn version(&self) -> u32;
+    /// One line for `goemo dag` and error messages.
+    fn summary(&self) -> &'static str;
+    fn inputs(&self) -> Inputs;
+    /// Check raw params against the typed struct and return them with defaults filled in: this
+    /// is exactly what is hashed and recorded in pipeline.lock.
+    fn resolve_params(&self, raw: &serde_yaml::Value) -> Result<serde_json::Value, ParamError>;
+    fn run(&self, ctx: &StageContext<'_>) -> anyhow::Result<()>;
+}
+
+/// `resolve_params` for a typed params struct (`#[serde(deny_unknown_fields, default)]`).
+pub fn resolve_typed<P: DeserializeOwned + Serialize>(
+    raw: &serde_yaml::Value,
+) -> Result<serde_json::Value, ParamError> {
+    let raw = if raw.is_null() {
+        serde_yaml::Value::Mapping(Default::default())
+    } else {
+        raw.clone()
+    };
+    let typed: P = serde_yaml::from_value(raw).map_err(|e| {
+        let message = e.to_string();
+        ParamError { param: param_named_in(&message), message }
+    })?;
+    serde_json::to_value(&typed).map_err(|e| ParamError { param: None, message: e.to_string() })
+}
+
+/// serde names the offending field in its messages (`unknown field `lrr``, `lr: invalid type`);
+/// pull it out so the engine can point at the line.
+fn param_named_in(message: &str) -> Option<String> {
+    if let Some(rest) = message.strip_prefix("unknown field `") {
+        return rest.split('`').next().map(str::to_owned);
+    }
+    if let Some(rest) = message.strip_prefix("missing field `") {
+        return rest.split('`').next().map(str::to_owned);
+    }
+    let (path, _) = message.split_once(": ")?;
+    (!path.contains(' ')).then(|| path.trim_end_matches(|c: char| c.is_ascii_digit() || c == '[' || c == ']').to_owned())
+}
+
+/// Write `bytes` to `path` via a temp file in the same folder and a rename, so a reader never
+/// sees half a file.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
+    tmp.write_all(bytes)?;
+    tmp.as_file().sync_all()?;
+    tmp.persist(path).map_err(|e| e.error)?;
+    Ok(())
+}
+
+/// Pretty JSON with a trailing newline, written atomically.
+pub fn write_json<T: Serialize>(path: &Path, value: &T) -> anyhow::Result<()> {
+    let mut bytes = serde_json::to_vec_pretty(value)?;
+    bytes.push(b'\n');
+    write_atomic(path, &bytes).map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))
+}
+
+pub fn read_json<T: DeserializeOwned>(path: &Path) -> anyhow::Result<T> {
+    let bytes = std::fs::read(path)
+        .map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?;
+    serde_json::from_slice(&bytes).map_err(|e| anyhow::anyhow!("parsing {}: {e}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(serde::Deserialize, Serialize, Default)]
+    #[serde(deny_unknown_fields, default)]
+    struct P {
+        lr: f64,
+        epochs: u32,
+    }
+
+    #[test]
+    fn resolve_fills_defaults_and_names_bad_params() {
+        let v = resolve_typed::<P>(&serde_yaml::from_str("lr: 0.5").unwrap()).unwrap();
+        assert_eq!(v, serde_json::json!({"lr": 0.5, "epochs": 0}));
+        let e = resolve_typed::<P>(&serde_yaml::from_str("lrr: 0.5").unwrap()).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("lrr"));
+        assert!(e.message.contains("expected one of `lr`, `epochs`"), "{}", e.message);
+        let e = resolve_typed::<P>(&serde_yaml::from_str("epochs: many").unwrap()).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("epochs"), "{}", e.message);
+    }
+}

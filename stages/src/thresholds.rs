@@ -1,0 +1,126 @@
+//! `thresholds`: per-label decision thresholds tuned on the dev split (never on test).
+//!
+//! For each label, the threshold maximising that label's dev F1 over every distinct dev score
+//! (an exact sweep), never below `floor`; a label with fewer than `min_positives` dev positives
+//! keeps `global_threshold` (too few examples to tune on). `policy: global` uses
+//! `global_threshold` for every label (0.5 is the seed project's).
+
+use serde::{Deserialize, Serialize};
+
+use crate::data::Split;
+use crate::metrics;
+use crate::model::Classifier;
+use crate::stage::{resolve_typed, InputSpec, Inputs, ParamError, Stage, StageContext};
+use crate::tokens::TokenizedData;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Policy {
+    #[default]
+    Tuned,
+    Global,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ThresholdParams {
+    pub policy: Policy,
+    pub global_threshold: f32,
+    /// Tuned thresholds never go below this.
+    pub floor: f32,
+    /// Labels with fewer dev positives keep `global_threshold`.
+    pub min_positives: usize,
+    pub batch_size: usize,
+}
+
+impl Default for ThresholdParams {
+    fn default() -> Self {
+        ThresholdParams { policy: Policy::Tuned, global_threshold: 0.5, floor: 0.05, min_positives: 5, batch_size: 64 }
+    }
+}
+
+/// thresholds.json: what evaluate and `goemo predict` read.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Thresholds {
+    pub policy: Policy,
+    pub labels: Vec<String>,
+    pub thresholds: Vec<f32>,
+    /// Dev F1 of each label at its threshold.
+    pub dev_f1: Vec<f64>,
+    /// Labels that kept the global threshold (too few dev positives).
+    pub fallback: Vec<String>,
+}
+
+pub struct ThresholdsStage;
+
+impl Stage for ThresholdsStage {
+    fn kind(&self) -> &'static str {
+        "thresholds"
+    }
+    fn version(&self) -> u32 {
+        1
+    }
+    fn summary(&self) -> &'static str {
+        "per-label thresholds that maximise dev F1 (or one global threshold)"
+    }
+    fn inputs(&self) -> Inputs {
+        const SPECS: &[InputSpec] = &[
+            InputSpec::stage("model", "the fine-tuned model from train", &["train"]),
+            InputSpec::stage("tokens", "tokenized rows from tokenize", &["tokenize"]),
+        ];
+        Inputs::Fixed(SPECS)
+    }
+    fn resolve_params(&self, raw: &serde_yaml::Value) -> Result<serde_json::Value, ParamError> {
+        let v = resolve_typed::<ThresholdParams>(raw)?;
+        for key in ["global_threshold", "floor"] {
+            let x = v[key].as_f64().unwrap_or(-1.0);
+            if !(0.0..=1.0).contains(&x) {
+                return Err(ParamError::new(key, format!("{key} must be in [0, 1], got {x}")));
+            }
+        }
+        if v["batch_size"].as_u64() == Some(0) {
+            return Err(ParamError::new("batch_size", "batch_size must be > 0"));
+        }
+        Ok(v)
+    }
+
+    fn run(&self, ctx: &StageContext<'_>) -> anyhow::Result<()> {
+        let p: ThresholdParams = ctx.params()?;
+        let data = TokenizedData::read(ctx.input("tokens")?)?;
+        let classifier = Classifier::load(&ctx.input("model")?.join("model"), &crate::train::select_device(crate::train::DeviceChoice::Auto)?)?;
+        let dev = data.rows_in(Split::Dev);
+        let n = data.n_labels();
+        let scores = crate::train::predict_scores(&classifier.cfg, &classifier.weights, &data, &dev, p.batch_size, &classifier.device)?;
+        let truth: Vec<u8> = dev.iter().flat_map(|&i| data.row_labels(i).to_vec()).collect();
+        let t = tune(&scores, &truth, &data.meta.label_names, &p);
+        crate::write_json(&ctx.out_dir.join("thresholds.json"), &t)?;
+        let tuned = metrics::macro_f1(&metrics::counts(&scores, &truth, n, &t.thresholds));
+        let at_global = metrics::macro_f1(&metrics::counts(&scores, &truth, n, &vec![p.global_threshold; n]));
+        tracing::info!("thresholds: dev macro-F1 {:.4} at {} vs {:.4} at {}", tuned, if p.policy == Policy::Tuned { "tuned thresholds" } else { "the global threshold" }, at_global, p.global_threshold);
+        Ok(())
+    }
+}
+
+pub fn tune(scores: &[f32], truth: &[u8], labels: &[String], p: &ThresholdParams) -> Thresholds {
+    let n = labels.len();
+    let mut thresholds = vec![p.global_threshold; n];
+    let mut fallback = Vec::new();
+    if p.policy == Policy::Tuned {
+        for l in 0..n {
+            let positives = truth.chunks_exact(n).filter(|r| r[l] != 0).count();
+            if positives < p.min_positives {
+                fallback.push(labels[l].clone());
+                continue;
+            }
+            thresholds[l] = metrics::best_threshold(scores, truth, n, l).0.max(p.floor);
+        }
+    }
+    let c = metrics::counts(scores, truth, n, &thresholds);
+    Thresholds {
+        policy: p.policy,
+        labels: labels.to_vec(),
+        dev_f1: c.iter().map(|k| crate::data::round6(k.f1())).collect(),
+        thresholds,
+        fallback,
+    }
+}

@@ -1,0 +1,745 @@
+//! `train`: fine-tune a BERT/DistilBERT encoder with a multi-label head.
+//!
+//! - Loss: BCE-with-logits in the stable form `(1−y)·x + w·(log(1+e^−|x|) + max(−x, 0))` with
+//!   `w = 1 + (pos_weight − 1)·y`, in f32, mean over labels and batch.
+//! - AdamW (no decay on biases and LayerNorm weights), linear warmup then linear decay, clipping
+//!   by global norm, `grad_accum` micro-batches per step scaled to match one larger batch. The
+//!   optimizer runs on host memory in one pass per parameter (rayon over parameters).
+//! - Batches: length-bucketed shuffling (seeded shuffle, then sort by length within chunks of
+//!   `bucket_batches` batches, then shuffle the batches), padded to the longest row of each.
+//! - Dev macro-F1 (threshold 0.5) after each epoch; the best epoch's weights are exported;
+//!   optional early stopping.
+//! - Reproducible: every random draw comes from ChaCha8 seeded by (`seed`, epoch), so the same
+//!   config, data, machine and thread count give byte-identical weights. A checkpoint (weights,
+//!   optimizer moments, step, log, best epoch) is written to the work folder after each epoch;
+//!   since the RNG state is a function of (seed, epoch), resuming from it finishes with the
+//!   same weights as a run that was never stopped.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::Instant;
+
+use anyhow::Context;
+use candle_core::{DType, Device, Tensor};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use crate::data::Split;
+use crate::metrics;
+use crate::model::{self, Batch, ModelDir, Params};
+use crate::stage::{resolve_typed, InputSpec, Inputs, ParamError, Stage, StageContext};
+use crate::tokens::TokenizedData;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum PosWeight {
+    /// `none` or `auto`.
+    Mode(PosWeightMode),
+    /// One weight per label.
+    List(Vec<f64>),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PosWeightMode {
+    None,
+    Auto,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceChoice {
+    #[default]
+    Auto,
+    Cpu,
+    Cuda,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainParams {
+    pub epochs: usize,
+    pub batch_size: usize,
+    /// Micro-batches per optimizer step.
+    pub grad_accum: usize,
+    pub lr: f64,
+    pub weight_decay: f64,
+    pub betas: [f64; 2],
+    pub eps: f64,
+    /// Share of the steps spent warming the learning rate up from 0.
+    pub warmup_fraction: f64,
+    /// Clip gradients to this global norm; 0 turns clipping off.
+    pub max_grad_norm: f64,
+    pub pos_weight: PosWeight,
+    /// Upper bound for `pos_weight: auto` (uncapped weights have sent runs to NaN).
+    pub pos_weight_cap: f64,
+    pub seed: u64,
+    /// Stop when dev macro-F1 has not improved for this many epochs (0: never).
+    pub patience: usize,
+    /// Length bucketing: rows are sorted by length within chunks of this many batches.
+    pub bucket_batches: usize,
+    /// Stop after this many optimizer steps (0: no limit); for smoke tests.
+    pub max_steps: usize,
+    pub device: DeviceChoice,
+    /// Log a line every this many steps when there is no progress bar.
+    pub log_every: usize,
+}
+
+impl Default for TrainParams {
+    fn default() -> Self {
+        TrainParams {
+            epochs: 2,
+            batch_size: 32,
+            grad_accum: 1,
+            lr: 1e-4,
+            weight_decay: 0.01,
+            betas: [0.9, 0.999],
+            eps: 1e-8,
+            warmup_fraction: 0.1,
+            max_grad_norm: 1.0,
+            pos_weight: PosWeight::Mode(PosWeightMode::None),
+            pos_weight_cap: 10.0,
+            seed: 42,
+            patience: 0,
+            bucket_batches: 50,
+            max_steps: 0,
+            device: DeviceChoice::Auto,
+            log_every: 100,
+        }
+    }
+}
+
+pub struct TrainStage;
+
+impl Stage for TrainStage {
+    fn kind(&self) -> &'static str {
+        "train"
+    }
+    fn version(&self) -> u32 {
+        1
+    }
+    fn summary(&self) -> &'static str {
+        "fine-tune a BERT/DistilBERT encoder with a multi-label head (candle); exports an HF model folder"
+    }
+    fn inputs(&self) -> Inputs {
+        const SPECS: &[InputSpec] = &[
+            InputSpec::stage("tokens", "tokenized rows from tokenize", &["tokenize"]),
+            InputSpec::path("model", "the backbone: an HF folder (config.json, model.safetensors, tokenizer.json)"),
+        ];
+        Inputs::Fixed(SPECS)
+    }
+    fn resolve_params(&self, raw: &serde_yaml::Value) -> Result<serde_json::Value, ParamError> {
+        let v = resolve_typed::<TrainParams>(raw)?;
+        let p: TrainParams = serde_json::from_value(v.clone()).map_err(|e| ParamError { param: None, message: e.to_string() })?;
+        let positive = |name: &str, x: f64| if x > 0.0 { Ok(()) } else { Err(ParamError::new(name, format!("{name} must be > 0, got {x}"))) };
+        positive("epochs", p.epochs as f64)?;
+        positive("batch_size", p.batch_size as f64)?;
+        positive("grad_accum", p.grad_accum as f64)?;
+        positive("lr", p.lr)?;
+        positive("eps", p.eps)?;
+        positive("pos_weight_cap", p.pos_weight_cap)?;
+        positive("bucket_batches", p.bucket_batches as f64)?;
+        if !(0.0..1.0).contains(&p.warmup_fraction) {
+            return Err(ParamError::new("warmup_fraction", format!("warmup_fraction must be in [0, 1), got {}", p.warmup_fraction)));
+        }
+        if p.betas.iter().any(|b| !(0.0..1.0).contains(b)) {
+            return Err(ParamError::new("betas", format!("betas must be in [0, 1), got {:?}", p.betas)));
+        }
+        if let PosWeight::List(l) = &p.pos_weight {
+            if l.iter().any(|w| !(*w > 0.0 && w.is_finite())) {
+                return Err(ParamError::new("pos_weight", "pos_weight: every weight in the list must be a positive number"));
+            }
+        }
+        Ok(v)
+    }
+
+    fn run(&self, ctx: &StageContext<'_>) -> anyhow::Result<()> {
+        let params: TrainParams = ctx.params()?;
+        let data = TokenizedData::read(ctx.input("tokens")?)?;
+        let model_dir = ModelDir::open(ctx.input("model")?)?;
+        let device = select_device(params.device)?;
+        let outcome = train(&params, &data, &model_dir, &device, ctx.work_dir, &|| ctx.check_cancelled(), ctx.interactive)?;
+        let export_dir = ctx.out_dir.join("model");
+        let tensors: Vec<(String, Tensor)> = outcome.best_weights;
+        model::export(&export_dir, &model_dir.cfg, &tensors, &data.meta.label_names, &model_dir.dir)?;
+        crate::write_json(&ctx.out_dir.join("train_log.json"), &outcome.log)?;
+        crate::write_json(&ctx.volatile_dir.join("train_metrics.json"), &outcome.metrics)?;
+        Ok(())
+    }
+}
+
+pub fn select_device(choice: DeviceChoice) -> anyhow::Result<Device> {
+    match choice {
+        DeviceChoice::Cpu => Ok(Device::Cpu),
+        DeviceChoice::Auto => Ok(Device::cuda_if_available(0).unwrap_or(Device::Cpu)),
+        DeviceChoice::Cuda => {
+            if !candle_core::utils::cuda_is_available() {
+                anyhow::bail!("device: cuda, but this goemo was built without CUDA\n  hint: build with `cargo build --release --features cuda`, or set device: auto");
+            }
+            Ok(Device::new_cuda(0)?)
+        }
+    }
+}
+
+/// One optimizer step's record (HF Trainer's log history).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepLog {
+    pub step: usize,
+    pub epoch: f64,
+    pub loss: f64,
+    pub learning_rate: f64,
+    pub grad_norm: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EpochLog {
+    pub epoch: usize,
+    pub train_loss: f64,
+    pub dev_loss: f64,
+    pub dev_macro_f1: f64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct TrainLog {
+    pub steps: Vec<StepLog>,
+    pub epochs: Vec<EpochLog>,
+    pub best_epoch: usize,
+    pub best_dev_macro_f1: f64,
+    pub stopped_early: bool,
+    pub total_steps: usize,
+    pub pos_weight: Option<Vec<f64>>,
+}
+
+pub struct TrainOutcome {
+    pub log: TrainLog,
+    pub best_weights: Vec<(String, Tensor)>,
+    pub metrics: serde_json::Value,
+}
+
+/// BCE-with-logits, stable form, mean over all elements; `pos_weight` broadcast over labels.
+pub fn bce_with_logits(logits: &Tensor, targets: &Tensor, pos_weight: Option<&Tensor>) -> candle_core::Result<Tensor> {
+    let x = logits.to_dtype(DType::F32)?;
+    let y = targets.to_dtype(DType::F32)?;
+    // log(1 + e^-|x|) + max(-x, 0): the softplus of -x without overflow.
+    let softplus_neg = ((x.abs()?.neg()?.exp()? + 1.0)?.log()? + x.neg()?.relu()?)?;
+    let weighted = match pos_weight {
+        Some(w) => {
+            let w = (y.broadcast_mul(&(w - 1.0)?)? + 1.0)?;
+            (w * softplus_neg)?
+        }
+        None => softplus_neg,
+    };
+    let one_minus_y = (y.neg()? + 1.0)?;
+    ((one_minus_y * &x)? + weighted)?.mean_all()
+}
+
+/// neg/pos per label over the train rows, capped.
+pub fn auto_pos_weight(data: &TokenizedData, rows: &[usize], cap: f64) -> Vec<f64> {
+    let l = data.n_labels();
+    let mut pos = vec![0usize; l];
+    for &i in rows {
+        for (k, &y) in data.row_labels(i).iter().enumerate() {
+            pos[k] += y as usize;
+        }
+    }
+    pos.iter().map(|&p| if p == 0 { cap } else { ((rows.len() - p) as f64 / p as f64).min(cap) }).collect()
+}
+
+/// Length-bucketed batches for one epoch.
+pub fn epoch_batches(data: &TokenizedData, rows: &[usize], batch: usize, bucket_batches: usize, seed: u64, epoch: usize) -> Vec<Vec<usize>> {
+    let mut rng = ChaCha8Rng::seed_from_u64(mix(seed, epoch as u64, 1));
+    let mut order = rows.to_vec();
+    order.shuffle(&mut rng);
+    let mut batches = Vec::new();
+    for chunk in order.chunks(batch * bucket_batches) {
+        let mut chunk = chunk.to_vec();
+        chunk.sort_by_key(|&i| data.offsets[i + 1] - data.offsets[i]);
+        batches.extend(chunk.chunks(batch).map(<[usize]>::to_vec));
+    }
+    batches.shuffle(&mut rng);
+    batches
+}
+
+fn mix(seed: u64, epoch: u64, stream: u64) -> u64 {
+    seed ^ epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ stream.wrapping_mul(0xD1B5_4A32_D192_ED03)
+}
+
+/// Linear warmup to `lr`, then linear decay to 0 at `total`.
+pub fn lr_at(step: usize, total: usize, warmup: usize, lr: f64) -> f64 {
+    if step < warmup {
+        lr * (step + 1) as f64 / warmup as f64
+    } else {
+        lr * (total.saturating_sub(step)) as f64 / (total - warmup).max(1) as f64
+    }
+}
+
+/// AdamW on host memory: one pass per parameter, parameters in parallel.
+pub struct AdamW {
+    pub m: Vec<Vec<f32>>,
+    pub v: Vec<Vec<f32>>,
+    pub t: u64,
+    decay: Vec<bool>,
+    betas: [f64; 2],
+    eps: f64,
+    weight_decay: f64,
+}
+
+impl AdamW {
+    pub fn new(params: &Params, p: &TrainParams) -> AdamW {
+        AdamW {
+            m: params.vars.iter().map(|v| vec![0.0; v.elem_count()]).collect(),
+            v: params.vars.iter().map(|v| vec![0.0; v.elem_count()]).collect(),
+            t: 0,
+            decay: params.names.iter().map(|n| !model::no_decay(n)).collect(),
+            betas: p.betas,
+            eps: p.eps,
+            weight_decay: p.weight_decay,
+        }
+    }
+
+    pub fn step(&mut self, params: &Params, grads: &[Vec<f32>], lr: f64) -> anyhow::Result<()> {
+        self.t += 1;
+        let (b1, b2) = (self.betas[0] as f32, self.betas[1] as f32);
+        let bc1 = 1.0 - self.betas[0].powi(self.t as i32);
+        let bc2 = 1.0 - self.betas[1].powi(self.t as i32);
+        let step_size = (lr / bc1) as f32;
+        let bc2_sqrt = bc2.sqrt() as f32;
+        let eps = self.eps as f32;
+        let shrink = (1.0 - lr * self.weight_decay) as f32;
+        let updated: Vec<Vec<f32>> = params
+            .vars
+            .par_iter()
+            .zip(self.m.par_iter_mut())
+            .zip(self.v.par_iter_mut())
+            .zip(grads.par_iter())
+            .zip(self.decay.par_iter())
+            .map(|((((var, m), v), g), &decay)| {
+                let mut w: Vec<f32> = var.as_tensor().flatten_all()?.to_vec1()?;
+                for j in 0..w.len() {
+                    m[j] = b1 * m[j] + (1.0 - b1) * g[j];
+                    v[j] = b2 * v[j] + (1.0 - b2) * g[j] * g[j];
+                    if decay {
+                        w[j] *= shrink;
+                    }
+                    w[j] -= step_size * m[j] / (v[j].sqrt() / bc2_sqrt + eps);
+                }
+                Ok(w)
+            })
+            .collect::<candle_core::Result<_>>()?;
+        for (var, w) in params.vars.iter().zip(updated) {
+            var.set(&Tensor::from_vec(w, var.shape(), var.device())?)?;
+        }
+        Ok(())
+    }
+}
+
+/// Forward + backward for one micro-batch: (loss, gradients on host in parameter order).
+pub fn loss_and_grads(
+    params: &Params,
+    data: &TokenizedData,
+    rows: &[usize],
+    pos_weight: Option<&Tensor>,
+    rng: Option<&mut ChaCha8Rng>,
+    device: &Device,
+) -> anyhow::Result<(f64, Vec<Vec<f32>>)> {
+    let (batch, targets) = make_batch(data, rows, device)?;
+    let logits = model::forward(&params.cfg, &params.tensors(), &batch, rng)?;
+    let loss = bce_with_logits(&logits, &targets, pos_weight)?;
+    let grads = loss.backward()?;
+    let host: Vec<Vec<f32>> = params
+        .vars
+        .iter()
+        .map(|v| match grads.get(v.as_tensor()) {
+            Some(g) => g.flatten_all()?.to_vec1::<f32>(),
+            None => Ok(vec![0.0; v.elem_count()]),
+        })
+        .collect::<candle_core::Result<_>>()?;
+    Ok((loss.to_scalar::<f32>()? as f64, host))
+}
+
+pub fn make_batch(data: &TokenizedData, rows: &[usize], device: &Device) -> candle_core::Result<(Batch, Tensor)> {
+    let seqs: Vec<&[u32]> = rows.iter().map(|&i| data.row(i)).collect();
+    let batch = Batch::new(&seqs, data.meta.pad_id, device)?;
+    let l = data.n_labels();
+    let y: Vec<f32> = rows.iter().flat_map(|&i| data.row_labels(i).iter().map(|&b| b as f32)).collect();
+    Ok((batch, Tensor::from_vec(y, (rows.len(), l), device)?))
+}
+
+/// Sigmoid scores (rows × labels) for `rows`, batched, without autograd.
+pub fn predict_scores(cfg: &model::EncoderConfig, weights: &HashMap<String, Tensor>, data: &TokenizedData, rows: &[usize], batch: usize, device: &Device) -> anyhow::Result<Vec<f32>> {
+    // Sorting by length keeps padding small; scores are put back in `rows` order.
+    let mut order: Vec<usize> = (0..rows.len()).collect();
+    order.sort_by_key(|&k| data.offsets[rows[k] + 1] - data.offsets[rows[k]]);
+    let l = data.n_labels();
+    let mut out = vec![0f32; rows.len() * l];
+    for chunk in order.chunks(batch) {
+        let ids: Vec<usize> = chunk.iter().map(|&k| rows[k]).collect();
+        let (b, _) = make_batch(data, &ids, device)?;
+        let probs: Vec<f32> = candle_nn::ops::sigmoid(&model::forward(cfg, weights, &b, None)?)?.flatten_all()?.to_vec1()?;
+        for (j, &k) in chunk.iter().enumerate() {
+            out[k * l..(k + 1) * l].copy_from_slice(&probs[j * l..(j + 1) * l]);
+        }
+    }
+    Ok(out)
+}
+
+#[derive(Serialize, Deserialize)]
+struct CheckpointState {
+    epochs_done: usize,
+    step: usize,
+    adam_t: u64,
+    log: TrainLog,
+    epochs_since_best: usize,
+}
+
+const CKPT: &str = "checkpoint";
+
+fn save_checkpoint(work: &Path, params: &Params, opt: &AdamW, best: &[(String, Tensor)], state: &CheckpointState) -> anyhow::Result<()> {
+    let tmp = work.join(format!("{CKPT}.tmp"));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp)?;
+    let weights: Vec<(String, Tensor)> = params.names.iter().cloned().zip(params.vars.iter().map(|v| v.as_tensor().clone())).collect();
+    save_tensors(&tmp.join("weights.safetensors"), &weights)?;
+    save_tensors(&tmp.join("best.safetensors"), best)?;
+    let moments: Vec<(String, Tensor)> = params
+        .names
+        .iter()
+        .zip(opt.m.iter().zip(&opt.v))
+        .flat_map(|(n, (m, v))| {
+            [
+                (format!("m.{n}"), Tensor::from_slice(m, m.len(), &Device::Cpu)),
+                (format!("v.{n}"), Tensor::from_slice(v, v.len(), &Device::Cpu)),
+            ]
+        })
+        .map(|(n, t)| t.map(|t| (n, t)))
+        .collect::<candle_core::Result<_>>()?;
+    save_tensors(&tmp.join("adam.safetensors"), &moments)?;
+    crate::write_json(&tmp.join("state.json"), state)?;
+    let dest = work.join(CKPT);
+    let old = work.join(format!("{CKPT}.old"));
+    let _ = std::fs::remove_dir_all(&old);
+    if dest.exists() {
+        std::fs::rename(&dest, &old)?;
+    }
+    std::fs::rename(&tmp, &dest)?;
+    let _ = std::fs::remove_dir_all(&old);
+    Ok(())
+}
+
+fn save_tensors(path: &Path, tensors: &[(String, Tensor)]) -> anyhow::Result<()> {
+    let map: HashMap<String, Tensor> = tensors.iter().cloned().collect();
+    candle_core::safetensors::save(&map, path).with_context(|| format!("writing {}", path.display()))
+}
+
+fn load_checkpoint(work: &Path, params: &Params, opt: &mut AdamW) -> anyhow::Result<Option<(CheckpointState, Vec<(String, Tensor)>)>> {
+    let dir = work.join(CKPT);
+    if !dir.join("state.json").exists() {
+        return Ok(None);
+    }
+    let state: CheckpointState = crate::read_json(&dir.join("state.json"))?;
+    let device = params.vars[0].device();
+    let weights = candle_core::safetensors::load(dir.join("weights.safetensors"), device)?;
+    for (n, v) in params.names.iter().zip(&params.vars) {
+        v.set(weights.get(n).with_context(|| format!("checkpoint lacks {n}"))?)?;
+    }
+    let adam = candle_core::safetensors::load(dir.join("adam.safetensors"), &Device::Cpu)?;
+    for (k, n) in params.names.iter().enumerate() {
+        opt.m[k] = adam.get(&format!("m.{n}")).context("checkpoint moments")?.to_vec1()?;
+        opt.v[k] = adam.get(&format!("v.{n}")).context("checkpoint moments")?.to_vec1()?;
+    }
+    opt.t = state.adam_t;
+    let best_map = candle_core::safetensors::load(dir.join("best.safetensors"), device)?;
+    let best = params.names.iter().map(|n| (n.clone(), best_map[n].clone())).collect();
+    Ok(Some((state, best)))
+}
+
+/// The training loop. `check` is polled between steps (Ctrl-C).
+pub fn train(
+    p: &TrainParams,
+    data: &TokenizedData,
+    model_dir: &ModelDir,
+    device: &Device,
+    work_dir: &Path,
+    check: &dyn Fn() -> anyhow::Result<()>,
+    interactive: bool,
+) -> anyhow::Result<TrainOutcome> {
+    let cfg = &model_dir.cfg;
+    validate_against_model(data, model_dir)?;
+    let started = Instant::now();
+    let params = Params::init(cfg, data.n_labels(), p.seed, device)?;
+    let report = params.load_backbone(&model_dir.weights)?;
+    tracing::info!(
+        "train: {} ({} parameters); {} tensors from {}, new: {}",
+        cfg.architecture_name(),
+        params.total(),
+        report.loaded,
+        model_dir.weights.display(),
+        if report.new_params.is_empty() { "none".to_owned() } else { report.new_params.join(", ") }
+    );
+    train_params(p, data, params, device, work_dir, check, interactive, started)
+}
+
+/// Check the tokens fit the model: ids within its vocabulary, lengths within its positions.
+pub fn validate_against_model(data: &TokenizedData, model_dir: &ModelDir) -> anyhow::Result<()> {
+    let cfg = &model_dir.cfg;
+    let max_id = data.ids.iter().copied().max().unwrap_or(0) as usize;
+    if max_id >= cfg.vocab_size || data.meta.vocab_size > cfg.vocab_size {
+        anyhow::bail!(
+            "{}: the tokenizer has {} tokens (ids up to {max_id}) but config.json says vocab_size {}\n  hint: tokenizer and model come from different checkpoints; tokenize with the model's own tokenizer.json",
+            model_dir.dir.join("tokenizer.json").display(),
+            data.meta.vocab_size,
+            cfg.vocab_size
+        );
+    }
+    let longest = (0..data.len()).map(|i| data.offsets[i + 1] - data.offsets[i]).max().unwrap_or(0);
+    if longest > cfg.max_positions {
+        anyhow::bail!("tokenized rows reach {longest} tokens but the model has {} positions; lower the tokenize stage's max_len", cfg.max_positions);
+    }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn train_params(
+    p: &TrainParams,
+    data: &TokenizedData,
+    params: Params,
+    device: &Device,
+    work_dir: &Path,
+    check: &dyn Fn() -> anyhow::Result<()>,
+    interactive: bool,
+    started: Instant,
+) -> anyhow::Result<TrainOutcome> {
+    let train_rows = data.rows_in(Split::Train);
+    let dev_rows = data.rows_in(Split::Dev);
+    if train_rows.is_empty() {
+        anyhow::bail!("no train rows: check the load and sample stages");
+    }
+    let pos_weight_values: Option<Vec<f64>> = match &p.pos_weight {
+        PosWeight::Mode(PosWeightMode::None) => None,
+        PosWeight::Mode(PosWeightMode::Auto) => Some(auto_pos_weight(data, &train_rows, p.pos_weight_cap)),
+        PosWeight::List(l) if l.len() == data.n_labels() => Some(l.clone()),
+        PosWeight::List(l) => anyhow::bail!("pos_weight lists {} weights but the data has {} labels", l.len(), data.n_labels()),
+    };
+    let pos_weight = pos_weight_values
+        .as_ref()
+        .map(|w| Tensor::from_vec(w.iter().map(|&x| x as f32).collect::<Vec<_>>(), w.len(), device))
+        .transpose()?;
+    let batches_per_epoch = train_rows.len().div_ceil(p.batch_size);
+    let steps_per_epoch = batches_per_epoch.div_ceil(p.grad_accum);
+    let mut total_steps = steps_per_epoch * p.epochs;
+    if p.max_steps > 0 {
+        total_steps = total_steps.min(p.max_steps);
+    }
+    let warmup = (p.warmup_fraction * total_steps as f64).round() as usize;
+    let mut opt = AdamW::new(&params, p);
+    let mut log = TrainLog { total_steps, pos_weight: pos_weight_values.clone(), ..Default::default() };
+    let mut best: Vec<(String, Tensor)> = params.names.iter().cloned().zip(params.vars.iter().map(|v| v.as_tensor().copy())).collect::<Vec<_>>().into_iter().map(|(n, t)| t.map(|t| (n, t))).collect::<candle_core::Result<_>>()?;
+    let mut step = 0usize;
+    let mut start_epoch = 0usize;
+    let mut epochs_since_best = 0usize;
+    let mut best_f1 = f64::NEG_INFINITY;
+    if let Some((state, saved_best)) = load_checkpoint(work_dir, &params, &mut opt)? {
+        tracing::info!("train: resuming after epoch {} (step {}) from the checkpoint in {}", state.epochs_done, state.step, work_dir.display());
+        start_epoch = state.epochs_done;
+        step = state.step;
+        log = state.log;
+        epochs_since_best = state.epochs_since_best;
+        best_f1 = if log.epochs.is_empty() { f64::NEG_INFINITY } else { log.best_dev_macro_f1 };
+        best = saved_best;
+    }
+    let mut examples = 0usize;
+    let mut tokens = 0usize;
+    let (mut t_fwd_bwd, mut t_opt) = (0f64, 0f64);
+    let train_started = Instant::now();
+
+    'epochs: for epoch in start_epoch..p.epochs {
+        if log.stopped_early || (p.max_steps > 0 && step >= p.max_steps) {
+            break;
+        }
+        let batches = epoch_batches(data, &train_rows, p.batch_size, p.bucket_batches, p.seed, epoch);
+        let mut rng = ChaCha8Rng::seed_from_u64(mix(p.seed, epoch as u64, 2));
+        let bar = progress_bar(interactive, steps_per_epoch, epoch, p.epochs);
+        let mut epoch_loss = 0f64;
+        let mut epoch_batches_seen = 0usize;
+        let mut accum: Option<Vec<Vec<f32>>> = None;
+        let mut accum_loss = 0f64;
+        let mut accum_rows: Vec<String> = Vec::new();
+        let mut in_accum = 0usize;
+        let epoch_started = Instant::now();
+        for (bi, rows) in batches.iter().enumerate() {
+            check()?;
+            let t0 = Instant::now();
+            let (loss, grads) = loss_and_grads(&params, data, rows, pos_weight.as_ref(), Some(&mut rng), device)?;
+            t_fwd_bwd += t0.elapsed().as_secs_f64();
+            if !loss.is_finite() {
+                anyhow::bail!(
+                    "loss is {loss} at epoch {}, step {} (batch {} of the epoch); first rows of the batch: {}\n  hint: lower lr, cap pos_weight (pos_weight_cap), or check those rows",
+                    epoch + 1, step + 1, bi + 1, first_ids(data, rows)
+                );
+            }
+            let scale = 1.0 / p.grad_accum as f32;
+            if let Some(acc) = accum.as_mut() {
+                acc.par_iter_mut().zip(grads.par_iter()).for_each(|(a, g)| a.iter_mut().zip(g).for_each(|(a, g)| *a += g * scale));
+            } else {
+                accum = Some(grads.into_iter().map(|g| g.into_iter().map(|x| x * scale).collect()).collect());
+            }
+            accum_loss += loss / p.grad_accum as f64;
+            if accum_rows.is_empty() {
+                accum_rows.push(first_ids(data, rows));
+            }
+            in_accum += 1;
+            examples += rows.len();
+            tokens += rows.iter().map(|&i| data.offsets[i + 1] - data.offsets[i]).sum::<usize>();
+            epoch_loss += loss;
+            epoch_batches_seen += 1;
+            let last = bi + 1 == batches.len();
+            if in_accum < p.grad_accum && !last {
+                continue;
+            }
+            let mut grads = accum.take().expect("accumulated");
+            if in_accum < p.grad_accum {
+                // A short final accumulation: rescale to a mean over the micro-batches it had.
+                let fix = p.grad_accum as f32 / in_accum as f32;
+                grads.par_iter_mut().for_each(|g| g.iter_mut().for_each(|x| *x *= fix));
+                accum_loss *= p.grad_accum as f64 / in_accum as f64;
+            }
+            let norm = grads.par_iter().map(|g| g.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>()).collect::<Vec<f64>>().iter().sum::<f64>().sqrt();
+            if !norm.is_finite() {
+                anyhow::bail!(
+                    "gradient norm is {norm} at epoch {}, step {}; first rows of the batch: {}\n  hint: lower lr or cap pos_weight",
+                    epoch + 1, step + 1, accum_rows.join(", ")
+                );
+            }
+            if p.max_grad_norm > 0.0 && norm > p.max_grad_norm {
+                let c = (p.max_grad_norm / (norm + 1e-6)) as f32;
+                grads.par_iter_mut().for_each(|g| g.iter_mut().for_each(|x| *x *= c));
+            }
+            let lr = lr_at(step, total_steps, warmup, p.lr);
+            let t1 = Instant::now();
+            opt.step(&params, &grads, lr)?;
+            t_opt += t1.elapsed().as_secs_f64();
+            step += 1;
+            let entry = StepLog {
+                step,
+                epoch: crate::data::round6(epoch as f64 + (bi + 1) as f64 / batches.len() as f64),
+                loss: crate::data::round6(accum_loss),
+                learning_rate: lr,
+                grad_norm: crate::data::round6(norm),
+            };
+            if let Some(bar) = &bar {
+                bar.set_message(format!("loss {:.4}  {:.1} ex/s", entry.loss, examples as f64 / train_started.elapsed().as_secs_f64()));
+                bar.inc(1);
+            } else if step % p.log_every.max(1) == 0 {
+                let done = (bi + 1) as f64 / batches.len() as f64;
+                let eta = epoch_started.elapsed().as_secs_f64() / done * (1.0 - done);
+                tracing::info!(
+                    "epoch {}/{} step {step}/{total_steps}: loss {:.4}, lr {:.2e}, grad norm {:.3}, {:.1} ex/s, epoch ETA {:.0}s",
+                    epoch + 1, p.epochs, entry.loss, lr, norm, examples as f64 / train_started.elapsed().as_secs_f64(), eta
+                );
+            }
+            log.steps.push(entry);
+            accum_loss = 0.0;
+            accum_rows.clear();
+            in_accum = 0;
+            if p.max_steps > 0 && step >= p.max_steps {
+                if let Some(bar) = &bar {
+                    bar.finish_and_clear();
+                }
+                finish_epoch(p, data, &params, &dev_rows, device, epoch, epoch_loss / epoch_batches_seen.max(1) as f64, &mut log, &mut best, &mut best_f1, &mut epochs_since_best)?;
+                break 'epochs;
+            }
+        }
+        if let Some(bar) = &bar {
+            bar.finish_and_clear();
+        }
+        finish_epoch(p, data, &params, &dev_rows, device, epoch, epoch_loss / epoch_batches_seen.max(1) as f64, &mut log, &mut best, &mut best_f1, &mut epochs_since_best)?;
+        save_checkpoint(work_dir, &params, &opt, &best, &CheckpointState { epochs_done: epoch + 1, step, adam_t: opt.t, log: log.clone(), epochs_since_best })?;
+    }
+    let runtime = started.elapsed().as_secs_f64();
+    let train_secs = train_started.elapsed().as_secs_f64().max(1e-9);
+    tracing::info!(
+        "train: best epoch {} (dev macro-F1 {:.4} at 0.5); {} steps in {:.0}s",
+        log.best_epoch, log.best_dev_macro_f1, step, runtime
+    );
+    let metrics = serde_json::json!({
+        "train_runtime": runtime,
+        "train_samples_per_second": examples as f64 / train_secs,
+        "train_tokens_per_second": tokens as f64 / train_secs,
+        "train_steps_per_second": log.steps.len() as f64 / train_secs,
+        "forward_backward_seconds": t_fwd_bwd,
+        "optimizer_seconds": t_opt,
+        "train_loss": log.epochs.last().map(|e| e.train_loss),
+        "epoch": log.epochs.len(),
+        "best_epoch": log.best_epoch,
+        "eval_macro_f1": log.best_dev_macro_f1,
+        "threads": rayon::current_num_threads(),
+        "device": format!("{device:?}"),
+    });
+    Ok(TrainOutcome { log, best_weights: best, metrics })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn finish_epoch(
+    p: &TrainParams,
+    data: &TokenizedData,
+    params: &Params,
+    dev_rows: &[usize],
+    device: &Device,
+    epoch: usize,
+    train_loss: f64,
+    log: &mut TrainLog,
+    best: &mut Vec<(String, Tensor)>,
+    best_f1: &mut f64,
+    epochs_since_best: &mut usize,
+) -> anyhow::Result<()> {
+    let weights = params.detached();
+    let (dev_f1, dev_loss) = if dev_rows.is_empty() {
+        (0.0, 0.0)
+    } else {
+        let scores = predict_scores(&params.cfg, &weights, data, dev_rows, 64, device)?;
+        let truth: Vec<u8> = dev_rows.iter().flat_map(|&i| data.row_labels(i).to_vec()).collect();
+        let c = metrics::counts(&scores, &truth, data.n_labels(), &vec![0.5; data.n_labels()]);
+        let loss = scores.iter().zip(&truth).map(|(&s, &y)| {
+            let s = (s as f64).clamp(1e-7, 1.0 - 1e-7);
+            if y == 1 { -s.ln() } else { -(1.0 - s).ln() }
+        }).sum::<f64>() / scores.len().max(1) as f64;
+        (metrics::macro_f1(&c), loss)
+    };
+    log.epochs.push(EpochLog { epoch: epoch + 1, train_loss: crate::data::round6(train_loss), dev_loss: crate::data::round6(dev_loss), dev_macro_f1: crate::data::round6(dev_f1) });
+    tracing::info!("epoch {}: train loss {:.4}, dev loss {:.4}, dev macro-F1 {:.4} (threshold 0.5)", epoch + 1, train_loss, dev_loss, dev_f1);
+    if dev_f1 > *best_f1 || dev_rows.is_empty() {
+        *best_f1 = dev_f1;
+        *best = params.names.iter().cloned().zip(params.vars.iter().map(|v| v.as_tensor().copy())).map(|(n, t)| t.map(|t| (n, t))).collect::<candle_core::Result<_>>()?;
+        log.best_epoch = epoch + 1;
+        log.best_dev_macro_f1 = crate::data::round6(dev_f1);
+        *epochs_since_best = 0;
+    } else {
+        *epochs_since_best += 1;
+        if p.patience > 0 && *epochs_since_best >= p.patience {
+            tracing::info!("early stopping: dev macro-F1 has not improved for {} epoch(s)", p.patience);
+            log.stopped_early = true;
+        }
+    }
+    Ok(())
+}
+
+fn first_ids(data: &TokenizedData, rows: &[usize]) -> String {
+    rows.iter().take(3).map(|&i| data.row_ids[i].as_str()).collect::<Vec<_>>().join(", ")
+}
+
+fn progress_bar(interactive: bool, steps: usize, epoch: usize, epochs: usize) -> Option<indicatif::ProgressBar> {
+    if !interactive {
+        return None;
+    }
+    let bar = indicatif::ProgressBar::new(steps as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("epoch {prefix} [{bar:30}] {pos}/{len} steps  {msg}  ETA {eta}")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    bar.set_prefix(format!("{}/{}", epoch + 1, epochs));
+    Some(bar)
+}

@@ -1,0 +1,313 @@
+//! Model and training on tiny random-initialised BERT and DistilBERT configs and a slice of real
+//! GoEmotions rows.
+
+use std::time::Instant;
+
+use candle_core::{Device, Tensor};
+use goemo_stages::model::{self, Arch, Classifier, EncoderConfig, ModelDir, Params};
+use goemo_stages::testing::{real_tokens, tiny_config, write_tiny_model};
+use goemo_stages::tokens::TokenizedData;
+use goemo_stages::train::{self, bce_with_logits, TrainParams};
+
+fn tiny_params(arch: Arch, dropout: f64, seed: u64) -> Params {
+    let cfg = EncoderConfig::from_json(tiny_config(arch, dropout)).unwrap();
+    Params::init(&cfg, 28, seed, &Device::Cpu).unwrap()
+}
+
+fn quick(epochs: usize) -> TrainParams {
+    TrainParams { epochs, batch_size: 16, lr: 1e-3, warmup_fraction: 0.0, log_every: 1000, ..Default::default() }
+}
+
+fn no_check() -> anyhow::Result<()> {
+    Ok(())
+}
+
+#[test]
+fn every_parameter_receives_a_nonzero_gradient() {
+    let data = real_tokens(48, 0, 64);
+    for arch in [Arch::Bert, Arch::DistilBert] {
+        let p = tiny_params(arch, 0.0, 1);
+        let rows: Vec<usize> = (0..32).collect();
+        let (_, grads) = train::loss_and_grads(&p, &data, &rows, None, None, &Device::Cpu).unwrap();
+        for (name, g) in p.names.iter().zip(&grads) {
+            // Embedding rows of tokens absent from the batch are legitimately zero: check the
+            // tensor as a whole, and every element of everything else.
+            let nonzero = g.iter().any(|&x| x != 0.0);
+            assert!(nonzero, "{arch:?}: {name} got no gradient");
+            assert!(g.iter().all(|x| x.is_finite()), "{arch:?}: {name} has a non-finite gradient");
+        }
+    }
+}
+
+#[test]
+fn gradients_match_finite_differences() {
+    let data = real_tokens(8, 0, 32);
+    let rows: Vec<usize> = (0..8).collect();
+    for arch in [Arch::Bert, Arch::DistilBert] {
+        let p = tiny_params(arch, 0.0, 2);
+        let (_, grads) = train::loss_and_grads(&p, &data, &rows, None, None, &Device::Cpu).unwrap();
+        let loss_at = |p: &Params| train::loss_and_grads(p, &data, &rows, None, None, &Device::Cpu).unwrap().0;
+        let mut checked = 0;
+        for (k, name) in p.names.iter().enumerate() {
+            if name.contains("word_embeddings") {
+                continue;
+            }
+            // The element with the largest gradient of each tensor: a clear signal in f32.
+            let (j, &g) = grads[k].iter().enumerate().max_by(|a, b| a.1.abs().total_cmp(&b.1.abs())).unwrap();
+            if g.abs() < 1e-3 {
+                continue;
+            }
+            let original: Vec<f32> = p.vars[k].as_tensor().flatten_all().unwrap().to_vec1().unwrap();
+            let h = 1e-2f32;
+            let mut bumped = original.clone();
+            bumped[j] += h;
+            p.vars[k].set(&Tensor::from_vec(bumped.clone(), p.vars[k].shape(), &Device::Cpu).unwrap()).unwrap();
+            let up = loss_at(&p);
+            bumped[j] -= 2.0 * h;
+            p.vars[k].set(&Tensor::from_vec(bumped, p.vars[k].shape(), &Device::Cpu).unwrap()).unwrap();
+            let down = loss_at(&p);
+            p.vars[k].set(&Tensor::from_vec(original, p.vars[k].shape(), &Device::Cpu).unwrap()).unwrap();
+            let fd = (up - down) / (2.0 * h as f64);
+            let err = (fd - g as f64).abs();
+            assert!(err <= 0.05 * (g as f64).abs() + 2e-4, "{arch:?} {name}[{j}]: backprop {g}, finite difference {fd}");
+            checked += 1;
+        }
+        assert!(checked > 20, "{arch:?}: only {checked} tensors checked");
+    }
+}
+
+#[test]
+fn loss_decreases_over_a_few_dozen_steps() {
+    let data = real_tokens(320, 32, 64);
+    for arch in [Arch::Bert, Arch::DistilBert] {
+        let work = tempfile::tempdir().unwrap();
+        let out = train::train_params(&quick(2), &data, tiny_params(arch, 0.1, 3), &Device::Cpu, work.path(), &no_check, false, Instant::now()).unwrap();
+        let steps = &out.log.steps;
+        assert_eq!(steps.len(), 40);
+        let first: f64 = steps[..5].iter().map(|s| s.loss).sum::<f64>() / 5.0;
+        let last: f64 = steps[35..].iter().map(|s| s.loss).sum::<f64>() / 5.0;
+        assert!(last < 0.7 * first, "{arch:?}: loss {first:.4} → {last:.4}");
+        assert_eq!(out.log.epochs.len(), 2);
+        assert!(out.log.best_epoch >= 1);
+    }
+}
+
+#[test]
+fn gradient_accumulation_4x8_matches_1x32() {
+    let data = real_tokens(32, 0, 64);
+    let run = |batch_size: usize, grad_accum: usize| {
+        let work = tempfile::tempdir().unwrap();
+        let p = TrainParams { epochs: 1, batch_size, grad_accum, lr: 1e-3, warmup_fraction: 0.0, bucket_batches: 1000, ..Default::default() };
+        let out = train::train_params(&p, &data, tiny_params(Arch::Bert, 0.0, 4), &Device::Cpu, work.path(), &no_check, false, Instant::now()).unwrap();
+        assert_eq!(out.log.steps.len(), 1, "one optimizer step either way");
+        (out.log.steps[0].clone(), out.best_weights)
+    };
+    let (s1, w1) = run(32, 1);
+    let (s4, w4) = run(8, 4);
+    assert!((s1.loss - s4.loss).abs() < 1e-5, "loss {} vs {}", s1.loss, s4.loss);
+    assert!((s1.grad_norm - s4.grad_norm).abs() < 1e-4 * s1.grad_norm, "grad norm {} vs {}", s1.grad_norm, s4.grad_norm);
+    for ((name, a), (_, b)) in w1.iter().zip(&w4) {
+        let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(diff < 1e-6, "{name}: updates differ by {diff}");
+    }
+}
+
+#[test]
+fn pos_weight_follows_the_formula() {
+    let logits = Tensor::new(&[[2.0f32, -1.0]], &Device::Cpu).unwrap();
+    let y = Tensor::new(&[[1.0f32, 0.0]], &Device::Cpu).unwrap();
+    let w = Tensor::new(&[3.0f32, 2.0], &Device::Cpu).unwrap();
+    // label 0: y=1, w=3: 3·log(1+e^-2) = 0.380784; label 1: y=0: -1 + log(1+e) = 0.313262.
+    let weighted = bce_with_logits(&logits, &y, Some(&w)).unwrap().to_scalar::<f32>().unwrap();
+    assert!((weighted - (0.380_784 + 0.313_262) / 2.0).abs() < 1e-5, "{weighted}");
+    let plain = bce_with_logits(&logits, &y, None).unwrap().to_scalar::<f32>().unwrap();
+    assert!((plain - (0.126_928 + 0.313_262) / 2.0).abs() < 1e-5, "{plain}");
+}
+
+#[test]
+fn stable_loss_stays_finite_at_extreme_logits() {
+    let logits = candle_core::Var::new(&[[100.0f32, -100.0, 100.0, -100.0]], &Device::Cpu).unwrap();
+    let y = Tensor::new(&[[0.0f32, 1.0, 1.0, 0.0]], &Device::Cpu).unwrap();
+    let loss = bce_with_logits(logits.as_tensor(), &y, None).unwrap();
+    let v = loss.to_scalar::<f32>().unwrap();
+    assert!((v - 50.0).abs() < 1e-3, "two wrong at 100 each, two right at ~0: mean 50, got {v}");
+    let g = loss.backward().unwrap();
+    let g: Vec<f32> = g.get(logits.as_tensor()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    assert!(g.iter().all(|x| x.is_finite()));
+    assert!((g[0] - 0.25).abs() < 1e-6 && (g[1] + 0.25).abs() < 1e-6, "{g:?}");
+}
+
+#[test]
+fn auto_pos_weight_is_neg_over_pos_capped() {
+    let data = real_tokens(200, 0, 64);
+    let rows = data.rows_in(goemo_stages::data::Split::Train);
+    let w = train::auto_pos_weight(&data, &rows, 10.0);
+    let neutral_pos = rows.iter().filter(|&&i| data.row_labels(i)[27] == 1).count();
+    let expect = ((rows.len() - neutral_pos) as f64 / neutral_pos as f64).min(10.0);
+    assert!((w[27] - expect).abs() < 1e-12);
+    assert!(w.iter().all(|&x| x > 0.0 && x <= 10.0));
+}
+
+fn export_bytes(data: &TokenizedData, arch: Arch, seed: u64) -> (Vec<u8>, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    write_tiny_model(&dir.path().join("base"), arch, 0.1, seed);
+    let md = ModelDir::open(&dir.path().join("base")).unwrap();
+    let work = dir.path().join("work");
+    std::fs::create_dir_all(&work).unwrap();
+    let out = train::train(&quick(1), data, &md, &Device::Cpu, &work, &no_check, false).unwrap();
+    model::export(&dir.path().join("export"), &md.cfg, &out.best_weights, &data.meta.label_names, &md.dir).unwrap();
+    (std::fs::read(dir.path().join("export/model.safetensors")).unwrap(), dir)
+}
+
+#[test]
+fn same_config_same_bytes() {
+    let data = real_tokens(96, 16, 64);
+    let (a, _da) = export_bytes(&data, Arch::DistilBert, 5);
+    let (b, _db) = export_bytes(&data, Arch::DistilBert, 5);
+    assert!(a == b, "two runs of the same config gave different model.safetensors");
+}
+
+#[test]
+fn export_round_trip_gives_the_same_logits() {
+    let data = real_tokens(64, 16, 64);
+    for arch in [Arch::Bert, Arch::DistilBert] {
+        let dir = tempfile::tempdir().unwrap();
+        let p = tiny_params(arch, 0.0, 6);
+        let tensors: Vec<(String, Tensor)> = p.names.iter().cloned().zip(p.vars.iter().map(|v| v.as_tensor().clone())).collect();
+        write_tiny_model(&dir.path().join("base"), arch, 0.0, 6);
+        model::export(&dir.path().join("export"), &p.cfg, &tensors, &data.meta.label_names, &dir.path().join("base")).unwrap();
+        let c = Classifier::load(&dir.path().join("export"), &Device::Cpu).unwrap();
+        assert_eq!(c.labels, data.meta.label_names);
+        let rows: Vec<usize> = (0..16).collect();
+        let before = train::predict_scores(&p.cfg, &p.detached(), &data, &rows, 8, &Device::Cpu).unwrap();
+        let after = train::predict_scores(&c.cfg, &c.weights, &data, &rows, 5, &Device::Cpu).unwrap();
+        let max = before.iter().zip(&after).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+        assert!(max < 1e-6, "{arch:?}: max difference {max}");
+        let st = std::fs::read(dir.path().join("export/model.safetensors")).unwrap();
+        let (_, meta) = safetensors::SafeTensors::read_metadata(&st).unwrap();
+        assert_eq!(meta.metadata().as_ref().and_then(|m| m.get("format")).map(String::as_str), Some("pt"));
+        let cfg: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.path().join("export/config.json")).unwrap()).unwrap();
+        assert_eq!(cfg["problem_type"], "multi_label_classification");
+        assert_eq!(cfg["id2label"]["27"], "neutral");
+        assert_eq!(cfg["label2id"]["grief"], 16);
+        let want = if arch == Arch::Bert { "BertForSequenceClassification" } else { "DistilBertForSequenceClassification" };
+        assert_eq!(cfg["architectures"][0], want);
+        assert!(dir.path().join("export/tokenizer.json").exists());
+    }
+}
+
+#[test]
+fn killed_and_resumed_equals_uninterrupted() {
+    let data = real_tokens(96, 16, 64);
+    let p = quick(3);
+    let full_dir = tempfile::tempdir().unwrap();
+    let full = train::train_params(&p, &data, tiny_params(Arch::Bert, 0.1, 7), &Device::Cpu, full_dir.path(), &no_check, false, Instant::now()).unwrap();
+
+    let work = tempfile::tempdir().unwrap();
+    // Stop in the middle of the second epoch, as a kill would (the checkpoint of epoch 1 exists).
+    let calls = std::cell::Cell::new(0);
+    let stop = || {
+        calls.set(calls.get() + 1);
+        if calls.get() > 9 { anyhow::bail!("killed") } else { Ok(()) }
+    };
+    let err = train::train_params(&p, &data, tiny_params(Arch::Bert, 0.1, 7), &Device::Cpu, work.path(), &stop, false, Instant::now()).err().unwrap();
+    assert_eq!(err.to_string(), "killed");
+    assert!(work.path().join("checkpoint/state.json").exists());
+    let resumed = train::train_params(&p, &data, tiny_params(Arch::Bert, 0.1, 7), &Device::Cpu, work.path(), &no_check, false, Instant::now()).unwrap();
+    assert_eq!(resumed.log, full.log);
+    for ((n, a), (_, b)) in full.best_weights.iter().zip(&resumed.best_weights) {
+        let a: Vec<f32> = a.flatten_all().unwrap().to_vec1().unwrap();
+        let b: Vec<f32> = b.flatten_all().unwrap().to_vec1().unwrap();
+        assert!(a == b, "{n} differs after resume");
+    }
+}
+
+#[test]
+fn malformed_model_folders_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("m");
+    write_tiny_model(&base, Arch::Bert, 0.0, 8);
+
+    let missing = dir.path().join("empty");
+    std::fs::create_dir_all(&missing).unwrap();
+    let e = ModelDir::open(&missing).err().unwrap().to_string();
+    assert!(e.contains("no config.json there"), "{e}");
+
+    let mut cfg = tiny_config(Arch::Bert, 0.0);
+    cfg["model_type"] = "roberta".into();
+    std::fs::write(base.join("config.json"), cfg.to_string()).unwrap();
+    let e = ModelDir::open(&base).err().unwrap().to_string();
+    assert!(e.contains("config.json: model_type `roberta` is not supported"), "{e}");
+
+    let mut cfg = tiny_config(Arch::Bert, 0.0);
+    cfg["hidden_size"] = 32.into();
+    std::fs::write(base.join("config.json"), cfg.to_string()).unwrap();
+    let md = ModelDir::open(&base).unwrap();
+    let p = Params::init(&md.cfg, 28, 0, &Device::Cpu).unwrap();
+    let e = p.load_backbone(&md.weights).err().unwrap().to_string();
+    assert!(e.contains("model.safetensors: tensor `bert.embeddings.word_embeddings.weight` has shape [30522, 16], config.json implies [30522, 32]"), "{e}");
+
+    let mut cfg = tiny_config(Arch::Bert, 0.0);
+    cfg["vocab_size"] = 1000.into();
+    std::fs::write(base.join("config.json"), cfg.to_string()).unwrap();
+    std::fs::write(base.join("config.json"), cfg.to_string()).unwrap();
+    let md = ModelDir::open(&base).unwrap();
+    let data = real_tokens(16, 0, 64);
+    let e = train::validate_against_model(&data, &md).err().unwrap().to_string();
+    assert!(e.contains("tokenizer.json: the tokenizer has 30522 tokens") && e.contains("vocab_size 1000"), "{e}");
+
+    std::fs::write(base.join("config.json"), "{not json").unwrap();
+    let e = ModelDir::open(&base).err().unwrap().to_string();
+    assert!(e.contains("config.json: not valid JSON"), "{e}");
+
+    std::fs::write(base.join("config.json"), tiny_config(Arch::Bert, 0.0).to_string()).unwrap();
+    std::fs::write(base.join("model.safetensors"), b"garbage").unwrap();
+    let md = ModelDir::open(&base).unwrap();
+    let p = Params::init(&md.cfg, 28, 0, &Device::Cpu).unwrap();
+    let e = p.load_backbone(&md.weights).err().unwrap().to_string();
+    assert!(e.contains("model.safetensors: not a valid safetensors file"), "{e}");
+}
+
+#[test]
+fn minilm_real_weights_smoke_test() {
+    // The real backbone from ./setup.sh, a few hundred real rows, a few dozen steps.
+    let data = real_tokens(384, 0, 64);
+    let md = ModelDir::open(&goemo_stages::testing::minilm_dir()).unwrap();
+    assert_eq!(md.cfg.hidden, 384);
+    let work = tempfile::tempdir().unwrap();
+    let p = TrainParams { epochs: 1, batch_size: 16, lr: 2e-4, warmup_fraction: 0.1, log_every: 1000, ..Default::default() };
+    let out = train::train(&p, &data, &md, &Device::Cpu, work.path(), &no_check, false).unwrap();
+    let steps = &out.log.steps;
+    assert_eq!(steps.len(), 24);
+    let first: f64 = steps[..4].iter().map(|s| s.loss).sum::<f64>() / 4.0;
+    let last: f64 = steps[20..].iter().map(|s| s.loss).sum::<f64>() / 4.0;
+    assert!(last < 0.6 * first, "MiniLM loss {first:.4} → {last:.4}");
+}
+
+#[test]
+fn encoder_matches_candle_transformers_bert_on_minilm() {
+    use candle_transformers::models::bert::{BertModel, Config};
+    let dir = goemo_stages::testing::minilm_dir();
+    let cfg: Config = serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    // SAFETY: the file is not modified while mapped.
+    let vb = unsafe { candle_nn::VarBuilder::from_mmaped_safetensors(&[dir.join("model.safetensors")], candle_core::DType::F32, &Device::Cpu) }.unwrap();
+    let stock = BertModel::load(vb, &cfg).unwrap();
+    let md = ModelDir::open(&dir).unwrap();
+    let p = Params::init(&md.cfg, 28, 0, &Device::Cpu).unwrap();
+    p.load_backbone(&md.weights).unwrap();
+    let data = real_tokens(8, 0, 64);
+    let rows: Vec<&[u32]> = (0..8).map(|i| data.row(i)).collect();
+    let batch = model::Batch::new(&rows, 0, &Device::Cpu).unwrap();
+    let ours = model::encode(&md.cfg, &p.detached(), &batch, None).unwrap();
+    let theirs = stock.forward(&batch.ids, &batch.ids.zeros_like().unwrap(), Some(&batch.mask)).unwrap();
+    let (ours, theirs): (Vec<Vec<Vec<f32>>>, Vec<Vec<Vec<f32>>>) = (ours.to_vec3().unwrap(), theirs.to_vec3().unwrap());
+    let mut worst = 0f32;
+    for (i, r) in rows.iter().enumerate() {
+        for t in 0..r.len() {
+            for h in 0..384 {
+                worst = worst.max((ours[i][t][h] - theirs[i][t][h]).abs());
+            }
+        }
+    }
+    assert!(worst < 1e-4, "hidden states differ by {worst}");
+}

@@ -1,0 +1,137 @@
+//! Every bad pipeline.yaml case exits 2 with a message naming the place and what is valid.
+
+mod common;
+
+use common::Project;
+
+fn check(pipeline: &str, expected: &[&str]) {
+    let p = Project::new(pipeline);
+    p.write("input.txt", "x");
+    for cmd in [&["run"][..], &["status"][..], &["dag"][..]] {
+        let r = p.goemo(cmd);
+        assert_eq!(r.code, 2, "goemo {cmd:?} should exit 2:\n{}", r.all());
+        for e in expected {
+            assert!(r.stderr.contains(e), "goemo {cmd:?}: expected {e:?} in:\n{}", r.stderr);
+        }
+    }
+    assert!(!p.file("cache/entries").exists(), "nothing may be written for a bad pipeline");
+}
+
+#[test]
+fn unknown_stage_key() {
+    check(
+        "stages:\n  a:\n    kind: command\n    parms: {cmd: x}\n",
+        &["pipeline.yaml:4:5: stage `a`: unknown field `parms`", "a stage takes: kind, deps, inputs, params, publish"],
+    );
+}
+
+#[test]
+fn unknown_top_level_key() {
+    check("stagez:\n  a: {}\n", &["pipeline.yaml:1:1: unknown field `stagez`", "`stages:`"]);
+}
+
+#[test]
+fn unknown_kind() {
+    check(
+        "stages:\n  a:\n    kind: comand\n    params: {cmd: x}\n",
+        &["pipeline.yaml:3:5: stage `a`: unknown stage kind `comand`", "kinds are: load, sample, tokenize, train, thresholds, evaluate, report, plot, command"],
+    );
+}
+
+#[test]
+fn stage_name_that_is_not_a_kind() {
+    check("stages:\n  tokenise:\n    params: {}\n", &["stage `tokenise`: unknown stage kind `tokenise`", "set `kind:`"]);
+}
+
+#[test]
+fn unknown_param() {
+    check(
+        "stages:\n  a:\n    kind: command\n    params:\n      cmd: echo\n      verz: {}\n",
+        &["pipeline.yaml:6:7: stage `a`, param `verz`: unknown field `verz`, expected `cmd` or `vars`"],
+    );
+}
+
+#[test]
+fn ill_typed_param() {
+    check(
+        "stages:\n  a:\n    kind: command\n    params:\n      cmd: [1, 2]\n",
+        &["pipeline.yaml:5:7: stage `a`, param `cmd`: ", "invalid type: sequence, expected a string"],
+    );
+}
+
+#[test]
+fn ill_typed_param_from_set() {
+    let p = Project::new("stages:\n  a:\n    kind: command\n    params: {cmd: echo}\n");
+    let r = p.goemo(&["run", "--set", "a.vars=3"]);
+    assert_eq!(r.code, 2, "{}", r.all());
+    assert!(r.stderr.contains("stage `a`, param `vars`: invalid type: integer `3`, expected a map"), "{}", r.stderr);
+    assert!(r.stderr.contains("this value came from --set"), "{}", r.stderr);
+}
+
+#[test]
+fn missing_upstream() {
+    check(
+        "stages:\n  a:\n    kind: command\n    deps: {x: ghost}\n    params: {cmd: echo}\n",
+        &["pipeline.yaml:4:5: stage `a`, deps: upstream stage `ghost` does not exist", "stages are: a"],
+    );
+}
+
+#[test]
+fn cycle_is_printed() {
+    check(
+        "stages:\n  a:\n    kind: command\n    deps: {x: c}\n    params: {cmd: echo}\n  b:\n    kind: command\n    deps: {x: a}\n    params: {cmd: echo}\n  c:\n    kind: command\n    deps: {x: b}\n    params: {cmd: echo}\n",
+        &["cycle: ", "a → b → c → a", "remove one of these deps"],
+    );
+}
+
+#[test]
+fn self_cycle() {
+    check("stages:\n  a:\n    kind: command\n    deps: {x: a}\n    params: {cmd: echo}\n", &["cycle: a → a"]);
+}
+
+#[test]
+fn duplicate_stage_names() {
+    check(
+        "stages:\n  a:\n    kind: command\n    params: {cmd: echo}\n  a:\n    kind: command\n    params: {cmd: echo}\n",
+        &["pipeline.yaml:", "duplicate entry with key \"a\"", "stage names must be unique"],
+    );
+}
+
+#[test]
+fn missing_input_path() {
+    check(
+        "stages:\n  a:\n    kind: command\n    inputs: {data: nowhere/data}\n    params: {cmd: echo}\n",
+        &["pipeline.yaml:4:5: stage `a`, input `data`: input path `nowhere/data` does not exist", "hint:"],
+    );
+}
+
+#[test]
+fn missing_required_param() {
+    check("stages:\n  a:\n    kind: command\n", &["stage `a`, param `cmd`: missing field `cmd`"]);
+}
+
+#[test]
+fn invalid_yaml_syntax() {
+    check("stages:\n  a:\n    kind: command\n   params: {cmd: echo}\n", &["pipeline.yaml:4:"]);
+}
+
+#[test]
+fn missing_pipeline_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let r: common::Run = std::process::Command::new(common::bin())
+        .arg("status")
+        .current_dir(dir.path())
+        .output()
+        .unwrap()
+        .into();
+    assert_eq!(r.code, 2);
+    assert!(r.stderr.contains("pipeline.yaml: cannot read the pipeline file"), "{}", r.stderr);
+}
+
+#[test]
+fn publish_outside_outputs() {
+    check(
+        "stages:\n  a:\n    kind: command\n    params: {cmd: echo}\n    publish: {out/x: ../x}\n",
+        &["stage `a`, publish: publish target `../x` is repeated or leaves outputs/"],
+    );
+}
