@@ -244,7 +244,6 @@ impl<'p> Engine<'p> {
         let jobs = opts.jobs.max(1);
         let (tx, rx) = mpsc::channel::<(usize, anyhow::Result<EntryManifest>, f64)>();
         let mut running = 0usize;
-        let interactive = std::io::IsTerminal::is_terminal(&std::io::stdout());
 
         std::thread::scope(|scope| -> anyhow::Result<()> {
             loop {
@@ -270,6 +269,7 @@ impl<'p> Engine<'p> {
                     let a = match self.assess(i, &upstream)? {
                         Assessed::Blocked(reason) => {
                             // Only in a dry run: an upstream would run first.
+                            println!("{:<12} {name}: {reason}", "would run");
                             notes[i] = reason.to_string();
                             state[i] = State::Unknown;
                             continue;

@@ -262,9 +262,14 @@ pub fn parse(
             raw_stage.inputs.into_iter().map(|(k, v)| (k, PathBuf::from(v))).collect();
         let publish = match raw_stage.publish {
             None => Vec::new(),
-            Some(RawPublish::List(l)) => {
-                l.into_iter().map(|p| Publish { from: p.clone(), to: p }).collect()
-            }
+            Some(RawPublish::List(l)) => l
+                .into_iter()
+                .map(|p| {
+                    // `out/x` publishes as outputs/x.
+                    let to = p.strip_prefix("out/").or_else(|| p.strip_prefix("volatile/")).unwrap_or(&p).to_owned();
+                    Publish { from: p, to }
+                })
+                .collect(),
             Some(RawPublish::Map(m)) => {
                 m.into_iter().map(|(from, to)| Publish { from, to }).collect()
             }

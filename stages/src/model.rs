@@ -154,7 +154,7 @@ pub enum Init {
 pub fn param_specs(cfg: &EncoderConfig, num_labels: usize) -> Vec<(String, Vec<usize>, Init)> {
     let (h, i) = (cfg.hidden, cfg.intermediate);
     let mut v: Vec<(String, Vec<usize>, Init)> = Vec::new();
-    let mut lin = |v: &mut Vec<_>, name: String, out: usize, inp: usize| {
+    let lin = |v: &mut Vec<(String, Vec<usize>, Init)>, name: String, out: usize, inp: usize| {
         v.push((format!("{name}.weight"), vec![out, inp], Init::Normal));
         v.push((format!("{name}.bias"), vec![out], Init::Zeros));
     };

@@ -115,7 +115,7 @@ pub fn predict(inputs: &[InputText], opts: &PredictOptions, out: &mut dyn Write)
         let mut labels: Vec<LabelScore<'_>> = scores[i]
             .iter()
             .enumerate()
-            .filter(|(l, &s)| opts.top_k.is_some() || s >= thresholds[*l])
+            .filter(|(l, s)| opts.top_k.is_some() || **s >= thresholds[*l])
             .map(|(l, &s)| LabelScore { label: &classifier.labels[l], score: s })
             .collect();
         labels.sort_by(|a, b| b.score.total_cmp(&a.score));

@@ -172,8 +172,14 @@ pub fn resolve_typed<P: DeserializeOwned + Serialize>(
     } else {
         raw.clone()
     };
-    let typed: P = serde_yaml::from_value(raw).map_err(|e| {
-        let message = e.to_string();
+    // Through text rather than `from_value`: serde_yaml's text deserializer prefixes errors with
+    // the failing key's path (`lr: invalid type …`), which names the param for the user.
+    let text = serde_yaml::to_string(&raw).map_err(|e| ParamError { param: None, message: e.to_string() })?;
+    let typed: P = serde_yaml::from_str(&text).map_err(|e| {
+        let mut message = e.to_string();
+        if let Some(pos) = message.find(" at line ") {
+            message.truncate(pos);
+        }
         ParamError { param: param_named_in(&message), message }
     })?;
     serde_json::to_value(&typed).map_err(|e| ParamError { param: None, message: e.to_string() })
