@@ -225,7 +225,7 @@ mod tests {
         .unwrap();
         assert_eq!(a.key(), b.key());
         // Golden: changing the encoding must be a deliberate FORMAT bump.
-        assert_eq!(a.key(), "6d5bba0dd2b1c9c2c32de7c16d15d38fab3b1e7e85fd63d1d41d8446a60bd10c");
+        assert_eq!(a.key(), "45bd9d721d9376e6b98eb7a78932fad98c1e93fbc43b0c78aac80a3004ff8dae");
         assert_ne!(a.key(), fp(json!({"lr": 3e-5, "epochs": 3}), "abc").key());
     }
 
