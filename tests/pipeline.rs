@@ -65,7 +65,7 @@ fn ran(stdout: &str) -> Vec<String> {
 fn ink(png_path: &std::path::Path) -> f64 {
     let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(png_path).unwrap()));
     let mut reader = decoder.read_info().unwrap();
-    let mut buf = vec![0; reader.output_buffer_size().unwrap()];
+    let mut buf = vec![0; reader.output_buffer_size()];
     let info = reader.next_frame(&mut buf).unwrap();
     let channels = info.color_type.samples();
     let px = &buf[..info.buffer_size()];
