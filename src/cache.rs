@@ -109,7 +109,9 @@ impl Cache {
         };
         match std::fs::read_to_string(dir.join(COMPLETE)) {
             Ok(marker) if marker.trim() == manifest.outputs_hash => {}
-            Ok(_) => return Lookup::Corrupt("completion marker does not match the manifest".into()),
+            Ok(_) => {
+                return Lookup::Corrupt("completion marker does not match the manifest".into())
+            }
             Err(_) => {
                 return Lookup::Corrupt("no completion marker (an interrupted run wrote it)".into())
             }
@@ -150,7 +152,10 @@ impl Cache {
             return Ok(());
         }
         // Rename first so a half-deleted entry is never seen under its key.
-        let doomed = self.root.join("tmp").join(format!("{key}.removing.{}", std::process::id()));
+        let doomed = self
+            .root
+            .join("tmp")
+            .join(format!("{key}.removing.{}", std::process::id()));
         std::fs::create_dir_all(self.root.join("tmp"))?;
         std::fs::rename(&dir, &doomed)?;
         std::fs::remove_dir_all(&doomed)
@@ -159,7 +164,10 @@ impl Cache {
     /// A fresh, empty place to write an entry.
     pub fn begin(&self, key: &str) -> anyhow::Result<PendingEntry> {
         let seq = PENDING_SEQ.fetch_add(1, Ordering::Relaxed);
-        let dir = self.root.join("tmp").join(format!("{key}.{}.{seq}", std::process::id()));
+        let dir = self
+            .root
+            .join("tmp")
+            .join(format!("{key}.{}.{seq}", std::process::id()));
         if dir.exists() {
             std::fs::remove_dir_all(&dir)?;
         }
@@ -168,7 +176,10 @@ impl Cache {
                 .with_context(|| format!("creating {}", dir.join(sub).display()))?;
         }
         std::fs::create_dir_all(self.work_dir(key))?;
-        Ok(PendingEntry { dir, key: key.to_owned() })
+        Ok(PendingEntry {
+            dir,
+            key: key.to_owned(),
+        })
     }
 
     /// Hash the outputs, write the manifest, fsync, rename into place, then write COMPLETE.
@@ -190,7 +201,13 @@ impl Cache {
             .map(|rel| {
                 let path = out.join(rel);
                 let size = std::fs::metadata(&path)?.len();
-                Ok((rel_string(rel), FileDigest { blake3: hash_file_contents(&path, size)?, size }))
+                Ok((
+                    rel_string(rel),
+                    FileDigest {
+                        blake3: hash_file_contents(&path, size)?,
+                        size,
+                    },
+                ))
             })
             .collect::<std::io::Result<_>>()
             .with_context(|| format!("hashing the outputs of stage {stage}"))?;
@@ -240,7 +257,11 @@ impl Cache {
     /// Keys of all entries on disk.
     pub fn keys(&self) -> Vec<String> {
         let mut keys: Vec<String> = std::fs::read_dir(self.root.join("entries"))
-            .map(|rd| rd.flatten().filter_map(|e| e.file_name().into_string().ok()).collect())
+            .map(|rd| {
+                rd.flatten()
+                    .filter_map(|e| e.file_name().into_string().ok())
+                    .collect()
+            })
             .unwrap_or_default();
         keys.sort();
         keys
@@ -285,7 +306,10 @@ pub fn dir_size(path: &Path) -> u64 {
     if list_files(path, Path::new(""), &mut rels).is_err() {
         return 0;
     }
-    rels.iter().filter_map(|r| std::fs::metadata(path.join(r)).ok()).map(|m| m.len()).sum()
+    rels.iter()
+        .filter_map(|r| std::fs::metadata(path.join(r)).ok())
+        .map(|m| m.len())
+        .sum()
 }
 
 fn fsync_tree(dir: &Path) -> std::io::Result<()> {

@@ -8,7 +8,12 @@ use crate::pipeline::Pipeline;
 fn layers(p: &Pipeline) -> Vec<usize> {
     let mut layer = vec![0usize; p.stages.len()];
     for i in 0..p.stages.len() {
-        layer[i] = p.upstream(i).iter().map(|&u| layer[u] + 1).max().unwrap_or(0);
+        layer[i] = p
+            .upstream(i)
+            .iter()
+            .map(|&u| layer[u] + 1)
+            .max()
+            .unwrap_or(0);
     }
     layer
 }
@@ -39,17 +44,33 @@ pub fn text(p: &Pipeline) -> String {
                 .iter()
                 .map(|(role, up)| {
                     let kind = &p.stages[p.position(up).expect("validated")].kind;
-                    if role == up || role == kind { up.clone() } else { format!("{up} as {role}") }
+                    if role == up || role == kind {
+                        up.clone()
+                    } else {
+                        format!("{up} as {role}")
+                    }
                 })
                 .collect();
-            from.extend(def.inputs.iter().map(|(role, path)| format!("[{role}] {}", path.display())));
-            let kind = if def.kind == def.name { String::new() } else { format!(" ({})", def.kind) };
+            from.extend(
+                def.inputs
+                    .iter()
+                    .map(|(role, path)| format!("[{role}] {}", path.display())),
+            );
+            let kind = if def.kind == def.name {
+                String::new()
+            } else {
+                format!(" ({})", def.kind)
+            };
             let _ = write!(out, "  {:<width$}{kind}", def.name);
             if !from.is_empty() {
                 let _ = write!(out, "  ◀ {}", from.join(", "));
             }
             if !def.publish.is_empty() {
-                let targets: Vec<String> = def.publish.iter().map(|p| format!("outputs/{}", p.to)).collect();
+                let targets: Vec<String> = def
+                    .publish
+                    .iter()
+                    .map(|p| format!("outputs/{}", p.to))
+                    .collect();
                 let _ = write!(out, "  ▶ {}", targets.join(", "));
             }
             out.push('\n');
@@ -61,10 +82,21 @@ pub fn text(p: &Pipeline) -> String {
 pub fn dot(p: &Pipeline) -> String {
     let mut out = String::from("digraph goemo {\n  rankdir=TB;\n  node [shape=box, style=rounded, fontname=\"Helvetica\"];\n");
     for def in &p.stages {
-        let _ = writeln!(out, "  \"{}\" [label=\"{}\\n({})\"];", esc(&def.name), esc(&def.name), esc(&def.kind));
+        let _ = writeln!(
+            out,
+            "  \"{}\" [label=\"{}\\n({})\"];",
+            esc(&def.name),
+            esc(&def.name),
+            esc(&def.kind)
+        );
         for (role, path) in &def.inputs {
             let node = format!("{}:{role}", def.name);
-            let _ = writeln!(out, "  \"{}\" [shape=note, label=\"{}\"];", esc(&node), esc(&path.display().to_string()));
+            let _ = writeln!(
+                out,
+                "  \"{}\" [shape=note, label=\"{}\"];",
+                esc(&node),
+                esc(&path.display().to_string())
+            );
             let _ = writeln!(out, "  \"{}\" -> \"{}\";", esc(&node), esc(&def.name));
         }
     }
@@ -82,9 +114,22 @@ pub fn mermaid(p: &Pipeline) -> String {
     let id = |i: usize| format!("s{i}");
     let mut out = String::from("flowchart TD\n");
     for (i, def) in p.stages.iter().enumerate() {
-        let _ = writeln!(out, "  {}[\"{}<br/><small>{}</small>\"]", id(i), mesc(&def.name), mesc(&def.kind));
+        let _ = writeln!(
+            out,
+            "  {}[\"{}<br/><small>{}</small>\"]",
+            id(i),
+            mesc(&def.name),
+            mesc(&def.kind)
+        );
         for (j, (role, path)) in def.inputs.iter().enumerate() {
-            let _ = writeln!(out, "  {}_in{j}[/\"{}: {}\"/] --> {}", id(i), mesc(role), mesc(&path.display().to_string()), id(i));
+            let _ = writeln!(
+                out,
+                "  {}_in{j}[/\"{}: {}\"/] --> {}",
+                id(i),
+                mesc(role),
+                mesc(&path.display().to_string()),
+                id(i)
+            );
         }
     }
     for (i, _) in p.stages.iter().enumerate() {
@@ -100,5 +145,7 @@ fn esc(s: &str) -> String {
 }
 
 fn mesc(s: &str) -> String {
-    s.replace('"', "#quot;").replace('<', "#lt;").replace('>', "#gt;")
+    s.replace('"', "#quot;")
+        .replace('<', "#lt;")
+        .replace('>', "#gt;")
 }

@@ -122,9 +122,14 @@ impl<'p> Engine<'p> {
             return Ok(t.clone());
         }
         let t = Arc::new(
-            self.hasher.tree(path).with_context(|| format!("hashing input {}", path.display()))?,
+            self.hasher
+                .tree(path)
+                .with_context(|| format!("hashing input {}", path.display()))?,
         );
-        self.externals.lock().expect("poisoned").insert(path.to_path_buf(), t.clone());
+        self.externals
+            .lock()
+            .expect("poisoned")
+            .insert(path.to_path_buf(), t.clone());
         Ok(t)
     }
 
@@ -143,7 +148,10 @@ impl<'p> Engine<'p> {
                 Some(m) => {
                     inputs.insert(
                         role.clone(),
-                        InputHash { source: "stage".into(), hash: m.outputs_hash.clone() },
+                        InputHash {
+                            source: "stage".into(),
+                            hash: m.outputs_hash.clone(),
+                        },
                     );
                 }
                 None => {
@@ -156,7 +164,13 @@ impl<'p> Engine<'p> {
         }
         for (role, rel) in &def.inputs {
             let tree = self.external(&self.pipeline.root.join(rel))?;
-            inputs.insert(role.clone(), InputHash { source: "path".into(), hash: tree.hash.clone() });
+            inputs.insert(
+                role.clone(),
+                InputHash {
+                    source: "path".into(),
+                    hash: tree.hash.clone(),
+                },
+            );
             input_files.insert(role.clone(), tree.files.clone());
         }
         let fingerprint = Fingerprint {
@@ -193,7 +207,13 @@ impl<'p> Engine<'p> {
                 }
             }
         };
-        Ok(Assessed::Known(Box::new(Assessment { fingerprint, key, input_files, lookup, reasons })))
+        Ok(Assessed::Known(Box::new(Assessment {
+            fingerprint,
+            key,
+            input_files,
+            lookup,
+            reasons,
+        })))
     }
 
     /// `goemo status`: each stage fresh or stale and why, without running anything.
@@ -230,8 +250,9 @@ impl<'p> Engine<'p> {
         let n = p.stages.len();
         let (selected, forced) = self.select(opts)?;
         // Unselected ancestors of selected stages are needed too, but only from the cache.
-        let needed: Vec<bool> =
-            (0..n).map(|i| (0..n).any(|s| selected[s] && p.reaches(i, s))).collect();
+        let needed: Vec<bool> = (0..n)
+            .map(|i| (0..n).any(|s| selected[s] && p.reaches(i, s)))
+            .collect();
 
         if !opts.dry_run {
             self.cache.clean_tmp();
@@ -254,11 +275,20 @@ impl<'p> Engine<'p> {
                         continue;
                     }
                     let ups = p.upstream(i);
-                    if let Some(bad) = ups.iter().find(|&&u| matches!(state[u], State::Failed(_) | State::Skipped(_))) {
-                        state[i] = State::Skipped(format!("upstream {} did not finish", p.stages[*bad].name));
+                    if let Some(bad) = ups
+                        .iter()
+                        .find(|&&u| matches!(state[u], State::Failed(_) | State::Skipped(_)))
+                    {
+                        state[i] = State::Skipped(format!(
+                            "upstream {} did not finish",
+                            p.stages[*bad].name
+                        ));
                         continue;
                     }
-                    if ups.iter().any(|&u| matches!(state[u], State::Waiting | State::Running)) {
+                    if ups
+                        .iter()
+                        .any(|&u| matches!(state[u], State::Waiting | State::Running))
+                    {
                         continue;
                     }
                     let upstream = |u: usize| match &state[u] {
@@ -280,7 +310,10 @@ impl<'p> Engine<'p> {
                     let lookup = std::mem::replace(&mut a.lookup, Lookup::Missing);
                     let lock_key = self.lock.get(&name).map(|l| l.key.clone());
                     if opts.locked && lock_key.as_deref() != Some(a.key.as_str()) {
-                        drift.push(format!("{name}: would have to run: {}", join_reasons(&a.reasons)));
+                        drift.push(format!(
+                            "{name}: would have to run: {}",
+                            join_reasons(&a.reasons)
+                        ));
                         state[i] = State::Failed("differs from pipeline.lock".into());
                         continue;
                     }
@@ -290,7 +323,11 @@ impl<'p> Engine<'p> {
                             if bad.is_empty() {
                                 Some(m)
                             } else {
-                                tracing::warn!("stage {name}: cache entry {} is damaged ({}); rebuilding", short(&a.key), bad.join("; "));
+                                tracing::warn!(
+                                    "stage {name}: cache entry {} is damaged ({}); rebuilding",
+                                    short(&a.key),
+                                    bad.join("; ")
+                                );
                                 self.cache.remove(&a.key)?;
                                 notes[i] = format!("rebuilt: {}", bad.join("; "));
                                 None
@@ -299,7 +336,10 @@ impl<'p> Engine<'p> {
                         Lookup::Hit(m) => Some(m),
                         Lookup::Corrupt(ref why) => {
                             if !opts.dry_run {
-                                tracing::warn!("stage {name}: cache entry {} is damaged ({why}); rebuilding", short(&a.key));
+                                tracing::warn!(
+                                    "stage {name}: cache entry {} is damaged ({why}); rebuilding",
+                                    short(&a.key)
+                                );
                                 self.cache.remove(&a.key)?;
                             }
                             notes[i] = format!("rebuilt: {why}");
@@ -322,7 +362,8 @@ impl<'p> Engine<'p> {
                             let outcome = if lock_key.as_deref() == Some(a.key.as_str()) {
                                 Outcome::Cached
                             } else {
-                                notes[i] = format!("from the run-cache: {}", join_reasons(&a.reasons));
+                                notes[i] =
+                                    format!("from the run-cache: {}", join_reasons(&a.reasons));
                                 Outcome::Restored
                             };
                             walls[i] = 0.0;
@@ -371,7 +412,10 @@ impl<'p> Engine<'p> {
                         if opts.locked {
                             if let Some(l) = self.lock.get(name) {
                                 if l.outputs_hash != m.outputs_hash {
-                                    drift.push(format!("{name}: outputs differ from pipeline.lock ({})", describe_output_drift(&l.outputs, &m.outputs)));
+                                    drift.push(format!(
+                                        "{name}: outputs differ from pipeline.lock ({})",
+                                        describe_output_drift(&l.outputs, &m.outputs)
+                                    ));
                                 }
                             }
                         }
@@ -404,7 +448,10 @@ impl<'p> Engine<'p> {
         for i in 0..n {
             let name = p.stages[i].name.clone();
             let (outcome, note) = match &state[i] {
-                State::Done(m, o) => (*o, format!("{} {}", short(&m.key), notes[i]).trim().to_owned()),
+                State::Done(m, o) => (
+                    *o,
+                    format!("{} {}", short(&m.key), notes[i]).trim().to_owned(),
+                ),
                 State::Failed(msg) => (Outcome::Failed, msg.clone()),
                 State::Skipped(msg) => (Outcome::Skipped, msg.clone()),
                 State::Unknown => (Outcome::WouldRun, notes[i].clone()),
@@ -418,7 +465,12 @@ impl<'p> Engine<'p> {
             if !selected[i] && outcome == Outcome::Cached {
                 continue;
             }
-            results.push(StageResult { name, outcome, wall_s: walls[i], note });
+            results.push(StageResult {
+                name,
+                outcome,
+                wall_s: walls[i],
+                note,
+            });
         }
 
         if !opts.dry_run {
@@ -450,14 +502,20 @@ impl<'p> Engine<'p> {
     }
 
     /// Selected stages and, for each, why it is forced to run (if it is).
-    fn select(&self, opts: &RunOptions) -> Result<(Vec<bool>, Vec<Option<&'static str>>), ConfigError> {
+    fn select(
+        &self,
+        opts: &RunOptions,
+    ) -> Result<(Vec<bool>, Vec<Option<&'static str>>), ConfigError> {
         let p = self.pipeline;
         let n = p.stages.len();
         let mut selected = vec![true; n];
         let mut forced: Vec<Option<&'static str>> = vec![None; n];
         if let Some(only) = &opts.only {
             if opts.from.is_some() || opts.until.is_some() {
-                return Err(ConfigError::new(&p.file, "--only cannot be combined with --from or --until"));
+                return Err(ConfigError::new(
+                    &p.file,
+                    "--only cannot be combined with --from or --until",
+                ));
             }
             let s = p.require(only, "--only")?;
             selected = (0..n).map(|i| i == s).collect();
@@ -476,7 +534,13 @@ impl<'p> Engine<'p> {
                 }
             }
             if !selected[s] {
-                return Err(ConfigError::new(&p.file, format!("--from {from} is not upstream of --until {}", opts.until.as_deref().unwrap_or(""))));
+                return Err(ConfigError::new(
+                    &p.file,
+                    format!(
+                        "--from {from} is not upstream of --until {}",
+                        opts.until.as_deref().unwrap_or("")
+                    ),
+                ));
             }
         }
         if opts.force {
@@ -520,8 +584,11 @@ impl<'p> Engine<'p> {
         for (role, rel) in &def.inputs {
             inputs.insert(role.clone(), p.root.join(rel));
         }
-        let (out_dir, volatile_dir, work_dir) =
-            (pending.out_dir(), pending.volatile_dir(), self.cache.work_dir(&a.key));
+        let (out_dir, volatile_dir, work_dir) = (
+            pending.out_dir(),
+            pending.volatile_dir(),
+            self.cache.work_dir(&a.key),
+        );
         let ctx = StageContext {
             name: &def.name,
             params: &def.params,
@@ -536,7 +603,8 @@ impl<'p> Engine<'p> {
             interactive: std::io::IsTerminal::is_terminal(&std::io::stderr()),
         };
         let started = Instant::now();
-        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| def.stage.run(&ctx)));
+        let outcome =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| def.stage.run(&ctx)));
         let wall_s = started.elapsed().as_secs_f64();
         match outcome {
             Ok(Ok(())) => {}
@@ -559,7 +627,8 @@ impl<'p> Engine<'p> {
                 );
             }
         }
-        self.cache.commit(pending, &def.name, a.fingerprint, a.input_files, wall_s)
+        self.cache
+            .commit(pending, &def.name, a.fingerprint, a.input_files, wall_s)
     }
 
     fn write_lock(&self, done: &[(usize, Arc<EntryManifest>)]) -> anyhow::Result<()> {
@@ -581,20 +650,35 @@ impl<'p> Engine<'p> {
                 stages.push(old.clone());
             }
         }
-        LockFile { version: LOCK_VERSION, stages }.write(&self.lock_path)
+        LockFile {
+            version: LOCK_VERSION,
+            stages,
+        }
+        .write(&self.lock_path)
     }
 }
 
 fn record_key(record: &RunRecord, stage: &str) -> Option<String> {
-    record.stages.iter().find(|s| s.name == stage).map(|s| s.key.clone())
+    record
+        .stages
+        .iter()
+        .find(|s| s.name == stage)
+        .map(|s| s.key.clone())
 }
 
-fn describe_output_drift(old: &BTreeMap<String, FileDigest>, new: &BTreeMap<String, FileDigest>) -> String {
+fn describe_output_drift(
+    old: &BTreeMap<String, FileDigest>,
+    new: &BTreeMap<String, FileDigest>,
+) -> String {
     fingerprint::describe_file_changes(old, new)
 }
 
 pub fn join_reasons(reasons: &[StaleReason]) -> String {
-    reasons.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")
+    reasons
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 pub fn short(key: &str) -> &str {
@@ -606,11 +690,33 @@ pub fn print_summary(results: &[StageResult]) {
     if results.is_empty() {
         return;
     }
-    let width = results.iter().map(|r| r.name.len()).max().unwrap_or(5).max(5);
+    let width = results
+        .iter()
+        .map(|r| r.name.len())
+        .max()
+        .unwrap_or(5)
+        .max(5);
     println!("{:<width$}  {:<9}  {:>8}  note", "stage", "result", "wall");
     for r in results {
-        let wall = if r.outcome == Outcome::Ran { format!("{:.2}s", r.wall_s) } else { "-".into() };
-        let note: String = r.note.lines().next().unwrap_or("").chars().take(110).collect();
-        println!("{:<width$}  {:<9}  {:>8}  {}", r.name, r.outcome.label(), wall, note);
+        let wall = if r.outcome == Outcome::Ran {
+            format!("{:.2}s", r.wall_s)
+        } else {
+            "-".into()
+        };
+        let note: String = r
+            .note
+            .lines()
+            .next()
+            .unwrap_or("")
+            .chars()
+            .take(110)
+            .collect();
+        println!(
+            "{:<width$}  {:<9}  {:>8}  {}",
+            r.name,
+            r.outcome.label(),
+            wall,
+            note
+        );
     }
 }

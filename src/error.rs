@@ -76,7 +76,11 @@ pub struct LockDrift(pub Vec<String>);
 
 impl fmt::Display for LockDrift {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(f, "results differ from pipeline.lock ({} difference(s)):", self.0.len())?;
+        writeln!(
+            f,
+            "results differ from pipeline.lock ({} difference(s)):",
+            self.0.len()
+        )?;
         for line in &self.0 {
             writeln!(f, "  - {line}")?;
         }
@@ -95,7 +99,10 @@ pub struct Interrupted;
 
 impl fmt::Display for Interrupted {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "interrupted: stages that were running are discarded; nothing half-written is kept")
+        write!(
+            f,
+            "interrupted: stages that were running are discarded; nothing half-written is kept"
+        )
     }
 }
 

@@ -52,13 +52,33 @@ impl Fingerprint {
 pub enum StaleReason {
     NeverRun,
     Forced(&'static str),
-    KindChanged { old: String, new: String },
-    VersionChanged { old: u32, new: u32 },
-    ParamChanged { param: String, old: Option<String>, new: Option<String> },
-    InputChanged { role: String, detail: Option<String> },
-    InputAdded { role: String },
-    InputRemoved { role: String },
-    UpstreamStale { role: String, upstream: String },
+    KindChanged {
+        old: String,
+        new: String,
+    },
+    VersionChanged {
+        old: u32,
+        new: u32,
+    },
+    ParamChanged {
+        param: String,
+        old: Option<String>,
+        new: Option<String>,
+    },
+    InputChanged {
+        role: String,
+        detail: Option<String>,
+    },
+    InputAdded {
+        role: String,
+    },
+    InputRemoved {
+        role: String,
+    },
+    UpstreamStale {
+        role: String,
+        upstream: String,
+    },
     EntryMissing,
     EntryCorrupt(String),
 }
@@ -79,7 +99,10 @@ impl fmt::Display for StaleReason {
                 (None, None) => write!(f, "param {param} changed"),
             },
             StaleReason::InputChanged { role, detail: None } => write!(f, "input {role} changed"),
-            StaleReason::InputChanged { role, detail: Some(d) } => {
+            StaleReason::InputChanged {
+                role,
+                detail: Some(d),
+            } => {
                 write!(f, "input {role} changed ({d})")
             }
             StaleReason::InputAdded { role } => write!(f, "input {role} added"),
@@ -90,7 +113,9 @@ impl fmt::Display for StaleReason {
             StaleReason::UpstreamStale { role, upstream } => {
                 write!(f, "input {role} will change (stage {upstream} is stale)")
             }
-            StaleReason::EntryMissing => write!(f, "its cache entry is gone (cleaned or new clone)"),
+            StaleReason::EntryMissing => {
+                write!(f, "its cache entry is gone (cleaned or new clone)")
+            }
             StaleReason::EntryCorrupt(why) => write!(f, "its cache entry is damaged: {why}"),
         }
     }
@@ -105,15 +130,22 @@ pub fn diff(
 ) -> Vec<StaleReason> {
     let mut reasons = Vec::new();
     if old.kind != new.kind {
-        reasons.push(StaleReason::KindChanged { old: old.kind.clone(), new: new.kind.clone() });
+        reasons.push(StaleReason::KindChanged {
+            old: old.kind.clone(),
+            new: new.kind.clone(),
+        });
     }
     if old.version != new.version {
-        reasons.push(StaleReason::VersionChanged { old: old.version, new: new.version });
+        reasons.push(StaleReason::VersionChanged {
+            old: old.version,
+            new: new.version,
+        });
     }
     let (mut old_flat, mut new_flat) = (BTreeMap::new(), BTreeMap::new());
     flatten("", &old.params, &mut old_flat);
     flatten("", &new.params, &mut new_flat);
-    let names: std::collections::BTreeSet<&String> = old_flat.keys().chain(new_flat.keys()).collect();
+    let names: std::collections::BTreeSet<&String> =
+        old_flat.keys().chain(new_flat.keys()).collect();
     for name in names {
         let (o, n) = (old_flat.get(name), new_flat.get(name));
         if o != n {
@@ -129,7 +161,11 @@ pub fn diff(
             None => reasons.push(StaleReason::InputAdded { role: role.clone() }),
             Some(o) if o.hash != n.hash => reasons.push(StaleReason::InputChanged {
                 role: role.clone(),
-                detail: if n.source == "path" { file_detail(role) } else { None },
+                detail: if n.source == "path" {
+                    file_detail(role)
+                } else {
+                    None
+                },
             }),
             Some(_) => {}
         }
@@ -144,11 +180,19 @@ pub fn diff(
 }
 
 /// `a.b` → leaf values; lists are leaves.
-fn flatten<'a>(prefix: &str, v: &'a serde_json::Value, out: &mut BTreeMap<String, &'a serde_json::Value>) {
+fn flatten<'a>(
+    prefix: &str,
+    v: &'a serde_json::Value,
+    out: &mut BTreeMap<String, &'a serde_json::Value>,
+) {
     match v {
         serde_json::Value::Object(map) if !map.is_empty() => {
             for (k, v) in map {
-                let p = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+                let p = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
                 flatten(&p, v, out);
             }
         }
@@ -195,7 +239,14 @@ pub fn describe_file_changes(
         parts.push(format!("{more} more"));
     }
     // A lone-file input records itself as `.`.
-    parts.iter().map(|p| p.strip_prefix(". ").map_or(p.clone(), |r| format!("the file {r}"))).collect::<Vec<_>>().join(", ")
+    parts
+        .iter()
+        .map(|p| {
+            p.strip_prefix(". ")
+                .map_or(p.clone(), |r| format!("the file {r}"))
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 #[cfg(test)]
@@ -211,7 +262,10 @@ mod tests {
             params,
             inputs: BTreeMap::from([(
                 "tokenize".to_owned(),
-                InputHash { source: "stage".into(), hash: input.into() },
+                InputHash {
+                    source: "stage".into(),
+                    hash: input.into(),
+                },
             )]),
         }
     }
@@ -225,15 +279,27 @@ mod tests {
         .unwrap();
         assert_eq!(a.key(), b.key());
         // Golden: changing the encoding must be a deliberate FORMAT bump.
-        assert_eq!(a.key(), "45bd9d721d9376e6b98eb7a78932fad98c1e93fbc43b0c78aac80a3004ff8dae");
+        assert_eq!(
+            a.key(),
+            "45bd9d721d9376e6b98eb7a78932fad98c1e93fbc43b0c78aac80a3004ff8dae"
+        );
         assert_ne!(a.key(), fp(json!({"lr": 3e-5, "epochs": 3}), "abc").key());
     }
 
     #[test]
     fn diff_says_what_changed_as_a_person_would() {
-        let old = fp(json!({"lr": 5e-5, "epochs": 3, "opt": {"beta": 0.9}}), "abc");
-        let new = fp(json!({"lr": 3e-5, "epochs": 3, "opt": {"beta": 0.95}}), "def");
-        let reasons: Vec<String> = diff(&old, &new, &|_| None).iter().map(|r| r.to_string()).collect();
+        let old = fp(
+            json!({"lr": 5e-5, "epochs": 3, "opt": {"beta": 0.9}}),
+            "abc",
+        );
+        let new = fp(
+            json!({"lr": 3e-5, "epochs": 3, "opt": {"beta": 0.95}}),
+            "def",
+        );
+        let reasons: Vec<String> = diff(&old, &new, &|_| None)
+            .iter()
+            .map(|r| r.to_string())
+            .collect();
         assert_eq!(
             reasons,
             vec![

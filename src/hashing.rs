@@ -85,9 +85,13 @@ impl ContentHasher {
         let stat = stat_key(&meta);
         let trusted = self.stat_cache_file.is_some().then(|| {
             let cache = self.stat_cache.lock().expect("poisoned");
-            cache.get(path).filter(|e| {
-                e.stat == stat && e.hashed_at_ns - stat.mtime_ns.max(stat.ctime_ns) > 2_000_000_000
-            }).map(|e| e.blake3.clone())
+            cache
+                .get(path)
+                .filter(|e| {
+                    e.stat == stat
+                        && e.hashed_at_ns - stat.mtime_ns.max(stat.ctime_ns) > 2_000_000_000
+                })
+                .map(|e| e.blake3.clone())
         });
         let blake3 = match trusted.flatten() {
             Some(h) => h,
@@ -96,15 +100,25 @@ impl ContentHasher {
                 if self.stat_cache_file.is_some() {
                     self.stat_cache.lock().expect("poisoned").insert(
                         path.to_path_buf(),
-                        StatEntry { stat: stat.clone(), blake3: h.clone(), hashed_at_ns: now_ns() },
+                        StatEntry {
+                            stat: stat.clone(),
+                            blake3: h.clone(),
+                            hashed_at_ns: now_ns(),
+                        },
                     );
                     *self.stat_cache_dirty.lock().expect("poisoned") = true;
                 }
                 h
             }
         };
-        let digest = FileDigest { blake3, size: stat.size };
-        self.memo.lock().expect("poisoned").insert(path.to_path_buf(), digest.clone());
+        let digest = FileDigest {
+            blake3,
+            size: stat.size,
+        };
+        self.memo
+            .lock()
+            .expect("poisoned")
+            .insert(path.to_path_buf(), digest.clone());
         Ok(digest)
     }
 
@@ -123,12 +137,18 @@ impl ContentHasher {
                 })
                 .collect::<std::io::Result<_>>()?
         };
-        Ok(TreeDigest { hash: tree_hash(&files), files })
+        Ok(TreeDigest {
+            hash: tree_hash(&files),
+            files,
+        })
     }
 
     /// Write the stat cache back if it learned anything (best effort: it is only a shortcut).
     pub fn save(&self) {
-        let (Some(file), true) = (&self.stat_cache_file, *self.stat_cache_dirty.lock().expect("poisoned")) else {
+        let (Some(file), true) = (
+            &self.stat_cache_file,
+            *self.stat_cache_dirty.lock().expect("poisoned"),
+        ) else {
             return;
         };
         let cache = self.stat_cache.lock().expect("poisoned");
@@ -204,7 +224,10 @@ pub fn rel_string(rel: &Path) -> String {
 }
 
 fn now_ns() -> i128 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as i128).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i128)
+        .unwrap_or(0)
 }
 
 #[cfg(unix)]
@@ -226,7 +249,12 @@ fn stat_key(meta: &std::fs::Metadata) -> StatKey {
         .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
         .map(|d| d.as_nanos() as i128)
         .unwrap_or(0);
-    StatKey { size: meta.len(), mtime_ns, ctime_ns: mtime_ns, inode: 0 }
+    StatKey {
+        size: meta.len(),
+        mtime_ns,
+        ctime_ns: mtime_ns,
+        inode: 0,
+    }
 }
 
 #[cfg(test)]
@@ -246,7 +274,10 @@ mod tests {
         let ta = h.tree(a.path()).unwrap();
         let tb = h.tree(b.path()).unwrap();
         assert_eq!(ta.hash, tb.hash);
-        assert_eq!(ta.files.keys().collect::<Vec<_>>(), vec!["sub/x.txt", "y.bin"]);
+        assert_eq!(
+            ta.files.keys().collect::<Vec<_>>(),
+            vec!["sub/x.txt", "y.bin"]
+        );
         // Golden value: blake3("hello").
         assert_eq!(
             ta.files["sub/x.txt"].blake3,

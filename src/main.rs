@@ -31,14 +31,21 @@ struct Cli {
 #[derive(clap::Args)]
 struct PipelineArg {
     /// The pipeline file; its folder is the project root (cache/, outputs/, pipeline.lock).
-    #[arg(long, short = 'p', default_value = "pipeline.yaml", env = "GOEMO_PIPELINE")]
+    #[arg(
+        long,
+        short = 'p',
+        default_value = "pipeline.yaml",
+        env = "GOEMO_PIPELINE"
+    )]
     pipeline: PathBuf,
 }
 
 #[derive(Subcommand)]
 enum Command {
     /// Run the stages that are stale; take the rest from the cache.
-    #[command(after_help = "Examples:\n  goemo run\n  goemo run --from evaluate         re-run evaluate and all downstream, even if cached\n  goemo run --until tokenize        stop after tokenize\n  goemo run --only plot             run plot alone (its upstream must be cached)\n  goemo run --set train.lr=3e-5 --set train.epochs=2\n  goemo run --dry-run               say what would run and why; change nothing\n  goemo run --locked                CI: fail if results differ from pipeline.lock")]
+    #[command(
+        after_help = "Examples:\n  goemo run\n  goemo run --from evaluate         re-run evaluate and all downstream, even if cached\n  goemo run --until tokenize        stop after tokenize\n  goemo run --only plot             run plot alone (its upstream must be cached)\n  goemo run --set train.lr=3e-5 --set train.epochs=2\n  goemo run --dry-run               say what would run and why; change nothing\n  goemo run --locked                CI: fail if results differ from pipeline.lock"
+    )]
     Run {
         #[command(flatten)]
         pipeline: PipelineArg,
@@ -74,7 +81,9 @@ enum Command {
         no_wait: bool,
     },
     /// Each stage fresh or stale, and why.
-    #[command(after_help = "Example output:\n  load      fresh\n  train     stale: param lr changed 5e-5 → 3e-5\n  evaluate  stale: input train will change (train is stale)")]
+    #[command(
+        after_help = "Example output:\n  load      fresh\n  train     stale: param lr changed 5e-5 → 3e-5\n  evaluate  stale: input train will change (train is stale)"
+    )]
     Status {
         #[command(flatten)]
         pipeline: PipelineArg,
@@ -83,7 +92,9 @@ enum Command {
         set: Vec<String>,
     },
     /// Draw the pipeline's stages and edges.
-    #[command(after_help = "Examples:\n  goemo dag\n  goemo dag --format dot | dot -Tpng > dag.png\n  goemo dag --format mermaid")]
+    #[command(
+        after_help = "Examples:\n  goemo dag\n  goemo dag --format dot | dot -Tpng > dag.png\n  goemo dag --format mermaid"
+    )]
     Dag {
         #[command(flatten)]
         pipeline: PipelineArg,
@@ -100,7 +111,9 @@ enum Command {
         dry_run: bool,
     },
     /// Classify texts with a fine-tuned model (default: outputs/model) and its thresholds.
-    #[command(after_help = "Examples:\n  goemo predict \"I love this so much\" \"what a mess\"\n  goemo predict --file comments.txt          one text a line\n  goemo predict --file comments.jsonl        JSON lines with a `text` field\n  echo \"thanks!\" | goemo predict --top-k 3\n\nPrints one JSON line per text: {\"text\": …, \"labels\": [{\"label\": …, \"score\": …}]}")]
+    #[command(
+        after_help = "Examples:\n  goemo predict \"I love this so much\" \"what a mess\"\n  goemo predict --file comments.txt          one text a line\n  goemo predict --file comments.jsonl        JSON lines with a `text` field\n  echo \"thanks!\" | goemo predict --top-k 3\n\nPrints one JSON line per text: {\"text\": …, \"labels\": [{\"label\": …, \"score\": …}]}"
+    )]
     Predict {
         /// Texts to classify; none (and no --file) reads stdin.
         texts: Vec<String>,
@@ -126,7 +139,9 @@ enum Command {
         stats: bool,
     },
     /// Put GoEmotions into data/goemotions: copied from a local mirror or downloaded, sha256-checked.
-    #[command(after_help = "Examples:\n  goemo fetch-data --mirror ../shared/goemotions\n  goemo fetch-data            download from the official URLs (needs internet and curl)")]
+    #[command(
+        after_help = "Examples:\n  goemo fetch-data --mirror ../shared/goemotions\n  goemo fetch-data            download from the official URLs (needs internet and curl)"
+    )]
     FetchData {
         /// A folder holding train.tsv, dev.tsv, test.tsv and labels.txt.
         #[arg(long, env = "GOEMO_DATA_MIRROR")]
@@ -196,10 +211,26 @@ fn load(pipeline: &PipelineArg, set: &[String]) -> anyhow::Result<pipeline::Pipe
 
 fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::Run { pipeline, from, until, only, force, dry_run, set, jobs, verify, locked, no_wait } => {
+        Command::Run {
+            pipeline,
+            from,
+            until,
+            only,
+            force,
+            dry_run,
+            set,
+            jobs,
+            verify,
+            locked,
+            no_wait,
+        } => {
             let p = load(&pipeline, &set)?;
             // Take the run lock before reading pipeline.lock, which the holder may be rewriting.
-            let _lock = if dry_run { None } else { Some(goemo::runlock::acquire(&p.root.join("cache"), !no_wait)?) };
+            let _lock = if dry_run {
+                None
+            } else {
+                Some(goemo::runlock::acquire(&p.root.join("cache"), !no_wait)?)
+            };
             let engine = Engine::new(&p, !verify)?;
             ctrlc::set_handler(|| {
                 if INTERRUPTED.swap(true, std::sync::atomic::Ordering::SeqCst) {
@@ -209,13 +240,30 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 eprintln!("\ninterrupt: stopping running stages (Ctrl-C again to quit at once)…");
             })
             .context("installing the Ctrl-C handler")?;
-            let jobs = jobs.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
-            let opts = RunOptions { from, until, only, force, dry_run, jobs, verify, locked };
+            let jobs = jobs.unwrap_or_else(|| {
+                std::thread::available_parallelism()
+                    .map(|n| n.get())
+                    .unwrap_or(1)
+            });
+            let opts = RunOptions {
+                from,
+                until,
+                only,
+                force,
+                dry_run,
+                jobs,
+                verify,
+                locked,
+            };
             let results = engine.run(&opts)?;
             if !dry_run && !cli.quiet {
                 print_summary(&results);
             }
-            let failed: Vec<&str> = results.iter().filter(|r| r.outcome == Outcome::Failed).map(|r| r.name.as_str()).collect();
+            let failed: Vec<&str> = results
+                .iter()
+                .filter(|r| r.outcome == Outcome::Failed)
+                .map(|r| r.name.as_str())
+                .collect();
             if !failed.is_empty() {
                 eprintln!("error: stage(s) failed: {}", failed.join(", "));
                 for r in results.iter().filter(|r| r.outcome == Outcome::Failed) {
@@ -258,39 +306,85 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             let engine = Engine::new(&p, true)?;
             let keep: HashSet<String> = engine.lock.stages.iter().map(|s| s.key.clone()).collect();
             if dry_run {
-                let doomed: Vec<String> = engine.cache.keys().into_iter().filter(|k| !keep.contains(k)).collect();
-                let bytes: u64 = doomed.iter().map(|k| goemo::cache::dir_size(&engine.cache.entry_dir(k))).sum();
-                println!("would remove {} cache entries ({})", doomed.len(), human_bytes(bytes));
+                let doomed: Vec<String> = engine
+                    .cache
+                    .keys()
+                    .into_iter()
+                    .filter(|k| !keep.contains(k))
+                    .collect();
+                let bytes: u64 = doomed
+                    .iter()
+                    .map(|k| goemo::cache::dir_size(&engine.cache.entry_dir(k)))
+                    .sum();
+                println!(
+                    "would remove {} cache entries ({})",
+                    doomed.len(),
+                    human_bytes(bytes)
+                );
                 return Ok(ExitCode::SUCCESS);
             }
             let _lock = goemo::runlock::acquire(&engine.cache.root, true)?;
             let (removed, bytes) = engine.cache.gc(&keep)?;
-            println!("removed {removed} cache entries, freed {}; kept {} referenced by pipeline.lock", human_bytes(bytes), keep.len());
+            println!(
+                "removed {removed} cache entries, freed {}; kept {} referenced by pipeline.lock",
+                human_bytes(bytes),
+                keep.len()
+            );
             Ok(ExitCode::SUCCESS)
         }
-        Command::Predict { texts, file, model, thresholds, threshold, top_k, batch_size, stats } => {
+        Command::Predict {
+            texts,
+            file,
+            model,
+            thresholds,
+            threshold,
+            top_k,
+            batch_size,
+            stats,
+        } => {
             use goemo_stages::predict::{parse_texts, predict, InputText, PredictOptions};
             let inputs: Vec<InputText> = if let Some(path) = &file {
-                let bytes = std::fs::read(path).map_err(|e| ConfigError::new(path, format!("cannot read: {e}")))?;
+                let bytes = std::fs::read(path)
+                    .map_err(|e| ConfigError::new(path, format!("cannot read: {e}")))?;
                 let jsonl = path.extension().map(|e| e == "jsonl" || e == "ndjson");
                 parse_texts(&bytes, &path.display().to_string(), jsonl.filter(|j| *j))?
             } else if !texts.is_empty() {
-                texts.into_iter().enumerate().map(|(i, text)| InputText { origin: format!("argument {}", i + 1), text }).collect()
+                texts
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, text)| InputText {
+                        origin: format!("argument {}", i + 1),
+                        text,
+                    })
+                    .collect()
             } else {
                 let mut bytes = Vec::new();
-                std::io::Read::read_to_end(&mut std::io::stdin(), &mut bytes).context("reading stdin")?;
+                std::io::Read::read_to_end(&mut std::io::stdin(), &mut bytes)
+                    .context("reading stdin")?;
                 parse_texts(&bytes, "stdin", None)?
             };
             if top_k == Some(0) {
                 return Err(ConfigError::new("--top-k", "--top-k must be at least 1").into());
             }
-            let opts = PredictOptions { model, thresholds, threshold, top_k, batch_size };
+            let opts = PredictOptions {
+                model,
+                thresholds,
+                threshold,
+                top_k,
+                batch_size,
+            };
             let stdout = std::io::stdout();
             let mut out = std::io::BufWriter::new(stdout.lock());
             let s = predict(&inputs, &opts, &mut out)?;
             std::io::Write::flush(&mut out)?;
             if stats {
-                eprintln!("predicted {} texts in {:.3}s ({:.1} texts/s); {} truncated", s.texts, s.seconds, s.texts as f64 / s.seconds.max(1e-9), s.truncated);
+                eprintln!(
+                    "predicted {} texts in {:.3}s ({:.1} texts/s); {} truncated",
+                    s.texts,
+                    s.seconds,
+                    s.texts as f64 / s.seconds.max(1e-9),
+                    s.truncated
+                );
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -316,5 +410,9 @@ fn human_bytes(b: u64) -> String {
         x /= 1024.0;
         u += 1;
     }
-    if u == 0 { format!("{b} B") } else { format!("{x:.1} {}", UNITS[u]) }
+    if u == 0 {
+        format!("{b} B")
+    } else {
+        format!("{x:.1} {}", UNITS[u])
+    }
 }

@@ -65,8 +65,11 @@ impl Pipeline {
 
     /// Indices of the stages `name` depends on, directly.
     pub fn upstream(&self, i: usize) -> Vec<usize> {
-        let mut ups: Vec<usize> =
-            self.stages[i].deps.values().map(|d| self.index[d.as_str()]).collect();
+        let mut ups: Vec<usize> = self.stages[i]
+            .deps
+            .values()
+            .map(|d| self.index[d.as_str()])
+            .collect();
         ups.sort_unstable();
         ups.dedup();
         ups
@@ -77,14 +80,19 @@ impl Pipeline {
         if ancestor == i {
             return true;
         }
-        self.upstream(i).into_iter().any(|u| self.reaches(ancestor, u))
+        self.upstream(i)
+            .into_iter()
+            .any(|u| self.reaches(ancestor, u))
     }
 
     /// A stage name from the CLI, or a config error listing the valid ones.
     pub fn require(&self, name: &str, flag: &str) -> Result<usize, ConfigError> {
         self.position(name).ok_or_else(|| {
-            ConfigError::new(&self.file, format!("{flag} {name}: no stage named `{name}`"))
-                .hint(format!("stages are: {}", self.names().join(", ")))
+            ConfigError::new(
+                &self.file,
+                format!("{flag} {name}: no stage named `{name}`"),
+            )
+            .hint(format!("stages are: {}", self.names().join(", ")))
         })
     }
 
@@ -149,7 +157,11 @@ impl Override {
         };
         let (lhs, rhs) = text.split_once('=').ok_or_else(bad)?;
         let mut parts = lhs.split('.').map(str::trim);
-        let stage = parts.next().filter(|s| !s.is_empty()).ok_or_else(bad)?.to_owned();
+        let stage = parts
+            .next()
+            .filter(|s| !s.is_empty())
+            .ok_or_else(bad)?
+            .to_owned();
         let path: Vec<String> = parts.map(str::to_owned).collect();
         if path.is_empty() || path.iter().any(String::is_empty) {
             return Err(bad());
@@ -169,7 +181,13 @@ pub fn load(file: &Path, overrides: &[Override]) -> Result<Pipeline, ConfigError
     })?;
     let root = file
         .parent()
-        .map(|p| if p.as_os_str().is_empty() { Path::new(".") } else { p })
+        .map(|p| {
+            if p.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                p
+            }
+        })
         .unwrap_or(Path::new("."))
         .to_path_buf();
     parse(&text, file, &root, overrides)
@@ -200,9 +218,11 @@ pub fn parse(
         };
         let at = locate(&["stages", &name]);
         if names.contains_key(&name) {
-            return Err(ConfigError::new(file, format!("stage `{name}` is declared twice"))
-                .at(at)
-                .hint("stage names must be unique; rename one of them"));
+            return Err(
+                ConfigError::new(file, format!("stage `{name}` is declared twice"))
+                    .at(at)
+                    .hint("stage names must be unique; rename one of them"),
+            );
         }
         let raw_stage: RawStage = serde_yaml::from_value(value).map_err(|e| {
             let msg = e.to_string();
@@ -210,8 +230,14 @@ pub fn parse(
                 .strip_prefix("unknown field `")
                 .and_then(|r| r.split('`').next())
                 .map(str::to_owned);
-            let at = field.as_deref().and_then(|f| locate(&["stages", &name, f])).or(at);
-            ConfigError::new(file, msg).stage(&name).at(at).hint(format!("a stage takes: {STAGE_KEYS}"))
+            let at = field
+                .as_deref()
+                .and_then(|f| locate(&["stages", &name, f]))
+                .or(at);
+            ConfigError::new(file, msg)
+                .stage(&name)
+                .at(at)
+                .hint(format!("a stage takes: {STAGE_KEYS}"))
         })?;
         let kind = raw_stage.kind.clone().unwrap_or_else(|| name.clone());
         let stage: Arc<dyn Stage> = goemo_stages::find(&kind).map(Arc::from).ok_or_else(|| {
@@ -219,7 +245,10 @@ pub fn parse(
             ConfigError::new(file, format!("unknown stage kind `{kind}`"))
                 .stage(&name)
                 .at(locate(&["stages", &name, "kind"]).or(at))
-                .hint(format!("kinds are: {}; set `kind:` when the name is not a kind", kinds.join(", ")))
+                .hint(format!(
+                    "kinds are: {}; set `kind:` when the name is not a kind",
+                    kinds.join(", ")
+                ))
         })?;
 
         let mut params_raw = raw_stage.params.clone();
@@ -227,7 +256,11 @@ pub fn parse(
             set_path(&mut params_raw, &o.path, o.value.clone());
         }
         let params = stage.resolve_params(&params_raw).map_err(|e| {
-            let what = e.param.as_ref().map(|p| format!("param `{p}`")).unwrap_or("params".into());
+            let what = e
+                .param
+                .as_ref()
+                .map(|p| format!("param `{p}`"))
+                .unwrap_or("params".into());
             let param_at = e.param.as_deref().and_then(|p| {
                 let mut path = vec!["stages", name.as_str(), "params"];
                 path.extend(p.split('.'));
@@ -239,7 +272,9 @@ pub fn parse(
             let mut err = ConfigError::new(file, e.message.clone())
                 .stage(&name)
                 .what(what)
-                .at(param_at.or_else(|| locate(&["stages", &name, "params"])).or(at));
+                .at(param_at
+                    .or_else(|| locate(&["stages", &name, "params"]))
+                    .or(at));
             if from_set {
                 err = err.hint("this value came from --set; check its spelling and type");
             }
@@ -258,21 +293,29 @@ pub fn parse(
                 m
             }
         };
-        let inputs: BTreeMap<String, PathBuf> =
-            raw_stage.inputs.into_iter().map(|(k, v)| (k, PathBuf::from(v))).collect();
+        let inputs: BTreeMap<String, PathBuf> = raw_stage
+            .inputs
+            .into_iter()
+            .map(|(k, v)| (k, PathBuf::from(v)))
+            .collect();
         let publish = match raw_stage.publish {
             None => Vec::new(),
             Some(RawPublish::List(l)) => l
                 .into_iter()
                 .map(|p| {
                     // `out/x` publishes as outputs/x.
-                    let to = p.strip_prefix("out/").or_else(|| p.strip_prefix("volatile/")).unwrap_or(&p).to_owned();
+                    let to = p
+                        .strip_prefix("out/")
+                        .or_else(|| p.strip_prefix("volatile/"))
+                        .unwrap_or(&p)
+                        .to_owned();
                     Publish { from: p, to }
                 })
                 .collect(),
-            Some(RawPublish::Map(m)) => {
-                m.into_iter().map(|(from, to)| Publish { from, to }).collect()
-            }
+            Some(RawPublish::Map(m)) => m
+                .into_iter()
+                .map(|(from, to)| Publish { from, to })
+                .collect(),
         };
         names.insert(name.clone(), defs.len());
         raw_deps.push((defs.len(), deps));
@@ -290,8 +333,11 @@ pub fn parse(
     for o in overrides {
         if !names.contains_key(&o.stage) {
             let known: Vec<&str> = defs.iter().map(|d| d.name.as_str()).collect();
-            return Err(ConfigError::new(file, format!("--set {}: no stage named `{}`", o.stage, o.stage))
-                .hint(format!("stages are: {}", known.join(", "))));
+            return Err(ConfigError::new(
+                file,
+                format!("--set {}: no stage named `{}`", o.stage, o.stage),
+            )
+            .hint(format!("stages are: {}", known.join(", "))));
         }
     }
     if defs.is_empty() {
@@ -305,11 +351,14 @@ pub fn parse(
             let name = defs[i].name.clone();
             let Some(&u) = names.get(&up) else {
                 let known: Vec<&str> = defs.iter().map(|d| d.name.as_str()).collect();
-                return Err(ConfigError::new(file, format!("upstream stage `{up}` does not exist"))
-                    .stage(&name)
-                    .what("deps")
-                    .at(locate(&["stages", &name, "deps"]))
-                    .hint(format!("stages are: {}", known.join(", "))));
+                return Err(ConfigError::new(
+                    file,
+                    format!("upstream stage `{up}` does not exist"),
+                )
+                .stage(&name)
+                .what("deps")
+                .at(locate(&["stages", &name, "deps"]))
+                .hint(format!("stages are: {}", known.join(", "))));
             };
             if u == i {
                 return Err(ConfigError::new(file, format!("cycle: {name} → {name}"))
@@ -322,11 +371,14 @@ pub fn parse(
                 None => role,
             };
             if resolved.insert(role.clone(), up.clone()).is_some() {
-                return Err(ConfigError::new(file, format!("two upstream stages fill the role `{role}`"))
-                    .stage(&name)
-                    .what("deps")
-                    .at(locate(&["stages", &name, "deps"]))
-                    .hint("name the roles explicitly: deps: {role_a: stage1, role_b: stage2}"));
+                return Err(ConfigError::new(
+                    file,
+                    format!("two upstream stages fill the role `{role}`"),
+                )
+                .stage(&name)
+                .what("deps")
+                .at(locate(&["stages", &name, "deps"]))
+                .hint("name the roles explicitly: deps: {role_a: stage1, role_b: stage2}"));
             }
         }
         defs[i].deps = resolved;
@@ -337,32 +389,54 @@ pub fn parse(
         check_roles(def, file, &locate)?;
         for (role, path) in &def.inputs {
             if def.deps.contains_key(role) {
-                return Err(ConfigError::new(file, format!("input `{role}` is given both in deps and in inputs"))
-                    .stage(&def.name)
-                    .at(locate(&["stages", &def.name, "inputs", role])));
+                return Err(ConfigError::new(
+                    file,
+                    format!("input `{role}` is given both in deps and in inputs"),
+                )
+                .stage(&def.name)
+                .at(locate(&["stages", &def.name, "inputs", role])));
             }
             if !root.join(path).exists() {
-                return Err(ConfigError::new(file, format!("input path `{}` does not exist", path.display()))
-                    .stage(&def.name)
-                    .what(format!("input `{role}`"))
-                    .at(locate(&["stages", &def.name, "inputs", role]))
-                    .hint(missing_input_hint(role)));
+                return Err(ConfigError::new(
+                    file,
+                    format!("input path `{}` does not exist", path.display()),
+                )
+                .stage(&def.name)
+                .what(format!("input `{role}`"))
+                .at(locate(&["stages", &def.name, "inputs", role]))
+                .hint(missing_input_hint(role)));
             }
         }
         let mut seen = std::collections::HashSet::new();
         for p in &def.publish {
-            if !(p.from.starts_with("out/") || p.from.starts_with("volatile/") || p.from == "out" || p.from == "volatile") {
-                return Err(ConfigError::new(file, format!("publish source `{}` must start with `out/` or `volatile/`", p.from))
-                    .stage(&def.name)
-                    .what("publish")
-                    .at(locate(&["stages", &def.name, "publish"]))
-                    .hint("e.g. publish: {out/model: model, volatile/report.html: report.html}"));
+            if !(p.from.starts_with("out/")
+                || p.from.starts_with("volatile/")
+                || p.from == "out"
+                || p.from == "volatile")
+            {
+                return Err(ConfigError::new(
+                    file,
+                    format!(
+                        "publish source `{}` must start with `out/` or `volatile/`",
+                        p.from
+                    ),
+                )
+                .stage(&def.name)
+                .what("publish")
+                .at(locate(&["stages", &def.name, "publish"]))
+                .hint("e.g. publish: {out/model: model, volatile/report.html: report.html}"));
             }
-            if !seen.insert(p.to.clone()) || p.to.split('/').any(|c| c == "..") || p.to.starts_with('/') {
-                return Err(ConfigError::new(file, format!("publish target `{}` is repeated or leaves outputs/", p.to))
-                    .stage(&def.name)
-                    .what("publish")
-                    .at(locate(&["stages", &def.name, "publish"])));
+            if !seen.insert(p.to.clone())
+                || p.to.split('/').any(|c| c == "..")
+                || p.to.starts_with('/')
+            {
+                return Err(ConfigError::new(
+                    file,
+                    format!("publish target `{}` is repeated or leaves outputs/", p.to),
+                )
+                .stage(&def.name)
+                .what("publish")
+                .at(locate(&["stages", &def.name, "publish"])));
             }
         }
     }
@@ -370,10 +444,16 @@ pub fn parse(
     for def in &defs {
         for p in &def.publish {
             if let Some(other) = targets.insert(&p.to, &def.name) {
-                return Err(ConfigError::new(file, format!("outputs/{} is published by both `{other}` and `{}`", p.to, def.name))
-                    .stage(&def.name)
-                    .what("publish")
-                    .at(locate(&["stages", &def.name, "publish"])));
+                return Err(ConfigError::new(
+                    file,
+                    format!(
+                        "outputs/{} is published by both `{other}` and `{}`",
+                        p.to, def.name
+                    ),
+                )
+                .stage(&def.name)
+                .what("publish")
+                .at(locate(&["stages", &def.name, "publish"])));
             }
         }
     }
@@ -387,9 +467,21 @@ pub fn parse(
             .hint("a stage cannot depend, directly or through others, on itself; remove one of these deps")
     })?;
     let mut slots: Vec<Option<StageDef>> = defs.into_iter().map(Some).collect();
-    let stages: Vec<StageDef> = order.iter().map(|&i| slots[i].take().expect("each once")).collect();
-    let index = stages.iter().enumerate().map(|(i, s)| (s.name.clone(), i)).collect();
-    Ok(Pipeline { file: file.to_path_buf(), root: root.to_path_buf(), stages, index })
+    let stages: Vec<StageDef> = order
+        .iter()
+        .map(|&i| slots[i].take().expect("each once"))
+        .collect();
+    let index = stages
+        .iter()
+        .enumerate()
+        .map(|(i, s)| (s.name.clone(), i))
+        .collect();
+    Ok(Pipeline {
+        file: file.to_path_buf(),
+        root: root.to_path_buf(),
+        stages,
+        index,
+    })
 }
 
 thread_local! {
@@ -420,34 +512,57 @@ fn check_roles(
     file: &Path,
     locate: &dyn Fn(&[&str]) -> Option<(usize, usize)>,
 ) -> Result<(), ConfigError> {
-    let Inputs::Fixed(specs) = def.stage.inputs() else { return Ok(()) };
+    let Inputs::Fixed(specs) = def.stage.inputs() else {
+        return Ok(());
+    };
     let accepted = || {
         specs
             .iter()
-            .map(|s| format!("{} ({}{})", s.role, s.what, if s.required { "" } else { ", optional" }))
+            .map(|s| {
+                format!(
+                    "{} ({}{})",
+                    s.role,
+                    s.what,
+                    if s.required { "" } else { ", optional" }
+                )
+            })
             .collect::<Vec<_>>()
             .join("; ")
     };
     for role in def.deps.keys().chain(def.inputs.keys()) {
         if !specs.iter().any(|s| s.role == role) {
-            let section = if def.deps.contains_key(role) { "deps" } else { "inputs" };
-            return Err(ConfigError::new(file, format!("kind `{}` takes no input `{role}`", def.kind))
-                .stage(&def.name)
-                .what(section)
-                .at(locate(&["stages", &def.name, section]))
-                .hint(format!("it takes: {}", accepted())));
+            let section = if def.deps.contains_key(role) {
+                "deps"
+            } else {
+                "inputs"
+            };
+            return Err(ConfigError::new(
+                file,
+                format!("kind `{}` takes no input `{role}`", def.kind),
+            )
+            .stage(&def.name)
+            .what(section)
+            .at(locate(&["stages", &def.name, section]))
+            .hint(format!("it takes: {}", accepted())));
         }
     }
     for spec in specs.iter().filter(|s| s.required) {
         if !def.deps.contains_key(spec.role) && !def.inputs.contains_key(spec.role) {
-            return Err(ConfigError::new(file, format!("missing input `{}` ({})", spec.role, spec.what))
-                .stage(&def.name)
-                .at(locate(&["stages", &def.name]))
-                .hint(if spec.from_kinds.is_empty() {
-                    format!("add `inputs: {{{}: PATH}}`", spec.role)
-                } else {
-                    format!("add a stage of kind {} to `deps`, or `deps: {{{}: STAGE}}`", spec.from_kinds.join(" or "), spec.role)
-                }));
+            return Err(ConfigError::new(
+                file,
+                format!("missing input `{}` ({})", spec.role, spec.what),
+            )
+            .stage(&def.name)
+            .at(locate(&["stages", &def.name]))
+            .hint(if spec.from_kinds.is_empty() {
+                format!("add `inputs: {{{}: PATH}}`", spec.role)
+            } else {
+                format!(
+                    "add a stage of kind {} to `deps`, or `deps: {{{}: STAGE}}`",
+                    spec.from_kinds.join(" or "),
+                    spec.role
+                )
+            }));
         }
     }
     Ok(())
@@ -455,10 +570,15 @@ fn check_roles(
 
 /// Kahn's algorithm, ties broken by declaration order; on a cycle, returns its stage names with
 /// the first repeated at the end.
-fn topo_order(defs: &[StageDef], names: &HashMap<String, usize>) -> Result<Vec<usize>, Vec<String>> {
+fn topo_order(
+    defs: &[StageDef],
+    names: &HashMap<String, usize>,
+) -> Result<Vec<usize>, Vec<String>> {
     let n = defs.len();
-    let ups: Vec<Vec<usize>> =
-        defs.iter().map(|d| d.deps.values().map(|u| names[u.as_str()]).collect()).collect();
+    let ups: Vec<Vec<usize>> = defs
+        .iter()
+        .map(|d| d.deps.values().map(|u| names[u.as_str()]).collect())
+        .collect();
     let mut indegree: Vec<usize> = ups.iter().map(Vec::len).collect();
     let mut order = Vec::with_capacity(n);
     let mut done = vec![false; n];
@@ -468,11 +588,17 @@ fn topo_order(defs: &[StageDef], names: &HashMap<String, usize>) -> Result<Vec<u
             let mut path = vec![(0..n).find(|&i| !done[i]).expect("some left")];
             loop {
                 let cur = *path.last().expect("non-empty");
-                let up = ups[cur].iter().copied().find(|&u| !done[u]).expect("in a cycle");
+                let up = ups[cur]
+                    .iter()
+                    .copied()
+                    .find(|&u| !done[u])
+                    .expect("in a cycle");
                 if let Some(pos) = path.iter().position(|&p| p == up) {
                     // In data-flow order, starting at the first-declared stage.
                     let mut cycle: Vec<usize> = path[pos..].iter().rev().copied().collect();
-                    let first = (0..cycle.len()).min_by_key(|&k| cycle[k]).expect("non-empty");
+                    let first = (0..cycle.len())
+                        .min_by_key(|&k| cycle[k])
+                        .expect("non-empty");
                     cycle.rotate_left(first);
                     cycle.push(cycle[0]);
                     return Err(cycle.iter().map(|&i| defs[i].name.clone()).collect());
@@ -521,7 +647,10 @@ fn yaml_error(file: &Path, e: &serde_yaml::Error) -> ConfigError {
 }
 
 fn yaml_inline(v: &serde_yaml::Value) -> String {
-    serde_yaml::to_string(v).unwrap_or_default().trim().to_owned()
+    serde_yaml::to_string(v)
+        .unwrap_or_default()
+        .trim()
+        .to_owned()
 }
 
 /// Line and column (1-based) of the key at `path` in block-style YAML: each segment is searched
@@ -546,8 +675,12 @@ pub fn locate(text: &str, path: &[&str]) -> Option<(usize, usize)> {
             }
             let key = content.trim_start_matches("- ");
             let matches = key.strip_prefix(seg).is_some_and(|r| r.starts_with(':'))
-                || key.strip_prefix(&format!("\"{seg}\"")).is_some_and(|r| r.starts_with(':'))
-                || key.strip_prefix(&format!("'{seg}'")).is_some_and(|r| r.starts_with(':'));
+                || key
+                    .strip_prefix(&format!("\"{seg}\""))
+                    .is_some_and(|r| r.starts_with(':'))
+                || key
+                    .strip_prefix(&format!("'{seg}'"))
+                    .is_some_and(|r| r.starts_with(':'));
             if matches {
                 hit = Some((i, indent));
                 break;

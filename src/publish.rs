@@ -24,7 +24,12 @@ struct Published {
     bytes: u64,
 }
 
-pub fn publish(outputs: &Path, cache: &Cache, def: &StageDef, manifest: &EntryManifest) -> anyhow::Result<()> {
+pub fn publish(
+    outputs: &Path,
+    cache: &Cache,
+    def: &StageDef,
+    manifest: &EntryManifest,
+) -> anyhow::Result<()> {
     if def.publish.is_empty() {
         return Ok(());
     }
@@ -38,7 +43,10 @@ pub fn publish(outputs: &Path, cache: &Cache, def: &StageDef, manifest: &EntryMa
         let src = cache.entry_dir(&manifest.key).join(&p.from);
         let dest = outputs.join(&p.to);
         let up_to_date = state.get(&p.to).is_some_and(|s| {
-            s.key == manifest.key && s.from == p.from && dest.exists() && crate::cache::dir_size_or_len(&dest) == s.bytes
+            s.key == manifest.key
+                && s.from == p.from
+                && dest.exists()
+                && crate::cache::dir_size_or_len(&dest) == s.bytes
         });
         if up_to_date {
             continue;
@@ -53,7 +61,11 @@ pub fn publish(outputs: &Path, cache: &Cache, def: &StageDef, manifest: &EntryMa
             .with_context(|| format!("publishing {} to {}", p.from, dest.display()))?;
         state.insert(
             p.to.clone(),
-            Published { key: manifest.key.clone(), from: p.from.clone(), bytes: crate::cache::dir_size_or_len(&dest) },
+            Published {
+                key: manifest.key.clone(),
+                from: p.from.clone(),
+                bytes: crate::cache::dir_size_or_len(&dest),
+            },
         );
         changed = true;
     }
@@ -68,7 +80,10 @@ pub fn publish(outputs: &Path, cache: &Cache, def: &StageDef, manifest: &EntryMa
 fn replace_with_copy(src: &Path, dest: &Path) -> anyhow::Result<()> {
     let parent = dest.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(parent)?;
-    let name = dest.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+    let name = dest
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_default();
     let tmp: PathBuf = parent.join(format!(".{name}.goemo-tmp.{}", std::process::id()));
     let _ = remove_any(&tmp);
     copy_any(src, &tmp)?;

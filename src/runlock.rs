@@ -26,14 +26,19 @@ pub fn acquire(cache_root: &Path, wait: bool) -> anyhow::Result<RunLock> {
             let mut holder = String::new();
             let _ = file.read_to_string(&mut holder);
             let holder = holder.trim();
-            let who = if holder.is_empty() { String::new() } else { format!(" ({holder})") };
+            let who = if holder.is_empty() {
+                String::new()
+            } else {
+                format!(" ({holder})")
+            };
             if !wait {
                 anyhow::bail!(
                     "another goemo run is running in this project{who}; --no-wait was given\n  hint: wait for it, or drop --no-wait to queue behind it"
                 );
             }
             eprintln!("waiting for another goemo run in this project to finish{who}…");
-            file.lock().map_err(|e| anyhow::anyhow!("locking {}: {e}", path.display()))?;
+            file.lock()
+                .map_err(|e| anyhow::anyhow!("locking {}: {e}", path.display()))?;
         }
         Err(TryLockError::Error(e)) => anyhow::bail!("locking {}: {e}", path.display()),
     }

@@ -11,36 +11,58 @@ fn check(pipeline: &str, expected: &[&str]) {
         let r = p.goemo(cmd);
         assert_eq!(r.code, 2, "goemo {cmd:?} should exit 2:\n{}", r.all());
         for e in expected {
-            assert!(r.stderr.contains(e), "goemo {cmd:?}: expected {e:?} in:\n{}", r.stderr);
+            assert!(
+                r.stderr.contains(e),
+                "goemo {cmd:?}: expected {e:?} in:\n{}",
+                r.stderr
+            );
         }
     }
-    assert!(!p.file("cache/entries").exists(), "nothing may be written for a bad pipeline");
+    assert!(
+        !p.file("cache/entries").exists(),
+        "nothing may be written for a bad pipeline"
+    );
 }
 
 #[test]
 fn unknown_stage_key() {
     check(
         "stages:\n  a:\n    kind: command\n    parms: {cmd: x}\n",
-        &["pipeline.yaml:4:5: stage `a`: unknown field `parms`", "a stage takes: kind, deps, inputs, params, publish"],
+        &[
+            "pipeline.yaml:4:5: stage `a`: unknown field `parms`",
+            "a stage takes: kind, deps, inputs, params, publish",
+        ],
     );
 }
 
 #[test]
 fn unknown_top_level_key() {
-    check("stagez:\n  a: {}\n", &["pipeline.yaml:1:1: unknown field `stagez`", "`stages:`"]);
+    check(
+        "stagez:\n  a: {}\n",
+        &["pipeline.yaml:1:1: unknown field `stagez`", "`stages:`"],
+    );
 }
 
 #[test]
 fn unknown_kind() {
     check(
         "stages:\n  a:\n    kind: comand\n    params: {cmd: x}\n",
-        &["pipeline.yaml:3:5: stage `a`: unknown stage kind `comand`", "kinds are: load, sample, tokenize, train, thresholds, evaluate, report, plot, command"],
+        &[
+            "pipeline.yaml:3:5: stage `a`: unknown stage kind `comand`",
+            "kinds are: load, sample, tokenize, train, thresholds, evaluate, report, plot, command",
+        ],
     );
 }
 
 #[test]
 fn stage_name_that_is_not_a_kind() {
-    check("stages:\n  tokenise:\n    params: {}\n", &["stage `tokenise`: unknown stage kind `tokenise`", "set `kind:`"]);
+    check(
+        "stages:\n  tokenise:\n    params: {}\n",
+        &[
+            "stage `tokenise`: unknown stage kind `tokenise`",
+            "set `kind:`",
+        ],
+    );
 }
 
 #[test]
@@ -55,7 +77,10 @@ fn unknown_param() {
 fn ill_typed_param() {
     check(
         "stages:\n  a:\n    kind: command\n    params:\n      cmd: [1, 2]\n",
-        &["pipeline.yaml:5:7: stage `a`, param `cmd`: ", "invalid type: sequence, expected a string"],
+        &[
+            "pipeline.yaml:5:7: stage `a`, param `cmd`: ",
+            "invalid type: sequence, expected a string",
+        ],
     );
 }
 
@@ -64,15 +89,27 @@ fn ill_typed_param_from_set() {
     let p = Project::new("stages:\n  a:\n    kind: command\n    params: {cmd: echo}\n");
     let r = p.goemo(&["run", "--set", "a.vars=3"]);
     assert_eq!(r.code, 2, "{}", r.all());
-    assert!(r.stderr.contains("stage `a`, param `vars`: invalid type: integer `3`, expected a map"), "{}", r.stderr);
-    assert!(r.stderr.contains("this value came from --set"), "{}", r.stderr);
+    assert!(
+        r.stderr
+            .contains("stage `a`, param `vars`: invalid type: integer `3`, expected a map"),
+        "{}",
+        r.stderr
+    );
+    assert!(
+        r.stderr.contains("this value came from --set"),
+        "{}",
+        r.stderr
+    );
 }
 
 #[test]
 fn missing_upstream() {
     check(
         "stages:\n  a:\n    kind: command\n    deps: {x: ghost}\n    params: {cmd: echo}\n",
-        &["pipeline.yaml:4:5: stage `a`, deps: upstream stage `ghost` does not exist", "stages are: a"],
+        &[
+            "pipeline.yaml:4:5: stage `a`, deps: upstream stage `ghost` does not exist",
+            "stages are: a",
+        ],
     );
 }
 
@@ -86,7 +123,10 @@ fn cycle_is_printed() {
 
 #[test]
 fn self_cycle() {
-    check("stages:\n  a:\n    kind: command\n    deps: {x: a}\n    params: {cmd: echo}\n", &["cycle: a → a"]);
+    check(
+        "stages:\n  a:\n    kind: command\n    deps: {x: a}\n    params: {cmd: echo}\n",
+        &["cycle: a → a"],
+    );
 }
 
 #[test]
@@ -107,12 +147,18 @@ fn missing_input_path() {
 
 #[test]
 fn missing_required_param() {
-    check("stages:\n  a:\n    kind: command\n", &["stage `a`, param `cmd`: missing field `cmd`"]);
+    check(
+        "stages:\n  a:\n    kind: command\n",
+        &["stage `a`, param `cmd`: missing field `cmd`"],
+    );
 }
 
 #[test]
 fn invalid_yaml_syntax() {
-    check("stages:\n  a:\n    kind: command\n   params: {cmd: echo}\n", &["pipeline.yaml:4:"]);
+    check(
+        "stages:\n  a:\n    kind: command\n   params: {cmd: echo}\n",
+        &["pipeline.yaml:4:"],
+    );
 }
 
 #[test]
@@ -125,7 +171,12 @@ fn missing_pipeline_file() {
         .unwrap()
         .into();
     assert_eq!(r.code, 2);
-    assert!(r.stderr.contains("pipeline.yaml: cannot read the pipeline file"), "{}", r.stderr);
+    assert!(
+        r.stderr
+            .contains("pipeline.yaml: cannot read the pipeline file"),
+        "{}",
+        r.stderr
+    );
 }
 
 #[test]

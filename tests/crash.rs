@@ -26,18 +26,27 @@ stages:
 
 /// Every entry that has its completion marker must be whole.
 fn assert_no_trusted_partial_entry(p: &Project) {
-    let Ok(rd) = std::fs::read_dir(p.file("cache/entries")) else { return };
+    let Ok(rd) = std::fs::read_dir(p.file("cache/entries")) else {
+        return;
+    };
     for e in rd.flatten() {
         if !e.path().join("COMPLETE").exists() {
             continue;
         }
         let big = e.path().join("out/big.bin");
         if big.exists() {
-            assert_eq!(std::fs::metadata(&big).unwrap().len(), BIG, "a complete entry holds a partial file");
+            assert_eq!(
+                std::fs::metadata(&big).unwrap().len(),
+                BIG,
+                "a complete entry holds a partial file"
+            );
         }
         let size = e.path().join("out/size.txt");
         if size.exists() {
-            assert_eq!(std::fs::read_to_string(&size).unwrap().trim(), BIG.to_string());
+            assert_eq!(
+                std::fs::read_to_string(&size).unwrap().trim(),
+                BIG.to_string()
+            );
         }
     }
 }
@@ -63,7 +72,9 @@ fn sigkill_at_random_points_never_leaves_a_trusted_partial_entry() {
         // Its own process group, so the kill takes the stage's shell too (as a crash would).
         let child = p.command(&["run", "-q"]).process_group(0).spawn().unwrap();
         std::thread::sleep(delay);
-        let _ = std::process::Command::new("kill").args(["-9", &format!("-{}", child.id())]).status();
+        let _ = std::process::Command::new("kill")
+            .args(["-9", &format!("-{}", child.id())])
+            .status();
         let _ = child.wait_with_output();
         assert_no_trusted_partial_entry(&p);
         let st = p.goemo(&["status"]);
@@ -76,7 +87,9 @@ fn sigkill_at_random_points_never_leaves_a_trusted_partial_entry() {
     let v = p.goemo(&["run", "--verify"]);
     assert_eq!(v.code, 0, "{}", v.all());
     assert!(!v.stderr.contains("damaged"), "{}", v.stderr);
-    let tmp_left = std::fs::read_dir(p.file("cache/tmp")).map(|rd| rd.count()).unwrap_or(0);
+    let tmp_left = std::fs::read_dir(p.file("cache/tmp"))
+        .map(|rd| rd.count())
+        .unwrap_or(0);
     assert_eq!(tmp_left, 0, "temp folders of killed runs are cleaned");
 }
 
@@ -85,18 +98,37 @@ fn ctrl_c_stops_cleanly() {
     let p = Project::new(
         "stages:\n  slow:\n    kind: command\n    params: {cmd: echo started > started; sleep 30; echo x > \"$GOEMO_OUT/x\"}\n",
     );
-    let mut child = p.command(&["run"]).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    let mut child = p
+        .command(&["run"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
     let t = Instant::now();
     while !p.file("started").exists() && t.elapsed() < Duration::from_secs(20) {
         std::thread::sleep(Duration::from_millis(20));
     }
-    let _ = std::process::Command::new("kill").args(["-INT", &child.id().to_string()]).status();
+    let _ = std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status();
     let status = child.wait().unwrap();
     assert_eq!(status.code(), Some(130));
-    assert!(t.elapsed() < Duration::from_secs(20), "the stage's command was stopped");
-    assert_eq!(std::fs::read_dir(p.file("cache/entries")).map(|r| r.count()).unwrap_or(0), 0);
+    assert!(
+        t.elapsed() < Duration::from_secs(20),
+        "the stage's command was stopped"
+    );
+    assert_eq!(
+        std::fs::read_dir(p.file("cache/entries"))
+            .map(|r| r.count())
+            .unwrap_or(0),
+        0
+    );
     let st = p.goemo(&["status"]);
-    assert!(st.stdout.contains("slow  stale: never run"), "{}", st.stdout);
+    assert!(
+        st.stdout.contains("slow  stale: never run"),
+        "{}",
+        st.stdout
+    );
 }
 
 #[test]
@@ -104,17 +136,35 @@ fn a_second_run_waits_and_both_leave_a_consistent_cache() {
     let p = Project::new(
         "stages:\n  first:\n    kind: command\n    params: {cmd: echo first >> ran.log; sleep 1; echo 1 > \"$GOEMO_OUT/one\"}\n  second:\n    kind: command\n    deps: {x: first}\n    params: {cmd: echo second >> ran.log; cat \"$GOEMO_IN_X/one\" > \"$GOEMO_OUT/two\"}\n",
     );
-    let a = p.command(&["run"]).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    let a = p
+        .command(&["run"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
     std::thread::sleep(Duration::from_millis(300));
     let busy = p.goemo(&["run", "--no-wait"]);
     assert_eq!(busy.code, 1, "{}", busy.all());
-    assert!(busy.stderr.contains("another goemo run is running in this project"), "{}", busy.stderr);
+    assert!(
+        busy.stderr
+            .contains("another goemo run is running in this project"),
+        "{}",
+        busy.stderr
+    );
     let b: common::Run = p.command(&["run"]).output().unwrap().into();
     let a: common::Run = a.wait_with_output().unwrap().into();
     assert_eq!(a.code, 0, "{}", a.all());
     assert_eq!(b.code, 0, "{}", b.all());
-    assert!(b.stderr.contains("waiting for another goemo run"), "{}", b.stderr);
-    assert_eq!(p.ran(), vec!["first", "second"], "each stage ran once: the second run found them cached");
+    assert!(
+        b.stderr.contains("waiting for another goemo run"),
+        "{}",
+        b.stderr
+    );
+    assert_eq!(
+        p.ran(),
+        vec!["first", "second"],
+        "each stage ran once: the second run found them cached"
+    );
     let locked = p.goemo(&["run", "--locked"]);
     assert_eq!(locked.code, 0, "{}", locked.all());
 }

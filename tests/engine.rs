@@ -54,11 +54,19 @@ fn first_run_runs_all_and_second_run_none() {
     assert_eq!(p.read("outputs/e.txt"), "HELLO WORLD\nn=1\n12\n");
     let lock1 = p.read("pipeline.lock");
     assert_eq!(p.run_ok(&["run"]), Vec::<String>::new());
-    assert_eq!(p.read("pipeline.lock"), lock1, "a no-op run leaves pipeline.lock alone");
+    assert_eq!(
+        p.read("pipeline.lock"),
+        lock1,
+        "a no-op run leaves pipeline.lock alone"
+    );
     let st = p.goemo(&["status"]);
     assert_eq!(st.code, 0);
     for stage in ["a", "b", "c", "d", "e"] {
-        assert!(st.stdout.contains(&format!("{stage}  fresh")), "{}", st.stdout);
+        assert!(
+            st.stdout.contains(&format!("{stage}  fresh")),
+            "{}",
+            st.stdout
+        );
     }
 }
 
@@ -66,11 +74,27 @@ fn first_run_runs_all_and_second_run_none() {
 fn param_change_reruns_that_stage_and_changed_downstream_only() {
     let p = project();
     p.run_ok(&["run"]);
-    p.write("pipeline.yaml", &PIPELINE.replace("vars: {n: 1}", "vars: {n: 2}"));
+    p.write(
+        "pipeline.yaml",
+        &PIPELINE.replace("vars: {n: 1}", "vars: {n: 2}"),
+    );
     let st = p.goemo(&["status"]);
-    assert!(st.stdout.contains("b  stale: param vars.n changed 1 → 2"), "{}", st.stdout);
-    assert!(st.stdout.contains("e  stale: input b will change (b is stale)"), "{}", st.stdout);
-    assert!(st.stdout.contains("a  fresh") && st.stdout.contains("d  fresh"), "{}", st.stdout);
+    assert!(
+        st.stdout.contains("b  stale: param vars.n changed 1 → 2"),
+        "{}",
+        st.stdout
+    );
+    assert!(
+        st.stdout
+            .contains("e  stale: input b will change (b is stale)"),
+        "{}",
+        st.stdout
+    );
+    assert!(
+        st.stdout.contains("a  fresh") && st.stdout.contains("d  fresh"),
+        "{}",
+        st.stdout
+    );
     assert_eq!(p.run_ok(&["run"]), s(&["b", "e"]));
     assert_eq!(p.read("outputs/e.txt"), "HELLO WORLD\nn=2\n12\n");
 }
@@ -81,7 +105,12 @@ fn input_file_change_is_explained_and_propagates() {
     p.run_ok(&["run"]);
     p.write("input.txt", "bye\n");
     let st = p.goemo(&["status"]);
-    assert!(st.stdout.contains("a  stale: input src changed (the file modified)"), "{}", st.stdout);
+    assert!(
+        st.stdout
+            .contains("a  stale: input src changed (the file modified)"),
+        "{}",
+        st.stdout
+    );
     assert_eq!(p.run_ok(&["run"]), s(&["a", "b", "c", "d", "e"]));
     assert_eq!(p.read("outputs/e.txt"), "BYE\nn=1\n4\n");
 }
@@ -113,7 +142,12 @@ fn set_overrides_change_the_key_and_returning_reuses_the_old_entry() {
     assert_eq!(bad.code, 2, "{}", bad.all());
     let bad = p.goemo(&["run", "--set", "zz.n=1"]);
     assert_eq!(bad.code, 2);
-    assert!(bad.stderr.contains("no stage named `zz`") && bad.stderr.contains("stages are: a, b, c, d, e"), "{}", bad.stderr);
+    assert!(
+        bad.stderr.contains("no stage named `zz`")
+            && bad.stderr.contains("stages are: a, b, c, d, e"),
+        "{}",
+        bad.stderr
+    );
 }
 
 #[test]
@@ -123,12 +157,20 @@ fn from_until_only_force() {
     assert!(!p.file("outputs/e.txt").exists());
     assert_eq!(p.run_ok(&["run"]), s(&["b", "d", "e"]));
     assert_eq!(p.run_ok(&["run", "--from", "c"]), s(&["c", "d", "e"]));
-    assert_eq!(p.run_ok(&["run", "--only", "d"]), Vec::<String>::new(), "--only without --force uses the cache");
+    assert_eq!(
+        p.run_ok(&["run", "--only", "d"]),
+        Vec::<String>::new(),
+        "--only without --force uses the cache"
+    );
     assert_eq!(p.run_ok(&["run", "--only", "d", "--force"]), s(&["d"]));
     assert_eq!(p.run_ok(&["run", "--force"]), s(&["a", "b", "c", "d", "e"]));
     let r = p.goemo(&["run", "--from", "nope"]);
     assert_eq!(r.code, 2);
-    assert!(r.stderr.contains("--from nope: no stage named `nope`"), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("--from nope: no stage named `nope`"),
+        "{}",
+        r.stderr
+    );
 }
 
 #[test]
@@ -136,7 +178,11 @@ fn only_needs_cached_upstream() {
     let p = project();
     let r = p.goemo(&["run", "--only", "e"]);
     assert_eq!(r.code, 2, "{}", r.all());
-    assert!(r.stderr.contains("upstream") && r.stderr.contains("no cached result"), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("upstream") && r.stderr.contains("no cached result"),
+        "{}",
+        r.stderr
+    );
     assert!(r.stderr.contains("goemo run --until"), "{}", r.stderr);
     assert!(p.ran().is_empty());
 }
@@ -149,9 +195,25 @@ fn dry_run_changes_nothing() {
     let before = snapshot(p.path());
     let r = p.goemo(&["run", "--dry-run"]);
     assert_eq!(r.code, 0, "{}", r.all());
-    let line = |stage: &str| r.stdout.lines().find(|l| l.split_whitespace().nth(2) == Some(format!("{stage}:").as_str())).unwrap_or("").to_owned();
-    assert!(line("a").starts_with("would run") && line("a").ends_with("a: input src changed (the file modified)"), "{}", r.stdout);
-    assert!(line("d").starts_with("would run") && line("d").ends_with("d: input c will change (c is stale)"), "{}", r.stdout);
+    let line = |stage: &str| {
+        r.stdout
+            .lines()
+            .find(|l| l.split_whitespace().nth(2) == Some(format!("{stage}:").as_str()))
+            .unwrap_or("")
+            .to_owned()
+    };
+    assert!(
+        line("a").starts_with("would run")
+            && line("a").ends_with("a: input src changed (the file modified)"),
+        "{}",
+        r.stdout
+    );
+    assert!(
+        line("d").starts_with("would run")
+            && line("d").ends_with("d: input c will change (c is stale)"),
+        "{}",
+        r.stdout
+    );
     assert_eq!(snapshot(p.path()), before, "--dry-run wrote to disk");
 }
 
@@ -166,20 +228,46 @@ fn locked_fails_on_drift_and_passes_when_clean() {
     std::fs::remove_dir_all(p.file("outputs")).unwrap();
     let ok = p.goemo(&["run", "--locked"]);
     assert_eq!(ok.code, 0, "{}", ok.all());
-    assert!(ok.stdout.contains("pipeline.lock reproduced"), "{}", ok.stdout);
+    assert!(
+        ok.stdout.contains("pipeline.lock reproduced"),
+        "{}",
+        ok.stdout
+    );
     let lock = p.read("pipeline.lock");
-    p.write("pipeline.yaml", &PIPELINE.replace("vars: {n: 1}", "vars: {n: 3}"));
+    p.write(
+        "pipeline.yaml",
+        &PIPELINE.replace("vars: {n: 1}", "vars: {n: 3}"),
+    );
     let drift = p.goemo(&["run", "--locked"]);
     assert_eq!(drift.code, 3, "{}", drift.all());
-    assert!(drift.stderr.contains("b: would have to run: param vars.n changed 1 → 3"), "{}", drift.stderr);
-    assert_eq!(p.read("pipeline.lock"), lock, "--locked never rewrites the lock");
+    assert!(
+        drift
+            .stderr
+            .contains("b: would have to run: param vars.n changed 1 → 3"),
+        "{}",
+        drift.stderr
+    );
+    assert_eq!(
+        p.read("pipeline.lock"),
+        lock,
+        "--locked never rewrites the lock"
+    );
     // Outputs that differ for the same key (a nondeterministic stage) are drift too.
     p.write("pipeline.yaml", PIPELINE);
     std::fs::remove_dir_all(p.file("cache")).unwrap();
-    p.write("pipeline.lock", &lock.replacen("outputs_hash: ", "outputs_hash: 00", 1));
+    p.write(
+        "pipeline.lock",
+        &lock.replacen("outputs_hash: ", "outputs_hash: 00", 1),
+    );
     let drift = p.goemo(&["run", "--locked"]);
     assert_eq!(drift.code, 3, "{}", drift.all());
-    assert!(drift.stderr.contains("a: outputs differ from pipeline.lock"), "{}", drift.stderr);
+    assert!(
+        drift
+            .stderr
+            .contains("a: outputs differ from pipeline.lock"),
+        "{}",
+        drift.stderr
+    );
 }
 
 #[test]
@@ -225,7 +313,11 @@ stages:
     assert!(r.stdout.contains("after_bad  skipped"), "{}", r.stdout);
     assert_eq!(p.ran(), s(&["bad", "good"]));
     // The good stage was committed: the next run only retries the failed one.
-    p.write("pipeline.yaml", &p.read("pipeline.yaml").replace("exit 3", "echo fixed > \"$GOEMO_OUT/f\""));
+    p.write(
+        "pipeline.yaml",
+        &p.read("pipeline.yaml")
+            .replace("exit 3", "echo fixed > \"$GOEMO_OUT/f\""),
+    );
     assert_eq!(p.run_ok(&["run"]), s(&["after_bad", "bad"]));
 }
 
@@ -234,16 +326,31 @@ fn verify_catches_a_flipped_byte() {
     let p = project();
     p.run_ok(&["run"]);
     let lock = p.read("pipeline.lock");
-    let key_c = lock.split("name: c").nth(1).unwrap().split("key: ").nth(1).unwrap()[..64].to_owned();
+    let key_c = lock
+        .split("name: c")
+        .nth(1)
+        .unwrap()
+        .split("key: ")
+        .nth(1)
+        .unwrap()[..64]
+        .to_owned();
     let f = p.file(&format!("cache/entries/{key_c}/out/count.txt"));
     let mut bytes = std::fs::read(&f).unwrap();
     bytes[0] ^= 0x01; // same size, different content: only a re-hash sees it
     std::fs::write(&f, &bytes).unwrap();
-    assert_eq!(p.run_ok(&["run"]), Vec::<String>::new(), "without --verify sizes match and the entry is trusted");
+    assert_eq!(
+        p.run_ok(&["run"]),
+        Vec::<String>::new(),
+        "without --verify sizes match and the entry is trusted"
+    );
     let _ = std::fs::remove_file(p.file("ran.log"));
     let r = p.goemo(&["run", "--verify"]);
     assert_eq!(r.code, 0, "{}", r.all());
-    assert_eq!(p.ran(), s(&["c"]), "c rebuilt; its output hash is back, so d and e stay cached");
+    assert_eq!(
+        p.ran(),
+        s(&["c"]),
+        "c rebuilt; its output hash is back, so d and e stay cached"
+    );
     assert!(r.stderr.contains("damaged"), "{}", r.stderr);
     assert_eq!(std::fs::read_to_string(&f).unwrap(), "12\n");
 }
@@ -253,13 +360,33 @@ fn a_truncated_entry_is_reported_and_rebuilt() {
     let p = project();
     p.run_ok(&["run"]);
     let lock = p.read("pipeline.lock");
-    let key_a = lock.split("name: a").nth(1).unwrap().split("key: ").nth(1).unwrap()[..64].to_owned();
-    std::fs::write(p.file(&format!("cache/entries/{key_a}/out/upper.txt")), "HE").unwrap();
+    let key_a = lock
+        .split("name: a")
+        .nth(1)
+        .unwrap()
+        .split("key: ")
+        .nth(1)
+        .unwrap()[..64]
+        .to_owned();
+    std::fs::write(
+        p.file(&format!("cache/entries/{key_a}/out/upper.txt")),
+        "HE",
+    )
+    .unwrap();
     let st = p.goemo(&["status"]);
-    assert!(st.stdout.contains("a  stale: its cache entry is damaged: out/upper.txt is 2 bytes"), "{}", st.stdout);
+    assert!(
+        st.stdout
+            .contains("a  stale: its cache entry is damaged: out/upper.txt is 2 bytes"),
+        "{}",
+        st.stdout
+    );
     assert_eq!(p.run_ok(&["run"]), s(&["a"]));
     std::fs::remove_file(p.file(&format!("cache/entries/{key_a}/COMPLETE"))).unwrap();
-    assert_eq!(p.run_ok(&["run"]), s(&["a"]), "an entry without its completion marker is never reused");
+    assert_eq!(
+        p.run_ok(&["run"]),
+        s(&["a"]),
+        "an entry without its completion marker is never reused"
+    );
 }
 
 #[test]
@@ -282,13 +409,29 @@ fn dag_text_dot_and_mermaid() {
     let r = p.goemo(&["dag"]);
     assert_eq!(r.code, 0, "{}", r.all());
     let lines: Vec<&str> = r.stdout.lines().collect();
-    let pos = |name: &str| lines.iter().position(|l| l.trim_start().starts_with(name)).unwrap();
-    assert!(pos("a ") < pos("b ") && pos("c ") < pos("d ") && pos("d ") < pos("e "), "{}", r.stdout);
-    assert!(r.stdout.contains("e (command)  ◀ b, d  ▶ outputs/e.txt"), "{}", r.stdout);
+    let pos = |name: &str| {
+        lines
+            .iter()
+            .position(|l| l.trim_start().starts_with(name))
+            .unwrap()
+    };
+    assert!(
+        pos("a ") < pos("b ") && pos("c ") < pos("d ") && pos("d ") < pos("e "),
+        "{}",
+        r.stdout
+    );
+    assert!(
+        r.stdout.contains("e (command)  ◀ b, d  ▶ outputs/e.txt"),
+        "{}",
+        r.stdout
+    );
     assert!(r.stdout.contains("◀ [src] input.txt"), "{}", r.stdout);
     let m = p.goemo(&["dag", "--format", "mermaid"]).stdout;
     assert!(m.starts_with("flowchart TD\n"));
-    assert!(m.contains("  s0 --> s1\n") && m.contains("  s3 --> s4\n"), "{m}");
+    assert!(
+        m.contains("  s0 --> s1\n") && m.contains("  s3 --> s4\n"),
+        "{m}"
+    );
     let d = p.goemo(&["dag", "--format", "dot"]).stdout;
     assert!(d.contains("\"c\" -> \"d\";"), "{d}");
 }

@@ -63,29 +63,51 @@ fn ran(stdout: &str) -> Vec<String> {
 
 /// Share of pixels that are not white.
 fn ink(png_path: &std::path::Path) -> f64 {
-    let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(png_path).unwrap()));
+    let decoder = png::Decoder::new(std::io::BufReader::new(
+        std::fs::File::open(png_path).unwrap(),
+    ));
     let mut reader = decoder.read_info().unwrap();
     let mut buf = vec![0; reader.output_buffer_size()];
     let info = reader.next_frame(&mut buf).unwrap();
     let channels = info.color_type.samples();
     let px = &buf[..info.buffer_size()];
-    let inked = px.chunks(channels).filter(|p| p.iter().take(3).any(|&c| c < 200)).count();
+    let inked = px
+        .chunks(channels)
+        .filter(|p| p.iter().take(3).any(|&c| c < 200))
+        .count();
     inked as f64 / (px.len() / channels) as f64
 }
 
 #[test]
 fn default_dag_end_to_end_with_a_tiny_model() {
-    let data = goemo_stages::testing::goemotions_dir().canonicalize().unwrap();
+    let data = goemo_stages::testing::goemotions_dir()
+        .canonicalize()
+        .unwrap();
     let p = Project::new(&pipeline(&data.display().to_string()));
     goemo_stages::testing::write_tiny_model(&p.file("models/tiny"), Arch::Bert, 0.1, 11);
 
     let r = p.goemo(&["run"]);
     assert_eq!(r.code, 0, "{}", r.all());
-    assert_eq!(ran(&r.stdout), ["load", "sample", "tokenize", "train", "thresholds", "evaluate", "report", "plot"]);
+    assert_eq!(
+        ran(&r.stdout),
+        [
+            "load",
+            "sample",
+            "tokenize",
+            "train",
+            "thresholds",
+            "evaluate",
+            "report",
+            "plot"
+        ]
+    );
 
     // The model in HF layout.
     for f in ["config.json", "model.safetensors", "tokenizer.json"] {
-        assert!(p.file(&format!("outputs/model/{f}")).exists(), "outputs/model/{f}");
+        assert!(
+            p.file(&format!("outputs/model/{f}")).exists(),
+            "outputs/model/{f}"
+        );
     }
     // The classification report: header, 28 labels, four averages.
     let csv = p.read("outputs/emotion_classification_report.csv");
@@ -102,8 +124,18 @@ fn default_dag_end_to_end_with_a_tiny_model() {
             assert!((0.0..=1.0).contains(&v), "{l}");
         }
     }
-    let m: serde_json::Value = serde_json::from_str(&p.read("outputs/overall_metrics.json")).unwrap();
-    for key in ["eval_macro_f1", "eval_micro_f1", "eval_weighted_f1", "eval_samples_f1", "eval_macro_f1_at_0.5", "eval_macro_f1_at_0.3", "eval_exact_match", "eval_hamming_loss"] {
+    let m: serde_json::Value =
+        serde_json::from_str(&p.read("outputs/overall_metrics.json")).unwrap();
+    for key in [
+        "eval_macro_f1",
+        "eval_micro_f1",
+        "eval_weighted_f1",
+        "eval_samples_f1",
+        "eval_macro_f1_at_0.5",
+        "eval_macro_f1_at_0.3",
+        "eval_exact_match",
+        "eval_hamming_loss",
+    ] {
         let v = m[key].as_f64().unwrap_or_else(|| panic!("{key} missing"));
         assert!((0.0..=1.0).contains(&v), "{key} = {v}");
     }
@@ -111,18 +143,33 @@ fn default_dag_end_to_end_with_a_tiny_model() {
     let ci = m["eval_macro_f1_ci95"].as_array().unwrap();
     assert!(ci[0].as_f64().unwrap() <= m["eval_macro_f1"].as_f64().unwrap() + 1e-9);
     // Charts: real images with ink on them, SVG with text.
-    for f in ["f1_scores_barplot.png", "training_curves.png", "pr_curves.png"] {
-        let size = std::fs::metadata(p.file(&format!("outputs/{f}"))).unwrap().len();
+    for f in [
+        "f1_scores_barplot.png",
+        "training_curves.png",
+        "pr_curves.png",
+    ] {
+        let size = std::fs::metadata(p.file(&format!("outputs/{f}")))
+            .unwrap()
+            .len();
         assert!(size > 10_000, "{f}: {size} bytes");
         let share = ink(&p.file(&format!("outputs/{f}")));
-        assert!(share > 0.01 && share < 0.9, "{f}: {share:.3} of the pixels inked");
+        assert!(
+            share > 0.01 && share < 0.9,
+            "{f}: {share:.3} of the pixels inked"
+        );
     }
     let svg = p.read("outputs/f1_scores_barplot.svg");
     assert!(svg.contains("<svg") && svg.contains("gratitude") && svg.contains("F1 per emotion"));
     let html = p.read("outputs/report.html");
-    assert!(html.contains("<svg") && html.contains("grief") && html.contains("0.46") && html.contains("tokenize"));
+    assert!(
+        html.contains("<svg")
+            && html.contains("grief")
+            && html.contains("0.46")
+            && html.contains("tokenize")
+    );
     assert!(p.read("outputs/report.md").contains("| tuned on dev |"));
-    let summary: serde_json::Value = serde_json::from_str(&p.read("outputs/data_summary.json")).unwrap();
+    let summary: serde_json::Value =
+        serde_json::from_str(&p.read("outputs/data_summary.json")).unwrap();
     assert_eq!(summary["rows"]["train"], 43410);
 
     // Only threshold params changed: thresholds and what follows re-run, nothing upstream.
@@ -130,11 +177,22 @@ fn default_dag_end_to_end_with_a_tiny_model() {
     assert_eq!(r.code, 0, "{}", r.all());
     assert_eq!(ran(&r.stdout), ["thresholds", "evaluate", "report", "plot"]);
     // Only a plot param: only plot.
-    let r = p.goemo(&["run", "--set", "thresholds.policy=global", "--set", "plot.width=900"]);
+    let r = p.goemo(&[
+        "run",
+        "--set",
+        "thresholds.policy=global",
+        "--set",
+        "plot.width=900",
+    ]);
     assert_eq!(r.code, 0, "{}", r.all());
     assert_eq!(ran(&r.stdout), ["plot"]);
     let r = p.goemo(&["status"]);
-    assert!(r.stdout.contains("thresholds  stale: param policy changed global → tuned"), "{}", r.stdout);
+    assert!(
+        r.stdout
+            .contains("thresholds  stale: param policy changed global → tuned"),
+        "{}",
+        r.stdout
+    );
 
     predict_checks(&p);
 }
@@ -143,14 +201,23 @@ fn predict_checks(p: &Project) {
     // Text arguments: one JSON line each, labels above threshold, sorted by score.
     let r = p.goemo(&["predict", "thank you so much!", "this is awful"]);
     assert_eq!(r.code, 0, "{}", r.all());
-    let lines: Vec<serde_json::Value> = r.stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let lines: Vec<serde_json::Value> = r
+        .stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     assert_eq!(lines.len(), 2);
     assert_eq!(lines[0]["text"], "thank you so much!");
     assert!(lines[0]["labels"].is_array());
     // --top-k returns exactly K, best first.
     let r = p.goemo(&["predict", "--top-k", "3", "what a day"]);
     let v: serde_json::Value = serde_json::from_str(r.stdout.trim()).unwrap();
-    let scores: Vec<f64> = v["labels"].as_array().unwrap().iter().map(|l| l["score"].as_f64().unwrap()).collect();
+    let scores: Vec<f64> = v["labels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["score"].as_f64().unwrap())
+        .collect();
     assert_eq!(scores.len(), 3);
     assert!(scores.windows(2).all(|w| w[0] >= w[1]));
     // --threshold 0 keeps all 28.
@@ -162,19 +229,49 @@ fn predict_checks(p: &Project) {
     p.write("texts.txt", &format!("first one\n\n{long}\n"));
     let r = p.goemo(&["predict", "--file", "texts.txt"]);
     assert_eq!(r.code, 0, "{}", r.all());
-    let lines: Vec<serde_json::Value> = r.stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let lines: Vec<serde_json::Value> = r
+        .stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     assert_eq!(lines.len(), 3);
     assert_eq!(lines[1]["warning"], "empty text");
     assert_eq!(lines[1]["labels"].as_array().unwrap().len(), 0);
-    assert!(lines[2]["warning"].as_str().unwrap().starts_with("truncated to 128 tokens"));
-    assert!(r.stderr.contains("texts.txt:2: empty text") && r.stderr.contains("texts.txt:3: longer than the model's 128 tokens"), "{}", r.stderr);
+    assert!(lines[2]["warning"]
+        .as_str()
+        .unwrap()
+        .starts_with("truncated to 128 tokens"));
+    assert!(
+        r.stderr.contains("texts.txt:2: empty text")
+            && r.stderr
+                .contains("texts.txt:3: longer than the model's 128 tokens"),
+        "{}",
+        r.stderr
+    );
     // JSONL, and stdin.
-    p.write("texts.jsonl", "{\"text\": \"so happy\"}\n{\"text\": \"so sad\", \"id\": 2}\n");
+    p.write(
+        "texts.jsonl",
+        "{\"text\": \"so happy\"}\n{\"text\": \"so sad\", \"id\": 2}\n",
+    );
     let r = p.goemo(&["predict", "--file", "texts.jsonl"]);
     assert_eq!(r.code, 0, "{}", r.all());
-    let texts: Vec<String> = r.stdout.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["text"].as_str().unwrap().to_owned()).collect();
+    let texts: Vec<String> = r
+        .stdout
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["text"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
     assert_eq!(texts, ["so happy", "so sad"]);
-    let mut child = p.command(&["predict"]).stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::piped()).spawn().unwrap();
+    let mut child = p
+        .command(&["predict"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
     std::io::Write::write_all(child.stdin.as_mut().unwrap(), b"from stdin\nsecond\n").unwrap();
     let out = child.wait_with_output().unwrap();
     assert!(out.status.success());
@@ -183,10 +280,22 @@ fn predict_checks(p: &Project) {
     std::fs::write(p.file("bad.txt"), b"fine\nbad \xff byte\n").unwrap();
     let r = p.goemo(&["predict", "--file", "bad.txt"]);
     assert_eq!(r.code, 1);
-    assert!(r.stderr.contains("bad.txt:2: not valid UTF-8 (byte 5)"), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("bad.txt:2: not valid UTF-8 (byte 5)"),
+        "{}",
+        r.stderr
+    );
     p.write("bad.jsonl", "{\"text\": \"ok\"}\n{\"txt\": \"no\"}\n");
     let r = p.goemo(&["predict", "--file", "bad.jsonl"]);
-    assert!(r.code != 0 && r.stderr.contains("bad.jsonl:2: no string field `text`"), "{}", r.stderr);
+    assert!(
+        r.code != 0 && r.stderr.contains("bad.jsonl:2: no string field `text`"),
+        "{}",
+        r.stderr
+    );
     let r = p.goemo(&["predict", "--model", "nowhere", "hi"]);
-    assert!(r.code != 0 && r.stderr.contains("nowhere: no config.json there"), "{}", r.stderr);
+    assert!(
+        r.code != 0 && r.stderr.contains("nowhere: no config.json there"),
+        "{}",
+        r.stderr
+    );
 }

@@ -16,7 +16,8 @@ const FAMILY: &str = "sans-serif";
 
 fn register_font() {
     REGISTER.call_once(|| {
-        plotters::style::register_font(FAMILY, FontStyle::Normal, FONT).expect("the embedded DejaVu Sans is a valid font");
+        plotters::style::register_font(FAMILY, FontStyle::Normal, FONT)
+            .expect("the embedded DejaVu Sans is a valid font");
     });
 }
 
@@ -85,17 +86,33 @@ pub fn f1_bars<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, d: &F1Bars<'_>
         .draw()
         .map_err(err)?;
     let bar = |seg: usize, v: f64, color: RGBColor| {
-        let mut r = Rectangle::new([(0.0, SegmentValue::Exact(seg)), (v, SegmentValue::Exact(seg + 1))], color.filled());
+        let mut r = Rectangle::new(
+            [
+                (0.0, SegmentValue::Exact(seg)),
+                (v, SegmentValue::Exact(seg + 1)),
+            ],
+            color.filled(),
+        );
         r.set_margin(1, 1, 0, 0);
         r
     };
     chart
-        .draw_series(order.iter().enumerate().map(|(rank, &l)| bar(base(rank) + 2, d.tuned[l], BLUE)))
+        .draw_series(
+            order
+                .iter()
+                .enumerate()
+                .map(|(rank, &l)| bar(base(rank) + 2, d.tuned[l], BLUE)),
+        )
         .map_err(err)?
         .label("tuned thresholds")
         .legend(|(x, y)| Rectangle::new([(x, y - 5), (x + 12, y + 5)], BLUE.filled()));
     chart
-        .draw_series(order.iter().enumerate().map(|(rank, &l)| bar(base(rank) + 1, d.fixed[l], ORANGE)))
+        .draw_series(
+            order
+                .iter()
+                .enumerate()
+                .map(|(rank, &l)| bar(base(rank) + 1, d.fixed[l], ORANGE)),
+        )
         .map_err(err)?
         .label(format!("threshold {}", d.fixed_name))
         .legend(|(x, y)| Rectangle::new([(x, y - 5), (x + 12, y + 5)], ORANGE.filled()));
@@ -123,8 +140,17 @@ pub fn training_curves<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, d: &Cu
         .y_label_area_size(50)
         .build_cartesian_2d(0f64..max_step, 0f64..max_loss)
         .map_err(err)?;
-    c.configure_mesh().x_desc("optimizer step").label_style((FAMILY, 12)).axis_desc_style((FAMILY, 13)).draw().map_err(err)?;
-    c.draw_series(LineSeries::new(d.loss.iter().copied(), BLUE.stroke_width(1))).map_err(err)?;
+    c.configure_mesh()
+        .x_desc("optimizer step")
+        .label_style((FAMILY, 12))
+        .axis_desc_style((FAMILY, 13))
+        .draw()
+        .map_err(err)?;
+    c.draw_series(LineSeries::new(
+        d.loss.iter().copied(),
+        BLUE.stroke_width(1),
+    ))
+    .map_err(err)?;
     let max_epoch = d.dev_f1.iter().map(|p| p.0).fold(1.0, f64::max);
     let max_f1 = d.dev_f1.iter().map(|p| p.1).fold(0.0, f64::max).max(0.05) * 1.15;
     let mut c = ChartBuilder::on(&right)
@@ -134,9 +160,20 @@ pub fn training_curves<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, d: &Cu
         .y_label_area_size(50)
         .build_cartesian_2d(0.5f64..max_epoch + 0.5, 0f64..max_f1.min(1.0))
         .map_err(err)?;
-    c.configure_mesh().x_desc("epoch").x_labels(d.dev_f1.len().max(2)).label_style((FAMILY, 12)).axis_desc_style((FAMILY, 13)).draw().map_err(err)?;
-    c.draw_series(LineSeries::new(d.dev_f1.iter().copied(), ORANGE.stroke_width(2))).map_err(err)?;
-    c.draw_series(d.dev_f1.iter().map(|&p| Circle::new(p, 4, ORANGE.filled()))).map_err(err)?;
+    c.configure_mesh()
+        .x_desc("epoch")
+        .x_labels(d.dev_f1.len().max(2))
+        .label_style((FAMILY, 12))
+        .axis_desc_style((FAMILY, 13))
+        .draw()
+        .map_err(err)?;
+    c.draw_series(LineSeries::new(
+        d.dev_f1.iter().copied(),
+        ORANGE.stroke_width(2),
+    ))
+    .map_err(err)?;
+    c.draw_series(d.dev_f1.iter().map(|&p| Circle::new(p, 4, ORANGE.filled())))
+        .map_err(err)?;
     area.present().map_err(err)
 }
 
@@ -147,7 +184,11 @@ pub fn pr_curves<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, d: &PrCurves
     let rows = d.labels.len().div_ceil(cols).max(1);
     let (title, body) = area.split_vertically(36);
     title
-        .draw_text("precision–recall per emotion (test); dot: tuned threshold", &(FAMILY, 20).into_text_style(&title), (10, 8))
+        .draw_text(
+            "precision–recall per emotion (test); dot: tuned threshold",
+            &(FAMILY, 20).into_text_style(&title),
+            (10, 8),
+        )
         .map_err(err)?;
     for (i, cell) in body.split_evenly((rows, cols)).iter().enumerate() {
         if i >= d.labels.len() {
@@ -160,22 +201,39 @@ pub fn pr_curves<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, d: &PrCurves
             .y_label_area_size(24)
             .build_cartesian_2d(0f64..1f64, 0f64..1.02f64)
             .map_err(err)?;
-        c.configure_mesh().x_labels(3).y_labels(3).label_style((FAMILY, 9)).draw().map_err(err)?;
-        c.draw_series(LineSeries::new(d.curves[i].iter().copied(), BLUE.stroke_width(1))).map_err(err)?;
+        c.configure_mesh()
+            .x_labels(3)
+            .y_labels(3)
+            .label_style((FAMILY, 9))
+            .draw()
+            .map_err(err)?;
+        c.draw_series(LineSeries::new(
+            d.curves[i].iter().copied(),
+            BLUE.stroke_width(1),
+        ))
+        .map_err(err)?;
         let (r, p, _) = d.operating[i];
-        c.draw_series(std::iter::once(Circle::new((r, p), 3, ORANGE.filled()))).map_err(err)?;
+        c.draw_series(std::iter::once(Circle::new((r, p), 3, ORANGE.filled())))
+            .map_err(err)?;
     }
     area.present().map_err(err)
 }
 
 /// Draw `f` into a PNG file.
-pub fn png(path: &Path, size: (u32, u32), f: impl FnOnce(&DrawingArea<BitMapBackend<'_>, Shift>) -> R) -> R {
+pub fn png(
+    path: &Path,
+    size: (u32, u32),
+    f: impl FnOnce(&DrawingArea<BitMapBackend<'_>, Shift>) -> R,
+) -> R {
     let area = BitMapBackend::new(path, size).into_drawing_area();
     f(&area)
 }
 
 /// Draw `f` into an SVG string.
-pub fn svg(size: (u32, u32), f: impl FnOnce(&DrawingArea<SVGBackend<'_>, Shift>) -> R) -> anyhow::Result<String> {
+pub fn svg(
+    size: (u32, u32),
+    f: impl FnOnce(&DrawingArea<SVGBackend<'_>, Shift>) -> R,
+) -> anyhow::Result<String> {
     let mut out = String::new();
     {
         let area = SVGBackend::with_string(&mut out, size).into_drawing_area();

@@ -40,7 +40,10 @@ impl Stage for CommandStage {
     fn resolve_params(&self, raw: &serde_yaml::Value) -> Result<serde_json::Value, ParamError> {
         let value = resolve_typed::<CommandParams>(raw)?;
         if value["cmd"].as_str().is_none_or(|c| c.trim().is_empty()) {
-            return Err(ParamError::new("cmd", "missing field `cmd`: give the shell command to run"));
+            return Err(ParamError::new(
+                "cmd",
+                "missing field `cmd`: give the shell command to run",
+            ));
         }
         Ok(value)
     }
@@ -94,6 +97,12 @@ impl Stage for CommandStage {
 
 fn env_name(name: &str) -> String {
     name.chars()
-        .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_uppercase() } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_uppercase()
+            } else {
+                '_'
+            }
+        })
         .collect()
 }

@@ -61,30 +61,74 @@ const EKMAN: &[(&str, &[&str])] = &[
     (
         "joy",
         &[
-            "joy", "amusement", "approval", "excitement", "gratitude", "love", "optimism", "relief",
-            "pride", "admiration", "desire", "caring",
+            "joy",
+            "amusement",
+            "approval",
+            "excitement",
+            "gratitude",
+            "love",
+            "optimism",
+            "relief",
+            "pride",
+            "admiration",
+            "desire",
+            "caring",
         ],
     ),
-    ("sadness", &["sadness", "disappointment", "embarrassment", "grief", "remorse"]),
-    ("surprise", &["surprise", "realization", "confusion", "curiosity"]),
+    (
+        "sadness",
+        &[
+            "sadness",
+            "disappointment",
+            "embarrassment",
+            "grief",
+            "remorse",
+        ],
+    ),
+    (
+        "surprise",
+        &["surprise", "realization", "confusion", "curiosity"],
+    ),
 ];
 
 const SENTIMENT: &[(&str, &[&str])] = &[
     (
         "positive",
         &[
-            "amusement", "excitement", "joy", "love", "desire", "optimism", "caring", "pride",
-            "admiration", "gratitude", "relief", "approval",
+            "amusement",
+            "excitement",
+            "joy",
+            "love",
+            "desire",
+            "optimism",
+            "caring",
+            "pride",
+            "admiration",
+            "gratitude",
+            "relief",
+            "approval",
         ],
     ),
     (
         "negative",
         &[
-            "fear", "nervousness", "remorse", "embarrassment", "disappointment", "sadness", "grief",
-            "disgust", "anger", "annoyance", "disapproval",
+            "fear",
+            "nervousness",
+            "remorse",
+            "embarrassment",
+            "disappointment",
+            "sadness",
+            "grief",
+            "disgust",
+            "anger",
+            "annoyance",
+            "disapproval",
         ],
     ),
-    ("ambiguous", &["realization", "surprise", "curiosity", "confusion"]),
+    (
+        "ambiguous",
+        &["realization", "surprise", "curiosity", "confusion"],
+    ),
 ];
 
 impl Taxonomy {
@@ -126,25 +170,33 @@ pub fn map_labels(labels: &[u32], index: &[u32]) -> Vec<u32> {
 
 pub fn write_dataset(dir: &Path, labels: &[String], rows: &[Row]) -> anyhow::Result<()> {
     let n = rows.len();
-    let mut label_col = ListPrimitiveChunkedBuilder::<UInt32Type>::new(
-        "labels".into(),
-        n,
-        n * 2,
-        DataType::UInt32,
-    );
+    let mut label_col =
+        ListPrimitiveChunkedBuilder::<UInt32Type>::new("labels".into(), n, n * 2, DataType::UInt32);
     for r in rows {
         label_col.append_slice(&r.labels);
     }
     let columns = vec![
-        Column::new("id".into(), rows.iter().map(|r| r.id.as_str()).collect::<Vec<_>>()),
-        Column::new("text".into(), rows.iter().map(|r| r.text.as_str()).collect::<Vec<_>>()),
+        Column::new(
+            "id".into(),
+            rows.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(),
+        ),
+        Column::new(
+            "text".into(),
+            rows.iter().map(|r| r.text.as_str()).collect::<Vec<_>>(),
+        ),
         label_col.finish().into_series().into(),
-        Column::new("split".into(), rows.iter().map(|r| r.split.name()).collect::<Vec<_>>()),
+        Column::new(
+            "split".into(),
+            rows.iter().map(|r| r.split.name()).collect::<Vec<_>>(),
+        ),
     ];
     let mut df = DataFrame::new(n, columns)?;
     let path = dir.join(DATASET_FILE);
-    let file = std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
-    IpcWriter::new(file).finish(&mut df).with_context(|| format!("writing {}", path.display()))?;
+    let file =
+        std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
+    IpcWriter::new(file)
+        .finish(&mut df)
+        .with_context(|| format!("writing {}", path.display()))?;
     crate::write_json(&dir.join(LABELS_FILE), &labels)?;
     Ok(())
 }
@@ -153,16 +205,45 @@ pub fn read_dataset(dir: &Path) -> anyhow::Result<(Vec<String>, Vec<Row>)> {
     let labels: Vec<String> = crate::read_json(&dir.join(LABELS_FILE))?;
     let path = dir.join(DATASET_FILE);
     let file = std::fs::File::open(&path).with_context(|| format!("opening {}", path.display()))?;
-    let df = IpcReader::new(file).finish().with_context(|| format!("reading {}", path.display()))?;
-    let bad = |what: &str| anyhow::anyhow!("{}: column `{what}` is missing or mistyped", path.display());
-    let ids = df.column("id").map_err(|_| bad("id"))?.str().map_err(|_| bad("id"))?;
-    let texts = df.column("text").map_err(|_| bad("text"))?.str().map_err(|_| bad("text"))?;
-    let splits = df.column("split").map_err(|_| bad("split"))?.str().map_err(|_| bad("split"))?;
-    let label_lists = df.column("labels").map_err(|_| bad("labels"))?.list().map_err(|_| bad("labels"))?;
+    let df = IpcReader::new(file)
+        .finish()
+        .with_context(|| format!("reading {}", path.display()))?;
+    let bad =
+        |what: &str| anyhow::anyhow!("{}: column `{what}` is missing or mistyped", path.display());
+    let ids = df
+        .column("id")
+        .map_err(|_| bad("id"))?
+        .str()
+        .map_err(|_| bad("id"))?;
+    let texts = df
+        .column("text")
+        .map_err(|_| bad("text"))?
+        .str()
+        .map_err(|_| bad("text"))?;
+    let splits = df
+        .column("split")
+        .map_err(|_| bad("split"))?
+        .str()
+        .map_err(|_| bad("split"))?;
+    let label_lists = df
+        .column("labels")
+        .map_err(|_| bad("labels"))?
+        .list()
+        .map_err(|_| bad("labels"))?;
     let mut rows = Vec::with_capacity(df.height());
-    for (((id, text), split), ls) in ids.iter().zip(texts.iter()).zip(splits.iter()).zip(label_lists.amortized_iter()) {
+    for (((id, text), split), ls) in ids
+        .iter()
+        .zip(texts.iter())
+        .zip(splits.iter())
+        .zip(label_lists.amortized_iter())
+    {
         let ls = ls.ok_or_else(|| bad("labels"))?;
-        let labels: Vec<u32> = ls.as_ref().u32().map_err(|_| bad("labels"))?.into_no_null_iter().collect();
+        let labels: Vec<u32> = ls
+            .as_ref()
+            .u32()
+            .map_err(|_| bad("labels"))?
+            .into_no_null_iter()
+            .collect();
         rows.push(Row {
             id: id.unwrap_or_default().to_owned(),
             text: text.unwrap_or_default().to_owned(),
@@ -187,7 +268,8 @@ pub fn summarize(labels: &[String], rows: &[Row]) -> BTreeMap<String, SplitSumma
     let mut out = BTreeMap::new();
     for split in Split::ALL {
         let in_split: Vec<&Row> = rows.iter().filter(|r| r.split == split).collect();
-        let mut per_label: BTreeMap<String, usize> = labels.iter().map(|l| (l.clone(), 0)).collect();
+        let mut per_label: BTreeMap<String, usize> =
+            labels.iter().map(|l| (l.clone(), 0)).collect();
         for r in &in_split {
             for &l in &r.labels {
                 *per_label.get_mut(&labels[l as usize]).expect("valid label") += 1;
@@ -200,7 +282,11 @@ pub fn summarize(labels: &[String], rows: &[Row]) -> BTreeMap<String, SplitSumma
                 rows: in_split.len(),
                 examples_per_label: per_label,
                 multi_label_rows: multi,
-                multi_label_share: if in_split.is_empty() { 0.0 } else { round6(multi as f64 / in_split.len() as f64) },
+                multi_label_share: if in_split.is_empty() {
+                    0.0
+                } else {
+                    round6(multi as f64 / in_split.len() as f64)
+                },
                 max_labels_per_row: in_split.iter().map(|r| r.labels.len()).max().unwrap_or(0),
             },
         );
@@ -221,24 +307,44 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let labels = vec!["a".to_string(), "b".to_string()];
         let rows = vec![
-            Row { id: "x1".into(), text: "héllo 😀".into(), labels: vec![0, 1], split: Split::Train },
-            Row { id: "x2".into(), text: "bye".into(), labels: vec![1], split: Split::Test },
+            Row {
+                id: "x1".into(),
+                text: "héllo 😀".into(),
+                labels: vec![0, 1],
+                split: Split::Train,
+            },
+            Row {
+                id: "x2".into(),
+                text: "bye".into(),
+                labels: vec![1],
+                split: Split::Test,
+            },
         ];
         write_dataset(dir.path(), &labels, &rows).unwrap();
         let first = std::fs::read(dir.path().join(DATASET_FILE)).unwrap();
         let (l2, r2) = read_dataset(dir.path()).unwrap();
         assert_eq!((l2, r2), (labels.clone(), rows.clone()));
         write_dataset(dir.path(), &labels, &rows).unwrap();
-        assert_eq!(std::fs::read(dir.path().join(DATASET_FILE)).unwrap(), first, "same rows, same bytes");
+        assert_eq!(
+            std::fs::read(dir.path().join(DATASET_FILE)).unwrap(),
+            first,
+            "same rows, same bytes"
+        );
     }
 
     #[test]
     fn ekman_and_sentiment_mappings_cover_every_emotion() {
         let dir = crate::testing::goemotions_dir();
-        let names: Vec<String> =
-            std::fs::read_to_string(dir.join("labels.txt")).unwrap().lines().map(String::from).collect();
+        let names: Vec<String> = std::fs::read_to_string(dir.join("labels.txt"))
+            .unwrap()
+            .lines()
+            .map(String::from)
+            .collect();
         let (ekman, idx) = Taxonomy::Ekman.mapping(&names).unwrap();
-        assert_eq!(ekman, ["anger", "disgust", "fear", "joy", "sadness", "surprise", "neutral"]);
+        assert_eq!(
+            ekman,
+            ["anger", "disgust", "fear", "joy", "sadness", "surprise", "neutral"]
+        );
         let grief = names.iter().position(|n| n == "grief").unwrap() as u32;
         let curiosity = names.iter().position(|n| n == "curiosity").unwrap() as u32;
         // grief → sadness, curiosity → surprise: a row with both carries both.
@@ -248,6 +354,10 @@ mod tests {
         assert_eq!(map_labels(&[grief, 27], &idx), vec![1, 3]);
         let joy = names.iter().position(|n| n == "joy").unwrap() as u32;
         let love = names.iter().position(|n| n == "love").unwrap() as u32;
-        assert_eq!(map_labels(&[joy, love], &idx), vec![0], "union, not duplicates");
+        assert_eq!(
+            map_labels(&[joy, love], &idx),
+            vec![0],
+            "union, not duplicates"
+        );
     }
 }

@@ -28,7 +28,12 @@ pub struct EvaluateParams {
 
 impl Default for EvaluateParams {
     fn default() -> Self {
-        EvaluateParams { bootstrap_samples: 1000, seed: 42, batch_size: 64, paper_threshold: 0.3 }
+        EvaluateParams {
+            bootstrap_samples: 1000,
+            seed: 42,
+            batch_size: 64,
+            paper_threshold: 0.3,
+        }
     }
 }
 
@@ -50,7 +55,11 @@ impl Stage for EvaluateStage {
         const SPECS: &[InputSpec] = &[
             InputSpec::stage("model", "the fine-tuned model from train", &["train"]),
             InputSpec::stage("tokens", "tokenized rows from tokenize", &["tokenize"]),
-            InputSpec::stage("thresholds", "thresholds.json from thresholds", &["thresholds"]),
+            InputSpec::stage(
+                "thresholds",
+                "thresholds.json from thresholds",
+                &["thresholds"],
+            ),
         ];
         Inputs::Fixed(SPECS)
     }
@@ -66,30 +75,55 @@ impl Stage for EvaluateStage {
         let p: EvaluateParams = ctx.params()?;
         let data = TokenizedData::read(ctx.input("tokens")?)?;
         let t: Thresholds = crate::read_json(&ctx.input("thresholds")?.join("thresholds.json"))?;
-        let classifier = Classifier::load(&ctx.input("model")?.join("model"), &crate::train::select_device(crate::train::DeviceChoice::Auto)?)?;
+        let classifier = Classifier::load(
+            &ctx.input("model")?.join("model"),
+            &crate::train::select_device(crate::train::DeviceChoice::Auto)?,
+        )?;
         let test = data.rows_in(Split::Test);
         if test.is_empty() {
             anyhow::bail!("no test rows: check the load and sample stages");
         }
-        let scores = crate::train::predict_scores(&classifier.cfg, &classifier.weights, &data, &test, p.batch_size, &classifier.device)?;
-        let truth: Vec<u8> = test.iter().flat_map(|&i| data.row_labels(i).to_vec()).collect();
+        let scores = crate::train::predict_scores(
+            &classifier.cfg,
+            &classifier.weights,
+            &data,
+            &test,
+            p.batch_size,
+            &classifier.device,
+        )?;
+        let truth: Vec<u8> = test
+            .iter()
+            .flat_map(|&i| data.row_labels(i).to_vec())
+            .collect();
         let report = evaluate(&scores, &truth, &data.meta.label_names, &t.thresholds, &p);
         crate::write_json(&ctx.out_dir.join("metrics.json"), &report)?;
         let n = data.n_labels();
         let score_bytes: Vec<u8> = scores.iter().flat_map(|x| x.to_le_bytes()).collect();
         safetensors::serialize_to_file(
             vec![
-                ("scores", TensorView::new(Dtype::F32, vec![test.len(), n], &score_bytes)?),
-                ("truth", TensorView::new(Dtype::U8, vec![test.len(), n], &truth)?),
+                (
+                    "scores",
+                    TensorView::new(Dtype::F32, vec![test.len(), n], &score_bytes)?,
+                ),
+                (
+                    "truth",
+                    TensorView::new(Dtype::U8, vec![test.len(), n], &truth)?,
+                ),
             ],
             None,
             &ctx.out_dir.join("test_scores.safetensors"),
         )?;
         tracing::info!(
             "evaluate: test macro-F1 {:.4} at 0.5, {:.4} at 0.3, {:.4} tuned (95% CI {})",
-            report["policies"]["0.5"]["macro"]["f1"].as_f64().unwrap_or(0.0),
-            report["policies"]["0.3"]["macro"]["f1"].as_f64().unwrap_or(0.0),
-            report["policies"]["tuned"]["macro"]["f1"].as_f64().unwrap_or(0.0),
+            report["policies"]["0.5"]["macro"]["f1"]
+                .as_f64()
+                .unwrap_or(0.0),
+            report["policies"]["0.3"]["macro"]["f1"]
+                .as_f64()
+                .unwrap_or(0.0),
+            report["policies"]["tuned"]["macro"]["f1"]
+                .as_f64()
+                .unwrap_or(0.0),
             report["bootstrap"]["macro_f1_95ci"]["tuned"]
         );
         Ok(())
@@ -121,7 +155,13 @@ fn policy_json(r: &PolicyReport, labels: &[String]) -> Value {
 }
 
 /// Everything evaluate reports, as the JSON it writes.
-pub fn evaluate(scores: &[f32], truth: &[u8], labels: &[String], tuned: &[f32], p: &EvaluateParams) -> Value {
+pub fn evaluate(
+    scores: &[f32],
+    truth: &[u8],
+    labels: &[String],
+    tuned: &[f32],
+    p: &EvaluateParams,
+) -> Value {
     let n = labels.len();
     let thresholds: [Vec<f32>; 3] = [vec![0.5; n], vec![p.paper_threshold; n], tuned.to_vec()];
     let mut policies = serde_json::Map::new();
@@ -129,14 +169,23 @@ pub fn evaluate(scores: &[f32], truth: &[u8], labels: &[String], tuned: &[f32], 
     for (name, t) in POLICIES.iter().zip(&thresholds) {
         let r = metrics::policy_report(scores, truth, n, t);
         policies.insert((*name).into(), policy_json(&r, labels));
-        let (lo, hi) = metrics::bootstrap_macro_f1(scores, truth, n, t, p.bootstrap_samples, p.seed);
+        let (lo, hi) =
+            metrics::bootstrap_macro_f1(scores, truth, n, t, p.bootstrap_samples, p.seed);
         ci.insert((*name).into(), json!([round6(lo), round6(hi)]));
     }
-    let auc: Vec<Option<f64>> = (0..n).map(|l| metrics::roc_auc(scores, truth, n, l).map(round6)).collect();
-    let ap: Vec<Option<f64>> = (0..n).map(|l| metrics::average_precision(scores, truth, n, l).map(round6)).collect();
+    let auc: Vec<Option<f64>> = (0..n)
+        .map(|l| metrics::roc_auc(scores, truth, n, l).map(round6))
+        .collect();
+    let ap: Vec<Option<f64>> = (0..n)
+        .map(|l| metrics::average_precision(scores, truth, n, l).map(round6))
+        .collect();
     let mean = |v: &[Option<f64>]| {
         let d: Vec<f64> = v.iter().flatten().copied().collect();
-        if d.is_empty() { None } else { Some(round6(d.iter().sum::<f64>() / d.len() as f64)) }
+        if d.is_empty() {
+            None
+        } else {
+            Some(round6(d.iter().sum::<f64>() / d.len() as f64))
+        }
     };
     json!({
         "labels": labels,

@@ -83,12 +83,26 @@ pub struct Reject {
 
 impl Reject {
     fn new(file: &str, line: usize, kind: &str, reason: String, raw: &[u8]) -> Self {
-        Reject { file: file.to_owned(), line, kind: kind.to_owned(), reason, raw: String::from_utf8_lossy(raw).into_owned() }
+        Reject {
+            file: file.to_owned(),
+            line,
+            kind: kind.to_owned(),
+            reason,
+            raw: String::from_utf8_lossy(raw).into_owned(),
+        }
     }
 }
 
 pub const RAW_HEADER: &[&str] = &[
-    "text", "id", "author", "subreddit", "link_id", "parent_id", "created_utc", "rater_id", "example_very_unclear",
+    "text",
+    "id",
+    "author",
+    "subreddit",
+    "link_id",
+    "parent_id",
+    "created_utc",
+    "rater_id",
+    "example_very_unclear",
 ];
 
 pub struct LoadStage;
@@ -112,13 +126,25 @@ impl Stage for LoadStage {
         let p: LoadParams = serde_json::from_value(v.clone()).expect("just resolved");
         let sum: f64 = p.split_fractions.iter().sum();
         if p.split_fractions.iter().any(|f| !(0.0..=1.0).contains(f)) || (sum - 1.0).abs() > 1e-9 {
-            return Err(ParamError::new("split_fractions", format!("split_fractions must be three shares in [0, 1] adding up to 1, got {:?}", p.split_fractions)));
+            return Err(ParamError::new(
+                "split_fractions",
+                format!(
+                    "split_fractions must be three shares in [0, 1] adding up to 1, got {:?}",
+                    p.split_fractions
+                ),
+            ));
         }
         if p.min_agreement == 0 {
-            return Err(ParamError::new("min_agreement", "min_agreement must be at least 1"));
+            return Err(ParamError::new(
+                "min_agreement",
+                "min_agreement must be at least 1",
+            ));
         }
         if p.source == Source::Raw && p.raw_files.is_empty() {
-            return Err(ParamError::new("raw_files", "raw_files is empty: name at least one goemotions_N.csv"));
+            return Err(ParamError::new(
+                "raw_files",
+                "raw_files is empty: name at least one goemotions_N.csv",
+            ));
         }
         Ok(v)
     }
@@ -126,7 +152,12 @@ impl Stage for LoadStage {
     fn run(&self, ctx: &StageContext<'_>) -> anyhow::Result<()> {
         let params: LoadParams = ctx.params()?;
         let dir = ctx.input("data")?;
-        let shown = |p: &Path| p.strip_prefix(ctx.project_dir).unwrap_or(p).display().to_string();
+        let shown = |p: &Path| {
+            p.strip_prefix(ctx.project_dir)
+                .unwrap_or(p)
+                .display()
+                .to_string()
+        };
         let loaded = match params.source {
             Source::Official => load_official(dir, &shown)?,
             Source::Raw => load_raw(dir, &params, &shown)?,
@@ -147,7 +178,12 @@ pub struct Loaded {
 
 fn finish(ctx: &StageContext<'_>, params: &LoadParams, mut loaded: Loaded) -> anyhow::Result<()> {
     if !loaded.rejects.is_empty() && params.on_bad_rows == OnBadRows::Fail {
-        let shown: Vec<String> = loaded.rejects.iter().take(5).map(|r| format!("{}:{}: {}", r.file, r.line, r.reason)).collect();
+        let shown: Vec<String> = loaded
+            .rejects
+            .iter()
+            .take(5)
+            .map(|r| format!("{}:{}: {}", r.file, r.line, r.reason))
+            .collect();
         let more = loaded.rejects.len().saturating_sub(5);
         anyhow::bail!(
             "{} bad row(s):\n  {}{}\n  hint: fix the file, or set `on_bad_rows: skip` on the load stage to drop such rows (each is written with its reason to rejects.jsonl)",
@@ -174,7 +210,8 @@ fn finish(ctx: &StageContext<'_>, params: &LoadParams, mut loaded: Loaded) -> an
         std::fs::write(ctx.out_dir.join("rejects.jsonl"), text)?;
     }
     let splits = data::summarize(&names, &loaded.rows);
-    let mut rows: BTreeMap<String, usize> = splits.iter().map(|(k, v)| (k.clone(), v.rows)).collect();
+    let mut rows: BTreeMap<String, usize> =
+        splits.iter().map(|(k, v)| (k.clone(), v.rows)).collect();
     rows.insert("total".into(), loaded.rows.len());
     let summary = serde_json::json!({
         "source": params.source,
@@ -208,11 +245,23 @@ fn read_file(path: &Path, shown: &dyn Fn(&Path) -> String) -> anyhow::Result<Vec
     })
 }
 
-pub fn read_label_names(dir: &Path, shown: &dyn Fn(&Path) -> String) -> anyhow::Result<Vec<String>> {
-    let path = ["labels.txt", "emotions.txt"].iter().map(|n| dir.join(n)).find(|p| p.exists()).unwrap_or_else(|| dir.join("labels.txt"));
+pub fn read_label_names(
+    dir: &Path,
+    shown: &dyn Fn(&Path) -> String,
+) -> anyhow::Result<Vec<String>> {
+    let path = ["labels.txt", "emotions.txt"]
+        .iter()
+        .map(|n| dir.join(n))
+        .find(|p| p.exists())
+        .unwrap_or_else(|| dir.join("labels.txt"));
     let bytes = read_file(&path, shown)?;
-    let text = String::from_utf8(bytes).map_err(|e| anyhow::anyhow!("{}: not valid UTF-8: {e}", shown(&path)))?;
-    let names: Vec<String> = text.lines().map(|l| l.trim().to_owned()).filter(|l| !l.is_empty()).collect();
+    let text = String::from_utf8(bytes)
+        .map_err(|e| anyhow::anyhow!("{}: not valid UTF-8: {e}", shown(&path)))?;
+    let names: Vec<String> = text
+        .lines()
+        .map(|l| l.trim().to_owned())
+        .filter(|l| !l.is_empty())
+        .collect();
     for (i, n) in names.iter().enumerate() {
         if names[..i].contains(n) {
             anyhow::bail!("{}:{}: label `{n}` is listed twice", shown(&path), i + 1);
@@ -237,11 +286,23 @@ pub fn load_official(dir: &Path, shown: &dyn Fn(&Path) -> String) -> anyhow::Res
         files.insert(file, lines);
         rows.append(&mut r);
     }
-    Ok(Loaded { labels, rows, rejects, filtered: BTreeMap::new(), files })
+    Ok(Loaded {
+        labels,
+        rows,
+        rejects,
+        filtered: BTreeMap::new(),
+        files,
+    })
 }
 
 /// Parse one official split file; bad rows go to `rejects`. Returns rows and lines read.
-pub fn parse_official(bytes: &[u8], file: &str, split: Split, n_labels: usize, rejects: &mut Vec<Reject>) -> (Vec<Row>, usize) {
+pub fn parse_official(
+    bytes: &[u8],
+    file: &str,
+    split: Split,
+    n_labels: usize,
+    rejects: &mut Vec<Reject>,
+) -> (Vec<Row>, usize) {
     let mut rows = Vec::new();
     let mut first_line_of: HashMap<String, usize> = HashMap::new();
     let body = bytes.strip_suffix(b"\n").unwrap_or(bytes);
@@ -250,17 +311,27 @@ pub fn parse_official(bytes: &[u8], file: &str, split: Split, n_labels: usize, r
         let line = i + 1;
         lines = line;
         let raw = raw.strip_suffix(b"\r").unwrap_or(raw);
-        let mut reject = |kind: &str, reason: String| rejects.push(Reject::new(file, line, kind, reason, raw));
+        let mut reject =
+            |kind: &str, reason: String| rejects.push(Reject::new(file, line, kind, reason, raw));
         let text = match std::str::from_utf8(raw) {
             Ok(t) => t,
             Err(e) => {
-                reject("invalid UTF-8", format!("not valid UTF-8 (byte {} of the line)", e.valid_up_to() + 1));
+                reject(
+                    "invalid UTF-8",
+                    format!("not valid UTF-8 (byte {} of the line)", e.valid_up_to() + 1),
+                );
                 continue;
             }
         };
         let fields: Vec<&str> = text.split('\t').collect();
         if fields.len() != 3 {
-            reject("wrong field count", format!("expected 3 tab-separated fields (text, label ids, comment id), found {}", fields.len()));
+            reject(
+                "wrong field count",
+                format!(
+                    "expected 3 tab-separated fields (text, label ids, comment id), found {}",
+                    fields.len()
+                ),
+            );
             continue;
         }
         let (body_text, label_field, id) = (fields[0], fields[1].trim(), fields[2].trim());
@@ -286,7 +357,10 @@ pub fn parse_official(bytes: &[u8], file: &str, split: Split, n_labels: usize, r
                     break;
                 }
                 Err(_) => {
-                    bad = Some(("label id not a number", format!("label id `{}` is not a number", part.trim())));
+                    bad = Some((
+                        "label id not a number",
+                        format!("label id `{}` is not a number", part.trim()),
+                    ));
                     break;
                 }
             }
@@ -296,13 +370,24 @@ pub fn parse_official(bytes: &[u8], file: &str, split: Split, n_labels: usize, r
             continue;
         }
         if let Some(first) = first_line_of.get(id) {
-            reject("duplicate id", format!("duplicate comment id `{id}` in the {} split (first on line {first})", split.name()));
+            reject(
+                "duplicate id",
+                format!(
+                    "duplicate comment id `{id}` in the {} split (first on line {first})",
+                    split.name()
+                ),
+            );
             continue;
         }
         first_line_of.insert(id.to_owned(), line);
         labels.sort_unstable();
         labels.dedup();
-        rows.push(Row { id: id.to_owned(), text: body_text.to_owned(), labels, split });
+        rows.push(Row {
+            id: id.to_owned(),
+            text: body_text.to_owned(),
+            labels,
+            split,
+        });
     }
     (rows, lines)
 }
@@ -313,7 +398,11 @@ struct Votes {
     unclear: bool,
 }
 
-pub fn load_raw(dir: &Path, params: &LoadParams, shown: &dyn Fn(&Path) -> String) -> anyhow::Result<Loaded> {
+pub fn load_raw(
+    dir: &Path,
+    params: &LoadParams,
+    shown: &dyn Fn(&Path) -> String,
+) -> anyhow::Result<Loaded> {
     let labels = read_label_names(dir, shown)?;
     let mut comments: BTreeMap<String, Votes> = BTreeMap::new();
     let mut rejects = Vec::new();
@@ -329,33 +418,61 @@ pub fn load_raw(dir: &Path, params: &LoadParams, shown: &dyn Fn(&Path) -> String
     let mut kept: Vec<(String, String, Vec<u32>)> = Vec::new();
     for (id, c) in comments {
         if c.unclear {
-            *filtered.entry("marked example_very_unclear".into()).or_default() += 1;
+            *filtered
+                .entry("marked example_very_unclear".into())
+                .or_default() += 1;
             continue;
         }
-        let chosen: Vec<u32> = (0..labels.len() as u32).filter(|&l| c.votes[l as usize] >= params.min_agreement).collect();
+        let chosen: Vec<u32> = (0..labels.len() as u32)
+            .filter(|&l| c.votes[l as usize] >= params.min_agreement)
+            .collect();
         if chosen.is_empty() {
-            *filtered.entry(format!("no label chosen by at least {} raters", params.min_agreement)).or_default() += 1;
+            *filtered
+                .entry(format!(
+                    "no label chosen by at least {} raters",
+                    params.min_agreement
+                ))
+                .or_default() += 1;
             continue;
         }
         kept.push((id, c.text, chosen));
     }
     // Seeded split over comments in id order, so file order does not matter.
     let mut order: Vec<usize> = (0..kept.len()).collect();
-    order.shuffle(&mut rand_chacha::ChaCha8Rng::seed_from_u64(params.split_seed));
+    order.shuffle(&mut rand_chacha::ChaCha8Rng::seed_from_u64(
+        params.split_seed,
+    ));
     let n = kept.len();
     let n_train = (params.split_fractions[0] * n as f64).round() as usize;
     let n_dev = ((params.split_fractions[1] * n as f64).round() as usize).min(n - n_train);
     let mut split_of = vec![Split::Test; n];
     for (pos, &i) in order.iter().enumerate() {
-        split_of[i] = if pos < n_train { Split::Train } else if pos < n_train + n_dev { Split::Dev } else { Split::Test };
+        split_of[i] = if pos < n_train {
+            Split::Train
+        } else if pos < n_train + n_dev {
+            Split::Dev
+        } else {
+            Split::Test
+        };
     }
     let mut rows: Vec<Row> = kept
         .into_iter()
         .zip(split_of)
-        .map(|((id, text, labels), split)| Row { id, text, labels, split })
+        .map(|((id, text, labels), split)| Row {
+            id,
+            text,
+            labels,
+            split,
+        })
         .collect();
     rows.sort_by(|a, b| (a.split, &a.id).cmp(&(b.split, &b.id)));
-    Ok(Loaded { labels, rows, rejects, filtered, files })
+    Ok(Loaded {
+        labels,
+        rows,
+        rejects,
+        filtered,
+        files,
+    })
 }
 
 fn parse_raw(
@@ -365,17 +482,31 @@ fn parse_raw(
     comments: &mut BTreeMap<String, Votes>,
     rejects: &mut Vec<Reject>,
 ) -> anyhow::Result<usize> {
-    let mut reader = csv::ReaderBuilder::new().flexible(true).has_headers(false).from_reader(bytes);
+    let mut reader = csv::ReaderBuilder::new()
+        .flexible(true)
+        .has_headers(false)
+        .from_reader(bytes);
     let mut records = reader.byte_records();
     let header = match records.next() {
         Some(Ok(h)) => h,
         Some(Err(e)) => anyhow::bail!("{file}:1: cannot read the header: {e}"),
         None => anyhow::bail!("{file}: empty file (expected the raw GoEmotions header)"),
     };
-    let expected: Vec<&str> = RAW_HEADER.iter().copied().chain(labels.iter().map(String::as_str)).collect();
-    let found: Vec<String> = header.iter().map(|f| String::from_utf8_lossy(f).trim().to_owned()).collect();
+    let expected: Vec<&str> = RAW_HEADER
+        .iter()
+        .copied()
+        .chain(labels.iter().map(String::as_str))
+        .collect();
+    let found: Vec<String> = header
+        .iter()
+        .map(|f| String::from_utf8_lossy(f).trim().to_owned())
+        .collect();
     if found != expected {
-        let first_diff = expected.iter().zip(&found).position(|(e, f)| e != f).unwrap_or(expected.len().min(found.len()));
+        let first_diff = expected
+            .iter()
+            .zip(&found)
+            .position(|(e, f)| e != f)
+            .unwrap_or(expected.len().min(found.len()));
         anyhow::bail!(
             "{file}:1: not a raw GoEmotions header: column {} is `{}`, expected `{}` ({} columns found, {} expected: {}, then the {} labels in labels.txt order)\n  hint: these must be the goemotions_N.csv rater files; for train/dev/test .tsv files use `source: official`",
             first_diff + 1,
@@ -394,19 +525,40 @@ fn parse_raw(
             Ok(r) => r,
             Err(e) => {
                 let line = e.position().map(|p| p.line() as usize).unwrap_or(lines + 1);
-                rejects.push(Reject::new(file, line, "unreadable CSV row", format!("unreadable CSV row: {e}"), b""));
+                rejects.push(Reject::new(
+                    file,
+                    line,
+                    "unreadable CSV row",
+                    format!("unreadable CSV row: {e}"),
+                    b"",
+                ));
                 continue;
             }
         };
-        let line = record.position().map(|p| p.line() as usize).unwrap_or(lines + 1);
+        let line = record
+            .position()
+            .map(|p| p.line() as usize)
+            .unwrap_or(lines + 1);
         lines = line;
         let raw_line: Vec<u8> = record.iter().collect::<Vec<_>>().join(&b","[..]);
-        let mut reject = |kind: &str, reason: String| rejects.push(Reject::new(file, line, kind, reason, &raw_line));
+        let mut reject = |kind: &str, reason: String| {
+            rejects.push(Reject::new(file, line, kind, reason, &raw_line))
+        };
         if record.len() != n_fields {
-            reject("wrong field count", format!("expected {n_fields} comma-separated fields, found {}", record.len()));
+            reject(
+                "wrong field count",
+                format!(
+                    "expected {n_fields} comma-separated fields, found {}",
+                    record.len()
+                ),
+            );
             continue;
         }
-        let fields: Vec<&str> = match record.iter().map(std::str::from_utf8).collect::<Result<_, _>>() {
+        let fields: Vec<&str> = match record
+            .iter()
+            .map(std::str::from_utf8)
+            .collect::<Result<_, _>>()
+        {
             Ok(f) => f,
             Err(e) => {
                 reject("invalid UTF-8", format!("not valid UTF-8: {e}"));
@@ -426,7 +578,10 @@ fn parse_raw(
             "true" | "1" => true,
             "false" | "0" => false,
             other => {
-                reject("bad example_very_unclear", format!("example_very_unclear is `{other}`, expected True/False"));
+                reject(
+                    "bad example_very_unclear",
+                    format!("example_very_unclear is `{other}`, expected True/False"),
+                );
                 continue;
             }
         };
@@ -437,7 +592,10 @@ fn parse_raw(
                 "1" => votes.push(1),
                 "0" => votes.push(0),
                 other => {
-                    bad = Some(format!("label column `{}` is `{other}`, expected 0 or 1", labels[k]));
+                    bad = Some(format!(
+                        "label column `{}` is `{other}`, expected 0 or 1",
+                        labels[k]
+                    ));
                     break;
                 }
             }
@@ -446,7 +604,11 @@ fn parse_raw(
             reject("bad label cell", reason);
             continue;
         }
-        let entry = comments.entry(id.to_owned()).or_insert_with(|| Votes { text: text.to_owned(), votes: vec![0; labels.len()], unclear: false });
+        let entry = comments.entry(id.to_owned()).or_insert_with(|| Votes {
+            text: text.to_owned(),
+            votes: vec![0; labels.len()],
+            unclear: false,
+        });
         entry.unclear |= unclear;
         for (v, add) in entry.votes.iter_mut().zip(votes) {
             *v += add;

@@ -36,7 +36,10 @@ pub fn ratio(num: u64, den: u64) -> f64 {
 /// thresholds (a score ≥ its threshold is a positive).
 pub fn counts(scores: &[f32], truth: &[u8], n_labels: usize, thresholds: &[f32]) -> Vec<Counts> {
     let mut c = vec![Counts::default(); n_labels];
-    for (s_row, t_row) in scores.chunks_exact(n_labels).zip(truth.chunks_exact(n_labels)) {
+    for (s_row, t_row) in scores
+        .chunks_exact(n_labels)
+        .zip(truth.chunks_exact(n_labels))
+    {
         for l in 0..n_labels {
             let pred = s_row[l] >= thresholds[l];
             let gold = t_row[l] != 0;
@@ -81,18 +84,42 @@ pub struct PolicyReport {
     pub hamming_loss: f64,
 }
 
-pub fn policy_report(scores: &[f32], truth: &[u8], n_labels: usize, thresholds: &[f32]) -> PolicyReport {
+pub fn policy_report(
+    scores: &[f32],
+    truth: &[u8],
+    n_labels: usize,
+    thresholds: &[f32],
+) -> PolicyReport {
     let per_label = counts(scores, truth, n_labels, thresholds);
     let n_rows = truth.len() / n_labels.max(1);
-    let (tp, fp, fn_) = per_label.iter().fold((0, 0, 0), |a, c| (a.0 + c.tp, a.1 + c.fp, a.2 + c.fn_));
-    let micro = Counts { tp, fp, fn_, support: tp + fn_ };
-    let mean = |f: &dyn Fn(&Counts) -> f64| per_label.iter().map(f).sum::<f64>() / n_labels.max(1) as f64;
+    let (tp, fp, fn_) = per_label
+        .iter()
+        .fold((0, 0, 0), |a, c| (a.0 + c.tp, a.1 + c.fp, a.2 + c.fn_));
+    let micro = Counts {
+        tp,
+        fp,
+        fn_,
+        support: tp + fn_,
+    };
+    let mean =
+        |f: &dyn Fn(&Counts) -> f64| per_label.iter().map(f).sum::<f64>() / n_labels.max(1) as f64;
     let support: u64 = per_label.iter().map(|c| c.support).sum();
     let weighted = |f: &dyn Fn(&Counts) -> f64| {
-        if support == 0 { 0.0 } else { per_label.iter().map(|c| f(c) * c.support as f64).sum::<f64>() / support as f64 }
+        if support == 0 {
+            0.0
+        } else {
+            per_label
+                .iter()
+                .map(|c| f(c) * c.support as f64)
+                .sum::<f64>()
+                / support as f64
+        }
     };
     let (mut sp, mut sr, mut sf, mut exact, mut wrong) = (0.0, 0.0, 0.0, 0usize, 0usize);
-    for (s_row, t_row) in scores.chunks_exact(n_labels).zip(truth.chunks_exact(n_labels)) {
+    for (s_row, t_row) in scores
+        .chunks_exact(n_labels)
+        .zip(truth.chunks_exact(n_labels))
+    {
         let (mut tp, mut pred, mut gold) = (0u64, 0u64, 0u64);
         let mut row_wrong = 0;
         for l in 0..n_labels {
@@ -112,10 +139,26 @@ pub fn policy_report(scores: &[f32], truth: &[u8], n_labels: usize, thresholds: 
     let rows = n_rows.max(1) as f64;
     PolicyReport {
         thresholds: thresholds.to_vec(),
-        micro: Prf { precision: micro.precision(), recall: micro.recall(), f1: micro.f1() },
-        macro_: Prf { precision: mean(&Counts::precision), recall: mean(&Counts::recall), f1: mean(&Counts::f1) },
-        weighted: Prf { precision: weighted(&Counts::precision), recall: weighted(&Counts::recall), f1: weighted(&Counts::f1) },
-        samples: Prf { precision: sp / rows, recall: sr / rows, f1: sf / rows },
+        micro: Prf {
+            precision: micro.precision(),
+            recall: micro.recall(),
+            f1: micro.f1(),
+        },
+        macro_: Prf {
+            precision: mean(&Counts::precision),
+            recall: mean(&Counts::recall),
+            f1: mean(&Counts::f1),
+        },
+        weighted: Prf {
+            precision: weighted(&Counts::precision),
+            recall: weighted(&Counts::recall),
+            f1: weighted(&Counts::f1),
+        },
+        samples: Prf {
+            precision: sp / rows,
+            recall: sr / rows,
+            f1: sf / rows,
+        },
         exact_match: exact as f64 / rows,
         hamming_loss: wrong as f64 / (rows * n_labels.max(1) as f64),
         per_label,
@@ -156,7 +199,12 @@ pub fn roc_auc(scores: &[f32], truth: &[u8], n_labels: usize, label: usize) -> O
 }
 
 /// Average precision (scikit-learn's step-wise definition); `None` without positives.
-pub fn average_precision(scores: &[f32], truth: &[u8], n_labels: usize, label: usize) -> Option<f64> {
+pub fn average_precision(
+    scores: &[f32],
+    truth: &[u8],
+    n_labels: usize,
+    label: usize,
+) -> Option<f64> {
     let v = ranked(scores, truth, n_labels, label);
     let pos = v.iter().filter(|x| x.1).count() as f64;
     if pos == 0.0 {
@@ -177,7 +225,12 @@ pub fn average_precision(scores: &[f32], truth: &[u8], n_labels: usize, label: u
 }
 
 /// Precision-recall points at every distinct score (for plots): (threshold, precision, recall).
-pub fn pr_curve(scores: &[f32], truth: &[u8], n_labels: usize, label: usize) -> Vec<(f32, f64, f64)> {
+pub fn pr_curve(
+    scores: &[f32],
+    truth: &[u8],
+    n_labels: usize,
+    label: usize,
+) -> Vec<(f32, f64, f64)> {
     let v = ranked(scores, truth, n_labels, label);
     let pos = v.iter().filter(|x| x.1).count().max(1) as f64;
     let (mut tp, mut fp, mut i, mut out) = (0.0, 0.0, 0, Vec::new());
@@ -215,7 +268,14 @@ pub fn best_threshold(scores: &[f32], truth: &[u8], n_labels: usize, label: usiz
 }
 
 /// Seeded bootstrap over rows: (2.5th, 97.5th) percentile of macro-F1.
-pub fn bootstrap_macro_f1(scores: &[f32], truth: &[u8], n_labels: usize, thresholds: &[f32], samples: usize, seed: u64) -> (f64, f64) {
+pub fn bootstrap_macro_f1(
+    scores: &[f32],
+    truth: &[u8],
+    n_labels: usize,
+    thresholds: &[f32],
+    samples: usize,
+    seed: u64,
+) -> (f64, f64) {
     use rand::{Rng, SeedableRng};
     let n = truth.len() / n_labels.max(1);
     if n == 0 || samples == 0 {
@@ -226,12 +286,14 @@ pub fn bootstrap_macro_f1(scores: &[f32], truth: &[u8], n_labels: usize, thresho
         .iter()
         .zip(truth)
         .enumerate()
-        .map(|(k, (&s, &t))| match (s >= thresholds[k % n_labels], t != 0) {
-            (true, true) => 1,
-            (true, false) => 2,
-            (false, true) => 3,
-            (false, false) => 0,
-        })
+        .map(
+            |(k, (&s, &t))| match (s >= thresholds[k % n_labels], t != 0) {
+                (true, true) => 1,
+                (true, false) => 2,
+                (false, true) => 3,
+                (false, false) => 0,
+            },
+        )
         .collect();
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
     let mut f1s: Vec<f64> = (0..samples)
@@ -243,7 +305,10 @@ pub fn bootstrap_macro_f1(scores: &[f32], truth: &[u8], n_labels: usize, thresho
                     c[l][outcome[r * n_labels + l] as usize] += 1;
                 }
             }
-            c.iter().map(|k| ratio(2 * k[1], 2 * k[1] + k[2] + k[3])).sum::<f64>() / n_labels as f64
+            c.iter()
+                .map(|k| ratio(2 * k[1], 2 * k[1] + k[2] + k[3]))
+                .sum::<f64>()
+                / n_labels as f64
         })
         .collect();
     f1s.sort_by(f64::total_cmp);
@@ -256,7 +321,10 @@ mod tests {
     use super::*;
 
     fn fixture() -> serde_json::Value {
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/sklearn_metrics.json");
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../tests/fixtures/sklearn_metrics.json"
+        );
         serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
     }
 
@@ -267,30 +335,91 @@ mod tests {
     #[test]
     fn every_figure_matches_scikit_learn() {
         let f = fixture();
-        let truth: Vec<u8> = f["y_true"].as_array().unwrap().iter().flat_map(|r| r.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u8)).collect();
-        let scores: Vec<f32> = f["scores"].as_array().unwrap().iter().flat_map(|r| r.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32)).collect();
+        let truth: Vec<u8> = f["y_true"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|r| {
+                r.as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.as_u64().unwrap() as u8)
+            })
+            .collect();
+        let scores: Vec<f32> = f["scores"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|r| {
+                r.as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.as_f64().unwrap() as f32)
+            })
+            .collect();
         let k = 5;
         for (name, want) in f["policies"].as_object().unwrap() {
-            let t: Vec<f32> = want["thresholds"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect();
+            let t: Vec<f32> = want["thresholds"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap() as f32)
+                .collect();
             let got = policy_report(&scores, &truth, k, &t);
             for l in 0..k {
                 let c = got.per_label[l];
-                assert!(close(c.precision(), want["precision"][l].as_f64().unwrap()), "{name} precision {l}");
-                assert!(close(c.recall(), want["recall"][l].as_f64().unwrap()), "{name} recall {l}");
-                assert!(close(c.f1(), want["f1"][l].as_f64().unwrap()), "{name} f1 {l}");
+                assert!(
+                    close(c.precision(), want["precision"][l].as_f64().unwrap()),
+                    "{name} precision {l}"
+                );
+                assert!(
+                    close(c.recall(), want["recall"][l].as_f64().unwrap()),
+                    "{name} recall {l}"
+                );
+                assert!(
+                    close(c.f1(), want["f1"][l].as_f64().unwrap()),
+                    "{name} f1 {l}"
+                );
                 assert_eq!(c.support, want["support"][l].as_u64().unwrap());
             }
-            for (avg, prf) in [("micro", got.micro), ("macro", got.macro_), ("weighted", got.weighted), ("samples", got.samples)] {
+            for (avg, prf) in [
+                ("micro", got.micro),
+                ("macro", got.macro_),
+                ("weighted", got.weighted),
+                ("samples", got.samples),
+            ] {
                 let w = &want["averages"][avg];
-                assert!(close(prf.precision, w["precision"].as_f64().unwrap()), "{name} {avg} precision {} vs {}", prf.precision, w["precision"]);
-                assert!(close(prf.recall, w["recall"].as_f64().unwrap()), "{name} {avg} recall");
-                assert!(close(prf.f1, w["f1"].as_f64().unwrap()), "{name} {avg} f1 {} vs {}", prf.f1, w["f1"]);
+                assert!(
+                    close(prf.precision, w["precision"].as_f64().unwrap()),
+                    "{name} {avg} precision {} vs {}",
+                    prf.precision,
+                    w["precision"]
+                );
+                assert!(
+                    close(prf.recall, w["recall"].as_f64().unwrap()),
+                    "{name} {avg} recall"
+                );
+                assert!(
+                    close(prf.f1, w["f1"].as_f64().unwrap()),
+                    "{name} {avg} f1 {} vs {}",
+                    prf.f1,
+                    w["f1"]
+                );
             }
-            assert!(close(got.exact_match, want["exact_match"].as_f64().unwrap()), "{name} exact match");
-            assert!(close(got.hamming_loss, want["hamming_loss"].as_f64().unwrap()), "{name} hamming");
+            assert!(
+                close(got.exact_match, want["exact_match"].as_f64().unwrap()),
+                "{name} exact match"
+            );
+            assert!(
+                close(got.hamming_loss, want["hamming_loss"].as_f64().unwrap()),
+                "{name} hamming"
+            );
         }
         for l in 0..k {
-            let (auc, ap) = (roc_auc(&scores, &truth, k, l), average_precision(&scores, &truth, k, l));
+            let (auc, ap) = (
+                roc_auc(&scores, &truth, k, l),
+                average_precision(&scores, &truth, k, l),
+            );
             match f["roc_auc"][l].as_f64() {
                 Some(w) => assert!(close(auc.unwrap(), w), "auc {l}: {auc:?} vs {w}"),
                 None => assert_eq!(auc, None),
@@ -319,8 +448,28 @@ mod tests {
     #[test]
     fn bootstrap_interval_brackets_the_estimate_and_repeats() {
         let f = fixture();
-        let truth: Vec<u8> = f["y_true"].as_array().unwrap().iter().flat_map(|r| r.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u8)).collect();
-        let scores: Vec<f32> = f["scores"].as_array().unwrap().iter().flat_map(|r| r.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32)).collect();
+        let truth: Vec<u8> = f["y_true"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|r| {
+                r.as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.as_u64().unwrap() as u8)
+            })
+            .collect();
+        let scores: Vec<f32> = f["scores"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|r| {
+                r.as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.as_f64().unwrap() as f32)
+            })
+            .collect();
         let t = vec![0.5; 5];
         let point = policy_report(&scores, &truth, 5, &t).macro_.f1;
         let (lo, hi) = bootstrap_macro_f1(&scores, &truth, 5, &t, 500, 1);

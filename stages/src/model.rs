@@ -61,7 +61,8 @@ impl EncoderConfig {
         let text = std::fs::read_to_string(path).map_err(|e| {
             anyhow::anyhow!("{}: cannot read: {e}\n  hint: a model folder needs config.json, model.safetensors and tokenizer.json (what `save_pretrained` writes)", path.display())
         })?;
-        let raw: Value = serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("{}: not valid JSON: {e}", path.display()))?;
+        let raw: Value = serde_json::from_str(&text)
+            .map_err(|e| anyhow::anyhow!("{}: not valid JSON: {e}", path.display()))?;
         Self::from_json(raw).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
     }
 
@@ -120,7 +121,11 @@ impl EncoderConfig {
             None => anyhow::bail!("no `model_type`; goemo trains `bert` and `distilbert` models"),
         };
         if cfg.heads == 0 || cfg.hidden % cfg.heads != 0 {
-            anyhow::bail!("hidden size {} is not a multiple of the {} attention heads", cfg.hidden, cfg.heads);
+            anyhow::bail!(
+                "hidden size {} is not a multiple of the {} attention heads",
+                cfg.hidden,
+                cfg.heads
+            );
         }
         if cfg.arch == Arch::DistilBert && raw["sinusoidal_pos_embds"].as_bool() == Some(true) {
             anyhow::bail!("sinusoidal_pos_embds: true is not supported");
@@ -163,10 +168,22 @@ pub fn param_specs(cfg: &EncoderConfig, num_labels: usize) -> Vec<(String, Vec<u
         v.push((format!("{name}.bias"), vec![h], Init::Zeros));
     };
     let p = cfg.prefix();
-    v.push((format!("{p}.embeddings.word_embeddings.weight"), vec![cfg.vocab_size, h], Init::Normal));
-    v.push((format!("{p}.embeddings.position_embeddings.weight"), vec![cfg.max_positions, h], Init::Normal));
+    v.push((
+        format!("{p}.embeddings.word_embeddings.weight"),
+        vec![cfg.vocab_size, h],
+        Init::Normal,
+    ));
+    v.push((
+        format!("{p}.embeddings.position_embeddings.weight"),
+        vec![cfg.max_positions, h],
+        Init::Normal,
+    ));
     if cfg.arch == Arch::Bert {
-        v.push((format!("{p}.embeddings.token_type_embeddings.weight"), vec![cfg.type_vocab_size.max(1), h], Init::Normal));
+        v.push((
+            format!("{p}.embeddings.token_type_embeddings.weight"),
+            vec![cfg.type_vocab_size.max(1), h],
+            Init::Normal,
+        ));
     }
     ln(&mut v, format!("{p}.embeddings.LayerNorm"));
     for l in 0..cfg.layers {
@@ -249,10 +266,16 @@ pub struct Params {
 impl Params {
     /// Seeded random initialisation (HF's: normal(0, initializer_range) weights, zero biases,
     /// unit LayerNorm weights).
-    pub fn init(cfg: &EncoderConfig, num_labels: usize, seed: u64, device: &Device) -> anyhow::Result<Params> {
+    pub fn init(
+        cfg: &EncoderConfig,
+        num_labels: usize,
+        seed: u64,
+        device: &Device,
+    ) -> anyhow::Result<Params> {
         use rand::SeedableRng;
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
-        let normal = rand_distr::Normal::new(0.0f32, cfg.initializer_range as f32).expect("positive std");
+        let normal =
+            rand_distr::Normal::new(0.0f32, cfg.initializer_range as f32).expect("positive std");
         let mut names = Vec::new();
         let mut vars = Vec::new();
         for (name, shape, init) in param_specs(cfg, num_labels) {
@@ -265,8 +288,18 @@ impl Params {
             vars.push(Var::from_tensor(&Tensor::from_vec(data, shape, device)?)?);
             names.push(name);
         }
-        let index = names.iter().enumerate().map(|(i, n)| (n.clone(), i)).collect();
-        Ok(Params { cfg: cfg.clone(), num_labels, names, vars, index })
+        let index = names
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (n.clone(), i))
+            .collect();
+        Ok(Params {
+            cfg: cfg.clone(),
+            num_labels,
+            names,
+            vars,
+            index,
+        })
     }
 
     pub fn get(&self, name: &str) -> &Tensor {
@@ -282,9 +315,11 @@ impl Params {
     /// shape config.json implies. Names are matched with or without the `bert.`/`distilbert.`
     /// prefix, and `gamma`/`beta` stand for LayerNorm `weight`/`bias`.
     pub fn load_backbone(&self, file: &Path) -> anyhow::Result<LoadReport> {
-        let bytes = std::fs::read(file).map_err(|e| anyhow::anyhow!("{}: cannot read: {e}", file.display()))?;
-        let st = safetensors::SafeTensors::deserialize(&bytes)
-            .map_err(|e| anyhow::anyhow!("{}: not a valid safetensors file: {e}", file.display()))?;
+        let bytes = std::fs::read(file)
+            .map_err(|e| anyhow::anyhow!("{}: cannot read: {e}", file.display()))?;
+        let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| {
+            anyhow::anyhow!("{}: not a valid safetensors file: {e}", file.display())
+        })?;
         let available: HashMap<String, String> = st
             .names()
             .into_iter()
@@ -297,7 +332,10 @@ impl Params {
         let mut report = LoadReport::default();
         for (name, var) in self.names.iter().zip(&self.vars) {
             let Some(file_name) = available.get(name) else {
-                if name.starts_with("classifier.") || name.starts_with("pre_classifier.") || name.contains(".pooler.") {
+                if name.starts_with("classifier.")
+                    || name.starts_with("pre_classifier.")
+                    || name.contains(".pooler.")
+                {
                     report.new_params.push(name.clone());
                     continue;
                 }
@@ -316,7 +354,8 @@ impl Params {
                     var.dims()
                 );
             }
-            let t = tensor_from_view(&view, var.device()).with_context(|| format!("{}: tensor `{file_name}`", file.display()))?;
+            let t = tensor_from_view(&view, var.device())
+                .with_context(|| format!("{}: tensor `{file_name}`", file.display()))?;
             var.set(&t)?;
             report.loaded += 1;
         }
@@ -325,11 +364,19 @@ impl Params {
 
     /// The parameters as plain tensors (no autograd), for inference.
     pub fn detached(&self) -> HashMap<String, Tensor> {
-        self.names.iter().cloned().zip(self.vars.iter().map(|v| v.as_tensor().detach())).collect()
+        self.names
+            .iter()
+            .cloned()
+            .zip(self.vars.iter().map(|v| v.as_tensor().detach()))
+            .collect()
     }
 
     pub fn tensors(&self) -> HashMap<String, Tensor> {
-        self.names.iter().cloned().zip(self.vars.iter().map(|v| v.as_tensor().clone())).collect()
+        self.names
+            .iter()
+            .cloned()
+            .zip(self.vars.iter().map(|v| v.as_tensor().clone()))
+            .collect()
     }
 }
 
@@ -340,14 +387,35 @@ pub struct LoadReport {
     pub new_params: Vec<String>,
 }
 
-pub fn tensor_from_view(view: &safetensors::tensor::TensorView<'_>, device: &Device) -> anyhow::Result<Tensor> {
+pub fn tensor_from_view(
+    view: &safetensors::tensor::TensorView<'_>,
+    device: &Device,
+) -> anyhow::Result<Tensor> {
     use safetensors::tensor::Dtype as S;
     let shape = view.shape().to_vec();
     let data = view.data();
     let t = match view.dtype() {
-        S::F32 => Tensor::from_vec(data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect::<Vec<_>>(), shape, device)?,
-        S::F16 => Tensor::from_vec(data.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect::<Vec<_>>(), shape, device)?,
-        S::BF16 => Tensor::from_vec(data.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect::<Vec<_>>(), shape, device)?,
+        S::F32 => Tensor::from_vec(
+            data.chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect::<Vec<_>>(),
+            shape,
+            device,
+        )?,
+        S::F16 => Tensor::from_vec(
+            data.chunks_exact(2)
+                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect::<Vec<_>>(),
+            shape,
+            device,
+        )?,
+        S::BF16 => Tensor::from_vec(
+            data.chunks_exact(2)
+                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect::<Vec<_>>(),
+            shape,
+            device,
+        )?,
         other => anyhow::bail!("dtype {other:?} is not supported (F32, F16, BF16)"),
     };
     Ok(t)
@@ -355,12 +423,16 @@ pub fn tensor_from_view(view: &safetensors::tensor::TensorView<'_>, device: &Dev
 
 /// Dropout that is active only when given an RNG (training), seeded so runs repeat.
 fn dropout(x: &Tensor, p: f32, rng: &mut Option<&mut ChaCha8Rng>) -> candle_core::Result<Tensor> {
-    let Some(rng) = rng.as_deref_mut() else { return Ok(x.clone()) };
+    let Some(rng) = rng.as_deref_mut() else {
+        return Ok(x.clone());
+    };
     if p <= 0.0 {
         return Ok(x.clone());
     }
     let scale = 1.0 / (1.0 - p);
-    let mask: Vec<f32> = (0..x.elem_count()).map(|_| if rng.random::<f32>() < p { 0.0 } else { scale }).collect();
+    let mask: Vec<f32> = (0..x.elem_count())
+        .map(|_| if rng.random::<f32>() < p { 0.0 } else { scale })
+        .collect();
     x.mul(&Tensor::from_vec(mask, x.shape(), x.device())?)
 }
 
@@ -400,7 +472,9 @@ impl Batch {
         let mut mask = vec![0u32; rows.len() * len];
         for (i, r) in rows.iter().enumerate() {
             ids[i * len..i * len + r.len()].copy_from_slice(r);
-            mask[i * len..i * len + r.len()].iter_mut().for_each(|m| *m = 1);
+            mask[i * len..i * len + r.len()]
+                .iter_mut()
+                .for_each(|m| *m = 1);
         }
         Ok(Batch {
             ids: Tensor::from_vec(ids, (rows.len(), len), device)?,
@@ -436,7 +510,8 @@ pub fn encode(
     let (b, s) = batch.ids.dims2()?;
     let pre = cfg.prefix();
     let device = batch.ids.device();
-    let words = p[&format!("{pre}.embeddings.word_embeddings.weight")].embedding(&batch.ids.flatten_all()?)?;
+    let words = p[&format!("{pre}.embeddings.word_embeddings.weight")]
+        .embedding(&batch.ids.flatten_all()?)?;
     let positions = Tensor::arange(0u32, s as u32, device)?;
     let pos = p[&format!("{pre}.embeddings.position_embeddings.weight")].embedding(&positions)?;
     let mut x = words.reshape((b, s, cfg.hidden))?.broadcast_add(&pos)?;
@@ -445,7 +520,12 @@ pub fn encode(
         let tt = p[&format!("{pre}.embeddings.token_type_embeddings.weight")].get(0)?;
         x = x.broadcast_add(&tt)?;
     }
-    x = layer_norm(&x, &p[&format!("{pre}.embeddings.LayerNorm.weight")], &p[&format!("{pre}.embeddings.LayerNorm.bias")], cfg.layer_norm_eps)?;
+    x = layer_norm(
+        &x,
+        &p[&format!("{pre}.embeddings.LayerNorm.weight")],
+        &p[&format!("{pre}.embeddings.LayerNorm.bias")],
+        cfg.layer_norm_eps,
+    )?;
     x = dropout(&x, cfg.hidden_dropout, &mut rng)?;
 
     // HF's extended mask: (1 - mask) * large negative, shape (b, 1, 1, s).
@@ -461,12 +541,25 @@ pub fn encode(
         let scores = q.matmul(&k.t()?.contiguous()?)?.broadcast_add(&bias)?;
         let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
         let probs = dropout(&probs, cfg.attention_dropout, &mut rng)?;
-        let ctx = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, s, cfg.hidden))?;
+        let ctx = probs
+            .matmul(&v)?
+            .transpose(1, 2)?
+            .reshape((b, s, cfg.hidden))?;
         let attn = dropout(&linear(&ctx, p, &n.attn_out)?, cfg.hidden_dropout, &mut rng)?;
-        x = layer_norm(&(attn + &x)?, &p[&format!("{}.weight", n.attn_norm)], &p[&format!("{}.bias", n.attn_norm)], cfg.layer_norm_eps)?;
+        x = layer_norm(
+            &(attn + &x)?,
+            &p[&format!("{}.weight", n.attn_norm)],
+            &p[&format!("{}.bias", n.attn_norm)],
+            cfg.layer_norm_eps,
+        )?;
         let hmid = activate(&linear(&x, p, &n.ffn_in)?, cfg.activation)?;
         let ffn = dropout(&linear(&hmid, p, &n.ffn_out)?, cfg.hidden_dropout, &mut rng)?;
-        x = layer_norm(&(ffn + &x)?, &p[&format!("{}.weight", n.ffn_norm)], &p[&format!("{}.bias", n.ffn_norm)], cfg.layer_norm_eps)?;
+        x = layer_norm(
+            &(ffn + &x)?,
+            &p[&format!("{}.weight", n.ffn_norm)],
+            &p[&format!("{}.bias", n.ffn_norm)],
+            cfg.layer_norm_eps,
+        )?;
     }
     Ok(x)
 }
@@ -504,13 +597,17 @@ pub fn resolve_model_dir(path: &Path) -> anyhow::Result<PathBuf> {
     let hub = std::env::var_os("HF_HUB_CACHE")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HF_HOME").map(|h| PathBuf::from(h).join("hub")))
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/huggingface/hub")));
+        .or_else(|| {
+            std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/huggingface/hub"))
+        });
     if let Some(hub) = hub {
         let repo = hub.join(format!("models--{id}"));
         let rev = std::fs::read_to_string(repo.join("refs/main")).ok();
         let snapshot = match rev {
             Some(r) => Some(repo.join("snapshots").join(r.trim())),
-            None => std::fs::read_dir(repo.join("snapshots")).ok().and_then(|rd| rd.flatten().map(|e| e.path()).next()),
+            None => std::fs::read_dir(repo.join("snapshots"))
+                .ok()
+                .and_then(|rd| rd.flatten().map(|e| e.path()).next()),
         };
         if let Some(s) = snapshot.filter(|s| s.join("config.json").exists()) {
             return Ok(s);
@@ -524,12 +621,28 @@ pub fn resolve_model_dir(path: &Path) -> anyhow::Result<PathBuf> {
 
 /// Write an HF folder: config.json with the head's keys, model.safetensors with
 /// `{"format": "pt"}` metadata (transformers refuses a file without it), tokenizer files.
-pub fn export(dir: &Path, cfg: &EncoderConfig, tensors: &[(String, Tensor)], labels: &[String], tokenizer_from: &Path) -> anyhow::Result<()> {
+pub fn export(
+    dir: &Path,
+    cfg: &EncoderConfig,
+    tensors: &[(String, Tensor)],
+    labels: &[String],
+    tokenizer_from: &Path,
+) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir)?;
     let mut config = cfg.raw.clone();
     config["architectures"] = serde_json::json!([cfg.architecture_name()]);
-    config["id2label"] = labels.iter().enumerate().map(|(i, l)| (i.to_string(), Value::String(l.clone()))).collect::<serde_json::Map<_, _>>().into();
-    config["label2id"] = labels.iter().enumerate().map(|(i, l)| (l.clone(), Value::from(i))).collect::<serde_json::Map<_, _>>().into();
+    config["id2label"] = labels
+        .iter()
+        .enumerate()
+        .map(|(i, l)| (i.to_string(), Value::String(l.clone())))
+        .collect::<serde_json::Map<_, _>>()
+        .into();
+    config["label2id"] = labels
+        .iter()
+        .enumerate()
+        .map(|(i, l)| (l.clone(), Value::from(i)))
+        .collect::<serde_json::Map<_, _>>()
+        .into();
     config["problem_type"] = "multi_label_classification".into();
     if let Some(o) = config.as_object_mut() {
         o.remove("_name_or_path");
@@ -540,19 +653,38 @@ pub fn export(dir: &Path, cfg: &EncoderConfig, tensors: &[(String, Tensor)], lab
         .iter()
         .map(|(n, t)| {
             let v: Vec<f32> = t.flatten_all()?.to_vec1()?;
-            Ok((n.clone(), v.iter().flat_map(|x| x.to_le_bytes()).collect(), t.dims().to_vec()))
+            Ok((
+                n.clone(),
+                v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+                t.dims().to_vec(),
+            ))
         })
         .collect::<anyhow::Result<_>>()?;
     let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = data
         .iter()
-        .map(|(n, b, s)| Ok((n.clone(), safetensors::tensor::TensorView::new(safetensors::tensor::Dtype::F32, s.clone(), b)?)))
+        .map(|(n, b, s)| {
+            Ok((
+                n.clone(),
+                safetensors::tensor::TensorView::new(
+                    safetensors::tensor::Dtype::F32,
+                    s.clone(),
+                    b,
+                )?,
+            ))
+        })
         .collect::<anyhow::Result<_>>()?;
     let metadata = Some(HashMap::from([("format".to_string(), "pt".to_string())]));
     safetensors::serialize_to_file(views, metadata, &dir.join("model.safetensors"))?;
-    for f in ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"] {
+    for f in [
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "vocab.txt",
+    ] {
         let src = tokenizer_from.join(f);
         if src.exists() {
-            std::fs::copy(&src, dir.join(f)).with_context(|| format!("copying {}", src.display()))?;
+            std::fs::copy(&src, dir.join(f))
+                .with_context(|| format!("copying {}", src.display()))?;
         }
     }
     Ok(())
@@ -577,8 +709,18 @@ impl Classifier {
         })?;
         let mut labels = vec![String::new(); id2label.len()];
         for (k, v) in id2label {
-            let i: usize = k.parse().map_err(|_| anyhow::anyhow!("{}: id2label key `{k}` is not an index", config_path.display()))?;
-            let slot = labels.get_mut(i).ok_or_else(|| anyhow::anyhow!("{}: id2label index {i} is out of range", config_path.display()))?;
+            let i: usize = k.parse().map_err(|_| {
+                anyhow::anyhow!(
+                    "{}: id2label key `{k}` is not an index",
+                    config_path.display()
+                )
+            })?;
+            let slot = labels.get_mut(i).ok_or_else(|| {
+                anyhow::anyhow!(
+                    "{}: id2label index {i} is out of range",
+                    config_path.display()
+                )
+            })?;
             *slot = v.as_str().unwrap_or_default().to_owned();
         }
         let file = &md.weights;
@@ -587,14 +729,29 @@ impl Classifier {
         let mut weights = HashMap::new();
         for (name, shape, _) in param_specs(&md.cfg, labels.len()) {
             let t = loaded.get(&name).ok_or_else(|| {
-                anyhow::anyhow!("{}: tensor `{name}` is missing; is this a fine-tuned {} export?", file.display(), md.cfg.architecture_name())
+                anyhow::anyhow!(
+                    "{}: tensor `{name}` is missing; is this a fine-tuned {} export?",
+                    file.display(),
+                    md.cfg.architecture_name()
+                )
             })?;
             if t.dims() != shape.as_slice() {
-                anyhow::bail!("{}: tensor `{name}` has shape {:?}, config.json implies {:?}", file.display(), t.dims(), shape);
+                anyhow::bail!(
+                    "{}: tensor `{name}` has shape {:?}, config.json implies {:?}",
+                    file.display(),
+                    t.dims(),
+                    shape
+                );
             }
             weights.insert(name, t.to_dtype(DType::F32)?);
         }
-        Ok(Classifier { dir: md.dir, cfg: md.cfg, labels, weights, device: device.clone() })
+        Ok(Classifier {
+            dir: md.dir,
+            cfg: md.cfg,
+            labels,
+            weights,
+            device: device.clone(),
+        })
     }
 
     /// Sigmoid scores for pre-tokenized rows (row-major, rows × labels).

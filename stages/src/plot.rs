@@ -29,7 +29,10 @@ pub struct PlotParams {
 
 impl Default for PlotParams {
     fn default() -> Self {
-        PlotParams { formats: vec![Format::Png, Format::Svg], width: 1000 }
+        PlotParams {
+            formats: vec![Format::Png, Format::Svg],
+            width: 1000,
+        }
     }
 }
 
@@ -48,14 +51,32 @@ impl ChartData {
     pub fn read(evaluate_dir: &Path, train_dir: &Path) -> anyhow::Result<ChartData> {
         let m: Value = crate::read_json(&evaluate_dir.join("metrics.json"))?;
         let labels: Vec<String> = serde_json::from_value(m["labels"].clone())?;
-        let per = |policy: &str, l: &str, key: &str| m["policies"][policy]["per_label"][l][key].as_f64().unwrap_or(0.0);
+        let per = |policy: &str, l: &str, key: &str| {
+            m["policies"][policy]["per_label"][l][key]
+                .as_f64()
+                .unwrap_or(0.0)
+        };
         let f1_tuned = labels.iter().map(|l| per("tuned", l, "f1")).collect();
         let f1_05 = labels.iter().map(|l| per("0.5", l, "f1")).collect();
-        let operating = labels.iter().map(|l| (per("tuned", l, "recall"), per("tuned", l, "precision"), per("tuned", l, "threshold") as f32)).collect();
+        let operating = labels
+            .iter()
+            .map(|l| {
+                (
+                    per("tuned", l, "recall"),
+                    per("tuned", l, "precision"),
+                    per("tuned", l, "threshold") as f32,
+                )
+            })
+            .collect();
         let (scores, truth) = read_scores(&evaluate_dir.join("test_scores.safetensors"))?;
         let n = labels.len();
         let pr = (0..n)
-            .map(|l| metrics::pr_curve(&scores, &truth, n, l).into_iter().map(|(_, p, r)| (r, p)).collect())
+            .map(|l| {
+                metrics::pr_curve(&scores, &truth, n, l)
+                    .into_iter()
+                    .map(|(_, p, r)| (r, p))
+                    .collect()
+            })
             .collect();
         let log: TrainLog = crate::read_json(&train_dir.join("train_log.json"))?;
         Ok(ChartData {
@@ -65,18 +86,34 @@ impl ChartData {
             operating,
             pr,
             loss: log.steps.iter().map(|s| (s.step as f64, s.loss)).collect(),
-            dev_f1: log.epochs.iter().map(|e| (e.epoch as f64, e.dev_macro_f1)).collect(),
+            dev_f1: log
+                .epochs
+                .iter()
+                .map(|e| (e.epoch as f64, e.dev_macro_f1))
+                .collect(),
         })
     }
 
     pub fn bars(&self) -> F1Bars<'_> {
-        F1Bars { labels: &self.labels, tuned: &self.f1_tuned, fixed: &self.f1_05, fixed_name: "0.5" }
+        F1Bars {
+            labels: &self.labels,
+            tuned: &self.f1_tuned,
+            fixed: &self.f1_05,
+            fixed_name: "0.5",
+        }
     }
     pub fn curves(&self) -> Curves<'_> {
-        Curves { loss: &self.loss, dev_f1: &self.dev_f1 }
+        Curves {
+            loss: &self.loss,
+            dev_f1: &self.dev_f1,
+        }
     }
     pub fn pr_curves(&self) -> PrCurves<'_> {
-        PrCurves { labels: &self.labels, curves: &self.pr, operating: &self.operating }
+        PrCurves {
+            labels: &self.labels,
+            curves: &self.pr,
+            operating: &self.operating,
+        }
     }
     pub fn bar_size(&self, width: u32) -> (u32, u32) {
         (width, 120 + 26 * self.labels.len() as u32)
@@ -84,9 +121,15 @@ impl ChartData {
 }
 
 pub fn read_scores(path: &Path) -> anyhow::Result<(Vec<f32>, Vec<u8>)> {
-    let bytes = std::fs::read(path).map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?;
+    let bytes =
+        std::fs::read(path).map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?;
     let st = safetensors::SafeTensors::deserialize(&bytes)?;
-    let scores = st.tensor("scores")?.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+    let scores = st
+        .tensor("scores")?
+        .data()
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
     let truth = st.tensor("truth")?.data().to_vec();
     Ok((scores, truth))
 }
@@ -108,7 +151,11 @@ impl Stage for PlotStage {
     }
     fn inputs(&self) -> Inputs {
         const SPECS: &[InputSpec] = &[
-            InputSpec::stage("evaluate", "metrics and test scores from evaluate", &["evaluate"]),
+            InputSpec::stage(
+                "evaluate",
+                "metrics and test scores from evaluate",
+                &["evaluate"],
+            ),
             InputSpec::stage("train", "train_log.json from train", &["train"]),
         ];
         Inputs::Fixed(SPECS)
@@ -117,10 +164,16 @@ impl Stage for PlotStage {
         let v = resolve_typed::<PlotParams>(raw)?;
         let w = v["width"].as_u64().unwrap_or(0);
         if !(400..=8000).contains(&w) {
-            return Err(ParamError::new("width", format!("width must be between 400 and 8000 pixels, got {w}")));
+            return Err(ParamError::new(
+                "width",
+                format!("width must be between 400 and 8000 pixels, got {w}"),
+            ));
         }
         if v["formats"].as_array().is_some_and(|f| f.is_empty()) {
-            return Err(ParamError::new("formats", "formats is empty: give png, svg or both"));
+            return Err(ParamError::new(
+                "formats",
+                "formats is empty: give png, svg or both",
+            ));
         }
         Ok(v)
     }
@@ -133,14 +186,29 @@ impl Stage for PlotStage {
         for f in &p.formats {
             match f {
                 Format::Png => {
-                    charts::png(&out.join("f1_scores_barplot.png"), bar_size, |a| charts::f1_bars(a, &d.bars()))?;
-                    charts::png(&out.join("training_curves.png"), CURVES_SIZE, |a| charts::training_curves(a, &d.curves()))?;
-                    charts::png(&out.join("pr_curves.png"), PR_SIZE, |a| charts::pr_curves(a, &d.pr_curves()))?;
+                    charts::png(&out.join("f1_scores_barplot.png"), bar_size, |a| {
+                        charts::f1_bars(a, &d.bars())
+                    })?;
+                    charts::png(&out.join("training_curves.png"), CURVES_SIZE, |a| {
+                        charts::training_curves(a, &d.curves())
+                    })?;
+                    charts::png(&out.join("pr_curves.png"), PR_SIZE, |a| {
+                        charts::pr_curves(a, &d.pr_curves())
+                    })?;
                 }
                 Format::Svg => {
-                    std::fs::write(out.join("f1_scores_barplot.svg"), charts::svg(bar_size, |a| charts::f1_bars(a, &d.bars()))?)?;
-                    std::fs::write(out.join("training_curves.svg"), charts::svg(CURVES_SIZE, |a| charts::training_curves(a, &d.curves()))?)?;
-                    std::fs::write(out.join("pr_curves.svg"), charts::svg(PR_SIZE, |a| charts::pr_curves(a, &d.pr_curves()))?)?;
+                    std::fs::write(
+                        out.join("f1_scores_barplot.svg"),
+                        charts::svg(bar_size, |a| charts::f1_bars(a, &d.bars()))?,
+                    )?;
+                    std::fs::write(
+                        out.join("training_curves.svg"),
+                        charts::svg(CURVES_SIZE, |a| charts::training_curves(a, &d.curves()))?,
+                    )?;
+                    std::fs::write(
+                        out.join("pr_curves.svg"),
+                        charts::svg(PR_SIZE, |a| charts::pr_curves(a, &d.pr_curves()))?,
+                    )?;
                 }
             }
         }

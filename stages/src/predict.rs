@@ -54,14 +54,29 @@ pub fn find_thresholds(model: &Path, given: Option<&Path>) -> Option<PathBuf> {
     if let Some(g) = given {
         return Some(g.to_path_buf());
     }
-    [model.join("thresholds.json"), model.parent().unwrap_or(Path::new(".")).join("thresholds.json")].into_iter().find(|p| p.exists())
+    [
+        model.join("thresholds.json"),
+        model
+            .parent()
+            .unwrap_or(Path::new("."))
+            .join("thresholds.json"),
+    ]
+    .into_iter()
+    .find(|p| p.exists())
 }
 
-pub fn predict(inputs: &[InputText], opts: &PredictOptions, out: &mut dyn Write) -> anyhow::Result<PredictStats> {
+pub fn predict(
+    inputs: &[InputText],
+    opts: &PredictOptions,
+    out: &mut dyn Write,
+) -> anyhow::Result<PredictStats> {
     let device = crate::train::select_device(crate::train::DeviceChoice::Auto)?;
     let classifier = Classifier::load(&opts.model, &device)?;
     let n = classifier.labels.len();
-    let thresholds: Vec<f32> = match (opts.threshold, find_thresholds(&opts.model, opts.thresholds.as_deref())) {
+    let thresholds: Vec<f32> = match (
+        opts.threshold,
+        find_thresholds(&opts.model, opts.thresholds.as_deref()),
+    ) {
         (Some(t), _) => vec![t; n],
         (None, Some(path)) => {
             let t: Thresholds = crate::read_json(&path)?;
@@ -89,18 +104,25 @@ pub fn predict(inputs: &[InputText], opts: &PredictOptions, out: &mut dyn Write)
             warnings.push(Some("empty text".into()));
             continue;
         }
-        let enc = tokenizer.encode_fast(input.text.as_str(), true).map_err(|e| anyhow::anyhow!("{}: cannot tokenize: {e}", input.origin))?;
+        let enc = tokenizer
+            .encode_fast(input.text.as_str(), true)
+            .map_err(|e| anyhow::anyhow!("{}: cannot tokenize: {e}", input.origin))?;
         let mut warning = None;
         if !enc.get_overflowing().is_empty() {
             truncated += 1;
-            tracing::warn!("{}: longer than the model's {limit} tokens; truncated", input.origin);
+            tracing::warn!(
+                "{}: longer than the model's {limit} tokens; truncated",
+                input.origin
+            );
             warning = Some(format!("truncated to {limit} tokens"));
         }
         encoded.push(enc.get_ids().to_vec());
         warnings.push(warning);
     }
     // Batches of similar length; results go back in input order.
-    let mut order: Vec<usize> = (0..inputs.len()).filter(|&i| !encoded[i].is_empty()).collect();
+    let mut order: Vec<usize> = (0..inputs.len())
+        .filter(|&i| !encoded[i].is_empty())
+        .collect();
     order.sort_by_key(|&i| encoded[i].len());
     let mut scores = vec![Vec::new(); inputs.len()];
     for chunk in order.chunks(opts.batch_size.max(1)) {
@@ -116,21 +138,36 @@ pub fn predict(inputs: &[InputText], opts: &PredictOptions, out: &mut dyn Write)
             .iter()
             .enumerate()
             .filter(|(l, s)| opts.top_k.is_some() || **s >= thresholds[*l])
-            .map(|(l, &s)| LabelScore { label: &classifier.labels[l], score: s })
+            .map(|(l, &s)| LabelScore {
+                label: &classifier.labels[l],
+                score: s,
+            })
             .collect();
         labels.sort_by(|a, b| b.score.total_cmp(&a.score));
         if let Some(k) = opts.top_k {
             labels.truncate(k);
         }
-        let line = serde_json::to_string(&Prediction { text: &input.text, labels, warning: warnings[i].clone() })?;
+        let line = serde_json::to_string(&Prediction {
+            text: &input.text,
+            labels,
+            warning: warnings[i].clone(),
+        })?;
         writeln!(out, "{line}")?;
     }
-    Ok(PredictStats { texts: inputs.len(), seconds, truncated })
+    Ok(PredictStats {
+        texts: inputs.len(),
+        seconds,
+        truncated,
+    })
 }
 
 /// Texts from a file or stdin: one per line, or JSON lines with a `text` field (a `.jsonl`
 /// file, or input whose first line is a JSON object). Names the line of any bad input.
-pub fn parse_texts(bytes: &[u8], origin: &str, jsonl: Option<bool>) -> anyhow::Result<Vec<InputText>> {
+pub fn parse_texts(
+    bytes: &[u8],
+    origin: &str,
+    jsonl: Option<bool>,
+) -> anyhow::Result<Vec<InputText>> {
     let body = bytes.strip_suffix(b"\n").unwrap_or(bytes);
     if body.is_empty() {
         return Ok(Vec::new());
@@ -139,19 +176,31 @@ pub fn parse_texts(bytes: &[u8], origin: &str, jsonl: Option<bool>) -> anyhow::R
     for (i, raw) in body.split(|&b| b == b'\n').enumerate() {
         let raw = raw.strip_suffix(b"\r").unwrap_or(raw);
         let text = std::str::from_utf8(raw).map_err(|e| {
-            anyhow::anyhow!("{origin}:{}: not valid UTF-8 (byte {}); goemo predict reads UTF-8 text", i + 1, e.valid_up_to() + 1)
+            anyhow::anyhow!(
+                "{origin}:{}: not valid UTF-8 (byte {}); goemo predict reads UTF-8 text",
+                i + 1,
+                e.valid_up_to() + 1
+            )
         })?;
         lines.push(text);
     }
-    let jsonl = jsonl.unwrap_or_else(|| lines.first().is_some_and(|l| l.trim_start().starts_with('{')));
+    let jsonl = jsonl.unwrap_or_else(|| {
+        lines
+            .first()
+            .is_some_and(|l| l.trim_start().starts_with('{'))
+    });
     lines
         .into_iter()
         .enumerate()
         .map(|(i, l)| {
             let origin = format!("{origin}:{}", i + 1);
             let text = if jsonl {
-                let v: serde_json::Value = serde_json::from_str(l).map_err(|e| anyhow::anyhow!("{origin}: not a JSON object: {e}"))?;
-                v["text"].as_str().ok_or_else(|| anyhow::anyhow!("{origin}: no string field `text`"))?.to_owned()
+                let v: serde_json::Value = serde_json::from_str(l)
+                    .map_err(|e| anyhow::anyhow!("{origin}: not a JSON object: {e}"))?;
+                v["text"]
+                    .as_str()
+                    .ok_or_else(|| anyhow::anyhow!("{origin}: no string field `text`"))?
+                    .to_owned()
             } else {
                 l.to_owned()
             };

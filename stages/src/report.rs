@@ -48,7 +48,12 @@ impl Stage for ReportStage {
             InputSpec::stage("evaluate", "metrics from evaluate", &["evaluate"]),
             InputSpec::stage("train", "the model and training log from train", &["train"]),
             InputSpec::stage("tokens", "token statistics from tokenize", &["tokenize"]),
-            InputSpec::stage("dataset", "the data summary from sample or load", &["sample", "load"]).optional(),
+            InputSpec::stage(
+                "dataset",
+                "the data summary from sample or load",
+                &["sample", "load"],
+            )
+            .optional(),
         ];
         Inputs::Fixed(SPECS)
     }
@@ -61,17 +66,41 @@ impl Stage for ReportStage {
         let eval_dir = ctx.input("evaluate")?;
         let m: Value = crate::read_json(&eval_dir.join("metrics.json"))?;
         for (policy, suffix) in [("tuned", ""), ("0.5", "_at_0.5"), ("0.3", "_at_0.3")] {
-            std::fs::write(ctx.out_dir.join(format!("emotion_classification_report{suffix}.csv")), classification_csv(&m, policy)?)?;
+            std::fs::write(
+                ctx.out_dir
+                    .join(format!("emotion_classification_report{suffix}.csv")),
+                classification_csv(&m, policy)?,
+            )?;
         }
-        crate::write_json(&ctx.out_dir.join("overall_metrics.json"), &overall_metrics(&m))?;
+        crate::write_json(
+            &ctx.out_dir.join("overall_metrics.json"),
+            &overall_metrics(&m),
+        )?;
 
         let charts_data = ChartData::read(eval_dir, ctx.input("train")?)?;
-        let tokens: TokensMeta = crate::read_json(&ctx.input("tokens")?.join(crate::tokens::META_FILE))?;
-        let summary: Option<Value> = ctx.optional_input("dataset").and_then(|d| crate::read_json(&d.join("summary.json")).ok());
-        let train_metrics: Option<Value> =
-            ctx.upstream_volatile.get("train").and_then(|d| crate::read_json(&d.join("train_metrics.json")).ok());
-        let model_config: Option<Value> = crate::read_json(&ctx.input("train")?.join("model/config.json")).ok();
-        let page = Page { title: p.title.unwrap_or_else(|| "goemo: GoEmotions emotion classification".into()), m: &m, charts: &charts_data, tokens: &tokens, summary: summary.as_ref(), train_metrics: train_metrics.as_ref(), model_config: model_config.as_ref(), ctx };
+        let tokens: TokensMeta =
+            crate::read_json(&ctx.input("tokens")?.join(crate::tokens::META_FILE))?;
+        let summary: Option<Value> = ctx
+            .optional_input("dataset")
+            .and_then(|d| crate::read_json(&d.join("summary.json")).ok());
+        let train_metrics: Option<Value> = ctx
+            .upstream_volatile
+            .get("train")
+            .and_then(|d| crate::read_json(&d.join("train_metrics.json")).ok());
+        let model_config: Option<Value> =
+            crate::read_json(&ctx.input("train")?.join("model/config.json")).ok();
+        let page = Page {
+            title: p
+                .title
+                .unwrap_or_else(|| "goemo: GoEmotions emotion classification".into()),
+            m: &m,
+            charts: &charts_data,
+            tokens: &tokens,
+            summary: summary.as_ref(),
+            train_metrics: train_metrics.as_ref(),
+            model_config: model_config.as_ref(),
+            ctx,
+        };
         std::fs::write(ctx.volatile_dir.join("report.html"), page.html()?)?;
         std::fs::write(ctx.volatile_dir.join("report.md"), page.markdown())?;
         Ok(())
@@ -94,11 +123,25 @@ pub fn classification_csv(m: &Value, policy: &str) -> anyhow::Result<String> {
     for l in &labels {
         let r = &p["per_label"][l];
         total += r["support"].as_u64().unwrap_or(0);
-        let _ = writeln!(out, "{l},{:.6},{:.6},{:.6},{},{:.6}", f(&r["precision"]), f(&r["recall"]), f(&r["f1"]), r["support"], f(&r["threshold"]));
+        let _ = writeln!(
+            out,
+            "{l},{:.6},{:.6},{:.6},{},{:.6}",
+            f(&r["precision"]),
+            f(&r["recall"]),
+            f(&r["f1"]),
+            r["support"],
+            f(&r["threshold"])
+        );
     }
     for avg in ["micro", "macro", "weighted", "samples"] {
         let r = &p[avg];
-        let _ = writeln!(out, "{avg} avg,{:.6},{:.6},{:.6},{total},", f(&r["precision"]), f(&r["recall"]), f(&r["f1"]));
+        let _ = writeln!(
+            out,
+            "{avg} avg,{:.6},{:.6},{:.6},{total},",
+            f(&r["precision"]),
+            f(&r["recall"]),
+            f(&r["f1"])
+        );
     }
     Ok(out)
 }
@@ -113,12 +156,24 @@ pub fn overall_metrics(m: &Value) -> Value {
                 flat.insert(format!("eval_{avg}_{k}{suffix}"), p[avg][k].clone());
             }
         }
-        flat.insert(format!("eval_exact_match{suffix}"), p["exact_match"].clone());
-        flat.insert(format!("eval_hamming_loss{suffix}"), p["hamming_loss"].clone());
-        flat.insert(format!("eval_macro_f1_ci95{suffix}"), m["bootstrap"]["macro_f1_95ci"][policy].clone());
+        flat.insert(
+            format!("eval_exact_match{suffix}"),
+            p["exact_match"].clone(),
+        );
+        flat.insert(
+            format!("eval_hamming_loss{suffix}"),
+            p["hamming_loss"].clone(),
+        );
+        flat.insert(
+            format!("eval_macro_f1_ci95{suffix}"),
+            m["bootstrap"]["macro_f1_95ci"][policy].clone(),
+        );
     }
     flat.insert("eval_macro_roc_auc".into(), m["macro_roc_auc"].clone());
-    flat.insert("eval_macro_average_precision".into(), m["macro_average_precision"].clone());
+    flat.insert(
+        "eval_macro_average_precision".into(),
+        m["macro_average_precision"].clone(),
+    );
     flat.insert("eval_samples".into(), m["test_rows"].clone());
     let mut out = Value::Object(flat);
     out["policies"] = m["policies"].clone();
@@ -141,13 +196,20 @@ struct Page<'a> {
 }
 
 fn esc(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
 }
 
 impl Page<'_> {
     fn macro_line(&self, policy: &str) -> (f64, f64, f64) {
         let ci = &self.m["bootstrap"]["macro_f1_95ci"][policy];
-        (f(&self.m["policies"][policy]["macro"]["f1"]), f(&ci[0]), f(&ci[1]))
+        (
+            f(&self.m["policies"][policy]["macro"]["f1"]),
+            f(&ci[0]),
+            f(&ci[1]),
+        )
     }
 
     fn backbone(&self) -> String {
@@ -155,7 +217,10 @@ impl Page<'_> {
         format!(
             "{} ({} layers, hidden {})",
             c["architectures"][0].as_str().unwrap_or("?"),
-            c["num_hidden_layers"].as_u64().or(c["n_layers"].as_u64()).unwrap_or(0),
+            c["num_hidden_layers"]
+                .as_u64()
+                .or(c["n_layers"].as_u64())
+                .unwrap_or(0),
             c["hidden_size"].as_u64().or(c["dim"].as_u64()).unwrap_or(0)
         )
     }
@@ -166,7 +231,15 @@ impl Page<'_> {
             .run_record
             .stages
             .iter()
-            .map(|s| (s.name.clone(), s.kind.clone(), s.key[..12.min(s.key.len())].to_owned(), s.wall_s, serde_json::to_string(&s.params).unwrap_or_default()))
+            .map(|s| {
+                (
+                    s.name.clone(),
+                    s.kind.clone(),
+                    s.key[..12.min(s.key.len())].to_owned(),
+                    s.wall_s,
+                    serde_json::to_string(&s.params).unwrap_or_default(),
+                )
+            })
             .collect()
     }
 
@@ -178,7 +251,11 @@ impl Page<'_> {
             .map(|l| {
                 let a = &p["0.5"]["per_label"][l];
                 let t = &p["tuned"]["per_label"][l];
-                let opt = |v: &Value| v.as_f64().map(|x| format!("{x:.3}")).unwrap_or_else(|| "–".into());
+                let opt = |v: &Value| {
+                    v.as_f64()
+                        .map(|x| format!("{x:.3}"))
+                        .unwrap_or_else(|| "–".into())
+                };
                 [
                     l.clone(),
                     t["support"].to_string(),
@@ -189,7 +266,11 @@ impl Page<'_> {
                     format!("{:.3}", f(&t["precision"])),
                     format!("{:.3}", f(&t["recall"])),
                     format!("{:.3}", f(&t["f1"])),
-                    format!("{} / {}", opt(&self.m["roc_auc"][l]), opt(&self.m["average_precision"][l])),
+                    format!(
+                        "{} / {}",
+                        opt(&self.m["roc_auc"][l]),
+                        opt(&self.m["average_precision"][l])
+                    ),
                 ]
             })
             .collect()
@@ -199,34 +280,76 @@ impl Page<'_> {
         let mut rows = Vec::new();
         if let Some(s) = self.summary {
             for split in ["train", "dev", "test"] {
-                let n = s["sample"]["splits_after"][split]["rows"].as_u64().or(s["rows"][split].as_u64()).unwrap_or(0);
-                let share = s["splits"][split]["multi_label_share"].as_f64().unwrap_or(0.0);
-                rows.push((format!("{split} rows"), format!("{n} ({:.1}% multi-label in the full split)", share * 100.0)));
+                let n = s["sample"]["splits_after"][split]["rows"]
+                    .as_u64()
+                    .or(s["rows"][split].as_u64())
+                    .unwrap_or(0);
+                let share = s["splits"][split]["multi_label_share"]
+                    .as_f64()
+                    .unwrap_or(0.0);
+                rows.push((
+                    format!("{split} rows"),
+                    format!("{n} ({:.1}% multi-label in the full split)", share * 100.0),
+                ));
             }
-            rows.push(("labels".into(), format!("{} ({})", s["labels"].as_array().map(Vec::len).unwrap_or(0), s["taxonomy"].as_str().unwrap_or("original"))));
-            rows.push(("rows rejected by load".into(), s["rejected"]["total"].to_string()));
+            rows.push((
+                "labels".into(),
+                format!(
+                    "{} ({})",
+                    s["labels"].as_array().map(Vec::len).unwrap_or(0),
+                    s["taxonomy"].as_str().unwrap_or("original")
+                ),
+            ));
+            rows.push((
+                "rows rejected by load".into(),
+                s["rejected"]["total"].to_string(),
+            ));
             if let Some(fr) = s["sample"]["fraction"].as_f64() {
                 rows.push(("sample fraction".into(), format!("{fr}")));
             }
         }
         let l = &self.tokens.lengths;
-        rows.push(("tokens per text".into(), format!("mean {:.1}, p50 {}, p95 {}, p99 {}, max {} ({} truncated at {})", l.mean, l.p50, l.p95, l.p99, l.max, l.truncated, self.tokens.max_len)));
+        rows.push((
+            "tokens per text".into(),
+            format!(
+                "mean {:.1}, p50 {}, p95 {}, p99 {}, max {} ({} truncated at {})",
+                l.mean, l.p50, l.p95, l.p99, l.max, l.truncated, self.tokens.max_len
+            ),
+        ));
         rows
     }
 
     fn training_rows(&self) -> Vec<(String, String)> {
         let mut rows = vec![("backbone".to_owned(), self.backbone())];
         if let Some(t) = self.train_metrics {
-            rows.push(("train runtime".into(), format!("{:.0} s", f(&t["train_runtime"]))));
-            rows.push(("train samples/s".into(), format!("{:.1}", f(&t["train_samples_per_second"]))));
-            rows.push(("best epoch".into(), format!("{} of {} (dev macro-F1 {:.4} at 0.5)", t["best_epoch"], t["epoch"], f(&t["eval_macro_f1"]))));
+            rows.push((
+                "train runtime".into(),
+                format!("{:.0} s", f(&t["train_runtime"])),
+            ));
+            rows.push((
+                "train samples/s".into(),
+                format!("{:.1}", f(&t["train_samples_per_second"])),
+            ));
+            rows.push((
+                "best epoch".into(),
+                format!(
+                    "{} of {} (dev macro-F1 {:.4} at 0.5)",
+                    t["best_epoch"],
+                    t["epoch"],
+                    f(&t["eval_macro_f1"])
+                ),
+            ));
         }
         rows
     }
 
     fn html(&self) -> anyhow::Result<String> {
-        let bars = charts::svg(self.charts.bar_size(900), |a| charts::f1_bars(a, &self.charts.bars()))?;
-        let curves = charts::svg(CURVES_SIZE, |a| charts::training_curves(a, &self.charts.curves()))?;
+        let bars = charts::svg(self.charts.bar_size(900), |a| {
+            charts::f1_bars(a, &self.charts.bars())
+        })?;
+        let curves = charts::svg(CURVES_SIZE, |a| {
+            charts::training_curves(a, &self.charts.curves())
+        })?;
         let pr = charts::svg(PR_SIZE, |a| charts::pr_curves(a, &self.charts.pr_curves()))?;
         let mut h = String::new();
         let _ = write!(
@@ -239,7 +362,11 @@ figure svg{{max-width:100%;height:auto;border:1px solid #eee}}code{{font-size:.9
             t = esc(&self.title)
         );
         h.push_str("<h2>Results on the test split</h2><table class=\"big\"><tr><th>threshold policy</th><th>macro-F1</th><th>95% bootstrap CI</th><th>micro-F1</th></tr>");
-        for (policy, name) in [("0.5", "0.5 (the seed project's)"), ("0.3", "0.3 (the GoEmotions paper's)"), ("tuned", "per-label, tuned on dev")] {
+        for (policy, name) in [
+            ("0.5", "0.5 (the seed project's)"),
+            ("0.3", "0.3 (the GoEmotions paper's)"),
+            ("tuned", "per-label, tuned on dev"),
+        ] {
             let (m, lo, hi) = self.macro_line(policy);
             let _ = write!(h, "<tr><td>{name}</td><td><b>{m:.4}</b></td><td>{lo:.4} – {hi:.4}</td><td>{:.4}</td></tr>", f(&self.m["policies"][policy]["micro"]["f1"]));
         }
@@ -272,13 +399,25 @@ figure svg{{max-width:100%;height:auto;border:1px solid #eee}}code{{font-size:.9
 
     fn markdown(&self) -> String {
         let mut s = format!("# {}\n\n## Results on the test split\n\n| threshold policy | macro-F1 | 95% CI | micro-F1 |\n|---|---|---|---|\n", self.title);
-        for (policy, name) in [("0.5", "0.5 (seed project)"), ("0.3", "0.3 (GoEmotions paper)"), ("tuned", "tuned on dev")] {
+        for (policy, name) in [
+            ("0.5", "0.5 (seed project)"),
+            ("0.3", "0.3 (GoEmotions paper)"),
+            ("tuned", "tuned on dev"),
+        ] {
             let (m, lo, hi) = self.macro_line(policy);
-            let _ = writeln!(s, "| {name} | **{m:.4}** | {lo:.4}–{hi:.4} | {:.4} |", f(&self.m["policies"][policy]["micro"]["f1"]));
+            let _ = writeln!(
+                s,
+                "| {name} | **{m:.4}** | {lo:.4}–{hi:.4} | {:.4} |",
+                f(&self.m["policies"][policy]["micro"]["f1"])
+            );
         }
         let _ = writeln!(s, "| paper, BERT-base at 0.3 | {PAPER_MACRO_F1:.2} | | |\n\n## Per label\n\n| label | support | F1 @0.5 | threshold | P tuned | R tuned | F1 tuned | ROC-AUC / AP |\n|---|---|---|---|---|---|---|---|");
         for r in self.per_label_rows() {
-            let _ = writeln!(s, "| {} | {} | {} | {} | {} | {} | {} | {} |", r[0], r[1], r[4], r[5], r[6], r[7], r[8], r[9]);
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} | {} | {} | {} | {} | {} |",
+                r[0], r[1], r[4], r[5], r[6], r[7], r[8], r[9]
+            );
         }
         s.push_str("\n## Training\n\n");
         for (k, v) in self.training_rows() {

@@ -27,7 +27,12 @@ pub struct SampleParams {
 
 impl Default for SampleParams {
     fn default() -> Self {
-        SampleParams { fraction: 1.0, seed: 42, stratify: true, splits: Split::ALL.to_vec() }
+        SampleParams {
+            fraction: 1.0,
+            seed: 42,
+            stratify: true,
+            splits: Split::ALL.to_vec(),
+        }
     }
 }
 
@@ -44,14 +49,21 @@ impl Stage for SampleStage {
         "seeded (optionally label-stratified) fraction of each split"
     }
     fn inputs(&self) -> Inputs {
-        const SPECS: &[InputSpec] = &[InputSpec::stage("dataset", "the dataset from load", &["load"])];
+        const SPECS: &[InputSpec] = &[InputSpec::stage(
+            "dataset",
+            "the dataset from load",
+            &["load"],
+        )];
         Inputs::Fixed(SPECS)
     }
     fn resolve_params(&self, raw: &serde_yaml::Value) -> Result<serde_json::Value, ParamError> {
         let v = resolve_typed::<SampleParams>(raw)?;
         let f = v["fraction"].as_f64().unwrap_or(-1.0);
         if !(f > 0.0 && f <= 1.0) {
-            return Err(ParamError::new("fraction", format!("fraction must be in (0, 1], got {f}")));
+            return Err(ParamError::new(
+                "fraction",
+                format!("fraction must be in (0, 1], got {f}"),
+            ));
         }
         Ok(v)
     }
@@ -64,7 +76,8 @@ impl Stage for SampleStage {
         data::write_dataset(ctx.out_dir, &labels, &sampled)?;
         let before = data::summarize(&labels, &rows);
         let after = data::summarize(&labels, &sampled);
-        let rows_before: BTreeMap<&String, usize> = before.iter().map(|(k, v)| (k, v.rows)).collect();
+        let rows_before: BTreeMap<&String, usize> =
+            before.iter().map(|(k, v)| (k, v.rows)).collect();
         let mut load_summary = crate::load::read_summary(input)?;
         // Downstream reads one summary: the load counts, with the sample's on top.
         load_summary["sample"] = serde_json::json!({
@@ -75,26 +88,37 @@ impl Stage for SampleStage {
             "splits_after": after,
         });
         crate::write_json(&ctx.out_dir.join("summary.json"), &load_summary)?;
-        tracing::info!("sample: kept {} of {} rows (fraction {})", sampled.len(), rows.len(), params.fraction);
+        tracing::info!(
+            "sample: kept {} of {} rows (fraction {})",
+            sampled.len(),
+            rows.len(),
+            params.fraction
+        );
         Ok(())
     }
 }
 
 /// Seed for one split: the user's seed mixed with the split, so splits are sampled independently.
 fn split_rng(seed: u64, split: Split) -> rand_chacha::ChaCha8Rng {
-    rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ (0x9E37_79B9_7F4A_7C15u64.wrapping_mul(split as u64 + 1)))
+    rand_chacha::ChaCha8Rng::seed_from_u64(
+        seed ^ (0x9E37_79B9_7F4A_7C15u64.wrapping_mul(split as u64 + 1)),
+    )
 }
 
 pub fn sample(rows: &[Row], n_labels: usize, params: &SampleParams) -> Vec<Row> {
     let mut keep = vec![false; rows.len()];
     for split in Split::ALL {
-        let members: Vec<usize> = (0..rows.len()).filter(|&i| rows[i].split == split).collect();
+        let members: Vec<usize> = (0..rows.len())
+            .filter(|&i| rows[i].split == split)
+            .collect();
         if !params.splits.contains(&split) || params.fraction >= 1.0 {
             members.iter().for_each(|&i| keep[i] = true);
             continue;
         }
         let mut rng = split_rng(params.seed, split);
-        let quota = ((params.fraction * members.len() as f64).round() as usize).max(1).min(members.len());
+        let quota = ((params.fraction * members.len() as f64).round() as usize)
+            .max(1)
+            .min(members.len());
         let mut taken = 0usize;
         if params.stratify {
             let mut count = vec![0usize; n_labels];
@@ -108,8 +132,11 @@ pub fn sample(rows: &[Row], n_labels: usize, params: &SampleParams) -> Vec<Row> 
             order.sort_by_key(|&l| (count[l], l));
             for l in order {
                 let want = ((params.fraction * count[l] as f64).round() as usize).max(1);
-                let mut candidates: Vec<usize> =
-                    members.iter().copied().filter(|&i| !keep[i] && rows[i].labels.contains(&(l as u32))).collect();
+                let mut candidates: Vec<usize> = members
+                    .iter()
+                    .copied()
+                    .filter(|&i| !keep[i] && rows[i].labels.contains(&(l as u32)))
+                    .collect();
                 candidates.shuffle(&mut rng);
                 for i in candidates {
                     if in_sample[l] >= want {
@@ -129,5 +156,9 @@ pub fn sample(rows: &[Row], n_labels: usize, params: &SampleParams) -> Vec<Row> 
             keep[i] = true;
         }
     }
-    rows.iter().zip(keep).filter(|(_, k)| *k).map(|(r, _)| r.clone()).collect()
+    rows.iter()
+        .zip(keep)
+        .filter(|(_, k)| *k)
+        .map(|(r, _)| r.clone())
+        .collect()
 }

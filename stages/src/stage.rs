@@ -34,14 +34,31 @@ pub struct InputSpec {
 impl InputSpec {
     /// An external file or folder (`inputs:` in pipeline.yaml).
     pub const fn path(role: &'static str, what: &'static str) -> Self {
-        InputSpec { role, what, required: true, from_kinds: &[] }
+        InputSpec {
+            role,
+            what,
+            required: true,
+            from_kinds: &[],
+        }
     }
     /// An upstream stage's results (`deps:` in pipeline.yaml).
-    pub const fn stage(role: &'static str, what: &'static str, from_kinds: &'static [&'static str]) -> Self {
-        InputSpec { role, what, required: true, from_kinds }
+    pub const fn stage(
+        role: &'static str,
+        what: &'static str,
+        from_kinds: &'static [&'static str],
+    ) -> Self {
+        InputSpec {
+            role,
+            what,
+            required: true,
+            from_kinds,
+        }
     }
     pub const fn optional(self) -> Self {
-        InputSpec { required: false, ..self }
+        InputSpec {
+            required: false,
+            ..self
+        }
     }
 }
 
@@ -65,7 +82,10 @@ pub struct ParamError {
 
 impl ParamError {
     pub fn new(param: &str, message: impl Into<String>) -> Self {
-        ParamError { param: Some(param.to_owned()), message: message.into() }
+        ParamError {
+            param: Some(param.to_owned()),
+            message: message.into(),
+        }
     }
 }
 
@@ -174,15 +194,24 @@ pub fn resolve_typed<P: DeserializeOwned + Serialize>(
     };
     // Through text rather than `from_value`: serde_yaml's text deserializer prefixes errors with
     // the failing key's path (`lr: invalid type …`), which names the param for the user.
-    let text = serde_yaml::to_string(&raw).map_err(|e| ParamError { param: None, message: e.to_string() })?;
+    let text = serde_yaml::to_string(&raw).map_err(|e| ParamError {
+        param: None,
+        message: e.to_string(),
+    })?;
     let typed: P = serde_yaml::from_str(&text).map_err(|e| {
         let mut message = e.to_string();
         if let Some(pos) = message.find(" at line ") {
             message.truncate(pos);
         }
-        ParamError { param: param_named_in(&message), message }
+        ParamError {
+            param: param_named_in(&message),
+            message,
+        }
     })?;
-    serde_json::to_value(&typed).map_err(|e| ParamError { param: None, message: e.to_string() })
+    serde_json::to_value(&typed).map_err(|e| ParamError {
+        param: None,
+        message: e.to_string(),
+    })
 }
 
 /// serde names the offending field in its messages (`unknown field `lrr``, `lr: invalid type`);
@@ -195,7 +224,10 @@ fn param_named_in(message: &str) -> Option<String> {
         return rest.split('`').next().map(str::to_owned);
     }
     let (path, _) = message.split_once(": ")?;
-    (!path.contains(' ')).then(|| path.trim_end_matches(|c: char| c.is_ascii_digit() || c == '[' || c == ']').to_owned())
+    (!path.contains(' ')).then(|| {
+        path.trim_end_matches(|c: char| c.is_ascii_digit() || c == '[' || c == ']')
+            .to_owned()
+    })
 }
 
 /// Write `bytes` to `path` via a temp file in the same folder and a rename, so a reader never
@@ -218,8 +250,8 @@ pub fn write_json<T: Serialize>(path: &Path, value: &T) -> anyhow::Result<()> {
 }
 
 pub fn read_json<T: DeserializeOwned>(path: &Path) -> anyhow::Result<T> {
-    let bytes = std::fs::read(path)
-        .map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?;
+    let bytes =
+        std::fs::read(path).map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?;
     serde_json::from_slice(&bytes).map_err(|e| anyhow::anyhow!("parsing {}: {e}", path.display()))
 }
 
@@ -240,7 +272,11 @@ mod tests {
         assert_eq!(v, serde_json::json!({"lr": 0.5, "epochs": 0}));
         let e = resolve_typed::<P>(&serde_yaml::from_str("lrr: 0.5").unwrap()).unwrap_err();
         assert_eq!(e.param.as_deref(), Some("lrr"));
-        assert!(e.message.contains("expected one of `lr`, `epochs`"), "{}", e.message);
+        assert!(
+            e.message.contains("expected one of `lr`, `epochs`"),
+            "{}",
+            e.message
+        );
         let e = resolve_typed::<P>(&serde_yaml::from_str("epochs: many").unwrap()).unwrap_err();
         assert_eq!(e.param.as_deref(), Some("epochs"), "{}", e.message);
     }

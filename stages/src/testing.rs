@@ -44,7 +44,8 @@ pub fn real_tokens(n_train: usize, n_dev: usize, max_len: usize) -> crate::token
     for (split, n) in [(Split::Train, n_train), (Split::Dev, n_dev)] {
         let bytes = std::fs::read(dir.join(format!("{}.tsv", split.name()))).expect("split file");
         let mut rejects = Vec::new();
-        let (r, _) = crate::load::parse_official(&bytes, split.name(), split, labels.len(), &mut rejects);
+        let (r, _) =
+            crate::load::parse_official(&bytes, split.name(), split, labels.len(), &mut rejects);
         rows.extend(r.into_iter().take(n));
     }
     crate::tokenize::build(&rows, labels, &minilm_dir(), max_len).expect("tokenize")
@@ -85,7 +86,12 @@ pub fn write_tiny_model(dir: &std::path::Path, arch: crate::model::Arch, dropout
         .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
         .collect();
     candle_core::safetensors::save(&tensors, dir.join("model.safetensors")).unwrap();
-    for f in ["tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json"] {
+    for f in [
+        "tokenizer.json",
+        "vocab.txt",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+    ] {
         let src = minilm_dir().join(f);
         if src.exists() {
             std::fs::copy(src, dir.join(f)).unwrap();
@@ -95,18 +101,31 @@ pub fn write_tiny_model(dir: &std::path::Path, arch: crate::model::Arch, dropout
 
 /// Run one stage outside the engine, as the engine would: params resolved from YAML, fresh
 /// `out/`, `volatile/` and `work/` folders in the returned temp dir.
-pub fn run_stage(stage: &dyn crate::Stage, params_yaml: &str, inputs: &[(&str, &std::path::Path)]) -> anyhow::Result<tempfile::TempDir> {
+pub fn run_stage(
+    stage: &dyn crate::Stage,
+    params_yaml: &str,
+    inputs: &[(&str, &std::path::Path)],
+) -> anyhow::Result<tempfile::TempDir> {
     let raw: serde_yaml::Value = serde_yaml::from_str(params_yaml)?;
-    let params = stage.resolve_params(&raw).map_err(|e| anyhow::anyhow!("{}", e.message))?;
+    let params = stage
+        .resolve_params(&raw)
+        .map_err(|e| anyhow::anyhow!("{}", e.message))?;
     let dir = tempfile::tempdir()?;
     for sub in ["out", "volatile", "work"] {
         std::fs::create_dir_all(dir.path().join(sub))?;
     }
-    let inputs: std::collections::BTreeMap<String, PathBuf> = inputs.iter().map(|(r, p)| (r.to_string(), p.to_path_buf())).collect();
+    let inputs: std::collections::BTreeMap<String, PathBuf> = inputs
+        .iter()
+        .map(|(r, p)| (r.to_string(), p.to_path_buf()))
+        .collect();
     let volatile = std::collections::BTreeMap::new();
     let cancel = std::sync::atomic::AtomicBool::new(false);
     let record = crate::RunRecord::default();
-    let (out, vol, work) = (dir.path().join("out"), dir.path().join("volatile"), dir.path().join("work"));
+    let (out, vol, work) = (
+        dir.path().join("out"),
+        dir.path().join("volatile"),
+        dir.path().join("work"),
+    );
     let ctx = crate::StageContext {
         name: stage.kind(),
         params: &params,

@@ -35,7 +35,13 @@ pub struct ThresholdParams {
 
 impl Default for ThresholdParams {
     fn default() -> Self {
-        ThresholdParams { policy: Policy::Tuned, global_threshold: 0.5, floor: 0.05, min_positives: 5, batch_size: 64 }
+        ThresholdParams {
+            policy: Policy::Tuned,
+            global_threshold: 0.5,
+            floor: 0.05,
+            min_positives: 5,
+            batch_size: 64,
+        }
     }
 }
 
@@ -75,7 +81,10 @@ impl Stage for ThresholdsStage {
         for key in ["global_threshold", "floor"] {
             let x = v[key].as_f64().unwrap_or(-1.0);
             if !(0.0..=1.0).contains(&x) {
-                return Err(ParamError::new(key, format!("{key} must be in [0, 1], got {x}")));
+                return Err(ParamError::new(
+                    key,
+                    format!("{key} must be in [0, 1], got {x}"),
+                ));
             }
         }
         if v["batch_size"].as_u64() == Some(0) {
@@ -87,16 +96,44 @@ impl Stage for ThresholdsStage {
     fn run(&self, ctx: &StageContext<'_>) -> anyhow::Result<()> {
         let p: ThresholdParams = ctx.params()?;
         let data = TokenizedData::read(ctx.input("tokens")?)?;
-        let classifier = Classifier::load(&ctx.input("model")?.join("model"), &crate::train::select_device(crate::train::DeviceChoice::Auto)?)?;
+        let classifier = Classifier::load(
+            &ctx.input("model")?.join("model"),
+            &crate::train::select_device(crate::train::DeviceChoice::Auto)?,
+        )?;
         let dev = data.rows_in(Split::Dev);
         let n = data.n_labels();
-        let scores = crate::train::predict_scores(&classifier.cfg, &classifier.weights, &data, &dev, p.batch_size, &classifier.device)?;
-        let truth: Vec<u8> = dev.iter().flat_map(|&i| data.row_labels(i).to_vec()).collect();
+        let scores = crate::train::predict_scores(
+            &classifier.cfg,
+            &classifier.weights,
+            &data,
+            &dev,
+            p.batch_size,
+            &classifier.device,
+        )?;
+        let truth: Vec<u8> = dev
+            .iter()
+            .flat_map(|&i| data.row_labels(i).to_vec())
+            .collect();
         let t = tune(&scores, &truth, &data.meta.label_names, &p);
         crate::write_json(&ctx.out_dir.join("thresholds.json"), &t)?;
         let tuned = metrics::macro_f1(&metrics::counts(&scores, &truth, n, &t.thresholds));
-        let at_global = metrics::macro_f1(&metrics::counts(&scores, &truth, n, &vec![p.global_threshold; n]));
-        tracing::info!("thresholds: dev macro-F1 {:.4} at {} vs {:.4} at {}", tuned, if p.policy == Policy::Tuned { "tuned thresholds" } else { "the global threshold" }, at_global, p.global_threshold);
+        let at_global = metrics::macro_f1(&metrics::counts(
+            &scores,
+            &truth,
+            n,
+            &vec![p.global_threshold; n],
+        ));
+        tracing::info!(
+            "thresholds: dev macro-F1 {:.4} at {} vs {:.4} at {}",
+            tuned,
+            if p.policy == Policy::Tuned {
+                "tuned thresholds"
+            } else {
+                "the global threshold"
+            },
+            at_global,
+            p.global_threshold
+        );
         Ok(())
     }
 }

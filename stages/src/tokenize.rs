@@ -41,7 +41,10 @@ impl Stage for TokenizeStage {
     fn inputs(&self) -> Inputs {
         const SPECS: &[InputSpec] = &[
             InputSpec::stage("dataset", "rows from sample or load", &["sample", "load"]),
-            InputSpec::path("model", "the backbone folder holding tokenizer.json or vocab.txt"),
+            InputSpec::path(
+                "model",
+                "the backbone folder holding tokenizer.json or vocab.txt",
+            ),
         ];
         Inputs::Fixed(SPECS)
     }
@@ -49,7 +52,10 @@ impl Stage for TokenizeStage {
         let v = resolve_typed::<TokenizeParams>(raw)?;
         let m = v["max_len"].as_u64().unwrap_or(0);
         if !(3..=8192).contains(&m) {
-            return Err(ParamError::new("max_len", format!("max_len must be between 3 and 8192 tokens, got {m}")));
+            return Err(ParamError::new(
+                "max_len",
+                format!("max_len must be between 3 and 8192 tokens, got {m}"),
+            ));
         }
         Ok(v)
     }
@@ -76,7 +82,12 @@ impl Stage for TokenizeStage {
 }
 
 /// Tokenize `rows` with the tokenizer in `model`: ids, offsets, multi-hot labels, statistics.
-pub fn build(rows: &[data::Row], labels: Vec<String>, model: &Path, max_len: usize) -> anyhow::Result<TokenizedData> {
+pub fn build(
+    rows: &[data::Row],
+    labels: Vec<String>,
+    model: &Path,
+    max_len: usize,
+) -> anyhow::Result<TokenizedData> {
     let texts: Vec<&str> = rows.iter().map(|r| r.text.as_str()).collect();
     let encoded = tokenize_all(model, max_len, &texts)?;
     let n_labels = labels.len();
@@ -98,7 +109,11 @@ pub fn build(rows: &[data::Row], labels: Vec<String>, model: &Path, max_len: usi
     for r in rows {
         *rows_per_split.entry(r.split.name().to_owned()).or_insert(0) += 1;
     }
-    let tokenizer_file = ["tokenizer.json", "vocab.txt"].iter().map(|f| model.join(f)).find(|p| p.exists()).expect("load_tokenizer found one");
+    let tokenizer_file = ["tokenizer.json", "vocab.txt"]
+        .iter()
+        .map(|f| model.join(f))
+        .find(|p| p.exists())
+        .expect("load_tokenizer found one");
     let tokenizer = load_tokenizer(model, max_len)?;
     let meta = TokensMeta {
         label_names: labels,
@@ -107,7 +122,9 @@ pub fn build(rows: &[data::Row], labels: Vec<String>, model: &Path, max_len: usi
         max_len,
         vocab_size: tokenizer.get_vocab_size(true),
         pad_id: tokenizer.token_to_id("[PAD]").unwrap_or(0),
-        tokenizer_hash: blake3::hash(&std::fs::read(&tokenizer_file)?).to_hex().to_string(),
+        tokenizer_hash: blake3::hash(&std::fs::read(&tokenizer_file)?)
+            .to_hex()
+            .to_string(),
         lengths: length_stats(&lengths, truncated),
     };
     Ok(TokenizedData {
@@ -122,7 +139,11 @@ pub fn build(rows: &[data::Row], labels: Vec<String>, model: &Path, max_len: usi
 
 /// Token ids (special tokens included) and whether each text was truncated, in input order.
 /// Texts are split into chunks that rayon spreads over the threads of the current pool.
-pub fn tokenize_all(model_dir: &Path, max_len: usize, texts: &[&str]) -> anyhow::Result<Vec<(Vec<u32>, bool)>> {
+pub fn tokenize_all(
+    model_dir: &Path,
+    max_len: usize,
+    texts: &[&str],
+) -> anyhow::Result<Vec<(Vec<u32>, bool)>> {
     let tokenizer = load_tokenizer(model_dir, max_len)?;
     texts
         .par_chunks(256)
@@ -130,7 +151,9 @@ pub fn tokenize_all(model_dir: &Path, max_len: usize, texts: &[&str]) -> anyhow:
             chunk
                 .iter()
                 .map(|t| {
-                    let enc = tokenizer.encode_fast(*t, true).map_err(|e| anyhow::anyhow!("tokenizing {t:?}: {e}"))?;
+                    let enc = tokenizer
+                        .encode_fast(*t, true)
+                        .map_err(|e| anyhow::anyhow!("tokenizing {t:?}: {e}"))?;
                     Ok((enc.get_ids().to_vec(), !enc.get_overflowing().is_empty()))
                 })
                 .collect::<anyhow::Result<Vec<_>>>()

@@ -41,7 +41,10 @@ pub fn load_tokenizer(model_dir: &Path, max_len: usize) -> anyhow::Result<Tokeni
     };
     tokenizer.with_padding(None);
     tokenizer
-        .with_truncation(Some(tokenizers::TruncationParams { max_length: max_len, ..Default::default() }))
+        .with_truncation(Some(tokenizers::TruncationParams {
+            max_length: max_len,
+            ..Default::default()
+        }))
         .map_err(|e| anyhow::anyhow!("setting truncation to {max_len}: {e}"))?;
     Ok(tokenizer)
 }
@@ -65,12 +68,16 @@ fn wordpiece_from_vocab(model_dir: &Path) -> anyhow::Result<Tokenizer> {
         .map_err(|e| anyhow::anyhow!("{}: {e}", vocab.display()))?;
     let mut t = Tokenizer::new(model);
     let id = |tok: &str| {
-        t.token_to_id(tok).ok_or_else(|| anyhow::anyhow!("{}: no `{tok}` token", vocab.display()))
+        t.token_to_id(tok)
+            .ok_or_else(|| anyhow::anyhow!("{}: no `{tok}` token", vocab.display()))
     };
     let (cls, sep) = (id("[CLS]")?, id("[SEP]")?);
     t.with_normalizer(Some(BertNormalizer::new(true, true, None, lowercase)));
     t.with_pre_tokenizer(Some(BertPreTokenizer));
-    t.with_post_processor(Some(BertProcessing::new(("[SEP]".into(), sep), ("[CLS]".into(), cls))));
+    t.with_post_processor(Some(BertProcessing::new(
+        ("[SEP]".into(), sep),
+        ("[CLS]".into(), cls),
+    )));
     Ok(t)
 }
 
@@ -126,23 +133,45 @@ impl TokenizedData {
         &self.labels[i * l..(i + 1) * l]
     }
     pub fn rows_in(&self, split: Split) -> Vec<usize> {
-        (0..self.len()).filter(|&i| self.splits[i] == split).collect()
+        (0..self.len())
+            .filter(|&i| self.splits[i] == split)
+            .collect()
     }
 
     pub fn write(&self, dir: &Path) -> anyhow::Result<()> {
         let ids_bytes: Vec<u8> = if self.meta.vocab_size <= u16::MAX as usize + 1 {
-            self.ids.iter().flat_map(|&x| (x as u16).to_le_bytes()).collect()
+            self.ids
+                .iter()
+                .flat_map(|&x| (x as u16).to_le_bytes())
+                .collect()
         } else {
             self.ids.iter().flat_map(|&x| x.to_le_bytes()).collect()
         };
-        let ids_dtype = if self.meta.vocab_size <= u16::MAX as usize + 1 { Dtype::U16 } else { Dtype::U32 };
-        let offsets: Vec<u8> = self.offsets.iter().flat_map(|&x| (x as u64).to_le_bytes()).collect();
+        let ids_dtype = if self.meta.vocab_size <= u16::MAX as usize + 1 {
+            Dtype::U16
+        } else {
+            Dtype::U32
+        };
+        let offsets: Vec<u8> = self
+            .offsets
+            .iter()
+            .flat_map(|&x| (x as u64).to_le_bytes())
+            .collect();
         let splits: Vec<u8> = self.splits.iter().map(|&s| s as u8).collect();
         let n = self.len();
         let views = vec![
-            ("ids", TensorView::new(ids_dtype, vec![self.ids.len()], &ids_bytes)?),
-            ("offsets", TensorView::new(Dtype::U64, vec![n + 1], &offsets)?),
-            ("labels", TensorView::new(Dtype::U8, vec![n, self.n_labels()], &self.labels)?),
+            (
+                "ids",
+                TensorView::new(ids_dtype, vec![self.ids.len()], &ids_bytes)?,
+            ),
+            (
+                "offsets",
+                TensorView::new(Dtype::U64, vec![n + 1], &offsets)?,
+            ),
+            (
+                "labels",
+                TensorView::new(Dtype::U8, vec![n, self.n_labels()], &self.labels)?,
+            ),
             ("split", TensorView::new(Dtype::U8, vec![n], &splits)?),
         ];
         safetensors::serialize_to_file(views, None, &dir.join(TOKENS_FILE))?;
@@ -157,32 +186,79 @@ impl TokenizedData {
         let meta: TokensMeta = crate::read_json(&dir.join(META_FILE))?;
         let path = dir.join(TOKENS_FILE);
         let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
-        let st = safetensors::SafeTensors::deserialize(&bytes).with_context(|| format!("parsing {}", path.display()))?;
-        let get = |name: &str| st.tensor(name).with_context(|| format!("{}: no tensor `{name}`", path.display()));
+        let st = safetensors::SafeTensors::deserialize(&bytes)
+            .with_context(|| format!("parsing {}", path.display()))?;
+        let get = |name: &str| {
+            st.tensor(name)
+                .with_context(|| format!("{}: no tensor `{name}`", path.display()))
+        };
         let ids_view = get("ids")?;
         let ids: Vec<u32> = match ids_view.dtype() {
-            Dtype::U16 => ids_view.data().chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]]) as u32).collect(),
-            Dtype::U32 => ids_view.data().chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
-            other => anyhow::bail!("{}: ids have dtype {other:?}, expected U16 or U32", path.display()),
+            Dtype::U16 => ids_view
+                .data()
+                .chunks_exact(2)
+                .map(|c| u16::from_le_bytes([c[0], c[1]]) as u32)
+                .collect(),
+            Dtype::U32 => ids_view
+                .data()
+                .chunks_exact(4)
+                .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+            other => anyhow::bail!(
+                "{}: ids have dtype {other:?}, expected U16 or U32",
+                path.display()
+            ),
         };
-        let offsets: Vec<usize> = get("offsets")?.data().chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")) as usize).collect();
+        let offsets: Vec<usize> = get("offsets")?
+            .data()
+            .chunks_exact(8)
+            .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")) as usize)
+            .collect();
         let labels = get("labels")?.data().to_vec();
-        let splits: Vec<Split> = get("split")?.data().iter().map(|&b| Split::ALL[b.min(2) as usize]).collect();
-        let row_ids: Vec<String> = std::fs::read_to_string(dir.join(ROW_IDS_FILE))?.lines().map(str::to_owned).collect();
+        let splits: Vec<Split> = get("split")?
+            .data()
+            .iter()
+            .map(|&b| Split::ALL[b.min(2) as usize])
+            .collect();
+        let row_ids: Vec<String> = std::fs::read_to_string(dir.join(ROW_IDS_FILE))?
+            .lines()
+            .map(str::to_owned)
+            .collect();
         let n = splits.len();
-        if offsets.len() != n + 1 || labels.len() != n * meta.label_names.len() || row_ids.len() != n || offsets[n] != ids.len() {
+        if offsets.len() != n + 1
+            || labels.len() != n * meta.label_names.len()
+            || row_ids.len() != n
+            || offsets[n] != ids.len()
+        {
             anyhow::bail!("{}: tensors disagree in length; re-run the tokenize stage (`goemo run --from tokenize`)", path.display());
         }
-        Ok(TokenizedData { ids, offsets, labels, splits, row_ids, meta })
+        Ok(TokenizedData {
+            ids,
+            offsets,
+            labels,
+            splits,
+            row_ids,
+            meta,
+        })
     }
 }
 
 pub fn length_stats(lengths: &[usize], truncated: usize) -> LengthStats {
     let mut sorted = lengths.to_vec();
     sorted.sort_unstable();
-    let pct = |p: f64| if sorted.is_empty() { 0 } else { sorted[((p * (sorted.len() - 1) as f64).round() as usize).min(sorted.len() - 1)] };
+    let pct = |p: f64| {
+        if sorted.is_empty() {
+            0
+        } else {
+            sorted[((p * (sorted.len() - 1) as f64).round() as usize).min(sorted.len() - 1)]
+        }
+    };
     LengthStats {
-        mean: if sorted.is_empty() { 0.0 } else { crate::data::round6(sorted.iter().sum::<usize>() as f64 / sorted.len() as f64) },
+        mean: if sorted.is_empty() {
+            0.0
+        } else {
+            crate::data::round6(sorted.iter().sum::<usize>() as f64 / sorted.len() as f64)
+        },
         p50: pct(0.5),
         p95: pct(0.95),
         p99: pct(0.99),

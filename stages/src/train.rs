@@ -127,14 +127,29 @@ impl Stage for TrainStage {
     fn inputs(&self) -> Inputs {
         const SPECS: &[InputSpec] = &[
             InputSpec::stage("tokens", "tokenized rows from tokenize", &["tokenize"]),
-            InputSpec::path("model", "the backbone: an HF folder (config.json, model.safetensors, tokenizer.json)"),
+            InputSpec::path(
+                "model",
+                "the backbone: an HF folder (config.json, model.safetensors, tokenizer.json)",
+            ),
         ];
         Inputs::Fixed(SPECS)
     }
     fn resolve_params(&self, raw: &serde_yaml::Value) -> Result<serde_json::Value, ParamError> {
         let v = resolve_typed::<TrainParams>(raw)?;
-        let p: TrainParams = serde_json::from_value(v.clone()).map_err(|e| ParamError { param: None, message: e.to_string() })?;
-        let positive = |name: &str, x: f64| if x > 0.0 { Ok(()) } else { Err(ParamError::new(name, format!("{name} must be > 0, got {x}"))) };
+        let p: TrainParams = serde_json::from_value(v.clone()).map_err(|e| ParamError {
+            param: None,
+            message: e.to_string(),
+        })?;
+        let positive = |name: &str, x: f64| {
+            if x > 0.0 {
+                Ok(())
+            } else {
+                Err(ParamError::new(
+                    name,
+                    format!("{name} must be > 0, got {x}"),
+                ))
+            }
+        };
         positive("epochs", p.epochs as f64)?;
         positive("batch_size", p.batch_size as f64)?;
         positive("grad_accum", p.grad_accum as f64)?;
@@ -143,14 +158,26 @@ impl Stage for TrainStage {
         positive("pos_weight_cap", p.pos_weight_cap)?;
         positive("bucket_batches", p.bucket_batches as f64)?;
         if !(0.0..1.0).contains(&p.warmup_fraction) {
-            return Err(ParamError::new("warmup_fraction", format!("warmup_fraction must be in [0, 1), got {}", p.warmup_fraction)));
+            return Err(ParamError::new(
+                "warmup_fraction",
+                format!(
+                    "warmup_fraction must be in [0, 1), got {}",
+                    p.warmup_fraction
+                ),
+            ));
         }
         if p.betas.iter().any(|b| !(0.0..1.0).contains(b)) {
-            return Err(ParamError::new("betas", format!("betas must be in [0, 1), got {:?}", p.betas)));
+            return Err(ParamError::new(
+                "betas",
+                format!("betas must be in [0, 1), got {:?}", p.betas),
+            ));
         }
         if let PosWeight::List(l) = &p.pos_weight {
             if l.iter().any(|w| !(*w > 0.0 && w.is_finite())) {
-                return Err(ParamError::new("pos_weight", "pos_weight: every weight in the list must be a positive number"));
+                return Err(ParamError::new(
+                    "pos_weight",
+                    "pos_weight: every weight in the list must be a positive number",
+                ));
             }
         }
         Ok(v)
@@ -161,12 +188,29 @@ impl Stage for TrainStage {
         let data = TokenizedData::read(ctx.input("tokens")?)?;
         let model_dir = ModelDir::open(ctx.input("model")?)?;
         let device = select_device(params.device)?;
-        let outcome = train(&params, &data, &model_dir, &device, ctx.work_dir, &|| ctx.check_cancelled(), ctx.interactive)?;
+        let outcome = train(
+            &params,
+            &data,
+            &model_dir,
+            &device,
+            ctx.work_dir,
+            &|| ctx.check_cancelled(),
+            ctx.interactive,
+        )?;
         let export_dir = ctx.out_dir.join("model");
         let tensors: Vec<(String, Tensor)> = outcome.best_weights;
-        model::export(&export_dir, &model_dir.cfg, &tensors, &data.meta.label_names, &model_dir.dir)?;
+        model::export(
+            &export_dir,
+            &model_dir.cfg,
+            &tensors,
+            &data.meta.label_names,
+            &model_dir.dir,
+        )?;
         crate::write_json(&ctx.out_dir.join("train_log.json"), &outcome.log)?;
-        crate::write_json(&ctx.volatile_dir.join("train_metrics.json"), &outcome.metrics)?;
+        crate::write_json(
+            &ctx.volatile_dir.join("train_metrics.json"),
+            &outcome.metrics,
+        )?;
         Ok(())
     }
 }
@@ -220,7 +264,11 @@ pub struct TrainOutcome {
 }
 
 /// BCE-with-logits, stable form, mean over all elements; `pos_weight` broadcast over labels.
-pub fn bce_with_logits(logits: &Tensor, targets: &Tensor, pos_weight: Option<&Tensor>) -> candle_core::Result<Tensor> {
+pub fn bce_with_logits(
+    logits: &Tensor,
+    targets: &Tensor,
+    pos_weight: Option<&Tensor>,
+) -> candle_core::Result<Tensor> {
     let x = logits.to_dtype(DType::F32)?;
     let y = targets.to_dtype(DType::F32)?;
     // log(1 + e^-|x|) + max(-x, 0): the softplus of -x without overflow.
@@ -245,11 +293,26 @@ pub fn auto_pos_weight(data: &TokenizedData, rows: &[usize], cap: f64) -> Vec<f6
             pos[k] += y as usize;
         }
     }
-    pos.iter().map(|&p| if p == 0 { cap } else { ((rows.len() - p) as f64 / p as f64).min(cap) }).collect()
+    pos.iter()
+        .map(|&p| {
+            if p == 0 {
+                cap
+            } else {
+                ((rows.len() - p) as f64 / p as f64).min(cap)
+            }
+        })
+        .collect()
 }
 
 /// Length-bucketed batches for one epoch.
-pub fn epoch_batches(data: &TokenizedData, rows: &[usize], batch: usize, bucket_batches: usize, seed: u64, epoch: usize) -> Vec<Vec<usize>> {
+pub fn epoch_batches(
+    data: &TokenizedData,
+    rows: &[usize],
+    batch: usize,
+    bucket_batches: usize,
+    seed: u64,
+    epoch: usize,
+) -> Vec<Vec<usize>> {
     let mut rng = ChaCha8Rng::seed_from_u64(mix(seed, epoch as u64, 1));
     let mut order = rows.to_vec();
     order.shuffle(&mut rng);
@@ -290,8 +353,16 @@ pub struct AdamW {
 impl AdamW {
     pub fn new(params: &Params, p: &TrainParams) -> AdamW {
         AdamW {
-            m: params.vars.iter().map(|v| vec![0.0; v.elem_count()]).collect(),
-            v: params.vars.iter().map(|v| vec![0.0; v.elem_count()]).collect(),
+            m: params
+                .vars
+                .iter()
+                .map(|v| vec![0.0; v.elem_count()])
+                .collect(),
+            v: params
+                .vars
+                .iter()
+                .map(|v| vec![0.0; v.elem_count()])
+                .collect(),
             t: 0,
             decay: params.names.iter().map(|n| !model::no_decay(n)).collect(),
             betas: p.betas,
@@ -360,16 +431,30 @@ pub fn loss_and_grads(
     Ok((loss.to_scalar::<f32>()? as f64, host))
 }
 
-pub fn make_batch(data: &TokenizedData, rows: &[usize], device: &Device) -> candle_core::Result<(Batch, Tensor)> {
+pub fn make_batch(
+    data: &TokenizedData,
+    rows: &[usize],
+    device: &Device,
+) -> candle_core::Result<(Batch, Tensor)> {
     let seqs: Vec<&[u32]> = rows.iter().map(|&i| data.row(i)).collect();
     let batch = Batch::new(&seqs, data.meta.pad_id, device)?;
     let l = data.n_labels();
-    let y: Vec<f32> = rows.iter().flat_map(|&i| data.row_labels(i).iter().map(|&b| b as f32)).collect();
+    let y: Vec<f32> = rows
+        .iter()
+        .flat_map(|&i| data.row_labels(i).iter().map(|&b| b as f32))
+        .collect();
     Ok((batch, Tensor::from_vec(y, (rows.len(), l), device)?))
 }
 
 /// Sigmoid scores (rows × labels) for `rows`, batched, without autograd.
-pub fn predict_scores(cfg: &model::EncoderConfig, weights: &HashMap<String, Tensor>, data: &TokenizedData, rows: &[usize], batch: usize, device: &Device) -> anyhow::Result<Vec<f32>> {
+pub fn predict_scores(
+    cfg: &model::EncoderConfig,
+    weights: &HashMap<String, Tensor>,
+    data: &TokenizedData,
+    rows: &[usize],
+    batch: usize,
+    device: &Device,
+) -> anyhow::Result<Vec<f32>> {
     // Sorting by length keeps padding small; scores are put back in `rows` order.
     let mut order: Vec<usize> = (0..rows.len()).collect();
     order.sort_by_key(|&k| data.offsets[rows[k] + 1] - data.offsets[rows[k]]);
@@ -378,7 +463,9 @@ pub fn predict_scores(cfg: &model::EncoderConfig, weights: &HashMap<String, Tens
     for chunk in order.chunks(batch) {
         let ids: Vec<usize> = chunk.iter().map(|&k| rows[k]).collect();
         let (b, _) = make_batch(data, &ids, device)?;
-        let probs: Vec<f32> = candle_nn::ops::sigmoid(&model::forward(cfg, weights, &b, None)?)?.flatten_all()?.to_vec1()?;
+        let probs: Vec<f32> = candle_nn::ops::sigmoid(&model::forward(cfg, weights, &b, None)?)?
+            .flatten_all()?
+            .to_vec1()?;
         for (j, &k) in chunk.iter().enumerate() {
             out[k * l..(k + 1) * l].copy_from_slice(&probs[j * l..(j + 1) * l]);
         }
@@ -397,11 +484,22 @@ struct CheckpointState {
 
 const CKPT: &str = "checkpoint";
 
-fn save_checkpoint(work: &Path, params: &Params, opt: &AdamW, best: &[(String, Tensor)], state: &CheckpointState) -> anyhow::Result<()> {
+fn save_checkpoint(
+    work: &Path,
+    params: &Params,
+    opt: &AdamW,
+    best: &[(String, Tensor)],
+    state: &CheckpointState,
+) -> anyhow::Result<()> {
     let tmp = work.join(format!("{CKPT}.tmp"));
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp)?;
-    let weights: Vec<(String, Tensor)> = params.names.iter().cloned().zip(params.vars.iter().map(|v| v.as_tensor().clone())).collect();
+    let weights: Vec<(String, Tensor)> = params
+        .names
+        .iter()
+        .cloned()
+        .zip(params.vars.iter().map(|v| v.as_tensor().clone()))
+        .collect();
     save_tensors(&tmp.join("weights.safetensors"), &weights)?;
     save_tensors(&tmp.join("best.safetensors"), best)?;
     let moments: Vec<(String, Tensor)> = params
@@ -410,8 +508,14 @@ fn save_checkpoint(work: &Path, params: &Params, opt: &AdamW, best: &[(String, T
         .zip(opt.m.iter().zip(&opt.v))
         .flat_map(|(n, (m, v))| {
             [
-                (format!("m.{n}"), Tensor::from_slice(m, m.len(), &Device::Cpu)),
-                (format!("v.{n}"), Tensor::from_slice(v, v.len(), &Device::Cpu)),
+                (
+                    format!("m.{n}"),
+                    Tensor::from_slice(m, m.len(), &Device::Cpu),
+                ),
+                (
+                    format!("v.{n}"),
+                    Tensor::from_slice(v, v.len(), &Device::Cpu),
+                ),
             ]
         })
         .map(|(n, t)| t.map(|t| (n, t)))
@@ -431,10 +535,15 @@ fn save_checkpoint(work: &Path, params: &Params, opt: &AdamW, best: &[(String, T
 
 fn save_tensors(path: &Path, tensors: &[(String, Tensor)]) -> anyhow::Result<()> {
     let map: HashMap<String, Tensor> = tensors.iter().cloned().collect();
-    candle_core::safetensors::save(&map, path).with_context(|| format!("writing {}", path.display()))
+    candle_core::safetensors::save(&map, path)
+        .with_context(|| format!("writing {}", path.display()))
 }
 
-fn load_checkpoint(work: &Path, params: &Params, opt: &mut AdamW) -> anyhow::Result<Option<(CheckpointState, Vec<(String, Tensor)>)>> {
+fn load_checkpoint(
+    work: &Path,
+    params: &Params,
+    opt: &mut AdamW,
+) -> anyhow::Result<Option<(CheckpointState, Vec<(String, Tensor)>)>> {
     let dir = work.join(CKPT);
     if !dir.join("state.json").exists() {
         return Ok(None);
@@ -443,16 +552,30 @@ fn load_checkpoint(work: &Path, params: &Params, opt: &mut AdamW) -> anyhow::Res
     let device = params.vars[0].device();
     let weights = candle_core::safetensors::load(dir.join("weights.safetensors"), device)?;
     for (n, v) in params.names.iter().zip(&params.vars) {
-        v.set(weights.get(n).with_context(|| format!("checkpoint lacks {n}"))?)?;
+        v.set(
+            weights
+                .get(n)
+                .with_context(|| format!("checkpoint lacks {n}"))?,
+        )?;
     }
     let adam = candle_core::safetensors::load(dir.join("adam.safetensors"), &Device::Cpu)?;
     for (k, n) in params.names.iter().enumerate() {
-        opt.m[k] = adam.get(&format!("m.{n}")).context("checkpoint moments")?.to_vec1()?;
-        opt.v[k] = adam.get(&format!("v.{n}")).context("checkpoint moments")?.to_vec1()?;
+        opt.m[k] = adam
+            .get(&format!("m.{n}"))
+            .context("checkpoint moments")?
+            .to_vec1()?;
+        opt.v[k] = adam
+            .get(&format!("v.{n}"))
+            .context("checkpoint moments")?
+            .to_vec1()?;
     }
     opt.t = state.adam_t;
     let best_map = candle_core::safetensors::load(dir.join("best.safetensors"), device)?;
-    let best = params.names.iter().map(|n| (n.clone(), best_map[n].clone())).collect();
+    let best = params
+        .names
+        .iter()
+        .map(|n| (n.clone(), best_map[n].clone()))
+        .collect();
     Ok(Some((state, best)))
 }
 
@@ -477,9 +600,22 @@ pub fn train(
         params.total(),
         report.loaded,
         model_dir.weights.display(),
-        if report.new_params.is_empty() { "none".to_owned() } else { report.new_params.join(", ") }
+        if report.new_params.is_empty() {
+            "none".to_owned()
+        } else {
+            report.new_params.join(", ")
+        }
     );
-    train_params(p, data, params, device, work_dir, check, interactive, started)
+    train_params(
+        p,
+        data,
+        params,
+        device,
+        work_dir,
+        check,
+        interactive,
+        started,
+    )
 }
 
 /// Check the tokens fit the model: ids within its vocabulary, lengths within its positions.
@@ -494,7 +630,10 @@ pub fn validate_against_model(data: &TokenizedData, model_dir: &ModelDir) -> any
             cfg.vocab_size
         );
     }
-    let longest = (0..data.len()).map(|i| data.offsets[i + 1] - data.offsets[i]).max().unwrap_or(0);
+    let longest = (0..data.len())
+        .map(|i| data.offsets[i + 1] - data.offsets[i])
+        .max()
+        .unwrap_or(0);
     if longest > cfg.max_positions {
         anyhow::bail!("tokenized rows reach {longest} tokens but the model has {} positions; lower the tokenize stage's max_len", cfg.max_positions);
     }
@@ -519,13 +658,25 @@ pub fn train_params(
     }
     let pos_weight_values: Option<Vec<f64>> = match &p.pos_weight {
         PosWeight::Mode(PosWeightMode::None) => None,
-        PosWeight::Mode(PosWeightMode::Auto) => Some(auto_pos_weight(data, &train_rows, p.pos_weight_cap)),
+        PosWeight::Mode(PosWeightMode::Auto) => {
+            Some(auto_pos_weight(data, &train_rows, p.pos_weight_cap))
+        }
         PosWeight::List(l) if l.len() == data.n_labels() => Some(l.clone()),
-        PosWeight::List(l) => anyhow::bail!("pos_weight lists {} weights but the data has {} labels", l.len(), data.n_labels()),
+        PosWeight::List(l) => anyhow::bail!(
+            "pos_weight lists {} weights but the data has {} labels",
+            l.len(),
+            data.n_labels()
+        ),
     };
     let pos_weight = pos_weight_values
         .as_ref()
-        .map(|w| Tensor::from_vec(w.iter().map(|&x| x as f32).collect::<Vec<_>>(), w.len(), device))
+        .map(|w| {
+            Tensor::from_vec(
+                w.iter().map(|&x| x as f32).collect::<Vec<_>>(),
+                w.len(),
+                device,
+            )
+        })
         .transpose()?;
     let batches_per_epoch = train_rows.len().div_ceil(p.batch_size);
     let steps_per_epoch = batches_per_epoch.div_ceil(p.grad_accum);
@@ -535,19 +686,40 @@ pub fn train_params(
     }
     let warmup = (p.warmup_fraction * total_steps as f64).round() as usize;
     let mut opt = AdamW::new(&params, p);
-    let mut log = TrainLog { total_steps, pos_weight: pos_weight_values.clone(), ..Default::default() };
-    let mut best: Vec<(String, Tensor)> = params.names.iter().cloned().zip(params.vars.iter().map(|v| v.as_tensor().copy())).collect::<Vec<_>>().into_iter().map(|(n, t)| t.map(|t| (n, t))).collect::<candle_core::Result<_>>()?;
+    let mut log = TrainLog {
+        total_steps,
+        pos_weight: pos_weight_values.clone(),
+        ..Default::default()
+    };
+    let mut best: Vec<(String, Tensor)> = params
+        .names
+        .iter()
+        .cloned()
+        .zip(params.vars.iter().map(|v| v.as_tensor().copy()))
+        .collect::<Vec<_>>()
+        .into_iter()
+        .map(|(n, t)| t.map(|t| (n, t)))
+        .collect::<candle_core::Result<_>>()?;
     let mut step = 0usize;
     let mut start_epoch = 0usize;
     let mut epochs_since_best = 0usize;
     let mut best_f1 = f64::NEG_INFINITY;
     if let Some((state, saved_best)) = load_checkpoint(work_dir, &params, &mut opt)? {
-        tracing::info!("train: resuming after epoch {} (step {}) from the checkpoint in {}", state.epochs_done, state.step, work_dir.display());
+        tracing::info!(
+            "train: resuming after epoch {} (step {}) from the checkpoint in {}",
+            state.epochs_done,
+            state.step,
+            work_dir.display()
+        );
         start_epoch = state.epochs_done;
         step = state.step;
         log = state.log;
         epochs_since_best = state.epochs_since_best;
-        best_f1 = if log.epochs.is_empty() { f64::NEG_INFINITY } else { log.best_dev_macro_f1 };
+        best_f1 = if log.epochs.is_empty() {
+            f64::NEG_INFINITY
+        } else {
+            log.best_dev_macro_f1
+        };
         best = saved_best;
     }
     let mut examples = 0usize;
@@ -559,7 +731,14 @@ pub fn train_params(
         if log.stopped_early || (p.max_steps > 0 && step >= p.max_steps) {
             break;
         }
-        let batches = epoch_batches(data, &train_rows, p.batch_size, p.bucket_batches, p.seed, epoch);
+        let batches = epoch_batches(
+            data,
+            &train_rows,
+            p.batch_size,
+            p.bucket_batches,
+            p.seed,
+            epoch,
+        );
         let mut rng = ChaCha8Rng::seed_from_u64(mix(p.seed, epoch as u64, 2));
         let bar = progress_bar(interactive, steps_per_epoch, epoch, p.epochs);
         let mut epoch_loss = 0f64;
@@ -572,7 +751,14 @@ pub fn train_params(
         for (bi, rows) in batches.iter().enumerate() {
             check()?;
             let t0 = Instant::now();
-            let (loss, grads) = loss_and_grads(&params, data, rows, pos_weight.as_ref(), Some(&mut rng), device)?;
+            let (loss, grads) = loss_and_grads(
+                &params,
+                data,
+                rows,
+                pos_weight.as_ref(),
+                Some(&mut rng),
+                device,
+            )?;
             t_fwd_bwd += t0.elapsed().as_secs_f64();
             if !loss.is_finite() {
                 anyhow::bail!(
@@ -582,9 +768,16 @@ pub fn train_params(
             }
             let scale = 1.0 / p.grad_accum as f32;
             if let Some(acc) = accum.as_mut() {
-                acc.par_iter_mut().zip(grads.par_iter()).for_each(|(a, g)| a.iter_mut().zip(g).for_each(|(a, g)| *a += g * scale));
+                acc.par_iter_mut()
+                    .zip(grads.par_iter())
+                    .for_each(|(a, g)| a.iter_mut().zip(g).for_each(|(a, g)| *a += g * scale));
             } else {
-                accum = Some(grads.into_iter().map(|g| g.into_iter().map(|x| x * scale).collect()).collect());
+                accum = Some(
+                    grads
+                        .into_iter()
+                        .map(|g| g.into_iter().map(|x| x * scale).collect())
+                        .collect(),
+                );
             }
             accum_loss += loss / p.grad_accum as f64;
             if accum_rows.is_empty() {
@@ -592,7 +785,10 @@ pub fn train_params(
             }
             in_accum += 1;
             examples += rows.len();
-            tokens += rows.iter().map(|&i| data.offsets[i + 1] - data.offsets[i]).sum::<usize>();
+            tokens += rows
+                .iter()
+                .map(|&i| data.offsets[i + 1] - data.offsets[i])
+                .sum::<usize>();
             epoch_loss += loss;
             epoch_batches_seen += 1;
             let last = bi + 1 == batches.len();
@@ -603,10 +799,18 @@ pub fn train_params(
             if in_accum < p.grad_accum {
                 // A short final accumulation: rescale to a mean over the micro-batches it had.
                 let fix = p.grad_accum as f32 / in_accum as f32;
-                grads.par_iter_mut().for_each(|g| g.iter_mut().for_each(|x| *x *= fix));
+                grads
+                    .par_iter_mut()
+                    .for_each(|g| g.iter_mut().for_each(|x| *x *= fix));
                 accum_loss *= p.grad_accum as f64 / in_accum as f64;
             }
-            let norm = grads.par_iter().map(|g| g.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>()).collect::<Vec<f64>>().iter().sum::<f64>().sqrt();
+            let norm = grads
+                .par_iter()
+                .map(|g| g.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>())
+                .collect::<Vec<f64>>()
+                .iter()
+                .sum::<f64>()
+                .sqrt();
             if !norm.is_finite() {
                 anyhow::bail!(
                     "gradient norm is {norm} at epoch {}, step {}; first rows of the batch: {}\n  hint: lower lr or cap pos_weight",
@@ -615,7 +819,9 @@ pub fn train_params(
             }
             if p.max_grad_norm > 0.0 && norm > p.max_grad_norm {
                 let c = (p.max_grad_norm / (norm + 1e-6)) as f32;
-                grads.par_iter_mut().for_each(|g| g.iter_mut().for_each(|x| *x *= c));
+                grads
+                    .par_iter_mut()
+                    .for_each(|g| g.iter_mut().for_each(|x| *x *= c));
             }
             let lr = lr_at(step, total_steps, warmup, p.lr);
             let t1 = Instant::now();
@@ -630,7 +836,11 @@ pub fn train_params(
                 grad_norm: crate::data::round6(norm),
             };
             if let Some(bar) = &bar {
-                bar.set_message(format!("loss {:.4}  {:.1} ex/s", entry.loss, examples as f64 / train_started.elapsed().as_secs_f64()));
+                bar.set_message(format!(
+                    "loss {:.4}  {:.1} ex/s",
+                    entry.loss,
+                    examples as f64 / train_started.elapsed().as_secs_f64()
+                ));
                 bar.inc(1);
             } else if step % p.log_every.max(1) == 0 {
                 let done = (bi + 1) as f64 / batches.len() as f64;
@@ -648,21 +858,60 @@ pub fn train_params(
                 if let Some(bar) = &bar {
                     bar.finish_and_clear();
                 }
-                finish_epoch(p, data, &params, &dev_rows, device, epoch, epoch_loss / epoch_batches_seen.max(1) as f64, &mut log, &mut best, &mut best_f1, &mut epochs_since_best)?;
+                finish_epoch(
+                    p,
+                    data,
+                    &params,
+                    &dev_rows,
+                    device,
+                    epoch,
+                    epoch_loss / epoch_batches_seen.max(1) as f64,
+                    &mut log,
+                    &mut best,
+                    &mut best_f1,
+                    &mut epochs_since_best,
+                )?;
                 break 'epochs;
             }
         }
         if let Some(bar) = &bar {
             bar.finish_and_clear();
         }
-        finish_epoch(p, data, &params, &dev_rows, device, epoch, epoch_loss / epoch_batches_seen.max(1) as f64, &mut log, &mut best, &mut best_f1, &mut epochs_since_best)?;
-        save_checkpoint(work_dir, &params, &opt, &best, &CheckpointState { epochs_done: epoch + 1, step, adam_t: opt.t, log: log.clone(), epochs_since_best })?;
+        finish_epoch(
+            p,
+            data,
+            &params,
+            &dev_rows,
+            device,
+            epoch,
+            epoch_loss / epoch_batches_seen.max(1) as f64,
+            &mut log,
+            &mut best,
+            &mut best_f1,
+            &mut epochs_since_best,
+        )?;
+        save_checkpoint(
+            work_dir,
+            &params,
+            &opt,
+            &best,
+            &CheckpointState {
+                epochs_done: epoch + 1,
+                step,
+                adam_t: opt.t,
+                log: log.clone(),
+                epochs_since_best,
+            },
+        )?;
     }
     let runtime = started.elapsed().as_secs_f64();
     let train_secs = train_started.elapsed().as_secs_f64().max(1e-9);
     tracing::info!(
         "train: best epoch {} (dev macro-F1 {:.4} at 0.5); {} steps in {:.0}s",
-        log.best_epoch, log.best_dev_macro_f1, step, runtime
+        log.best_epoch,
+        log.best_dev_macro_f1,
+        step,
+        runtime
     );
     let metrics = serde_json::json!({
         "train_runtime": runtime,
@@ -678,7 +927,11 @@ pub fn train_params(
         "threads": rayon::current_num_threads(),
         "device": format!("{device:?}"),
     });
-    Ok(TrainOutcome { log, best_weights: best, metrics })
+    Ok(TrainOutcome {
+        log,
+        best_weights: best,
+        metrics,
+    })
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -700,26 +953,63 @@ fn finish_epoch(
         (0.0, 0.0)
     } else {
         let scores = predict_scores(&params.cfg, &weights, data, dev_rows, 64, device)?;
-        let truth: Vec<u8> = dev_rows.iter().flat_map(|&i| data.row_labels(i).to_vec()).collect();
-        let c = metrics::counts(&scores, &truth, data.n_labels(), &vec![0.5; data.n_labels()]);
-        let loss = scores.iter().zip(&truth).map(|(&s, &y)| {
-            let s = (s as f64).clamp(1e-7, 1.0 - 1e-7);
-            if y == 1 { -s.ln() } else { -(1.0 - s).ln() }
-        }).sum::<f64>() / scores.len().max(1) as f64;
+        let truth: Vec<u8> = dev_rows
+            .iter()
+            .flat_map(|&i| data.row_labels(i).to_vec())
+            .collect();
+        let c = metrics::counts(
+            &scores,
+            &truth,
+            data.n_labels(),
+            &vec![0.5; data.n_labels()],
+        );
+        let loss = scores
+            .iter()
+            .zip(&truth)
+            .map(|(&s, &y)| {
+                let s = (s as f64).clamp(1e-7, 1.0 - 1e-7);
+                if y == 1 {
+                    -s.ln()
+                } else {
+                    -(1.0 - s).ln()
+                }
+            })
+            .sum::<f64>()
+            / scores.len().max(1) as f64;
         (metrics::macro_f1(&c), loss)
     };
-    log.epochs.push(EpochLog { epoch: epoch + 1, train_loss: crate::data::round6(train_loss), dev_loss: crate::data::round6(dev_loss), dev_macro_f1: crate::data::round6(dev_f1) });
-    tracing::info!("epoch {}: train loss {:.4}, dev loss {:.4}, dev macro-F1 {:.4} (threshold 0.5)", epoch + 1, train_loss, dev_loss, dev_f1);
+    log.epochs.push(EpochLog {
+        epoch: epoch + 1,
+        train_loss: crate::data::round6(train_loss),
+        dev_loss: crate::data::round6(dev_loss),
+        dev_macro_f1: crate::data::round6(dev_f1),
+    });
+    tracing::info!(
+        "epoch {}: train loss {:.4}, dev loss {:.4}, dev macro-F1 {:.4} (threshold 0.5)",
+        epoch + 1,
+        train_loss,
+        dev_loss,
+        dev_f1
+    );
     if dev_f1 > *best_f1 || dev_rows.is_empty() {
         *best_f1 = dev_f1;
-        *best = params.names.iter().cloned().zip(params.vars.iter().map(|v| v.as_tensor().copy())).map(|(n, t)| t.map(|t| (n, t))).collect::<candle_core::Result<_>>()?;
+        *best = params
+            .names
+            .iter()
+            .cloned()
+            .zip(params.vars.iter().map(|v| v.as_tensor().copy()))
+            .map(|(n, t)| t.map(|t| (n, t)))
+            .collect::<candle_core::Result<_>>()?;
         log.best_epoch = epoch + 1;
         log.best_dev_macro_f1 = crate::data::round6(dev_f1);
         *epochs_since_best = 0;
     } else {
         *epochs_since_best += 1;
         if p.patience > 0 && *epochs_since_best >= p.patience {
-            tracing::info!("early stopping: dev macro-F1 has not improved for {} epoch(s)", p.patience);
+            tracing::info!(
+                "early stopping: dev macro-F1 has not improved for {} epoch(s)",
+                p.patience
+            );
             log.stopped_early = true;
         }
     }
@@ -727,18 +1017,29 @@ fn finish_epoch(
 }
 
 fn first_ids(data: &TokenizedData, rows: &[usize]) -> String {
-    rows.iter().take(3).map(|&i| data.row_ids[i].as_str()).collect::<Vec<_>>().join(", ")
+    rows.iter()
+        .take(3)
+        .map(|&i| data.row_ids[i].as_str())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
-fn progress_bar(interactive: bool, steps: usize, epoch: usize, epochs: usize) -> Option<indicatif::ProgressBar> {
+fn progress_bar(
+    interactive: bool,
+    steps: usize,
+    epoch: usize,
+    epochs: usize,
+) -> Option<indicatif::ProgressBar> {
     if !interactive {
         return None;
     }
     let bar = indicatif::ProgressBar::new(steps as u64);
     bar.set_style(
-        indicatif::ProgressStyle::with_template("epoch {prefix} [{bar:30}] {pos}/{len} steps  {msg}  ETA {eta}")
-            .expect("valid template")
-            .progress_chars("=> "),
+        indicatif::ProgressStyle::with_template(
+            "epoch {prefix} [{bar:30}] {pos}/{len} steps  {msg}  ETA {eta}",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
     );
     bar.set_prefix(format!("{}/{}", epoch + 1, epochs));
     Some(bar)

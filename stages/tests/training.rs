@@ -15,7 +15,14 @@ fn tiny_params(arch: Arch, dropout: f64, seed: u64) -> Params {
 }
 
 fn quick(epochs: usize) -> TrainParams {
-    TrainParams { epochs, batch_size: 16, lr: 5e-3, warmup_fraction: 0.0, log_every: 1000, ..Default::default() }
+    TrainParams {
+        epochs,
+        batch_size: 16,
+        lr: 5e-3,
+        warmup_fraction: 0.0,
+        log_every: 1000,
+        ..Default::default()
+    }
 }
 
 fn no_check() -> anyhow::Result<()> {
@@ -34,7 +41,10 @@ fn every_parameter_receives_a_nonzero_gradient() {
             // tensor as a whole, and every element of everything else.
             let nonzero = g.iter().any(|&x| x != 0.0);
             assert!(nonzero, "{arch:?}: {name} got no gradient");
-            assert!(g.iter().all(|x| x.is_finite()), "{arch:?}: {name} has a non-finite gradient");
+            assert!(
+                g.iter().all(|x| x.is_finite()),
+                "{arch:?}: {name} has a non-finite gradient"
+            );
         }
     }
 }
@@ -46,30 +56,52 @@ fn gradients_match_finite_differences() {
     for arch in [Arch::Bert, Arch::DistilBert] {
         let p = tiny_params(arch, 0.0, 2);
         let (_, grads) = train::loss_and_grads(&p, &data, &rows, None, None, &Device::Cpu).unwrap();
-        let loss_at = |p: &Params| train::loss_and_grads(p, &data, &rows, None, None, &Device::Cpu).unwrap().0;
+        let loss_at = |p: &Params| {
+            train::loss_and_grads(p, &data, &rows, None, None, &Device::Cpu)
+                .unwrap()
+                .0
+        };
         let mut checked = 0;
         for (k, name) in p.names.iter().enumerate() {
             if name.contains("word_embeddings") {
                 continue;
             }
             // The element with the largest gradient of each tensor: a clear signal in f32.
-            let (j, &g) = grads[k].iter().enumerate().max_by(|a, b| a.1.abs().total_cmp(&b.1.abs())).unwrap();
+            let (j, &g) = grads[k]
+                .iter()
+                .enumerate()
+                .max_by(|a, b| a.1.abs().total_cmp(&b.1.abs()))
+                .unwrap();
             if g.abs() < 1e-3 {
                 continue;
             }
-            let original: Vec<f32> = p.vars[k].as_tensor().flatten_all().unwrap().to_vec1().unwrap();
+            let original: Vec<f32> = p.vars[k]
+                .as_tensor()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
             let h = 1e-2f32;
             let mut bumped = original.clone();
             bumped[j] += h;
-            p.vars[k].set(&Tensor::from_vec(bumped.clone(), p.vars[k].shape(), &Device::Cpu).unwrap()).unwrap();
+            p.vars[k]
+                .set(&Tensor::from_vec(bumped.clone(), p.vars[k].shape(), &Device::Cpu).unwrap())
+                .unwrap();
             let up = loss_at(&p);
             bumped[j] -= 2.0 * h;
-            p.vars[k].set(&Tensor::from_vec(bumped, p.vars[k].shape(), &Device::Cpu).unwrap()).unwrap();
+            p.vars[k]
+                .set(&Tensor::from_vec(bumped, p.vars[k].shape(), &Device::Cpu).unwrap())
+                .unwrap();
             let down = loss_at(&p);
-            p.vars[k].set(&Tensor::from_vec(original, p.vars[k].shape(), &Device::Cpu).unwrap()).unwrap();
+            p.vars[k]
+                .set(&Tensor::from_vec(original, p.vars[k].shape(), &Device::Cpu).unwrap())
+                .unwrap();
             let fd = (up - down) / (2.0 * h as f64);
             let err = (fd - g as f64).abs();
-            assert!(err <= 0.05 * (g as f64).abs() + 2e-4, "{arch:?} {name}[{j}]: backprop {g}, finite difference {fd}");
+            assert!(
+                err <= 0.05 * (g as f64).abs() + 2e-4,
+                "{arch:?} {name}[{j}]: backprop {g}, finite difference {fd}"
+            );
             checked += 1;
         }
         assert!(checked > 20, "{arch:?}: only {checked} tensors checked");
@@ -81,7 +113,17 @@ fn loss_decreases_over_a_few_dozen_steps() {
     let data = real_tokens(320, 32, 64);
     for arch in [Arch::Bert, Arch::DistilBert] {
         let work = tempfile::tempdir().unwrap();
-        let out = train::train_params(&quick(2), &data, tiny_params(arch, 0.1, 3), &Device::Cpu, work.path(), &no_check, false, Instant::now()).unwrap();
+        let out = train::train_params(
+            &quick(2),
+            &data,
+            tiny_params(arch, 0.1, 3),
+            &Device::Cpu,
+            work.path(),
+            &no_check,
+            false,
+            Instant::now(),
+        )
+        .unwrap();
         let steps = &out.log.steps;
         assert_eq!(steps.len(), 40);
         let first: f64 = steps[..5].iter().map(|s| s.loss).sum::<f64>() / 5.0;
@@ -99,17 +141,53 @@ fn gradient_accumulation_4x8_matches_1x32() {
         let work = tempfile::tempdir().unwrap();
         // A large eps keeps Adam's first step from amplifying float noise in near-zero gradients
         // (with eps 1e-8 the first update is lr·sign(g), whatever |g| is).
-        let p = TrainParams { epochs: 1, batch_size, grad_accum, lr: 1e-3, eps: 1e-3, warmup_fraction: 0.0, bucket_batches: 1000, ..Default::default() };
-        let out = train::train_params(&p, &data, tiny_params(Arch::Bert, 0.0, 4), &Device::Cpu, work.path(), &no_check, false, Instant::now()).unwrap();
+        let p = TrainParams {
+            epochs: 1,
+            batch_size,
+            grad_accum,
+            lr: 1e-3,
+            eps: 1e-3,
+            warmup_fraction: 0.0,
+            bucket_batches: 1000,
+            ..Default::default()
+        };
+        let out = train::train_params(
+            &p,
+            &data,
+            tiny_params(Arch::Bert, 0.0, 4),
+            &Device::Cpu,
+            work.path(),
+            &no_check,
+            false,
+            Instant::now(),
+        )
+        .unwrap();
         assert_eq!(out.log.steps.len(), 1, "one optimizer step either way");
         (out.log.steps[0].clone(), out.best_weights)
     };
     let (s1, w1) = run(32, 1);
     let (s4, w4) = run(8, 4);
-    assert!((s1.loss - s4.loss).abs() < 1e-5, "loss {} vs {}", s1.loss, s4.loss);
-    assert!((s1.grad_norm - s4.grad_norm).abs() < 1e-4 * s1.grad_norm, "grad norm {} vs {}", s1.grad_norm, s4.grad_norm);
+    assert!(
+        (s1.loss - s4.loss).abs() < 1e-5,
+        "loss {} vs {}",
+        s1.loss,
+        s4.loss
+    );
+    assert!(
+        (s1.grad_norm - s4.grad_norm).abs() < 1e-4 * s1.grad_norm,
+        "grad norm {} vs {}",
+        s1.grad_norm,
+        s4.grad_norm
+    );
     for ((name, a), (_, b)) in w1.iter().zip(&w4) {
-        let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let diff = (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         assert!(diff < 1e-6, "{name}: updates differ by {diff}");
     }
 }
@@ -120,10 +198,22 @@ fn pos_weight_follows_the_formula() {
     let y = Tensor::new(&[[1.0f32, 0.0]], &Device::Cpu).unwrap();
     let w = Tensor::new(&[3.0f32, 2.0], &Device::Cpu).unwrap();
     // label 0: y=1, w=3: 3·log(1+e^-2) = 0.380784; label 1: y=0: -1 + log(1+e) = 0.313262.
-    let weighted = bce_with_logits(&logits, &y, Some(&w)).unwrap().to_scalar::<f32>().unwrap();
-    assert!((weighted - (0.380_784 + 0.313_262) / 2.0).abs() < 1e-5, "{weighted}");
-    let plain = bce_with_logits(&logits, &y, None).unwrap().to_scalar::<f32>().unwrap();
-    assert!((plain - (0.126_928 + 0.313_262) / 2.0).abs() < 1e-5, "{plain}");
+    let weighted = bce_with_logits(&logits, &y, Some(&w))
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(
+        (weighted - (0.380_784 + 0.313_262) / 2.0).abs() < 1e-5,
+        "{weighted}"
+    );
+    let plain = bce_with_logits(&logits, &y, None)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(
+        (plain - (0.126_928 + 0.313_262) / 2.0).abs() < 1e-5,
+        "{plain}"
+    );
 }
 
 #[test]
@@ -132,11 +222,23 @@ fn stable_loss_stays_finite_at_extreme_logits() {
     let y = Tensor::new(&[[0.0f32, 1.0, 1.0, 0.0]], &Device::Cpu).unwrap();
     let loss = bce_with_logits(logits.as_tensor(), &y, None).unwrap();
     let v = loss.to_scalar::<f32>().unwrap();
-    assert!((v - 50.0).abs() < 1e-3, "two wrong at 100 each, two right at ~0: mean 50, got {v}");
+    assert!(
+        (v - 50.0).abs() < 1e-3,
+        "two wrong at 100 each, two right at ~0: mean 50, got {v}"
+    );
     let g = loss.backward().unwrap();
-    let g: Vec<f32> = g.get(logits.as_tensor()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    let g: Vec<f32> = g
+        .get(logits.as_tensor())
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
     assert!(g.iter().all(|x| x.is_finite()));
-    assert!((g[0] - 0.25).abs() < 1e-6 && (g[1] + 0.25).abs() < 1e-6, "{g:?}");
+    assert!(
+        (g[0] - 0.25).abs() < 1e-6 && (g[1] + 0.25).abs() < 1e-6,
+        "{g:?}"
+    );
 }
 
 #[test]
@@ -144,7 +246,10 @@ fn auto_pos_weight_is_neg_over_pos_capped() {
     let data = real_tokens(200, 0, 64);
     let rows = data.rows_in(goemo_stages::data::Split::Train);
     let w = train::auto_pos_weight(&data, &rows, 10.0);
-    let neutral_pos = rows.iter().filter(|&&i| data.row_labels(i)[27] == 1).count();
+    let neutral_pos = rows
+        .iter()
+        .filter(|&&i| data.row_labels(i)[27] == 1)
+        .count();
     let expect = ((rows.len() - neutral_pos) as f64 / neutral_pos as f64).min(10.0);
     assert!((w[27] - expect).abs() < 1e-12);
     assert!(w.iter().all(|&x| x > 0.0 && x <= 10.0));
@@ -157,8 +262,18 @@ fn export_bytes(data: &TokenizedData, arch: Arch, seed: u64) -> (Vec<u8>, tempfi
     let work = dir.path().join("work");
     std::fs::create_dir_all(&work).unwrap();
     let out = train::train(&quick(1), data, &md, &Device::Cpu, &work, &no_check, false).unwrap();
-    model::export(&dir.path().join("export"), &md.cfg, &out.best_weights, &data.meta.label_names, &md.dir).unwrap();
-    (std::fs::read(dir.path().join("export/model.safetensors")).unwrap(), dir)
+    model::export(
+        &dir.path().join("export"),
+        &md.cfg,
+        &out.best_weights,
+        &data.meta.label_names,
+        &md.dir,
+    )
+    .unwrap();
+    (
+        std::fs::read(dir.path().join("export/model.safetensors")).unwrap(),
+        dir,
+    )
 }
 
 #[test]
@@ -166,7 +281,10 @@ fn same_config_same_bytes() {
     let data = real_tokens(96, 16, 64);
     let (a, _da) = export_bytes(&data, Arch::DistilBert, 5);
     let (b, _db) = export_bytes(&data, Arch::DistilBert, 5);
-    assert!(a == b, "two runs of the same config gave different model.safetensors");
+    assert!(
+        a == b,
+        "two runs of the same config gave different model.safetensors"
+    );
 }
 
 #[test]
@@ -175,24 +293,54 @@ fn export_round_trip_gives_the_same_logits() {
     for arch in [Arch::Bert, Arch::DistilBert] {
         let dir = tempfile::tempdir().unwrap();
         let p = tiny_params(arch, 0.0, 6);
-        let tensors: Vec<(String, Tensor)> = p.names.iter().cloned().zip(p.vars.iter().map(|v| v.as_tensor().clone())).collect();
+        let tensors: Vec<(String, Tensor)> = p
+            .names
+            .iter()
+            .cloned()
+            .zip(p.vars.iter().map(|v| v.as_tensor().clone()))
+            .collect();
         write_tiny_model(&dir.path().join("base"), arch, 0.0, 6);
-        model::export(&dir.path().join("export"), &p.cfg, &tensors, &data.meta.label_names, &dir.path().join("base")).unwrap();
+        model::export(
+            &dir.path().join("export"),
+            &p.cfg,
+            &tensors,
+            &data.meta.label_names,
+            &dir.path().join("base"),
+        )
+        .unwrap();
         let c = Classifier::load(&dir.path().join("export"), &Device::Cpu).unwrap();
         assert_eq!(c.labels, data.meta.label_names);
         let rows: Vec<usize> = (0..16).collect();
-        let before = train::predict_scores(&p.cfg, &p.detached(), &data, &rows, 8, &Device::Cpu).unwrap();
-        let after = train::predict_scores(&c.cfg, &c.weights, &data, &rows, 5, &Device::Cpu).unwrap();
-        let max = before.iter().zip(&after).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+        let before =
+            train::predict_scores(&p.cfg, &p.detached(), &data, &rows, 8, &Device::Cpu).unwrap();
+        let after =
+            train::predict_scores(&c.cfg, &c.weights, &data, &rows, 5, &Device::Cpu).unwrap();
+        let max = before
+            .iter()
+            .zip(&after)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f32::max);
         assert!(max < 1e-6, "{arch:?}: max difference {max}");
         let st = std::fs::read(dir.path().join("export/model.safetensors")).unwrap();
         let (_, meta) = safetensors::SafeTensors::read_metadata(&st).unwrap();
-        assert_eq!(meta.metadata().as_ref().and_then(|m| m.get("format")).map(String::as_str), Some("pt"));
-        let cfg: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.path().join("export/config.json")).unwrap()).unwrap();
+        assert_eq!(
+            meta.metadata()
+                .as_ref()
+                .and_then(|m| m.get("format"))
+                .map(String::as_str),
+            Some("pt")
+        );
+        let cfg: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.path().join("export/config.json")).unwrap())
+                .unwrap();
         assert_eq!(cfg["problem_type"], "multi_label_classification");
         assert_eq!(cfg["id2label"]["27"], "neutral");
         assert_eq!(cfg["label2id"]["grief"], 16);
-        let want = if arch == Arch::Bert { "BertForSequenceClassification" } else { "DistilBertForSequenceClassification" };
+        let want = if arch == Arch::Bert {
+            "BertForSequenceClassification"
+        } else {
+            "DistilBertForSequenceClassification"
+        };
         assert_eq!(cfg["architectures"][0], want);
         assert!(dir.path().join("export/tokenizer.json").exists());
     }
@@ -203,19 +351,54 @@ fn killed_and_resumed_equals_uninterrupted() {
     let data = real_tokens(96, 16, 64);
     let p = quick(3);
     let full_dir = tempfile::tempdir().unwrap();
-    let full = train::train_params(&p, &data, tiny_params(Arch::Bert, 0.1, 7), &Device::Cpu, full_dir.path(), &no_check, false, Instant::now()).unwrap();
+    let full = train::train_params(
+        &p,
+        &data,
+        tiny_params(Arch::Bert, 0.1, 7),
+        &Device::Cpu,
+        full_dir.path(),
+        &no_check,
+        false,
+        Instant::now(),
+    )
+    .unwrap();
 
     let work = tempfile::tempdir().unwrap();
     // Stop in the middle of the second epoch, as a kill would (the checkpoint of epoch 1 exists).
     let calls = std::cell::Cell::new(0);
     let stop = || {
         calls.set(calls.get() + 1);
-        if calls.get() > 9 { anyhow::bail!("killed") } else { Ok(()) }
+        if calls.get() > 9 {
+            anyhow::bail!("killed")
+        } else {
+            Ok(())
+        }
     };
-    let err = train::train_params(&p, &data, tiny_params(Arch::Bert, 0.1, 7), &Device::Cpu, work.path(), &stop, false, Instant::now()).err().unwrap();
+    let err = train::train_params(
+        &p,
+        &data,
+        tiny_params(Arch::Bert, 0.1, 7),
+        &Device::Cpu,
+        work.path(),
+        &stop,
+        false,
+        Instant::now(),
+    )
+    .err()
+    .unwrap();
     assert_eq!(err.to_string(), "killed");
     assert!(work.path().join("checkpoint/state.json").exists());
-    let resumed = train::train_params(&p, &data, tiny_params(Arch::Bert, 0.1, 7), &Device::Cpu, work.path(), &no_check, false, Instant::now()).unwrap();
+    let resumed = train::train_params(
+        &p,
+        &data,
+        tiny_params(Arch::Bert, 0.1, 7),
+        &Device::Cpu,
+        work.path(),
+        &no_check,
+        false,
+        Instant::now(),
+    )
+    .unwrap();
     assert_eq!(resumed.log, full.log);
     for ((n, a), (_, b)) in full.best_weights.iter().zip(&resumed.best_weights) {
         let a: Vec<f32> = a.flatten_all().unwrap().to_vec1().unwrap();
@@ -239,7 +422,10 @@ fn malformed_model_folders_are_named() {
     cfg["model_type"] = "roberta".into();
     std::fs::write(base.join("config.json"), cfg.to_string()).unwrap();
     let e = ModelDir::open(&base).err().unwrap().to_string();
-    assert!(e.contains("config.json: model_type `roberta` is not supported"), "{e}");
+    assert!(
+        e.contains("config.json: model_type `roberta` is not supported"),
+        "{e}"
+    );
 
     let mut cfg = tiny_config(Arch::Bert, 0.0);
     cfg["hidden_size"] = 32.into();
@@ -255,19 +441,33 @@ fn malformed_model_folders_are_named() {
     std::fs::write(base.join("config.json"), cfg.to_string()).unwrap();
     let md = ModelDir::open(&base).unwrap();
     let data = real_tokens(16, 0, 64);
-    let e = train::validate_against_model(&data, &md).err().unwrap().to_string();
-    assert!(e.contains("tokenizer.json: the tokenizer has 30522 tokens") && e.contains("vocab_size 1000"), "{e}");
+    let e = train::validate_against_model(&data, &md)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("tokenizer.json: the tokenizer has 30522 tokens")
+            && e.contains("vocab_size 1000"),
+        "{e}"
+    );
 
     std::fs::write(base.join("config.json"), "{not json").unwrap();
     let e = ModelDir::open(&base).err().unwrap().to_string();
     assert!(e.contains("config.json: not valid JSON"), "{e}");
 
-    std::fs::write(base.join("config.json"), tiny_config(Arch::Bert, 0.0).to_string()).unwrap();
+    std::fs::write(
+        base.join("config.json"),
+        tiny_config(Arch::Bert, 0.0).to_string(),
+    )
+    .unwrap();
     std::fs::write(base.join("model.safetensors"), b"garbage").unwrap();
     let md = ModelDir::open(&base).unwrap();
     let p = Params::init(&md.cfg, 28, 0, &Device::Cpu).unwrap();
     let e = p.load_backbone(&md.weights).err().unwrap().to_string();
-    assert!(e.contains("model.safetensors: not a valid safetensors file"), "{e}");
+    assert!(
+        e.contains("model.safetensors: not a valid safetensors file"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -277,7 +477,14 @@ fn minilm_real_weights_smoke_test() {
     let md = ModelDir::open(&goemo_stages::testing::minilm_dir()).unwrap();
     assert_eq!(md.cfg.hidden, 384);
     let work = tempfile::tempdir().unwrap();
-    let p = TrainParams { epochs: 1, batch_size: 16, lr: 5e-4, warmup_fraction: 0.1, log_every: 1000, ..Default::default() };
+    let p = TrainParams {
+        epochs: 1,
+        batch_size: 16,
+        lr: 5e-4,
+        warmup_fraction: 0.1,
+        log_every: 1000,
+        ..Default::default()
+    };
     let out = train::train(&p, &data, &md, &Device::Cpu, work.path(), &no_check, false).unwrap();
     let steps = &out.log.steps;
     assert_eq!(steps.len(), 24);
@@ -285,4 +492,3 @@ fn minilm_real_weights_smoke_test() {
     let last: f64 = steps[20..].iter().map(|s| s.loss).sum::<f64>() / 4.0;
     assert!(last < 0.85 * first, "MiniLM loss {first:.4} → {last:.4}");
 }
-

@@ -63,7 +63,10 @@ impl Project {
 
     pub fn command(&self, args: &[&str]) -> Command {
         let mut c = Command::new(bin());
-        c.args(args).current_dir(self.path()).env_remove("RUST_LOG").env_remove("GOEMO_PIPELINE");
+        c.args(args)
+            .current_dir(self.path())
+            .env_remove("RUST_LOG")
+            .env_remove("GOEMO_PIPELINE");
         c
     }
 
@@ -93,14 +96,22 @@ impl Project {
 /// Every file under `root` with its bytes, for "nothing changed on disk" checks.
 pub fn snapshot(root: &Path) -> Vec<(String, Vec<u8>)> {
     fn walk(root: &Path, dir: &Path, out: &mut Vec<(String, Vec<u8>)>) {
-        let Ok(rd) = std::fs::read_dir(dir) else { return };
+        let Ok(rd) = std::fs::read_dir(dir) else {
+            return;
+        };
         for e in rd.flatten() {
             let p = e.path();
             if p.is_dir() {
-                out.push((p.strip_prefix(root).unwrap().display().to_string() + "/", vec![]));
+                out.push((
+                    p.strip_prefix(root).unwrap().display().to_string() + "/",
+                    vec![],
+                ));
                 walk(root, &p, out);
             } else {
-                out.push((p.strip_prefix(root).unwrap().display().to_string(), std::fs::read(&p).unwrap_or_default()));
+                out.push((
+                    p.strip_prefix(root).unwrap().display().to_string(),
+                    std::fs::read(&p).unwrap_or_default(),
+                ));
             }
         }
     }

@@ -16,7 +16,9 @@ use goemo_stages::model::{EncoderConfig, ModelDir, Params};
 use goemo_stages::train::{self, AdamW, TrainParams};
 
 fn env_path(key: &str, default: &str) -> PathBuf {
-    std::env::var_os(key).map(PathBuf::from).unwrap_or_else(|| PathBuf::from(default))
+    std::env::var_os(key)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(default))
 }
 
 fn read_split(split: Split) -> anyhow::Result<(Vec<String>, Vec<Row>)> {
@@ -25,14 +27,19 @@ fn read_split(split: Split) -> anyhow::Result<(Vec<String>, Vec<Row>)> {
     let labels = goemo_stages::load::read_label_names(&dir, &shown)?;
     let bytes = std::fs::read(dir.join(format!("{}.tsv", split.name())))?;
     let mut rejects = Vec::new();
-    let (rows, _) = goemo_stages::load::parse_official(&bytes, split.name(), split, labels.len(), &mut rejects);
+    let (rows, _) =
+        goemo_stages::load::parse_official(&bytes, split.name(), split, labels.len(), &mut rejects);
     Ok((labels, rows))
 }
 
 fn peak_rss_mib() -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok()))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
         .map(|kb| kb / 1024.0)
         .unwrap_or(0.0)
 }
@@ -78,24 +85,34 @@ fn main() -> anyhow::Result<()> {
             let which = args.get(1).map(String::as_str).unwrap_or("minilm");
             let (labels, rows) = read_split(Split::Train)?;
             let data = goemo_stages::tokenize::build(&rows, labels, &model, 128)?;
-            let batches: Vec<Vec<usize>> = serde_json::from_slice(&std::fs::read(env_path("BENCH_BATCHES", "bench-results/bench_batches.json"))?)?;
+            let batches: Vec<Vec<usize>> = serde_json::from_slice(&std::fs::read(env_path(
+                "BENCH_BATCHES",
+                "bench-results/bench_batches.json",
+            ))?)?;
             let (cfg, pretrained) = model_config(which, &model)?;
             let params = Params::init(&cfg, 28, 0, &Device::Cpu)?;
             if pretrained {
                 params.load_backbone(&model.join("model.safetensors"))?;
             }
-            let p = TrainParams { lr: 5e-5, ..Default::default() };
+            let p = TrainParams {
+                lr: 5e-5,
+                ..Default::default()
+            };
             let mut opt = AdamW::new(&params, &p);
             let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(0);
             let (mut tsum, mut fb, mut o, mut ex, mut toks) = (0.0, 0.0, 0.0, 0usize, 0usize);
             for (step, b) in batches.iter().take(35).enumerate() {
                 let t = Instant::now();
-                let (loss, grads) = train::loss_and_grads(&params, &data, b, None, Some(&mut rng), &Device::Cpu)?;
+                let (loss, grads) =
+                    train::loss_and_grads(&params, &data, b, None, Some(&mut rng), &Device::Cpu)?;
                 let t1 = Instant::now();
                 opt.step(&params, &grads, 5e-5)?;
                 let (f, s) = ((t1 - t).as_secs_f64(), t1.elapsed().as_secs_f64());
                 let len = b.iter().map(|&i| data.row(i).len()).max().unwrap_or(0);
-                println!("step {step} L={len} loss={loss:.4} {:.3}s fwd+bwd={f:.3} opt={s:.3}", f + s);
+                println!(
+                    "step {step} L={len} loss={loss:.4} {:.3}s fwd+bwd={f:.3} opt={s:.3}",
+                    f + s
+                );
                 if step >= 5 {
                     tsum += f + s;
                     fb += f;
@@ -126,12 +143,17 @@ fn main() -> anyhow::Result<()> {
             // In file order, like the reference (no length sorting across batches).
             let mut checksum = 0.0f64;
             for chunk in all.chunks(64) {
-                checksum += train::predict_scores(&cfg, &weights, &data, chunk, 64, &Device::Cpu)?.iter().map(|&x| x as f64).sum::<f64>();
+                checksum += train::predict_scores(&cfg, &weights, &data, chunk, 64, &Device::Cpu)?
+                    .iter()
+                    .map(|&x| x as f64)
+                    .sum::<f64>();
             }
             let dt = t.elapsed().as_secs_f64();
             println!("RESULT infer model={which} threads={threads} n={} secs={dt:.2} ex_per_s={:.1} peak_rss_mib={:.0} checksum={checksum:.2}", data.len(), data.len() as f64 / dt, peak_rss_mib());
         }
-        _ => anyhow::bail!("usage: goemo-bench tokenize | train minilm|distilbert | infer minilm|distilbert"),
+        _ => anyhow::bail!(
+            "usage: goemo-bench tokenize | train minilm|distilbert | infer minilm|distilbert"
+        ),
     }
     Ok(())
 }
