@@ -11,10 +11,8 @@ use serde_json::{json, Value};
 
 use crate::data::{round6, Split};
 use crate::metrics::{self, PolicyReport, Prf};
-use crate::model::Classifier;
 use crate::stage::{resolve_typed, InputSpec, Inputs, ParamError, Stage, StageContext};
 use crate::thresholds::Thresholds;
-use crate::tokens::TokenizedData;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -73,29 +71,15 @@ impl Stage for EvaluateStage {
 
     fn run(&self, ctx: &StageContext<'_>) -> anyhow::Result<()> {
         let p: EvaluateParams = ctx.params()?;
-        let data = TokenizedData::read(ctx.input("tokens")?)?;
         let t: Thresholds = crate::read_json(&ctx.input("thresholds")?.join("thresholds.json"))?;
-        let classifier = Classifier::load(
-            &ctx.input("model")?.join("model"),
-            &crate::train::select_device(crate::train::DeviceChoice::Auto)?,
-        )?;
-        let test = data.rows_in(Split::Test);
-        if test.is_empty() {
-            anyhow::bail!("no test rows: check the load and sample stages");
-        }
-        let scores = crate::train::predict_scores(
-            &classifier.cfg,
-            &classifier.weights,
-            &data,
-            &test,
+        let split = crate::train::score_split(
+            ctx.input("model")?,
+            ctx.input("tokens")?,
+            Split::Test,
             p.batch_size,
-            &classifier.device,
         )?;
-        let truth: Vec<u8> = test
-            .iter()
-            .flat_map(|&i| data.row_labels(i).to_vec())
-            .collect();
-        let report = evaluate(&scores, &truth, &data.meta.label_names, &t.thresholds, &p);
+        let (data, scores, truth, test) = (&split.data, &split.scores, &split.truth, &split.rows);
+        let report = evaluate(scores, truth, &data.meta.label_names, &t.thresholds, &p);
         crate::write_json(&ctx.out_dir.join("metrics.json"), &report)?;
         let n = data.n_labels();
         let score_bytes: Vec<u8> = scores.iter().flat_map(|x| x.to_le_bytes()).collect();
@@ -107,7 +91,7 @@ impl Stage for EvaluateStage {
                 ),
                 (
                     "truth",
-                    TensorView::new(Dtype::U8, vec![test.len(), n], &truth)?,
+                    TensorView::new(Dtype::U8, vec![test.len(), n], truth)?,
                 ),
             ],
             None,

@@ -362,6 +362,15 @@ impl Params {
         Ok(report)
     }
 
+    /// A copy of every parameter's current value (for the best epoch's weights).
+    pub fn snapshot(&self) -> candle_core::Result<Vec<(String, Tensor)>> {
+        self.names
+            .iter()
+            .zip(&self.vars)
+            .map(|(n, v)| Ok((n.clone(), v.as_tensor().copy()?)))
+            .collect()
+    }
+
     /// The parameters as plain tensors (no autograd), for inference.
     pub fn detached(&self) -> HashMap<String, Tensor> {
         self.names

@@ -9,9 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::data::Split;
 use crate::metrics;
-use crate::model::Classifier;
 use crate::stage::{resolve_typed, InputSpec, Inputs, ParamError, Stage, StageContext};
-use crate::tokens::TokenizedData;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
@@ -95,31 +93,20 @@ impl Stage for ThresholdsStage {
 
     fn run(&self, ctx: &StageContext<'_>) -> anyhow::Result<()> {
         let p: ThresholdParams = ctx.params()?;
-        let data = TokenizedData::read(ctx.input("tokens")?)?;
-        let classifier = Classifier::load(
-            &ctx.input("model")?.join("model"),
-            &crate::train::select_device(crate::train::DeviceChoice::Auto)?,
-        )?;
-        let dev = data.rows_in(Split::Dev);
-        let n = data.n_labels();
-        let scores = crate::train::predict_scores(
-            &classifier.cfg,
-            &classifier.weights,
-            &data,
-            &dev,
+        let split = crate::train::score_split(
+            ctx.input("model")?,
+            ctx.input("tokens")?,
+            Split::Dev,
             p.batch_size,
-            &classifier.device,
         )?;
-        let truth: Vec<u8> = dev
-            .iter()
-            .flat_map(|&i| data.row_labels(i).to_vec())
-            .collect();
-        let t = tune(&scores, &truth, &data.meta.label_names, &p);
+        let (data, scores, truth) = (&split.data, &split.scores, &split.truth);
+        let n = data.n_labels();
+        let t = tune(scores, truth, &data.meta.label_names, &p);
         crate::write_json(&ctx.out_dir.join("thresholds.json"), &t)?;
-        let tuned = metrics::macro_f1(&metrics::counts(&scores, &truth, n, &t.thresholds));
+        let tuned = metrics::macro_f1(&metrics::counts(scores, truth, n, &t.thresholds));
         let at_global = metrics::macro_f1(&metrics::counts(
-            &scores,
-            &truth,
+            scores,
+            truth,
             n,
             &vec![p.global_threshold; n],
         ));

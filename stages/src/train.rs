@@ -473,6 +473,51 @@ pub fn predict_scores(
     Ok(out)
 }
 
+/// What thresholds and evaluate need: the tokenized rows, and the trained model's scores and
+/// the truth (rows × labels) on one split.
+pub struct SplitScores {
+    pub data: TokenizedData,
+    pub rows: Vec<usize>,
+    pub scores: Vec<f32>,
+    pub truth: Vec<u8>,
+}
+
+/// Score `split` with the model train exported into `train_out/model`.
+pub fn score_split(
+    train_out: &Path,
+    tokens: &Path,
+    split: Split,
+    batch: usize,
+) -> anyhow::Result<SplitScores> {
+    let data = TokenizedData::read(tokens)?;
+    let classifier = model::Classifier::load(
+        &train_out.join("model"),
+        &select_device(DeviceChoice::Auto)?,
+    )?;
+    let rows = data.rows_in(split);
+    if rows.is_empty() {
+        anyhow::bail!("no {} rows: check the load and sample stages", split.name());
+    }
+    let scores = predict_scores(
+        &classifier.cfg,
+        &classifier.weights,
+        &data,
+        &rows,
+        batch,
+        &classifier.device,
+    )?;
+    let truth: Vec<u8> = rows
+        .iter()
+        .flat_map(|&i| data.row_labels(i).to_vec())
+        .collect();
+    Ok(SplitScores {
+        data,
+        rows,
+        scores,
+        truth,
+    })
+}
+
 #[derive(Serialize, Deserialize)]
 struct CheckpointState {
     epochs_done: usize,
@@ -691,15 +736,7 @@ pub fn train_params(
         pos_weight: pos_weight_values.clone(),
         ..Default::default()
     };
-    let mut best: Vec<(String, Tensor)> = params
-        .names
-        .iter()
-        .cloned()
-        .zip(params.vars.iter().map(|v| v.as_tensor().copy()))
-        .collect::<Vec<_>>()
-        .into_iter()
-        .map(|(n, t)| t.map(|t| (n, t)))
-        .collect::<candle_core::Result<_>>()?;
+    let mut best: Vec<(String, Tensor)> = params.snapshot()?;
     let mut step = 0usize;
     let mut start_epoch = 0usize;
     let mut epochs_since_best = 0usize;
@@ -993,13 +1030,7 @@ fn finish_epoch(
     );
     if dev_f1 > *best_f1 || dev_rows.is_empty() {
         *best_f1 = dev_f1;
-        *best = params
-            .names
-            .iter()
-            .cloned()
-            .zip(params.vars.iter().map(|v| v.as_tensor().copy()))
-            .map(|(n, t)| t.map(|t| (n, t)))
-            .collect::<candle_core::Result<_>>()?;
+        *best = params.snapshot()?;
         log.best_epoch = epoch + 1;
         log.best_dev_macro_f1 = crate::data::round6(dev_f1);
         *epochs_since_best = 0;
