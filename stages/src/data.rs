@@ -196,7 +196,7 @@ pub fn write_dataset(dir: &Path, labels: &[String], rows: &[Row]) -> anyhow::Res
         std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
     IpcWriter::new(file)
         .finish(&mut df)
-        .with_context(|| format!("writing {}", path.display()))?;
+        .map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))?;
     crate::write_json(&dir.join(LABELS_FILE), &labels)?;
     Ok(())
 }
@@ -207,7 +207,7 @@ pub fn read_dataset(dir: &Path) -> anyhow::Result<(Vec<String>, Vec<Row>)> {
     let file = std::fs::File::open(&path).with_context(|| format!("opening {}", path.display()))?;
     let df = IpcReader::new(file)
         .finish()
-        .with_context(|| format!("reading {}", path.display()))?;
+        .map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?;
     let bad =
         |what: &str| anyhow::anyhow!("{}: column `{what}` is missing or mistyped", path.display());
     let ids = df

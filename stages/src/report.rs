@@ -14,7 +14,7 @@ use std::fmt::Write as _;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
+use serde_json::Value;
 
 use crate::charts;
 use crate::plot::{ChartData, CURVES_SIZE, PR_SIZE};
@@ -444,6 +444,7 @@ pub fn read_overall(path: &Path) -> anyhow::Result<Value> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     fn metrics() -> Value {
         let per = |f1: f64| json!({"precision": 0.5, "recall": 0.25, "f1": f1, "support": 4, "threshold": 0.3});
