@@ -72,7 +72,8 @@ fn wordpiece_from_vocab(model_dir: &Path) -> anyhow::Result<Tokenizer> {
             .ok_or_else(|| anyhow::anyhow!("{}: no `{tok}` token", vocab.display()))
     };
     let (cls, sep) = (id("[CLS]")?, id("[SEP]")?);
-    t.with_normalizer(Some(BertNormalizer::new(true, true, None, lowercase)));
+    t.with_normalizer(Some(BertNormalizer::new(true, true, None, lowercase)))
+        .map_err(|e| anyhow::anyhow!("{}: {e}", vocab.display()))?;
     t.with_pre_tokenizer(Some(BertPreTokenizer));
     t.with_post_processor(Some(BertProcessing::new(
         ("[SEP]".into(), sep),
