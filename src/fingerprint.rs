@@ -11,7 +11,8 @@
 //!
 //! Deliberately left out: the stage's name (renaming keeps the cache), paths (moving the project
 //! or the data keeps the cache), mtimes, the machine, the time. Canonical JSON means sorted map
-//! keys (serde_json's default map is a BTreeMap) and serde_json's shortest-round-trip floats.
+//! keys (serde_json's default map is a BTreeMap) and serde_json's float format (5e-5 is written
+//! `0.00005`; the golden key in the tests pins this).
 //!
 //! Because a downstream key holds the *output* hash of its upstream, a stage that re-runs and
 //! writes the same bytes leaves everything downstream cached (early cutoff).
@@ -281,7 +282,7 @@ mod tests {
         // Golden: changing the encoding must be a deliberate FORMAT bump.
         assert_eq!(
             a.key(),
-            "45bd9d721d9376e6b98eb7a78932fad98c1e93fbc43b0c78aac80a3004ff8dae"
+            "0f90956960cbd57df17a2ea76ec2efafd0549b2363b6850363e716106e441f37"
         );
         assert_ne!(a.key(), fp(json!({"lr": 3e-5, "epochs": 3}), "abc").key());
     }

@@ -142,7 +142,12 @@ fn a_second_run_waits_and_both_leave_a_consistent_cache() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_millis(300));
+    // The first stage appends to ran.log once the run holds the lock.
+    let started = std::time::Instant::now();
+    while !p.file("ran.log").exists() {
+        assert!(started.elapsed() < Duration::from_secs(60), "first run never started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let busy = p.goemo(&["run", "--no-wait"]);
     assert_eq!(busy.code, 1, "{}", busy.all());
     assert!(

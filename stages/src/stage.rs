@@ -203,10 +203,16 @@ pub fn resolve_typed<P: DeserializeOwned + Serialize>(
         if let Some(pos) = message.find(" at line ") {
             message.truncate(pos);
         }
-        ParamError {
-            param: param_named_in(&message),
-            message,
+        let param = param_named_in(&message);
+        // The engine already says `param `lr``: drop serde_yaml's `lr: ` path prefix.
+        if let Some(rest) = param
+            .as_deref()
+            .and_then(|p| message.strip_prefix(p))
+            .and_then(|rest| rest.strip_prefix(": "))
+        {
+            message = rest.to_owned();
         }
+        ParamError { param, message }
     })?;
     serde_json::to_value(&typed).map_err(|e| ParamError {
         param: None,
@@ -273,11 +279,16 @@ mod tests {
         let e = resolve_typed::<P>(&serde_yaml::from_str("lrr: 0.5").unwrap()).unwrap_err();
         assert_eq!(e.param.as_deref(), Some("lrr"));
         assert!(
-            e.message.contains("expected one of `lr`, `epochs`"),
+            e.message.contains("unknown field `lrr`, expected `lr` or `epochs`"),
             "{}",
             e.message
         );
         let e = resolve_typed::<P>(&serde_yaml::from_str("epochs: many").unwrap()).unwrap_err();
         assert_eq!(e.param.as_deref(), Some("epochs"), "{}", e.message);
+        assert!(
+            e.message.starts_with("invalid type: string \"many\""),
+            "{}",
+            e.message
+        );
     }
 }
