@@ -528,9 +528,9 @@ impl<'p> Engine<'p> {
         }
         if let Some(from) = &opts.from {
             let s = p.require(from, "--from")?;
-            for i in 0..n {
+            for (i, forced) in forced.iter_mut().enumerate() {
                 if p.reaches(s, i) {
-                    forced[i] = Some("--from");
+                    *forced = Some("--from");
                 }
             }
             if !selected[s] {

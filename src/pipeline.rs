@@ -507,11 +507,10 @@ fn missing_input_hint(role: &str) -> String {
     }
 }
 
-fn check_roles(
-    def: &StageDef,
-    file: &Path,
-    locate: &dyn Fn(&[&str]) -> Option<(usize, usize)>,
-) -> Result<(), ConfigError> {
+/// Finds the (line, column) of a key path in pipeline.yaml, where the YAML has it.
+type Locate<'a> = &'a dyn Fn(&[&str]) -> Option<(usize, usize)>;
+
+fn check_roles(def: &StageDef, file: &Path, locate: Locate<'_>) -> Result<(), ConfigError> {
     let Inputs::Fixed(specs) = def.stage.inputs() else {
         return Ok(());
     };

@@ -145,7 +145,10 @@ fn a_second_run_waits_and_both_leave_a_consistent_cache() {
     // The first stage appends to ran.log once the run holds the lock.
     let started = std::time::Instant::now();
     while !p.file("ran.log").exists() {
-        assert!(started.elapsed() < Duration::from_secs(60), "first run never started");
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "first run never started"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     let busy = p.goemo(&["run", "--no-wait"]);

@@ -254,6 +254,9 @@ pub fn no_decay(name: &str) -> bool {
     name.ends_with(".bias") || name.contains("LayerNorm") || name.contains("layer_norm")
 }
 
+/// Tensors by their HF names, in parameter order: a weight snapshot or a checkpoint part.
+pub type NamedTensors = Vec<(String, Tensor)>;
+
 /// The trainable parameters, in `param_specs` order.
 pub struct Params {
     pub cfg: EncoderConfig,
@@ -363,7 +366,7 @@ impl Params {
     }
 
     /// A copy of every parameter's current value (for the best epoch's weights).
-    pub fn snapshot(&self) -> candle_core::Result<Vec<(String, Tensor)>> {
+    pub fn snapshot(&self) -> candle_core::Result<NamedTensors> {
         self.names
             .iter()
             .zip(&self.vars)
@@ -457,7 +460,21 @@ pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> candle_core::
 fn linear(x: &Tensor, p: &HashMap<String, Tensor>, name: &str) -> candle_core::Result<Tensor> {
     let w = &p[&format!("{name}.weight")];
     let b = &p[&format!("{name}.bias")];
-    x.broadcast_matmul(&w.t()?)?.broadcast_add(b)
+    // As one 2-D matmul over all rows: `broadcast_matmul` would broadcast the weight to
+    // (batch, in, out), and its backward pass would then allocate and sum a gradient that size
+    // for every linear layer in every step.
+    let dims = x.dims();
+    let inner = *dims
+        .last()
+        .expect("a linear layer's input has at least one dimension");
+    let rows = x.elem_count() / inner.max(1);
+    let y = x
+        .reshape((rows, inner))?
+        .matmul(&w.t()?)?
+        .broadcast_add(b)?;
+    let mut out_dims = dims.to_vec();
+    *out_dims.last_mut().expect("non-empty") = w.dim(0)?;
+    y.reshape(out_dims)
 }
 
 fn activate(x: &Tensor, a: Activation) -> candle_core::Result<Tensor> {

@@ -279,7 +279,8 @@ mod tests {
         let e = resolve_typed::<P>(&serde_yaml::from_str("lrr: 0.5").unwrap()).unwrap_err();
         assert_eq!(e.param.as_deref(), Some("lrr"));
         assert!(
-            e.message.contains("unknown field `lrr`, expected `lr` or `epochs`"),
+            e.message
+                .contains("unknown field `lrr`, expected `lr` or `epochs`"),
             "{}",
             e.message
         );

@@ -29,7 +29,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::data::Split;
 use crate::metrics;
-use crate::model::{self, Batch, ModelDir, Params};
+use crate::model::{self, Batch, ModelDir, NamedTensors, Params};
 use crate::stage::{resolve_typed, InputSpec, Inputs, ParamError, Stage, StageContext};
 use crate::tokens::TokenizedData;
 
@@ -198,7 +198,7 @@ impl Stage for TrainStage {
             ctx.interactive,
         )?;
         let export_dir = ctx.out_dir.join("model");
-        let tensors: Vec<(String, Tensor)> = outcome.best_weights;
+        let tensors: NamedTensors = outcome.best_weights;
         model::export(
             &export_dir,
             &model_dir.cfg,
@@ -259,7 +259,7 @@ pub struct TrainLog {
 
 pub struct TrainOutcome {
     pub log: TrainLog,
-    pub best_weights: Vec<(String, Tensor)>,
+    pub best_weights: NamedTensors,
     pub metrics: serde_json::Value,
 }
 
@@ -539,7 +539,7 @@ fn save_checkpoint(
     let tmp = work.join(format!("{CKPT}.tmp"));
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp)?;
-    let weights: Vec<(String, Tensor)> = params
+    let weights: NamedTensors = params
         .names
         .iter()
         .cloned()
@@ -547,7 +547,7 @@ fn save_checkpoint(
         .collect();
     save_tensors(&tmp.join("weights.safetensors"), &weights)?;
     save_tensors(&tmp.join("best.safetensors"), best)?;
-    let moments: Vec<(String, Tensor)> = params
+    let moments: NamedTensors = params
         .names
         .iter()
         .zip(opt.m.iter().zip(&opt.v))
@@ -588,7 +588,7 @@ fn load_checkpoint(
     work: &Path,
     params: &Params,
     opt: &mut AdamW,
-) -> anyhow::Result<Option<(CheckpointState, Vec<(String, Tensor)>)>> {
+) -> anyhow::Result<Option<(CheckpointState, NamedTensors)>> {
     let dir = work.join(CKPT);
     if !dir.join("state.json").exists() {
         return Ok(None);
@@ -736,7 +736,7 @@ pub fn train_params(
         pos_weight: pos_weight_values.clone(),
         ..Default::default()
     };
-    let mut best: Vec<(String, Tensor)> = params.snapshot()?;
+    let mut best: NamedTensors = params.snapshot()?;
     let mut step = 0usize;
     let mut start_epoch = 0usize;
     let mut epochs_since_best = 0usize;
@@ -879,7 +879,7 @@ pub fn train_params(
                     examples as f64 / train_started.elapsed().as_secs_f64()
                 ));
                 bar.inc(1);
-            } else if step % p.log_every.max(1) == 0 {
+            } else if step.is_multiple_of(p.log_every.max(1)) {
                 let done = (bi + 1) as f64 / batches.len() as f64;
                 let eta = epoch_started.elapsed().as_secs_f64() / done * (1.0 - done);
                 tracing::info!(
@@ -981,7 +981,7 @@ fn finish_epoch(
     epoch: usize,
     train_loss: f64,
     log: &mut TrainLog,
-    best: &mut Vec<(String, Tensor)>,
+    best: &mut NamedTensors,
     best_f1: &mut f64,
     epochs_since_best: &mut usize,
 ) -> anyhow::Result<()> {
