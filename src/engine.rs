@@ -362,8 +362,13 @@ impl<'p> Engine<'p> {
                             let outcome = if lock_key.as_deref() == Some(a.key.as_str()) {
                                 Outcome::Cached
                             } else {
-                                notes[i] =
-                                    format!("from the run-cache: {}", join_reasons(&a.reasons));
+                                notes[i] = if a.reasons == [StaleReason::NeverRun] {
+                                    // Run before, but pipeline.lock (new clone, other branch)
+                                    // has no record of it: "never run" would be wrong here.
+                                    "from the run-cache (pipeline.lock has no record of it)".into()
+                                } else {
+                                    format!("from the run-cache: {}", join_reasons(&a.reasons))
+                                };
                                 Outcome::Restored
                             };
                             walls[i] = 0.0;
