@@ -785,6 +785,7 @@ pub fn train_params(
         let mut accum_rows: Vec<String> = Vec::new();
         let mut in_accum = 0usize;
         let epoch_started = Instant::now();
+        let mut reached_max_steps = false;
         for (bi, rows) in batches.iter().enumerate() {
             check()?;
             let t0 = Instant::now();
@@ -892,23 +893,8 @@ pub fn train_params(
             accum_rows.clear();
             in_accum = 0;
             if p.max_steps > 0 && step >= p.max_steps {
-                if let Some(bar) = &bar {
-                    bar.finish_and_clear();
-                }
-                finish_epoch(
-                    p,
-                    data,
-                    &params,
-                    &dev_rows,
-                    device,
-                    epoch,
-                    epoch_loss / epoch_batches_seen.max(1) as f64,
-                    &mut log,
-                    &mut best,
-                    &mut best_f1,
-                    &mut epochs_since_best,
-                )?;
-                break 'epochs;
+                reached_max_steps = true;
+                break;
             }
         }
         if let Some(bar) = &bar {
@@ -927,6 +913,10 @@ pub fn train_params(
             &mut best_f1,
             &mut epochs_since_best,
         )?;
+        // A run cut short by max_steps ends here, without an end-of-epoch checkpoint.
+        if reached_max_steps {
+            break 'epochs;
+        }
         save_checkpoint(
             work_dir,
             &params,
