@@ -2,7 +2,7 @@
 
 mod common;
 
-use std::os::unix::process::CommandExt;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::time::{Duration, Instant};
 
 use common::Project;
@@ -23,6 +23,23 @@ stages:
       cmd: wc -c < "$GOEMO_IN_BIG/big.bin" | tr -d ' ' > "$GOEMO_OUT/size.txt"
     publish: {out/size.txt: size.txt}
 "#;
+
+// Signals go through kill(2), not the `kill` program: procps-ng 4.0's `kill -9 -PGID` can parse
+// the negative pid as an option and signal pid -1 (every process the user owns), which as root
+// took the whole CI run down.
+fn signal(pid: u32, sig: libc::c_int) {
+    let pid = libc::pid_t::try_from(pid).expect("pid fits pid_t");
+    assert!(pid > 1, "refusing to signal pid {pid}");
+    // SAFETY: kill(2) with a positive pid touches only that process.
+    unsafe { libc::kill(pid, sig) };
+}
+
+fn signal_group(pgid: u32, sig: libc::c_int) {
+    let pgid = libc::pid_t::try_from(pgid).expect("pgid fits pid_t");
+    assert!(pgid > 1, "refusing to signal process group {pgid}");
+    // SAFETY: a negative pid below -1 names exactly one process group.
+    unsafe { libc::kill(-pgid, sig) };
+}
 
 /// Every entry that has its completion marker must be whole.
 fn assert_no_trusted_partial_entry(p: &Project) {
@@ -67,19 +84,29 @@ fn sigkill_at_random_points_never_leaves_a_trusted_partial_entry() {
         seed ^= seed << 17;
         seed
     };
+    let mut killed = 0;
     for _ in 0..25 {
         let delay = full.mul_f64((next() % 1000) as f64 / 1000.0 * 1.1);
         // Its own process group, so the kill takes the stage's shell too (as a crash would).
-        let child = p.command(&["run", "-q"]).process_group(0).spawn().unwrap();
+        // `--from big` re-runs both stages even once they are cached, so every kill can land
+        // mid-write, also while a complete entry is being replaced.
+        let child = p
+            .command(&["run", "-q", "--from", "big"])
+            .process_group(0)
+            .spawn()
+            .unwrap();
         std::thread::sleep(delay);
-        let _ = std::process::Command::new("kill")
-            .args(["-9", &format!("-{}", child.id())])
-            .status();
-        let _ = child.wait_with_output();
+        signal_group(child.id(), libc::SIGKILL);
+        let out = child.wait_with_output().unwrap();
+        if out.status.signal() == Some(libc::SIGKILL) {
+            killed += 1;
+        }
         assert_no_trusted_partial_entry(&p);
         let st = p.goemo(&["status"]);
         assert_eq!(st.code, 0, "status after a kill:\n{}", st.all());
     }
+    // Delays spread over 0..1.1 of a run: most kills land mid-run, else this tests nothing.
+    assert!(killed >= 10, "only {killed} of 25 runs were killed mid-way");
     let r = p.goemo(&["run"]);
     assert_eq!(r.code, 0, "{}", r.all());
     assert_eq!(p.read("outputs/size.txt").trim(), BIG.to_string());
@@ -108,9 +135,7 @@ fn ctrl_c_stops_cleanly() {
     while !p.file("started").exists() && t.elapsed() < Duration::from_secs(20) {
         std::thread::sleep(Duration::from_millis(20));
     }
-    let _ = std::process::Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status();
+    signal(child.id(), libc::SIGINT);
     let status = child.wait().unwrap();
     assert_eq!(status.code(), Some(130));
     assert!(
