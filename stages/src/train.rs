@@ -11,9 +11,10 @@
 //!   optional early stopping.
 //! - Reproducible: every random draw comes from ChaCha8 seeded by (`seed`, epoch), so the same
 //!   config, data, machine and thread count give byte-identical weights. A checkpoint (weights,
-//!   optimizer moments, step, log, best epoch) is written to the work folder after each epoch;
-//!   since the RNG state is a function of (seed, epoch), resuming from it finishes with the
-//!   same weights as a run that was never stopped.
+//!   optimizer moments, step, log, best epoch) is written to the work folder after each epoch
+//!   and every 10 minutes inside one (with the batch position and the dropout RNG's stream
+//!   position); batch order is a function of (seed, epoch), so resuming from it finishes with
+//!   the same weights as a run that was never stopped.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -86,6 +87,11 @@ pub struct TrainParams {
     pub device: DeviceChoice,
     /// Log a line every this many steps when there is no progress bar.
     pub log_every: usize,
+    /// Also checkpoint inside an epoch once this many seconds have passed since the last one,
+    /// so a kill costs at most this much work (an epoch of the full data is hours on 2 cores).
+    /// Not a param: it changes no output, so it stays out of the stage's key.
+    #[serde(skip)]
+    pub checkpoint_every_secs: f64,
 }
 
 impl Default for TrainParams {
@@ -108,6 +114,7 @@ impl Default for TrainParams {
             max_steps: 0,
             device: DeviceChoice::Auto,
             log_every: 100,
+            checkpoint_every_secs: 600.0,
         }
     }
 }
@@ -525,6 +532,14 @@ struct CheckpointState {
     adam_t: u64,
     log: TrainLog,
     epochs_since_best: usize,
+    /// Inside epoch `epochs_done + 1`: the batches already trained on (0 at an epoch's end),
+    /// the dropout RNG's position after them and the running train loss.
+    #[serde(default)]
+    batches_done: usize,
+    #[serde(default)]
+    dropout_rng_word_pos: u128,
+    #[serde(default)]
+    epoch_loss_sum: f64,
 }
 
 const CKPT: &str = "checkpoint";
@@ -741,14 +756,24 @@ pub fn train_params(
     let mut start_epoch = 0usize;
     let mut epochs_since_best = 0usize;
     let mut best_f1 = f64::NEG_INFINITY;
+    // Where a mid-epoch checkpoint left the first epoch to run: batches done, RNG, loss sum.
+    let mut resume_in_epoch: Option<(usize, u128, f64)> = None;
     if let Some((state, saved_best)) = load_checkpoint(work_dir, &params, &mut opt)? {
         tracing::info!(
-            "train: resuming after epoch {} (step {}) from the checkpoint in {}",
-            state.epochs_done,
+            "train: resuming at epoch {}, batch {} (step {}) from the checkpoint in {}",
+            state.epochs_done + 1,
+            state.batches_done,
             state.step,
             work_dir.display()
         );
         start_epoch = state.epochs_done;
+        if state.batches_done > 0 {
+            resume_in_epoch = Some((
+                state.batches_done,
+                state.dropout_rng_word_pos,
+                state.epoch_loss_sum,
+            ));
+        }
         step = state.step;
         log = state.log;
         epochs_since_best = state.epochs_since_best;
@@ -763,6 +788,7 @@ pub fn train_params(
     let mut tokens = 0usize;
     let (mut t_fwd_bwd, mut t_opt) = (0f64, 0f64);
     let train_started = Instant::now();
+    let mut last_checkpoint = Instant::now();
 
     'epochs: for epoch in start_epoch..p.epochs {
         if log.stopped_early || (p.max_steps > 0 && step >= p.max_steps) {
@@ -780,13 +806,23 @@ pub fn train_params(
         let bar = progress_bar(interactive, steps_per_epoch, epoch, p.epochs);
         let mut epoch_loss = 0f64;
         let mut epoch_batches_seen = 0usize;
+        let mut skip_batches = 0usize;
+        if let Some((done, word_pos, loss_sum)) = resume_in_epoch.take() {
+            skip_batches = done;
+            rng.set_word_pos(word_pos);
+            epoch_loss = loss_sum;
+            epoch_batches_seen = done;
+            if let Some(bar) = &bar {
+                bar.set_position((done / p.grad_accum) as u64);
+            }
+        }
         let mut accum: Option<Vec<Vec<f32>>> = None;
         let mut accum_loss = 0f64;
         let mut accum_rows: Vec<String> = Vec::new();
         let mut in_accum = 0usize;
         let epoch_started = Instant::now();
         let mut reached_max_steps = false;
-        for (bi, rows) in batches.iter().enumerate() {
+        for (bi, rows) in batches.iter().enumerate().skip(skip_batches) {
             check()?;
             let t0 = Instant::now();
             let (loss, grads) = loss_and_grads(
@@ -896,6 +932,26 @@ pub fn train_params(
                 reached_max_steps = true;
                 break;
             }
+            let epoch_ends = bi + 1 == batches.len();
+            if !epoch_ends && last_checkpoint.elapsed().as_secs_f64() >= p.checkpoint_every_secs {
+                save_checkpoint(
+                    work_dir,
+                    &params,
+                    &opt,
+                    &best,
+                    &CheckpointState {
+                        epochs_done: epoch,
+                        step,
+                        adam_t: opt.t,
+                        log: log.clone(),
+                        epochs_since_best,
+                        batches_done: bi + 1,
+                        dropout_rng_word_pos: rng.get_word_pos(),
+                        epoch_loss_sum: epoch_loss,
+                    },
+                )?;
+                last_checkpoint = Instant::now();
+            }
         }
         if let Some(bar) = &bar {
             bar.finish_and_clear();
@@ -928,8 +984,12 @@ pub fn train_params(
                 adam_t: opt.t,
                 log: log.clone(),
                 epochs_since_best,
+                batches_done: 0,
+                dropout_rng_word_pos: 0,
+                epoch_loss_sum: 0.0,
             },
         )?;
+        last_checkpoint = Instant::now();
     }
     let runtime = started.elapsed().as_secs_f64();
     let train_secs = train_started.elapsed().as_secs_f64().max(1e-9);

@@ -351,65 +351,71 @@ fn export_round_trip_gives_the_same_logits() {
     }
 }
 
-#[test]
-fn killed_and_resumed_equals_uninterrupted() {
+/// Train `p` uninterrupted, then again with a stop (as a kill) after `kill_at` batches, resumed
+/// from its checkpoint: both must end with the same log and bit-identical weights.
+fn assert_kill_and_resume_is_exact(p: &TrainParams, kill_at: usize, mid_epoch: bool) {
     let data = real_tokens(96, 16, 64);
-    let p = quick(3);
+    let train = |work: &std::path::Path, check: &dyn Fn() -> anyhow::Result<()>| {
+        train::train_params(
+            p,
+            &data,
+            tiny_params(Arch::Bert, 0.1, 7),
+            &Device::Cpu,
+            work,
+            check,
+            false,
+            Instant::now(),
+        )
+    };
     let full_dir = tempfile::tempdir().unwrap();
-    let full = train::train_params(
-        &p,
-        &data,
-        tiny_params(Arch::Bert, 0.1, 7),
-        &Device::Cpu,
-        full_dir.path(),
-        &no_check,
-        false,
-        Instant::now(),
-    )
-    .unwrap();
+    let full = train(full_dir.path(), &no_check).unwrap();
 
     let work = tempfile::tempdir().unwrap();
-    // Stop in the middle of the second epoch, as a kill would (the checkpoint of epoch 1 exists).
     let calls = std::cell::Cell::new(0);
     let stop = || {
         calls.set(calls.get() + 1);
-        if calls.get() > 9 {
+        if calls.get() > kill_at {
             anyhow::bail!("killed")
         } else {
             Ok(())
         }
     };
-    let err = train::train_params(
-        &p,
-        &data,
-        tiny_params(Arch::Bert, 0.1, 7),
-        &Device::Cpu,
-        work.path(),
-        &stop,
-        false,
-        Instant::now(),
-    )
-    .err()
-    .unwrap();
+    let err = train(work.path(), &stop).err().unwrap();
     assert_eq!(err.to_string(), "killed");
-    assert!(work.path().join("checkpoint/state.json").exists());
-    let resumed = train::train_params(
-        &p,
-        &data,
-        tiny_params(Arch::Bert, 0.1, 7),
-        &Device::Cpu,
-        work.path(),
-        &no_check,
-        false,
-        Instant::now(),
-    )
-    .unwrap();
+    let state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(work.path().join("checkpoint/state.json")).unwrap())
+            .unwrap();
+    assert_eq!(
+        state["batches_done"].as_u64().unwrap() > 0,
+        mid_epoch,
+        "checkpoint {state}"
+    );
+    let resumed = train(work.path(), &no_check).unwrap();
     assert_eq!(resumed.log, full.log);
     for ((n, a), (_, b)) in full.best_weights.iter().zip(&resumed.best_weights) {
         let a: Vec<f32> = a.flatten_all().unwrap().to_vec1().unwrap();
         let b: Vec<f32> = b.flatten_all().unwrap().to_vec1().unwrap();
         assert!(a == b, "{n} differs after resume");
     }
+}
+
+#[test]
+fn killed_and_resumed_equals_uninterrupted() {
+    // 96 rows in batches of 16: 6 batches an epoch. Stop in the middle of the second epoch;
+    // only the end-of-epoch checkpoint of epoch 1 exists.
+    assert_kill_and_resume_is_exact(&quick(3), 9, false);
+}
+
+#[test]
+fn killed_mid_epoch_resumes_from_the_last_step_checkpoint() {
+    // A checkpoint after every optimizer step (2 micro-batches each, dropout on): the stop
+    // after batch 10 resumes from epoch 2, batch 4, with the dropout RNG where it was.
+    let p = TrainParams {
+        grad_accum: 2,
+        checkpoint_every_secs: 0.0,
+        ..quick(3)
+    };
+    assert_kill_and_resume_is_exact(&p, 10, true);
 }
 
 #[test]
