@@ -38,7 +38,7 @@ impl Stage for ReportStage {
         "report"
     }
     fn version(&self) -> u32 {
-        1
+        2
     }
     fn summary(&self) -> &'static str {
         "classification report CSV, overall_metrics.json, and an HTML + Markdown report"
@@ -358,7 +358,8 @@ impl Page<'_> {
 body{{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;max-width:1150px;margin:2em auto;padding:0 1em;color:#222}}\
 table{{border-collapse:collapse;margin:.5em 0 1.5em}}td,th{{border-bottom:1px solid #ddd;padding:3px 10px;text-align:right}}\
 td:first-child,th:first-child{{text-align:left}}th{{background:#f3f5f8}}.big{{font-size:1.25em}}figure{{margin:1em 0}}\
-figure svg{{max-width:100%;height:auto;border:1px solid #eee}}code{{font-size:.9em}}</style></head><body><h1>{t}</h1>",
+figure svg{{max-width:100%;height:auto;border:1px solid #eee}}code{{font-size:.9em}}\
+td.params{{text-align:left;max-width:640px}}td.params code{{white-space:pre-wrap;overflow-wrap:anywhere}}</style></head><body><h1>{t}</h1>",
             t = esc(&self.title)
         );
         h.push_str("<h2>Results on the test split</h2><table class=\"big\"><tr><th>threshold policy</th><th>macro-F1</th><th>95% bootstrap CI</th><th>micro-F1</th></tr>");
@@ -391,7 +392,7 @@ figure svg{{max-width:100%;height:auto;border:1px solid #eee}}code{{font-size:.9
         }
         h.push_str("</table><h2>Run</h2><table><tr><th>stage</th><th>kind</th><th>key</th><th>wall time</th><th>params</th></tr>");
         for (name, kind, key, wall, params) in self.stages() {
-            let _ = write!(h, "<tr><td>{}</td><td>{}</td><td><code>{key}</code></td><td>{wall:.1} s</td><td style=\"text-align:left\"><code>{}</code></td></tr>", esc(&name), esc(&kind), esc(&params));
+            let _ = write!(h, "<tr><td>{}</td><td>{}</td><td><code>{key}</code></td><td>{wall:.1} s</td><td class=\"params\"><code>{}</code></td></tr>", esc(&name), esc(&kind), esc(&params));
         }
         h.push_str("</table></body></html>\n");
         Ok(h)
