@@ -542,6 +542,31 @@ struct CheckpointState {
     epoch_loss_sum: f64,
 }
 
+/// Inside an epoch: (batches done, dropout RNG word position, running train-loss sum).
+type EpochPosition = (usize, u128, f64);
+
+impl CheckpointState {
+    fn new(
+        epochs_done: usize,
+        (batches_done, dropout_rng_word_pos, epoch_loss_sum): EpochPosition,
+        step: usize,
+        opt: &AdamW,
+        log: &TrainLog,
+        epochs_since_best: usize,
+    ) -> CheckpointState {
+        CheckpointState {
+            epochs_done,
+            step,
+            adam_t: opt.t,
+            log: log.clone(),
+            epochs_since_best,
+            batches_done,
+            dropout_rng_word_pos,
+            epoch_loss_sum,
+        }
+    }
+}
+
 const CKPT: &str = "checkpoint";
 
 fn save_checkpoint(
@@ -757,7 +782,7 @@ pub fn train_params(
     let mut epochs_since_best = 0usize;
     let mut best_f1 = f64::NEG_INFINITY;
     // Where a mid-epoch checkpoint left the first epoch to run: batches done, RNG, loss sum.
-    let mut resume_in_epoch: Option<(usize, u128, f64)> = None;
+    let mut resume_in_epoch: Option<EpochPosition> = None;
     if let Some((state, saved_best)) = load_checkpoint(work_dir, &params, &mut opt)? {
         tracing::info!(
             "train: resuming at epoch {}, batch {} (step {}) from the checkpoint in {}",
@@ -934,22 +959,10 @@ pub fn train_params(
             }
             let epoch_ends = bi + 1 == batches.len();
             if !epoch_ends && last_checkpoint.elapsed().as_secs_f64() >= p.checkpoint_every_secs {
-                save_checkpoint(
-                    work_dir,
-                    &params,
-                    &opt,
-                    &best,
-                    &CheckpointState {
-                        epochs_done: epoch,
-                        step,
-                        adam_t: opt.t,
-                        log: log.clone(),
-                        epochs_since_best,
-                        batches_done: bi + 1,
-                        dropout_rng_word_pos: rng.get_word_pos(),
-                        epoch_loss_sum: epoch_loss,
-                    },
-                )?;
+                let position = (bi + 1, rng.get_word_pos(), epoch_loss);
+                let state =
+                    CheckpointState::new(epoch, position, step, &opt, &log, epochs_since_best);
+                save_checkpoint(work_dir, &params, &opt, &best, &state)?;
                 last_checkpoint = Instant::now();
             }
         }
@@ -973,22 +986,9 @@ pub fn train_params(
         if reached_max_steps {
             break 'epochs;
         }
-        save_checkpoint(
-            work_dir,
-            &params,
-            &opt,
-            &best,
-            &CheckpointState {
-                epochs_done: epoch + 1,
-                step,
-                adam_t: opt.t,
-                log: log.clone(),
-                epochs_since_best,
-                batches_done: 0,
-                dropout_rng_word_pos: 0,
-                epoch_loss_sum: 0.0,
-            },
-        )?;
+        let state =
+            CheckpointState::new(epoch + 1, (0, 0, 0.0), step, &opt, &log, epochs_since_best);
+        save_checkpoint(work_dir, &params, &opt, &best, &state)?;
         last_checkpoint = Instant::now();
     }
     let runtime = started.elapsed().as_secs_f64();
