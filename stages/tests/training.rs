@@ -352,8 +352,9 @@ fn export_round_trip_gives_the_same_logits() {
 }
 
 /// Train `p` uninterrupted, then again with a stop (as a kill) after `kill_at` batches, resumed
-/// from its checkpoint: both must end with the same log and bit-identical weights.
-fn assert_kill_and_resume_is_exact(p: &TrainParams, kill_at: usize, mid_epoch: bool) {
+/// from its checkpoint, which must sit at `(epochs_done, batches_done)`: both runs must end with
+/// the same log and bit-identical weights.
+fn assert_kill_and_resume_is_exact(p: &TrainParams, kill_at: usize, checkpoint_at: (u64, u64)) {
     let data = real_tokens(96, 16, 64);
     let train = |work: &std::path::Path, check: &dyn Fn() -> anyhow::Result<()>| {
         train::train_params(
@@ -385,11 +386,11 @@ fn assert_kill_and_resume_is_exact(p: &TrainParams, kill_at: usize, mid_epoch: b
     let state: serde_json::Value =
         serde_json::from_slice(&std::fs::read(work.path().join("checkpoint/state.json")).unwrap())
             .unwrap();
-    assert_eq!(
-        state["batches_done"].as_u64().unwrap() > 0,
-        mid_epoch,
-        "checkpoint {state}"
+    let position = (
+        state["epochs_done"].as_u64().unwrap(),
+        state["batches_done"].as_u64().unwrap(),
     );
+    assert_eq!(position, checkpoint_at, "checkpoint position (epochs, batches)");
     let resumed = train(work.path(), &no_check).unwrap();
     assert_eq!(resumed.log, full.log);
     for ((n, a), (_, b)) in full.best_weights.iter().zip(&resumed.best_weights) {
@@ -403,7 +404,7 @@ fn assert_kill_and_resume_is_exact(p: &TrainParams, kill_at: usize, mid_epoch: b
 fn killed_and_resumed_equals_uninterrupted() {
     // 96 rows in batches of 16: 6 batches an epoch. Stop in the middle of the second epoch;
     // only the end-of-epoch checkpoint of epoch 1 exists.
-    assert_kill_and_resume_is_exact(&quick(3), 9, false);
+    assert_kill_and_resume_is_exact(&quick(3), 9, (1, 0));
 }
 
 #[test]
@@ -415,7 +416,7 @@ fn killed_mid_epoch_resumes_from_the_last_step_checkpoint() {
         checkpoint_every_secs: 0.0,
         ..quick(3)
     };
-    assert_kill_and_resume_is_exact(&p, 10, true);
+    assert_kill_and_resume_is_exact(&p, 10, (1, 4));
 }
 
 #[test]
