@@ -540,6 +540,35 @@ struct CheckpointState {
     dropout_rng_word_pos: u128,
     #[serde(default)]
     epoch_loss_sum: f64,
+    /// The time and work of the processes that trained before this checkpoint, so that the
+    /// metrics of a resumed run cover all of it.
+    #[serde(default)]
+    so_far: Tally,
+}
+
+/// Running totals for `train_metrics.json`.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize)]
+struct Tally {
+    runtime_secs: f64,
+    train_secs: f64,
+    examples: usize,
+    tokens: usize,
+    fwd_bwd_secs: f64,
+    opt_secs: f64,
+}
+
+impl std::ops::Add for Tally {
+    type Output = Tally;
+    fn add(self, o: Tally) -> Tally {
+        Tally {
+            runtime_secs: self.runtime_secs + o.runtime_secs,
+            train_secs: self.train_secs + o.train_secs,
+            examples: self.examples + o.examples,
+            tokens: self.tokens + o.tokens,
+            fwd_bwd_secs: self.fwd_bwd_secs + o.fwd_bwd_secs,
+            opt_secs: self.opt_secs + o.opt_secs,
+        }
+    }
 }
 
 /// Inside an epoch: (batches done, dropout RNG word position, running train-loss sum).
@@ -553,6 +582,7 @@ impl CheckpointState {
         opt: &AdamW,
         log: &TrainLog,
         epochs_since_best: usize,
+        so_far: Tally,
     ) -> CheckpointState {
         CheckpointState {
             epochs_done,
@@ -563,6 +593,7 @@ impl CheckpointState {
             batches_done,
             dropout_rng_word_pos,
             epoch_loss_sum,
+            so_far,
         }
     }
 }
@@ -783,6 +814,7 @@ pub fn train_params(
     let mut best_f1 = f64::NEG_INFINITY;
     // Where a mid-epoch checkpoint left the first epoch to run: batches done, RNG, loss sum.
     let mut resume_in_epoch: Option<EpochPosition> = None;
+    let mut before_this_process = Tally::default();
     if let Some((state, saved_best)) = load_checkpoint(work_dir, &params, &mut opt)? {
         tracing::info!(
             "train: resuming at epoch {}, batch {} (step {}) from the checkpoint in {}",
@@ -800,6 +832,7 @@ pub fn train_params(
             ));
         }
         step = state.step;
+        before_this_process = state.so_far;
         log = state.log;
         epochs_since_best = state.epochs_since_best;
         best_f1 = if log.epochs.is_empty() {
@@ -814,6 +847,17 @@ pub fn train_params(
     let (mut t_fwd_bwd, mut t_opt) = (0f64, 0f64);
     let train_started = Instant::now();
     let mut last_checkpoint = Instant::now();
+    let tally = |examples, tokens, fwd_bwd_secs, opt_secs| {
+        before_this_process
+            + Tally {
+                runtime_secs: started.elapsed().as_secs_f64(),
+                train_secs: train_started.elapsed().as_secs_f64(),
+                examples,
+                tokens,
+                fwd_bwd_secs,
+                opt_secs,
+            }
+    };
 
     'epochs: for epoch in start_epoch..p.epochs {
         if log.stopped_early || (p.max_steps > 0 && step >= p.max_steps) {
@@ -839,6 +883,8 @@ pub fn train_params(
             epoch_batches_seen = done;
             if let Some(bar) = &bar {
                 bar.set_position((done / p.grad_accum) as u64);
+                // The jump is not progress made now: rate and ETA start from here.
+                bar.reset_eta();
             }
         }
         let mut accum: Option<Vec<Vec<f32>>> = None;
@@ -942,8 +988,10 @@ pub fn train_params(
                 ));
                 bar.inc(1);
             } else if step.is_multiple_of(p.log_every.max(1)) {
-                let done = (bi + 1) as f64 / batches.len() as f64;
-                let eta = epoch_started.elapsed().as_secs_f64() / done * (1.0 - done);
+                // From the batches this process ran: a resumed epoch skipped the ones before.
+                let ran = (bi + 1 - skip_batches) as f64;
+                let left = (batches.len() - bi - 1) as f64;
+                let eta = epoch_started.elapsed().as_secs_f64() / ran * left;
                 tracing::info!(
                     "epoch {}/{} step {step}/{total_steps}: loss {:.4}, lr {:.2e}, grad norm {:.3}, {:.1} ex/s, epoch ETA {:.0}s",
                     epoch + 1, p.epochs, entry.loss, lr, norm, examples as f64 / train_started.elapsed().as_secs_f64(), eta
@@ -960,8 +1008,16 @@ pub fn train_params(
             let epoch_ends = bi + 1 == batches.len();
             if !epoch_ends && last_checkpoint.elapsed().as_secs_f64() >= p.checkpoint_every_secs {
                 let position = (bi + 1, rng.get_word_pos(), epoch_loss);
-                let state =
-                    CheckpointState::new(epoch, position, step, &opt, &log, epochs_since_best);
+                let so_far = tally(examples, tokens, t_fwd_bwd, t_opt);
+                let state = CheckpointState::new(
+                    epoch,
+                    position,
+                    step,
+                    &opt,
+                    &log,
+                    epochs_since_best,
+                    so_far,
+                );
                 save_checkpoint(work_dir, &params, &opt, &best, &state)?;
                 last_checkpoint = Instant::now();
             }
@@ -986,27 +1042,37 @@ pub fn train_params(
         if reached_max_steps {
             break 'epochs;
         }
-        let state =
-            CheckpointState::new(epoch + 1, (0, 0, 0.0), step, &opt, &log, epochs_since_best);
+        let so_far = tally(examples, tokens, t_fwd_bwd, t_opt);
+        let state = CheckpointState::new(
+            epoch + 1,
+            (0, 0, 0.0),
+            step,
+            &opt,
+            &log,
+            epochs_since_best,
+            so_far,
+        );
         save_checkpoint(work_dir, &params, &opt, &best, &state)?;
         last_checkpoint = Instant::now();
     }
-    let runtime = started.elapsed().as_secs_f64();
-    let train_secs = train_started.elapsed().as_secs_f64().max(1e-9);
+    // Over every process that trained this model, when it was stopped and resumed.
+    let total = tally(examples, tokens, t_fwd_bwd, t_opt);
+    let train_secs = total.train_secs.max(1e-9);
     tracing::info!(
         "train: best epoch {} (dev macro-F1 {:.4} at 0.5); {} steps in {:.0}s",
         log.best_epoch,
         log.best_dev_macro_f1,
         step,
-        runtime
+        total.runtime_secs
     );
     let metrics = serde_json::json!({
-        "train_runtime": runtime,
-        "train_samples_per_second": examples as f64 / train_secs,
-        "train_tokens_per_second": tokens as f64 / train_secs,
+        "train_runtime": total.runtime_secs,
+        "train_samples": total.examples,
+        "train_samples_per_second": total.examples as f64 / train_secs,
+        "train_tokens_per_second": total.tokens as f64 / train_secs,
         "train_steps_per_second": log.steps.len() as f64 / train_secs,
-        "forward_backward_seconds": t_fwd_bwd,
-        "optimizer_seconds": t_opt,
+        "forward_backward_seconds": total.fwd_bwd_secs,
+        "optimizer_seconds": total.opt_secs,
         "train_loss": log.epochs.last().map(|e| e.train_loss),
         "epoch": log.epochs.len(),
         "best_epoch": log.best_epoch,

@@ -390,9 +390,18 @@ fn assert_kill_and_resume_is_exact(p: &TrainParams, kill_at: usize, checkpoint_a
         state["epochs_done"].as_u64().unwrap(),
         state["batches_done"].as_u64().unwrap(),
     );
-    assert_eq!(position, checkpoint_at, "checkpoint position (epochs, batches)");
+    assert_eq!(
+        position, checkpoint_at,
+        "checkpoint position (epochs, batches)"
+    );
     let resumed = train(work.path(), &no_check).unwrap();
     assert_eq!(resumed.log, full.log);
+    // The metrics count the work of both processes, not only the one that finished.
+    assert_eq!(
+        resumed.metrics["train_samples"],
+        full.metrics["train_samples"]
+    );
+    assert_eq!(full.metrics["train_samples"], 96 * p.epochs);
     for ((n, a), (_, b)) in full.best_weights.iter().zip(&resumed.best_weights) {
         let a: Vec<f32> = a.flatten_all().unwrap().to_vec1().unwrap();
         let b: Vec<f32> = b.flatten_all().unwrap().to_vec1().unwrap();
