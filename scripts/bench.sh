@@ -54,7 +54,9 @@ for m in $models; do
   if [ "$what" = all ] || [ "$what" = infer ]; then
     t=$(torch infer "$m" | tee -a "$log" | grep RESULT)
     g=$("$bench" infer "$m" | tee -a "$log" | grep RESULT)
-    echo "infer $m ex/s: pytorch $(val "$t" ex_per_s), goemo $(val "$g" ex_per_s) ($(ratio "$(val "$g" ex_per_s)" "$(val "$t" ex_per_s)")); peak RSS MiB pytorch $(val "$t" peak_rss_mib), goemo $(val "$g" peak_rss_mib)" | tee -a "$log"
+    # The reference prints no token count; both ran the same texts, so the same tokens.
+    t_tok=$(python3 -c "import sys; print(f'{int(sys.argv[1]) / float(sys.argv[2]):.0f}')" "$(val "$g" tokens)" "$(val "$t" secs)")
+    echo "infer $m ex/s: pytorch $(val "$t" ex_per_s), goemo $(val "$g" ex_per_s) ($(ratio "$(val "$g" ex_per_s)" "$(val "$t" ex_per_s)")); non-padding tokens/s pytorch $t_tok, goemo $(val "$g" nonpad_tok_per_s); peak RSS MiB pytorch $(val "$t" peak_rss_mib), goemo $(val "$g" peak_rss_mib)" | tee -a "$log"
   fi
 done
 if [ "$what" = all ] || [ "$what" = noop ]; then

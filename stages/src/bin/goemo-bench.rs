@@ -149,7 +149,10 @@ fn main() -> anyhow::Result<()> {
                     .sum::<f64>();
             }
             let dt = t.elapsed().as_secs_f64();
-            println!("RESULT infer model={which} threads={threads} n={} secs={dt:.2} ex_per_s={:.1} peak_rss_mib={:.0} checksum={checksum:.2}", data.len(), data.len() as f64 / dt, peak_rss_mib());
+            // Real (non-padding) tokens, [CLS] and [SEP] included: the same count for any
+            // runner of these texts, so tokens/s compares across them.
+            let tokens = data.offsets[data.len()];
+            println!("RESULT infer model={which} threads={threads} n={} tokens={tokens} secs={dt:.2} ex_per_s={:.1} nonpad_tok_per_s={:.0} peak_rss_mib={:.0} checksum={checksum:.2}", data.len(), data.len() as f64 / dt, tokens as f64 / dt, peak_rss_mib());
         }
         _ => anyhow::bail!(
             "usage: goemo-bench tokenize | train minilm|distilbert | infer minilm|distilbert"
