@@ -387,7 +387,9 @@ impl AdamW {
         let bc2_sqrt = bc2.sqrt() as f32;
         let eps = self.eps as f32;
         let shrink = (1.0 - lr * self.weight_decay) as f32;
-        let updated: Vec<Vec<f32>> = params
+        // Each parameter is written back as soon as it is updated, so at most one parameter per
+        // thread exists twice (not the whole model).
+        params
             .vars
             .par_iter()
             .zip(self.m.par_iter_mut())
@@ -404,12 +406,9 @@ impl AdamW {
                     }
                     w[j] -= step_size * m[j] / (v[j].sqrt() / bc2_sqrt + eps);
                 }
-                Ok(w)
+                var.set(&Tensor::from_vec(w, var.shape(), var.device())?)
             })
-            .collect::<candle_core::Result<_>>()?;
-        for (var, w) in params.vars.iter().zip(updated) {
-            var.set(&Tensor::from_vec(w, var.shape(), var.device())?)?;
-        }
+            .collect::<candle_core::Result<()>>()?;
         Ok(())
     }
 }
@@ -426,16 +425,20 @@ pub fn loss_and_grads(
     let (batch, targets) = make_batch(data, rows, device)?;
     let logits = model::forward(&params.cfg, &params.tensors(), &batch, rng)?;
     let loss = bce_with_logits(&logits, &targets, pos_weight)?;
-    let grads = loss.backward()?;
+    let mut grads = loss.backward()?;
+    let loss_value = loss.to_scalar::<f32>()? as f64;
+    // Peak memory: free the forward graph's activations, and each gradient tensor once it is
+    // copied out, so the gradients never exist twice in full.
+    drop((loss, logits));
     let host: Vec<Vec<f32>> = params
         .vars
         .iter()
-        .map(|v| match grads.get(v.as_tensor()) {
+        .map(|v| match grads.remove(v.as_tensor()) {
             Some(g) => g.flatten_all()?.to_vec1::<f32>(),
             None => Ok(vec![0.0; v.elem_count()]),
         })
         .collect::<candle_core::Result<_>>()?;
-    Ok((loss.to_scalar::<f32>()? as f64, host))
+    Ok((loss_value, host))
 }
 
 pub fn make_batch(
