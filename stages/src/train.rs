@@ -845,20 +845,16 @@ pub fn train_params(
         };
         best = saved_best;
     }
-    let mut examples = 0usize;
-    let mut tokens = 0usize;
-    let (mut t_fwd_bwd, mut t_opt) = (0f64, 0f64);
+    // This process's work; its clock times are filled in by `so_far`.
+    let mut this_process = Tally::default();
     let train_started = Instant::now();
     let mut last_checkpoint = Instant::now();
-    let tally = |examples, tokens, fwd_bwd_secs, opt_secs| {
+    let so_far = |this_process: &Tally| {
         before_this_process
             + Tally {
                 runtime_secs: started.elapsed().as_secs_f64(),
                 train_secs: train_started.elapsed().as_secs_f64(),
-                examples,
-                tokens,
-                fwd_bwd_secs,
-                opt_secs,
+                ..*this_process
             }
     };
 
@@ -907,7 +903,7 @@ pub fn train_params(
                 Some(&mut rng),
                 device,
             )?;
-            t_fwd_bwd += t0.elapsed().as_secs_f64();
+            this_process.fwd_bwd_secs += t0.elapsed().as_secs_f64();
             if !loss.is_finite() {
                 anyhow::bail!(
                     "loss is {loss} at epoch {}, step {} (batch {} of the epoch); first rows of the batch: {}\n  hint: lower lr, cap pos_weight (pos_weight_cap), or check those rows",
@@ -932,8 +928,8 @@ pub fn train_params(
                 accum_rows.push(first_ids(data, rows));
             }
             in_accum += 1;
-            examples += rows.len();
-            tokens += rows
+            this_process.examples += rows.len();
+            this_process.tokens += rows
                 .iter()
                 .map(|&i| data.offsets[i + 1] - data.offsets[i])
                 .sum::<usize>();
@@ -974,7 +970,7 @@ pub fn train_params(
             let lr = lr_at(step, total_steps, warmup, p.lr);
             let t1 = Instant::now();
             opt.step(&params, &grads, lr)?;
-            t_opt += t1.elapsed().as_secs_f64();
+            this_process.opt_secs += t1.elapsed().as_secs_f64();
             step += 1;
             let entry = StepLog {
                 step,
@@ -987,7 +983,7 @@ pub fn train_params(
                 bar.set_message(format!(
                     "loss {:.4}  {:.1} ex/s",
                     entry.loss,
-                    examples as f64 / train_started.elapsed().as_secs_f64()
+                    this_process.examples as f64 / train_started.elapsed().as_secs_f64()
                 ));
                 bar.inc(1);
             } else if step.is_multiple_of(p.log_every.max(1)) {
@@ -997,7 +993,7 @@ pub fn train_params(
                 let eta = epoch_started.elapsed().as_secs_f64() / ran * left;
                 tracing::info!(
                     "epoch {}/{} step {step}/{total_steps}: loss {:.4}, lr {:.2e}, grad norm {:.3}, {:.1} ex/s, epoch ETA {:.0}s",
-                    epoch + 1, p.epochs, entry.loss, lr, norm, examples as f64 / train_started.elapsed().as_secs_f64(), eta
+                    epoch + 1, p.epochs, entry.loss, lr, norm, this_process.examples as f64 / train_started.elapsed().as_secs_f64(), eta
                 );
             }
             log.steps.push(entry);
@@ -1011,7 +1007,6 @@ pub fn train_params(
             let epoch_ends = bi + 1 == batches.len();
             if !epoch_ends && last_checkpoint.elapsed().as_secs_f64() >= p.checkpoint_every_secs {
                 let position = (bi + 1, rng.get_word_pos(), epoch_loss);
-                let so_far = tally(examples, tokens, t_fwd_bwd, t_opt);
                 let state = CheckpointState::new(
                     epoch,
                     position,
@@ -1019,7 +1014,7 @@ pub fn train_params(
                     &opt,
                     &log,
                     epochs_since_best,
-                    so_far,
+                    so_far(&this_process),
                 );
                 save_checkpoint(work_dir, &params, &opt, &best, &state)?;
                 last_checkpoint = Instant::now();
@@ -1045,7 +1040,6 @@ pub fn train_params(
         if reached_max_steps {
             break 'epochs;
         }
-        let so_far = tally(examples, tokens, t_fwd_bwd, t_opt);
         let state = CheckpointState::new(
             epoch + 1,
             (0, 0, 0.0),
@@ -1053,13 +1047,13 @@ pub fn train_params(
             &opt,
             &log,
             epochs_since_best,
-            so_far,
+            so_far(&this_process),
         );
         save_checkpoint(work_dir, &params, &opt, &best, &state)?;
         last_checkpoint = Instant::now();
     }
     // Over every process that trained this model, when it was stopped and resumed.
-    let total = tally(examples, tokens, t_fwd_bwd, t_opt);
+    let total = so_far(&this_process);
     let train_secs = total.train_secs.max(1e-9);
     tracing::info!(
         "train: best epoch {} (dev macro-F1 {:.4} at 0.5); {} steps in {:.0}s",
