@@ -44,7 +44,9 @@ impl Stage for EvaluateStage {
         "evaluate"
     }
     fn version(&self) -> u32 {
-        1
+        // 2: scores from the packed CPU encoder (infer.rs), equal to the old path's within
+        // float rounding, not bit for bit.
+        2
     }
     fn summary(&self) -> &'static str {
         "test-split metrics at 0.5, 0.3 and tuned thresholds, with ROC-AUC, AP and a bootstrap CI"

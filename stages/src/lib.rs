@@ -6,6 +6,7 @@ pub mod command;
 pub mod data;
 pub mod evaluate;
 pub mod fetch;
+pub mod infer;
 pub mod load;
 pub mod metrics;
 pub mod model;

@@ -205,19 +205,19 @@ pub fn param_specs(cfg: &EncoderConfig, num_labels: usize) -> Vec<(String, Vec<u
 }
 
 /// HF's names for one encoder layer.
-struct LayerNames {
-    q: String,
-    k: String,
-    v: String,
-    attn_out: String,
-    attn_norm: String,
-    ffn_in: String,
-    ffn_out: String,
-    ffn_norm: String,
+pub(crate) struct LayerNames {
+    pub q: String,
+    pub k: String,
+    pub v: String,
+    pub attn_out: String,
+    pub attn_norm: String,
+    pub ffn_in: String,
+    pub ffn_out: String,
+    pub ffn_norm: String,
 }
 
 impl LayerNames {
-    fn new(cfg: &EncoderConfig, l: usize) -> LayerNames {
+    pub(crate) fn new(cfg: &EncoderConfig, l: usize) -> LayerNames {
         match cfg.arch {
             Arch::Bert => {
                 let b = format!("bert.encoder.layer.{l}");
@@ -724,6 +724,8 @@ pub struct Classifier {
     pub labels: Vec<String>,
     pub weights: HashMap<String, Tensor>,
     pub device: Device,
+    /// The padding-free CPU encoder (infer.rs); `None` on other devices, which run `forward`.
+    packed: Option<crate::infer::PackedEncoder>,
 }
 
 impl Classifier {
@@ -771,17 +773,25 @@ impl Classifier {
             }
             weights.insert(name, t.to_dtype(DType::F32)?);
         }
+        let packed = match device {
+            Device::Cpu => Some(crate::infer::PackedEncoder::new(&md.cfg, &weights)?),
+            _ => None,
+        };
         Ok(Classifier {
             dir: md.dir,
             cfg: md.cfg,
             labels,
             weights,
             device: device.clone(),
+            packed,
         })
     }
 
     /// Sigmoid scores for pre-tokenized rows (row-major, rows × labels).
     pub fn scores(&self, rows: &[&[u32]], pad_id: u32) -> anyhow::Result<Vec<f32>> {
+        if let Some(packed) = &self.packed {
+            return packed.scores(rows);
+        }
         let batch = Batch::new(rows, pad_id, &self.device)?;
         let logits = forward(&self.cfg, &self.weights, &batch, None)?;
         Ok(candle_nn::ops::sigmoid(&logits)?.flatten_all()?.to_vec1()?)

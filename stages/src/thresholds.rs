@@ -62,7 +62,9 @@ impl Stage for ThresholdsStage {
         "thresholds"
     }
     fn version(&self) -> u32 {
-        1
+        // 2: scores from the packed CPU encoder (infer.rs), equal to the old path's within
+        // float rounding, not bit for bit.
+        2
     }
     fn summary(&self) -> &'static str {
         "per-label thresholds that maximise dev F1 (or one global threshold)"

@@ -456,7 +456,8 @@ pub fn make_batch(
     Ok((batch, Tensor::from_vec(y, (rows.len(), l), device)?))
 }
 
-/// Sigmoid scores (rows × labels) for `rows`, batched, without autograd.
+/// Sigmoid scores (rows × labels) for `rows`, batched, without autograd, with the same candle
+/// forward as training (on the training device; the train stage's per-epoch dev evaluation).
 pub fn predict_scores(
     cfg: &model::EncoderConfig,
     weights: &HashMap<String, Tensor>,
@@ -465,17 +466,28 @@ pub fn predict_scores(
     batch: usize,
     device: &Device,
 ) -> anyhow::Result<Vec<f32>> {
-    // Sorting by length keeps padding small; scores are put back in `rows` order.
+    scores_by_length(data, rows, batch, |seqs| {
+        let b = Batch::new(seqs, data.meta.pad_id, device)?;
+        let probs = candle_nn::ops::sigmoid(&model::forward(cfg, weights, &b, None)?)?;
+        Ok(probs.flatten_all()?.to_vec1()?)
+    })
+}
+
+/// Scores (rows × labels, in `rows` order) from `score`, called on batches of rows sorted by
+/// length so that a padded batch wastes little.
+pub fn scores_by_length(
+    data: &TokenizedData,
+    rows: &[usize],
+    batch: usize,
+    score: impl Fn(&[&[u32]]) -> anyhow::Result<Vec<f32>>,
+) -> anyhow::Result<Vec<f32>> {
     let mut order: Vec<usize> = (0..rows.len()).collect();
-    order.sort_by_key(|&k| data.offsets[rows[k] + 1] - data.offsets[rows[k]]);
+    order.sort_by_key(|&k| data.row(rows[k]).len());
     let l = data.n_labels();
     let mut out = vec![0f32; rows.len() * l];
-    for chunk in order.chunks(batch) {
-        let ids: Vec<usize> = chunk.iter().map(|&k| rows[k]).collect();
-        let (b, _) = make_batch(data, &ids, device)?;
-        let probs: Vec<f32> = candle_nn::ops::sigmoid(&model::forward(cfg, weights, &b, None)?)?
-            .flatten_all()?
-            .to_vec1()?;
+    for chunk in order.chunks(batch.max(1)) {
+        let seqs: Vec<&[u32]> = chunk.iter().map(|&k| data.row(rows[k])).collect();
+        let probs = score(&seqs)?;
         for (j, &k) in chunk.iter().enumerate() {
             out[k * l..(k + 1) * l].copy_from_slice(&probs[j * l..(j + 1) * l]);
         }
@@ -508,14 +520,9 @@ pub fn score_split(
     if rows.is_empty() {
         anyhow::bail!("no {} rows: check the load and sample stages", split.name());
     }
-    let scores = predict_scores(
-        &classifier.cfg,
-        &classifier.weights,
-        &data,
-        &rows,
-        batch,
-        &classifier.device,
-    )?;
+    let scores = scores_by_length(&data, &rows, batch, |seqs| {
+        classifier.scores(seqs, data.meta.pad_id)
+    })?;
     let truth: Vec<u8> = rows
         .iter()
         .flat_map(|&i| data.row_labels(i).to_vec())

@@ -326,6 +326,16 @@ fn export_round_trip_gives_the_same_logits() {
             .map(|(a, b)| (a - b).abs())
             .fold(0.0, f32::max);
         assert!(max < 1e-6, "{arch:?}: max difference {max}");
+        // What thresholds, evaluate and predict use on the CPU: the packed encoder.
+        let packed =
+            train::scores_by_length(&data, &rows, 5, |seqs| c.scores(seqs, data.meta.pad_id))
+                .unwrap();
+        let max = before
+            .iter()
+            .zip(&packed)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f32::max);
+        assert!(max < 1e-6, "{arch:?}: packed encoder, max difference {max}");
         let st = std::fs::read(dir.path().join("export/model.safetensors")).unwrap();
         let (_, meta) = safetensors::SafeTensors::read_metadata(&st).unwrap();
         assert_eq!(

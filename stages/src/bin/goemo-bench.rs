@@ -137,25 +137,33 @@ fn main() -> anyhow::Result<()> {
                 params.load_backbone(&model.join("model.safetensors"))?;
             }
             let weights = params.detached();
+            // `--padded`: the candle forward training uses, on padded batches (the path
+            // thresholds, evaluate and predict took before the packed encoder).
+            let padded = args.iter().any(|a| a == "--padded");
+            let packed = goemo_stages::infer::PackedEncoder::new(&cfg, &weights)?;
+            let score = |chunk: &[usize]| -> anyhow::Result<Vec<f32>> {
+                if padded {
+                    train::predict_scores(&cfg, &weights, &data, chunk, 64, &Device::Cpu)
+                } else {
+                    packed.scores(&chunk.iter().map(|&i| data.row(i)).collect::<Vec<_>>())
+                }
+            };
             let all: Vec<usize> = (0..data.len()).collect();
-            train::predict_scores(&cfg, &weights, &data, &all[..64], 64, &Device::Cpu)?;
+            score(&all[..64])?;
             let t = Instant::now();
             // In file order, like the reference (no length sorting across batches).
             let mut checksum = 0.0f64;
             for chunk in all.chunks(64) {
-                checksum += train::predict_scores(&cfg, &weights, &data, chunk, 64, &Device::Cpu)?
-                    .iter()
-                    .map(|&x| x as f64)
-                    .sum::<f64>();
+                checksum += score(chunk)?.iter().map(|&x| x as f64).sum::<f64>();
             }
             let dt = t.elapsed().as_secs_f64();
             // Real (non-padding) tokens, [CLS] and [SEP] included: the same count for any
             // runner of these texts, so tokens/s compares across them.
             let tokens = data.offsets[data.len()];
-            println!("RESULT infer model={which} threads={threads} n={} tokens={tokens} secs={dt:.2} ex_per_s={:.1} nonpad_tok_per_s={:.0} peak_rss_mib={:.0} checksum={checksum:.2}", data.len(), data.len() as f64 / dt, tokens as f64 / dt, peak_rss_mib());
+            println!("RESULT infer model={which} path={} threads={threads} n={} tokens={tokens} secs={dt:.2} ex_per_s={:.1} nonpad_tok_per_s={:.0} peak_rss_mib={:.0} checksum={checksum:.2}", if padded { "padded" } else { "packed" }, data.len(), data.len() as f64 / dt, tokens as f64 / dt, peak_rss_mib());
         }
         _ => anyhow::bail!(
-            "usage: goemo-bench tokenize | train minilm|distilbert | infer minilm|distilbert"
+            "usage: goemo-bench tokenize | train minilm|distilbert | infer minilm|distilbert [--padded]"
         ),
     }
     Ok(())

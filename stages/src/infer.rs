@@ -1,0 +1,542 @@
+//! Inference on the CPU without padding: the packed encoder.
+//!
+//! `model::forward` is the reference (and the training path): it pads every row of a batch to
+//! the longest, keeps an autograd-capable graph of candle ops, and spends most of its time
+//! outside the matrix products (broadcast ops, temporaries, per-head batched matmuls; README,
+//! "Inference profile"). For scoring only, this encoder runs the same arithmetic on plain
+//! buffers:
+//! - tokens of all rows are packed one after the other (no padding rows at all); attention
+//!   runs per row over that row's own tokens, which is what the padding mask computes;
+//! - query, key and value are one matrix product, the attention scale folded into the query
+//!   weights; bias and residual are written into the product's destination first, so `gemm`
+//!   adds the product on top instead of needing extra passes;
+//! - in the last layer only the `[CLS]` rows are carried past attention: the head reads nothing
+//!   else.
+//!
+//! Tests check its logits against `model::forward` on tiny random BERT and DistilBERT models.
+
+use std::collections::HashMap;
+
+use candle_core::Tensor;
+use gemm::Parallelism;
+use rayon::prelude::*;
+
+use crate::model::{Activation, Arch, EncoderConfig};
+
+/// A dense layer as HF stores it: `weight` is (out, in) row-major.
+struct Dense {
+    weight: Vec<f32>,
+    bias: Vec<f32>,
+    inputs: usize,
+    outputs: usize,
+}
+
+impl Dense {
+    fn load(p: &HashMap<String, Tensor>, name: &str) -> anyhow::Result<Dense> {
+        let w = tensor(p, &format!("{name}.weight"))?;
+        let (outputs, inputs) = w.dims2()?;
+        Ok(Dense {
+            weight: w.flatten_all()?.to_vec1()?,
+            bias: tensor(p, &format!("{name}.bias"))?
+                .flatten_all()?
+                .to_vec1()?,
+            inputs,
+            outputs,
+        })
+    }
+
+    /// `out` = `x` · weightᵀ + bias, for `x` of `rows` × inputs.
+    fn apply(&self, x: &[f32], out: &mut Vec<f32>) {
+        let rows = x.len() / self.inputs;
+        out.clear();
+        out.reserve(rows * self.outputs);
+        for _ in 0..rows {
+            out.extend_from_slice(&self.bias);
+        }
+        self.accumulate(x, out);
+    }
+
+    /// `acc` += `x` · weightᵀ + bias: the residual connection, with no extra pass for the sum.
+    fn add_to(&self, x: &[f32], acc: &mut [f32]) {
+        acc.par_chunks_mut(self.outputs)
+            .for_each(|row| row.iter_mut().zip(&self.bias).for_each(|(a, b)| *a += b));
+        self.accumulate(x, acc);
+    }
+
+    /// `dst` += `x` · weightᵀ.
+    fn accumulate(&self, x: &[f32], dst: &mut [f32]) {
+        let rows = x.len() / self.inputs;
+        assert_eq!(x.len(), rows * self.inputs, "input width");
+        assert_eq!(dst.len(), rows * self.outputs, "output size");
+        if rows == 0 {
+            return;
+        }
+        let threads = rayon::current_num_threads();
+        let parallelism = if threads > 1 {
+            Parallelism::Rayon(threads)
+        } else {
+            Parallelism::None
+        };
+        // SAFETY: the three buffers are valid for the extents given by the strides: x is
+        // rows × inputs row-major, weightᵀ is read as inputs × outputs with strides (1, inputs)
+        // from the outputs × inputs row-major weight, and dst is rows × outputs row-major, all
+        // checked above. dst does not alias x or the weight (distinct borrows).
+        unsafe {
+            gemm::gemm(
+                rows,
+                self.outputs,
+                self.inputs,
+                dst.as_mut_ptr(),
+                1,
+                self.outputs as isize,
+                true,
+                x.as_ptr(),
+                1,
+                self.inputs as isize,
+                self.weight.as_ptr(),
+                self.inputs as isize,
+                1,
+                1.0,
+                1.0,
+                false,
+                false,
+                false,
+                parallelism,
+            );
+        }
+    }
+}
+
+struct Norm {
+    weight: Vec<f32>,
+    bias: Vec<f32>,
+    eps: f32,
+}
+
+impl Norm {
+    fn load(p: &HashMap<String, Tensor>, name: &str, eps: f64) -> anyhow::Result<Norm> {
+        Ok(Norm {
+            weight: tensor(p, &format!("{name}.weight"))?.to_vec1()?,
+            bias: tensor(p, &format!("{name}.bias"))?.to_vec1()?,
+            eps: eps as f32,
+        })
+    }
+
+    /// LayerNorm of every row of `x`, in place; the same formula as `model::layer_norm`.
+    fn apply(&self, x: &mut [f32]) {
+        let h = self.weight.len();
+        x.par_chunks_mut(h).for_each(|row| {
+            let mean = row.iter().sum::<f32>() / h as f32;
+            row.iter_mut().for_each(|v| *v -= mean);
+            let var = row.iter().map(|v| v * v).sum::<f32>() / h as f32;
+            let inv = 1.0 / (var + self.eps).sqrt();
+            for ((v, w), b) in row.iter_mut().zip(&self.weight).zip(&self.bias) {
+                *v = *v * inv * w + b;
+            }
+        });
+    }
+}
+
+struct Layer {
+    /// Query, key and value as one (3·hidden, hidden) layer; the query rows carry 1/√d_head.
+    qkv: Dense,
+    attn_out: Dense,
+    attn_norm: Norm,
+    ffn_in: Dense,
+    ffn_out: Dense,
+    ffn_norm: Norm,
+}
+
+/// A classifier's weights laid out for `PackedEncoder::logits`.
+pub struct PackedEncoder {
+    arch: Arch,
+    hidden: usize,
+    heads: usize,
+    activation: Activation,
+    vocab: usize,
+    max_positions: usize,
+    word: Vec<f32>,
+    position: Vec<f32>,
+    /// BERT's token-type 0 embedding (single-segment input); absent for DistilBERT.
+    token_type: Option<Vec<f32>>,
+    embed_norm: Norm,
+    layers: Vec<Layer>,
+    /// BERT's pooler or DistilBERT's pre_classifier.
+    pool: Dense,
+    classifier: Dense,
+}
+
+fn tensor<'a>(p: &'a HashMap<String, Tensor>, name: &str) -> anyhow::Result<&'a Tensor> {
+    p.get(name)
+        .ok_or_else(|| anyhow::anyhow!("the model has no tensor `{name}`"))
+}
+
+impl PackedEncoder {
+    /// Copy the weights (HF names, as `model::param_specs` lists them) into the packed layout.
+    pub fn new(cfg: &EncoderConfig, p: &HashMap<String, Tensor>) -> anyhow::Result<PackedEncoder> {
+        let pre = match cfg.arch {
+            Arch::Bert => "bert",
+            Arch::DistilBert => "distilbert",
+        };
+        let eps = cfg.layer_norm_eps;
+        let scale = 1.0 / ((cfg.hidden / cfg.heads) as f32).sqrt();
+        let layers = (0..cfg.layers)
+            .map(|l| {
+                let n = crate::model::LayerNames::new(cfg, l);
+                let (mut q, k, v) = (
+                    Dense::load(p, &n.q)?,
+                    Dense::load(p, &n.k)?,
+                    Dense::load(p, &n.v)?,
+                );
+                q.weight.iter_mut().for_each(|w| *w *= scale);
+                q.bias.iter_mut().for_each(|b| *b *= scale);
+                let qkv = Dense {
+                    weight: [q.weight, k.weight, v.weight].concat(),
+                    bias: [q.bias, k.bias, v.bias].concat(),
+                    inputs: cfg.hidden,
+                    outputs: 3 * cfg.hidden,
+                };
+                Ok(Layer {
+                    qkv,
+                    attn_out: Dense::load(p, &n.attn_out)?,
+                    attn_norm: Norm::load(p, &n.attn_norm, eps)?,
+                    ffn_in: Dense::load(p, &n.ffn_in)?,
+                    ffn_out: Dense::load(p, &n.ffn_out)?,
+                    ffn_norm: Norm::load(p, &n.ffn_norm, eps)?,
+                })
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let vec = |name: String| -> anyhow::Result<Vec<f32>> {
+            Ok(tensor(p, &name)?.flatten_all()?.to_vec1()?)
+        };
+        Ok(PackedEncoder {
+            arch: cfg.arch,
+            hidden: cfg.hidden,
+            heads: cfg.heads,
+            activation: cfg.activation,
+            vocab: cfg.vocab_size,
+            max_positions: cfg.max_positions,
+            word: vec(format!("{pre}.embeddings.word_embeddings.weight"))?,
+            position: vec(format!("{pre}.embeddings.position_embeddings.weight"))?,
+            token_type: match cfg.arch {
+                Arch::Bert => Some(
+                    tensor(p, &format!("{pre}.embeddings.token_type_embeddings.weight"))?
+                        .get(0)?
+                        .to_vec1()?,
+                ),
+                Arch::DistilBert => None,
+            },
+            embed_norm: Norm::load(p, &format!("{pre}.embeddings.LayerNorm"), eps)?,
+            layers,
+            pool: Dense::load(
+                p,
+                match cfg.arch {
+                    Arch::Bert => "bert.pooler.dense",
+                    Arch::DistilBert => "pre_classifier",
+                },
+            )?,
+            classifier: Dense::load(p, "classifier")?,
+        })
+    }
+
+    pub fn num_labels(&self) -> usize {
+        self.classifier.outputs
+    }
+
+    /// Logits (rows × labels, row-major) for token-id rows of any lengths.
+    pub fn logits(&self, rows: &[&[u32]]) -> anyhow::Result<Vec<f32>> {
+        let h = self.hidden;
+        for (i, r) in rows.iter().enumerate() {
+            if r.is_empty() || r.len() > self.max_positions {
+                anyhow::bail!(
+                    "row {i} has {} tokens; the model takes 1 to {}",
+                    r.len(),
+                    self.max_positions
+                );
+            }
+            if let Some(&id) = r.iter().find(|&&id| id as usize >= self.vocab) {
+                anyhow::bail!(
+                    "row {i} has token id {id}, outside the model's vocabulary of {}\n  hint: tokenize with the model's own tokenizer.json",
+                    self.vocab
+                );
+            }
+        }
+        // Row r's tokens are rows start[r]..start[r + 1] of every activation matrix.
+        let mut start = Vec::with_capacity(rows.len() + 1);
+        start.push(0usize);
+        for r in rows {
+            start.push(start.last().copied().unwrap_or(0) + r.len());
+        }
+        let tokens: Vec<(usize, u32)> = rows
+            .iter()
+            .flat_map(|r| r.iter().enumerate().map(|(t, &id)| (t, id)))
+            .collect();
+        let mut x = vec![0f32; tokens.len() * h];
+        x.par_chunks_mut(h)
+            .zip(&tokens)
+            .for_each(|(out, &(t, id))| {
+                let word = &self.word[id as usize * h..][..h];
+                let pos = &self.position[t * h..][..h];
+                for ((o, w), p) in out.iter_mut().zip(word).zip(pos) {
+                    *o = w + p;
+                }
+                if let Some(tt) = &self.token_type {
+                    out.iter_mut().zip(tt).for_each(|(o, t)| *o += t);
+                }
+            });
+        self.embed_norm.apply(&mut x);
+
+        let (mut qkv, mut ctx, mut mid) = (Vec::new(), Vec::new(), Vec::new());
+        let last = self.layers.len().saturating_sub(1);
+        for (l, layer) in self.layers.iter().enumerate() {
+            layer.qkv.apply(&x, &mut qkv);
+            // The head reads only [CLS]: past the last attention, carry only those rows.
+            let cls_only = l == last;
+            self.attention(&qkv, &start, cls_only, &mut ctx);
+            if cls_only {
+                x = start[..rows.len()]
+                    .iter()
+                    .flat_map(|&s| x[s * h..(s + 1) * h].iter().copied())
+                    .collect();
+            }
+            layer.attn_out.add_to(&ctx, &mut x);
+            layer.attn_norm.apply(&mut x);
+            layer.ffn_in.apply(&x, &mut mid);
+            activate(&mut mid, self.activation);
+            layer.ffn_out.add_to(&mid, &mut x);
+            layer.ffn_norm.apply(&mut x);
+        }
+        if self.layers.is_empty() {
+            x = start[..rows.len()]
+                .iter()
+                .flat_map(|&s| x[s * h..(s + 1) * h].iter().copied())
+                .collect();
+        }
+        let mut pooled = Vec::new();
+        self.pool.apply(&x, &mut pooled);
+        match self.arch {
+            Arch::Bert => pooled.iter_mut().for_each(|v| *v = v.tanh()),
+            Arch::DistilBert => pooled.iter_mut().for_each(|v| *v = v.max(0.0)),
+        }
+        let mut logits = Vec::new();
+        self.classifier.apply(&pooled, &mut logits);
+        Ok(logits)
+    }
+
+    /// Sigmoid scores (rows × labels, row-major).
+    pub fn scores(&self, rows: &[&[u32]]) -> anyhow::Result<Vec<f32>> {
+        let mut s = self.logits(rows)?;
+        s.iter_mut().for_each(|v| *v = 1.0 / (1.0 + (-*v).exp()));
+        Ok(s)
+    }
+
+    /// Scaled dot-product attention of each row over its own tokens. `qkv` holds, per token,
+    /// query, key and value (3·hidden); `ctx` gets the heads' outputs side by side (hidden per
+    /// token), for every token or, with `cls_only`, for each row's first token.
+    fn attention(&self, qkv: &[f32], start: &[usize], cls_only: bool, ctx: &mut Vec<f32>) {
+        let (h, heads) = (self.hidden, self.heads);
+        let dh = h / heads;
+        let n_rows = start.len() - 1;
+        let out_len = |r: usize| if cls_only { 1 } else { start[r + 1] - start[r] };
+        ctx.clear();
+        ctx.resize((0..n_rows).map(out_len).sum::<usize>() * h, 0.0);
+        // Each row of the batch writes its own slice of ctx.
+        let mut slices = Vec::with_capacity(n_rows);
+        let mut rest = ctx.as_mut_slice();
+        for r in 0..n_rows {
+            let (mine, tail) = rest.split_at_mut(out_len(r) * h);
+            slices.push((r, mine));
+            rest = tail;
+        }
+        slices.into_par_iter().for_each(|(r, out)| {
+            let (s, len) = (start[r], start[r + 1] - start[r]);
+            let token = |t: usize| &qkv[(s + t) * 3 * h..][..3 * h];
+            let mut probs = vec![0f32; len];
+            for (qt, out_t) in out.chunks_mut(h).enumerate() {
+                for head in 0..heads {
+                    let q = &token(qt)[head * dh..][..dh];
+                    let mut max = f32::NEG_INFINITY;
+                    for (j, p) in probs.iter_mut().enumerate() {
+                        let k = &token(j)[h + head * dh..][..dh];
+                        *p = dot(q, k);
+                        max = max.max(*p);
+                    }
+                    let mut sum = 0f32;
+                    probs.iter_mut().for_each(|p| {
+                        *p = (*p - max).exp();
+                        sum += *p;
+                    });
+                    let o = &mut out_t[head * dh..][..dh];
+                    for (j, p) in probs.iter().enumerate() {
+                        let v = &token(j)[2 * h + head * dh..][..dh];
+                        let w = p / sum;
+                        o.iter_mut().zip(v).for_each(|(o, v)| *o += w * v);
+                    }
+                }
+            }
+        });
+    }
+}
+
+/// A dot product in eight independent lanes, so the compiler can vectorise it (a single
+/// running sum is a serial dependency it may not reorder).
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut lanes = [0f32; 8];
+    let (a8, b8) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = a8
+        .remainder()
+        .iter()
+        .zip(b8.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in a8.zip(b8) {
+        for i in 0..8 {
+            lanes[i] += x[i] * y[i];
+        }
+    }
+    lanes.iter().sum::<f32>() + tail
+}
+
+/// The activation in place, with candle's formulas (so the reference path agrees).
+fn activate(x: &mut [f32], a: Activation) {
+    use candle_core::cpu::erf::erf_f32;
+    const SQRT_TWO_OVER_PI: f32 = 0.797_884_6;
+    x.par_chunks_mut(4096).for_each(|c| match a {
+        Activation::GeluErf => c
+            .iter_mut()
+            .for_each(|v| *v = (erf_f32(*v * std::f32::consts::FRAC_1_SQRT_2) + 1.0) * 0.5 * *v),
+        Activation::GeluTanh => c.iter_mut().for_each(|v| {
+            *v = 0.5 * *v * (1.0 + (SQRT_TWO_OVER_PI * *v * (1.0 + 0.044715 * *v * *v)).tanh())
+        }),
+        Activation::Relu => c.iter_mut().for_each(|v| *v = v.max(0.0)),
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{forward, Batch, Params};
+    use crate::testing::tiny_config;
+    use candle_core::Device;
+    use rand::{Rng, SeedableRng};
+
+    /// Token rows of lengths 1..=`max_len` in a scrambled order, [CLS] … [SEP] like the
+    /// tokenizer's, so a padded batch has much padding.
+    fn rows(n: usize, max_len: usize, seed: u64) -> Vec<Vec<u32>> {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        (0..n)
+            .map(|_| {
+                let len = rng.random_range(1..=max_len);
+                (0..len)
+                    .map(|t| match t {
+                        0 => 101,
+                        t if t + 1 == len && len > 1 => 102,
+                        _ => rng.random_range(1000..30000),
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+
+    fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+        assert_eq!(a.len(), b.len());
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f32::max)
+    }
+
+    /// The packed encoder's logits against `model::forward` on a padded batch (the padding mask
+    /// path), for both architectures and every activation.
+    #[test]
+    fn packed_logits_match_the_padded_forward() {
+        let cases = [
+            (Arch::Bert, "hidden_act", "gelu"),
+            (Arch::Bert, "hidden_act", "gelu_new"),
+            (Arch::Bert, "hidden_act", "relu"),
+            (Arch::DistilBert, "activation", "gelu"),
+            (Arch::DistilBert, "activation", "relu"),
+        ];
+        for (seed, (arch, key, act)) in cases.into_iter().enumerate() {
+            let mut raw = tiny_config(arch, 0.0);
+            raw[key] = act.into();
+            // Three layers, so a middle layer runs besides the first and the [CLS]-only last.
+            raw[if arch == Arch::Bert {
+                "num_hidden_layers"
+            } else {
+                "n_layers"
+            }] = 3.into();
+            let cfg = EncoderConfig::from_json(raw).unwrap();
+            // A larger init than HF's 0.02, so the layers change the hidden states visibly and
+            // a wrong mask or a missed residual shows in the logits.
+            let mut cfg_init = cfg.clone();
+            cfg_init.initializer_range = 0.3;
+            let params = Params::init(&cfg_init, 28, seed as u64, &Device::Cpu).unwrap();
+            let weights = params.detached();
+            let packed = PackedEncoder::new(&cfg, &weights).unwrap();
+            let rows = rows(13, 40, seed as u64);
+            let seqs: Vec<&[u32]> = rows.iter().map(Vec::as_slice).collect();
+            let batch = Batch::new(&seqs, 0, &Device::Cpu).unwrap();
+            let want: Vec<f32> = forward(&cfg, &weights, &batch, None)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let got = packed.logits(&seqs).unwrap();
+            let spread = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+            assert!(
+                spread > 0.05,
+                "{arch:?} {act}: logits too small to compare ({spread})"
+            );
+            let diff = max_abs_diff(&got, &want);
+            assert!(diff < 1e-5, "{arch:?} {act}: max logit difference {diff}");
+            // One row at a time gives the same as the packed batch: rows do not see each other.
+            let alone = packed.logits(&seqs[4..5]).unwrap();
+            let diff = max_abs_diff(&alone, &got[4 * 28..5 * 28]);
+            assert!(diff < 1e-5, "{arch:?} {act}: alone vs in the batch {diff}");
+        }
+    }
+
+    #[test]
+    fn packed_scores_are_sigmoids_of_the_logits() {
+        let cfg = EncoderConfig::from_json(tiny_config(Arch::Bert, 0.0)).unwrap();
+        let params = Params::init(&cfg, 28, 3, &Device::Cpu).unwrap();
+        let packed = PackedEncoder::new(&cfg, &params.detached()).unwrap();
+        let rows = rows(3, 10, 1);
+        let seqs: Vec<&[u32]> = rows.iter().map(Vec::as_slice).collect();
+        let logits = packed.logits(&seqs).unwrap();
+        let scores = packed.scores(&seqs).unwrap();
+        for (l, s) in logits.iter().zip(&scores) {
+            assert!((s - 1.0 / (1.0 + (-l).exp())).abs() < 1e-7);
+        }
+        assert_eq!(packed.num_labels(), 28);
+    }
+
+    #[test]
+    fn bad_rows_are_refused_with_the_reason() {
+        let cfg = EncoderConfig::from_json(tiny_config(Arch::DistilBert, 0.0)).unwrap();
+        let params = Params::init(&cfg, 28, 3, &Device::Cpu).unwrap();
+        let packed = PackedEncoder::new(&cfg, &params.detached()).unwrap();
+        let too_long = vec![101u32; 129];
+        let cases: [(&[u32], &str); 3] = [
+            (&[], "row 1 has 0 tokens; the model takes 1 to 128"),
+            (&too_long, "row 1 has 129 tokens; the model takes 1 to 128"),
+            (
+                &[101, 30522, 102],
+                "row 1 has token id 30522, outside the model's vocabulary of 30522",
+            ),
+        ];
+        for (row, want) in cases {
+            let err = packed.logits(&[&[101, 102], row]).unwrap_err().to_string();
+            assert!(err.contains(want), "{err}");
+        }
+        let mut weights = params.detached();
+        weights.remove("classifier.bias");
+        let err = PackedEncoder::new(&cfg, &weights)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("no tensor `classifier.bias`"), "{err}");
+    }
+}
