@@ -292,6 +292,14 @@ fn same_config_same_bytes() {
     );
 }
 
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
 #[test]
 fn export_round_trip_gives_the_same_logits() {
     let data = real_tokens(64, 16, 64);
@@ -320,21 +328,13 @@ fn export_round_trip_gives_the_same_logits() {
             train::predict_scores(&p.cfg, &p.detached(), &data, &rows, 8, &Device::Cpu).unwrap();
         let after =
             train::predict_scores(&c.cfg, &c.weights, &data, &rows, 5, &Device::Cpu).unwrap();
-        let max = before
-            .iter()
-            .zip(&after)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0.0, f32::max);
+        let max = max_abs_diff(&before, &after);
         assert!(max < 1e-6, "{arch:?}: max difference {max}");
         // What thresholds, evaluate and predict use on the CPU: the packed encoder.
         let packed =
             train::scores_by_length(&data, &rows, 5, |seqs| c.scores(seqs, data.meta.pad_id))
                 .unwrap();
-        let max = before
-            .iter()
-            .zip(&packed)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0.0, f32::max);
+        let max = max_abs_diff(&before, &packed);
         assert!(max < 1e-6, "{arch:?}: packed encoder, max difference {max}");
         let st = std::fs::read(dir.path().join("export/model.safetensors")).unwrap();
         let (_, meta) = safetensors::SafeTensors::read_metadata(&st).unwrap();
