@@ -416,7 +416,7 @@ fn activate(x: &mut [f32], a: Activation) {
 mod tests {
     use super::*;
     use crate::model::{forward, Batch, Params};
-    use crate::testing::tiny_config;
+    use crate::testing::{max_abs_diff, tiny_config};
     use candle_core::Device;
     use rand::{Rng, SeedableRng};
 
@@ -436,14 +436,6 @@ mod tests {
                     .collect()
             })
             .collect()
-    }
-
-    fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-        assert_eq!(a.len(), b.len());
-        a.iter()
-            .zip(b)
-            .map(|(x, y)| (x - y).abs())
-            .fold(0.0, f32::max)
     }
 
     /// The packed encoder's logits against `model::forward` on a padded batch (the padding mask

@@ -142,3 +142,12 @@ pub fn run_stage(
     stage.run(&ctx)?;
     Ok(dir)
 }
+
+/// The largest elementwise difference of two equally long float slices.
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "lengths differ");
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}

@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use candle_core::{Device, Tensor};
 use goemo_stages::model::{self, Arch, Classifier, EncoderConfig, ModelDir, Params};
-use goemo_stages::testing::{real_tokens, tiny_config, write_tiny_model};
+use goemo_stages::testing::{max_abs_diff, real_tokens, tiny_config, write_tiny_model};
 use goemo_stages::tokens::TokenizedData;
 use goemo_stages::train::{self, bce_with_logits, TrainParams};
 
@@ -290,14 +290,6 @@ fn same_config_same_bytes() {
         a == b,
         "two runs of the same config gave different model.safetensors"
     );
-}
-
-fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
 }
 
 #[test]
