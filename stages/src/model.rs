@@ -133,10 +133,20 @@ impl EncoderConfig {
         Ok(cfg)
     }
 
-    fn prefix(&self) -> &'static str {
+    /// The backbone's tensor-name prefix in HF checkpoints.
+    pub(crate) fn prefix(&self) -> &'static str {
         match self.arch {
             Arch::Bert => "bert",
             Arch::DistilBert => "distilbert",
+        }
+    }
+
+    /// The head's first layer: BERT's pooler (tanh after it), DistilBERT's pre_classifier
+    /// (ReLU after it).
+    pub(crate) fn pool_layer(&self) -> &'static str {
+        match self.arch {
+            Arch::Bert => "bert.pooler.dense",
+            Arch::DistilBert => "pre_classifier",
         }
     }
 
@@ -196,10 +206,7 @@ pub fn param_specs(cfg: &EncoderConfig, num_labels: usize) -> Vec<(String, Vec<u
         lin(&mut v, n.ffn_out.clone(), h, i);
         ln(&mut v, n.ffn_norm.clone());
     }
-    match cfg.arch {
-        Arch::Bert => lin(&mut v, "bert.pooler.dense".into(), h, h),
-        Arch::DistilBert => lin(&mut v, "pre_classifier".into(), h, h),
-    }
+    lin(&mut v, cfg.pool_layer().into(), h, h);
     lin(&mut v, "classifier".into(), num_labels, h);
     v
 }
@@ -518,9 +525,10 @@ pub fn forward(
 ) -> candle_core::Result<Tensor> {
     let x = encode(cfg, p, batch, rng.as_deref_mut())?;
     let cls = x.narrow(1, 0, 1)?.squeeze(1)?;
+    let pooled = linear(&cls, p, cfg.pool_layer())?;
     let pooled = match cfg.arch {
-        Arch::Bert => linear(&cls, p, "bert.pooler.dense")?.tanh()?,
-        Arch::DistilBert => linear(&cls, p, "pre_classifier")?.relu()?,
+        Arch::Bert => pooled.tanh()?,
+        Arch::DistilBert => pooled.relu()?,
     };
     let pooled = dropout(&pooled, cfg.classifier_dropout, &mut rng)?;
     linear(&pooled, p, "classifier")
@@ -722,10 +730,17 @@ pub struct Classifier {
     pub dir: PathBuf,
     pub cfg: EncoderConfig,
     pub labels: Vec<String>,
-    pub weights: HashMap<String, Tensor>,
     pub device: Device,
-    /// The padding-free CPU encoder (infer.rs); `None` on other devices, which run `forward`.
-    packed: Option<crate::infer::PackedEncoder>,
+    scorer: Scorer,
+}
+
+/// How a classifier computes its scores. On the CPU only the packed copy of the weights is
+/// kept (holding the candle tensors too cost the DistilBERT shape 81 MiB at inference).
+enum Scorer {
+    /// The padding-free CPU encoder (infer.rs).
+    Packed(Box<crate::infer::PackedEncoder>),
+    /// `forward` on padded batches, on other devices.
+    Graph(HashMap<String, Tensor>),
 }
 
 impl Classifier {
@@ -773,27 +788,30 @@ impl Classifier {
             }
             weights.insert(name, t.to_dtype(DType::F32)?);
         }
-        let packed = match device {
-            Device::Cpu => Some(crate::infer::PackedEncoder::new(&md.cfg, &weights)?),
-            _ => None,
+        let scorer = match device {
+            Device::Cpu => Scorer::Packed(Box::new(crate::infer::PackedEncoder::new(
+                &md.cfg, &weights,
+            )?)),
+            _ => Scorer::Graph(weights),
         };
         Ok(Classifier {
             dir: md.dir,
             cfg: md.cfg,
             labels,
-            weights,
             device: device.clone(),
-            packed,
+            scorer,
         })
     }
 
     /// Sigmoid scores for pre-tokenized rows (row-major, rows × labels).
     pub fn scores(&self, rows: &[&[u32]], pad_id: u32) -> anyhow::Result<Vec<f32>> {
-        if let Some(packed) = &self.packed {
-            return packed.scores(rows);
+        match &self.scorer {
+            Scorer::Packed(packed) => packed.scores(rows),
+            Scorer::Graph(weights) => {
+                let batch = Batch::new(rows, pad_id, &self.device)?;
+                let logits = forward(&self.cfg, weights, &batch, None)?;
+                Ok(candle_nn::ops::sigmoid(&logits)?.flatten_all()?.to_vec1()?)
+            }
         }
-        let batch = Batch::new(rows, pad_id, &self.device)?;
-        let logits = forward(&self.cfg, &self.weights, &batch, None)?;
-        Ok(candle_nn::ops::sigmoid(&logits)?.flatten_all()?.to_vec1()?)
     }
 }

@@ -318,8 +318,14 @@ fn export_round_trip_gives_the_same_logits() {
         let rows: Vec<usize> = (0..16).collect();
         let before =
             train::predict_scores(&p.cfg, &p.detached(), &data, &rows, 8, &Device::Cpu).unwrap();
+        // The exported tensors, through the training forward.
+        let exported = candle_core::safetensors::load(
+            dir.path().join("export/model.safetensors"),
+            &Device::Cpu,
+        )
+        .unwrap();
         let after =
-            train::predict_scores(&c.cfg, &c.weights, &data, &rows, 5, &Device::Cpu).unwrap();
+            train::predict_scores(&c.cfg, &exported, &data, &rows, 5, &Device::Cpu).unwrap();
         let max = max_abs_diff(&before, &after);
         assert!(max < 1e-6, "{arch:?}: max difference {max}");
         // What thresholds, evaluate and predict use on the CPU: the packed encoder.

@@ -140,12 +140,18 @@ fn main() -> anyhow::Result<()> {
             // `--padded`: the candle forward training uses, on padded batches (the path
             // thresholds, evaluate and predict took before the packed encoder).
             let padded = args.iter().any(|a| a == "--padded");
-            let packed = goemo_stages::infer::PackedEncoder::new(&cfg, &weights)?;
+            // Built only for the packed path, so `--padded`'s peak memory is that path's own.
+            let packed = if padded {
+                None
+            } else {
+                Some(goemo_stages::infer::PackedEncoder::new(&cfg, &weights)?)
+            };
             let score = |chunk: &[usize]| -> anyhow::Result<Vec<f32>> {
-                if padded {
-                    train::predict_scores(&cfg, &weights, &data, chunk, 64, &Device::Cpu)
-                } else {
-                    packed.scores(&chunk.iter().map(|&i| data.row(i)).collect::<Vec<_>>())
+                match &packed {
+                    Some(packed) => {
+                        packed.scores(&chunk.iter().map(|&i| data.row(i)).collect::<Vec<_>>())
+                    }
+                    None => train::predict_scores(&cfg, &weights, &data, chunk, 64, &Device::Cpu),
                 }
             };
             let all: Vec<usize> = (0..data.len()).collect();
