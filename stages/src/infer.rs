@@ -422,8 +422,8 @@ fn exp_approx(x: f32) -> f32 {
 
 /// erf(x) as a ratio of two polynomials, branch-free so the GELU loop vectorises (libm's
 /// scalar `erff` was 8% of an inference profile). The coefficients are the float
-/// approximation Eigen and XLA use (erf is 1 − 1.5e-8 at |x| = 4, so the input is clamped there); largest absolute error
-/// against libm 4.2e-7 (test below).
+/// approximation Eigen and XLA use; erf is 1 − 1.5e-8 at |x| = 4, so the input is clamped
+/// there. Largest absolute error against libm 4.2e-7 (test below).
 fn erf_rational(x: f32) -> f32 {
     let x = x.clamp(-4.0, 4.0);
     let x2 = x * x;

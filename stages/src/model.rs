@@ -735,7 +735,8 @@ pub struct Classifier {
 }
 
 /// How a classifier computes its scores. On the CPU only the packed copy of the weights is
-/// kept (holding the candle tensors too cost the DistilBERT shape 81 MiB at inference).
+/// kept once loaded; the candle tensors are freed then (while loading, both copies exist, so
+/// the peak memory is not lower, only what stays resident while scoring).
 enum Scorer {
     /// The padding-free CPU encoder (infer.rs).
     Packed(Box<crate::infer::PackedEncoder>),
