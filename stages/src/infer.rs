@@ -367,7 +367,7 @@ fn first_tokens(x: &[f32], start: &[usize], h: usize) -> Vec<f32> {
 }
 
 /// A sum in eight independent lanes (see `dot`).
-fn lane_sum(x: &[f32]) -> f32 {
+pub(crate) fn lane_sum(x: &[f32]) -> f32 {
     let mut lanes = [0f32; 8];
     let x8 = x.chunks_exact(8);
     let tail: f32 = x8.remainder().iter().sum();
@@ -381,7 +381,7 @@ fn lane_sum(x: &[f32]) -> f32 {
 
 /// A dot product in eight independent lanes, so the compiler can vectorise it (a single
 /// running sum is a serial dependency it may not reorder).
-fn dot(a: &[f32], b: &[f32]) -> f32 {
+pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut lanes = [0f32; 8];
     let (a8, b8) = (a.chunks_exact(8), b.chunks_exact(8));
     let tail: f32 = a8
@@ -403,7 +403,7 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 /// Taylor polynomial to degree 6, 2^n written into the exponent bits. Relative error ≤ 3e-7
 /// (test below); inputs below −87 give e^−87 instead of something smaller, which a softmax
 /// over a row whose largest term is 1 cannot tell from 0.
-fn exp_approx(x: f32) -> f32 {
+pub(crate) fn exp_approx(x: f32) -> f32 {
     const LOG2_E: f32 = std::f32::consts::LOG2_E;
     // ln 2 in two parts, so n·LN2_HI is exact for the n that occur here.
     const LN2_HI: f32 = 0.693_359_4;
@@ -424,7 +424,7 @@ fn exp_approx(x: f32) -> f32 {
 /// scalar `erff` was 8% of an inference profile). The coefficients are the float
 /// approximation Eigen and XLA use; erf is 1 − 1.5e-8 at |x| = 4, so the input is clamped
 /// there. Largest absolute error against libm 4.2e-7 (test below).
-fn erf_rational(x: f32) -> f32 {
+pub(crate) fn erf_rational(x: f32) -> f32 {
     let x = x.clamp(-4.0, 4.0);
     let x2 = x * x;
     let numerator = x
@@ -457,27 +457,8 @@ fn activate(x: &mut [f32], a: Activation) {
 mod tests {
     use super::*;
     use crate::model::{forward, Batch, Params};
-    use crate::testing::{max_abs_diff, tiny_config};
+    use crate::testing::{max_abs_diff, random_token_rows, tiny_config};
     use candle_core::Device;
-    use rand::{Rng, SeedableRng};
-
-    /// Token rows of lengths 1..=`max_len` in a scrambled order, [CLS] … [SEP] like the
-    /// tokenizer's, so a padded batch has much padding.
-    fn rows(n: usize, max_len: usize, seed: u64) -> Vec<Vec<u32>> {
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-        (0..n)
-            .map(|_| {
-                let len = rng.random_range(1..=max_len);
-                (0..len)
-                    .map(|t| match t {
-                        0 => 101,
-                        t if t + 1 == len && len > 1 => 102,
-                        _ => rng.random_range(1000..30000),
-                    })
-                    .collect()
-            })
-            .collect()
-    }
 
     /// The packed encoder's logits against `model::forward` on a padded batch (the padding mask
     /// path), for both architectures and every activation.
@@ -507,7 +488,7 @@ mod tests {
             let params = Params::init(&cfg_init, 28, seed as u64, &Device::Cpu).unwrap();
             let weights = params.detached();
             let packed = PackedEncoder::new(&cfg, &weights).unwrap();
-            let rows = rows(13, 40, seed as u64);
+            let rows = random_token_rows(13, 40, seed as u64);
             let seqs: Vec<&[u32]> = rows.iter().map(Vec::as_slice).collect();
             let batch = Batch::new(&seqs, 0, &Device::Cpu).unwrap();
             let want: Vec<f32> = forward(&cfg, &weights, &batch, None)
@@ -536,7 +517,7 @@ mod tests {
         let cfg = EncoderConfig::from_json(tiny_config(Arch::Bert, 0.0)).unwrap();
         let params = Params::init(&cfg, 28, 3, &Device::Cpu).unwrap();
         let packed = PackedEncoder::new(&cfg, &params.detached()).unwrap();
-        let rows = rows(3, 10, 1);
+        let rows = random_token_rows(3, 10, 1);
         let seqs: Vec<&[u32]> = rows.iter().map(Vec::as_slice).collect();
         let logits = packed.logits(&seqs).unwrap();
         let scores = packed.scores(&seqs).unwrap();

@@ -1,6 +1,7 @@
 //! goemo's stages: the [`Stage`] trait, the [`registry`] the engine looks kinds up in, and one
 //! module per stage kind. Stages know nothing about caching; the engine knows nothing about ML.
 
+pub mod backprop;
 pub mod charts;
 pub mod command;
 pub mod data;

@@ -151,3 +151,22 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
         .map(|(x, y)| (x - y).abs())
         .fold(0.0, f32::max)
 }
+
+/// Token rows of lengths 1..=`max_len` in a scrambled order, [CLS] … [SEP] like the
+/// tokenizer's, so a padded batch has much padding.
+pub fn random_token_rows(n: usize, max_len: usize, seed: u64) -> Vec<Vec<u32>> {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    (0..n)
+        .map(|_| {
+            let len = rng.random_range(1..=max_len);
+            (0..len)
+                .map(|t| match t {
+                    0 => 101,
+                    t if t + 1 == len && len > 1 => 102,
+                    _ => rng.random_range(1000..30000),
+                })
+                .collect()
+        })
+        .collect()
+}

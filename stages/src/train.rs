@@ -126,7 +126,9 @@ impl Stage for TrainStage {
         "train"
     }
     fn version(&self) -> u32 {
-        1
+        // 2: on the CPU, gradients from the packed trainer (backprop.rs) with hashed dropout
+        // masks, and dev scores from the packed encoder: same model, different bits.
+        2
     }
     fn summary(&self) -> &'static str {
         "fine-tune a BERT/DistilBERT encoder with a multi-label head (candle); exports an HF model folder"
@@ -413,8 +415,31 @@ impl AdamW {
     }
 }
 
-/// Forward + backward for one micro-batch: (loss, gradients on host in parameter order).
+/// Forward + backward for one micro-batch: (loss, gradients on host in parameter order). On
+/// the CPU the packed trainer (`backprop`) computes them; elsewhere candle's autograd.
 pub fn loss_and_grads(
+    params: &Params,
+    data: &TokenizedData,
+    rows: &[usize],
+    pos_weight: Option<&Tensor>,
+    rng: Option<&mut ChaCha8Rng>,
+    device: &Device,
+) -> anyhow::Result<(f64, Vec<Vec<f32>>)> {
+    if !device.is_cpu() {
+        return loss_and_grads_autograd(params, data, rows, pos_weight, rng, device);
+    }
+    let seqs: Vec<&[u32]> = rows.iter().map(|&i| data.row(i)).collect();
+    let targets: Vec<f32> = rows
+        .iter()
+        .flat_map(|&i| data.row_labels(i).iter().map(|&b| b as f32))
+        .collect();
+    let pos_weight = pos_weight.map(|w| w.to_vec1::<f32>()).transpose()?;
+    crate::backprop::loss_and_grads(params, &seqs, &targets, pos_weight.as_deref(), rng)
+}
+
+/// `loss_and_grads` by candle's autograd over the padded `model::forward`: the reference the
+/// packed trainer is tested against, and the path on CUDA.
+pub fn loss_and_grads_autograd(
     params: &Params,
     data: &TokenizedData,
     rows: &[usize],
@@ -456,8 +481,8 @@ pub fn make_batch(
     Ok((batch, Tensor::from_vec(y, (rows.len(), l), device)?))
 }
 
-/// Sigmoid scores (rows × labels) for `rows`, batched, without autograd, with the same candle
-/// forward as training (on the training device; the train stage's per-epoch dev evaluation).
+/// Sigmoid scores (rows × labels) for `rows`, batched, without autograd (the train stage's
+/// per-epoch dev evaluation): the packed encoder on the CPU, candle's forward elsewhere.
 pub fn predict_scores(
     cfg: &model::EncoderConfig,
     weights: &HashMap<String, Tensor>,
@@ -466,6 +491,10 @@ pub fn predict_scores(
     batch: usize,
     device: &Device,
 ) -> anyhow::Result<Vec<f32>> {
+    if device.is_cpu() {
+        let packed = crate::infer::PackedEncoder::new(cfg, weights)?;
+        return scores_by_length(data, rows, batch, |seqs| packed.scores(seqs));
+    }
     scores_by_length(data, rows, batch, |seqs| {
         let b = Batch::new(seqs, data.meta.pad_id, device)?;
         let probs = candle_nn::ops::sigmoid(&model::forward(cfg, weights, &b, None)?)?;

@@ -99,12 +99,18 @@ fn main() -> anyhow::Result<()> {
                 ..Default::default()
             };
             let mut opt = AdamW::new(&params, &p);
+            // BENCH_AUTOGRAD=1: candle's autograd over padded batches instead of the packed
+            // trainer, to compare the two in one build.
+            let autograd = std::env::var_os("BENCH_AUTOGRAD").is_some();
             let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(0);
             let (mut tsum, mut fb, mut o, mut ex, mut toks) = (0.0, 0.0, 0.0, 0usize, 0usize);
             for (step, b) in batches.iter().take(35).enumerate() {
                 let t = Instant::now();
-                let (loss, grads) =
-                    train::loss_and_grads(&params, &data, b, None, Some(&mut rng), &Device::Cpu)?;
+                let (loss, grads) = if autograd {
+                    train::loss_and_grads_autograd
+                } else {
+                    train::loss_and_grads
+                }(&params, &data, b, None, Some(&mut rng), &Device::Cpu)?;
                 let t1 = Instant::now();
                 opt.step(&params, &grads, 5e-5)?;
                 let (f, s) = ((t1 - t).as_secs_f64(), t1.elapsed().as_secs_f64());
@@ -123,7 +129,8 @@ fn main() -> anyhow::Result<()> {
             }
             let n = batches.len().min(35).saturating_sub(5).max(1) as f64;
             println!(
-                "RESULT train model={which} threads={threads} steps={n} secs={tsum:.2} ex_per_s={:.2} padded_tok_per_s={:.0} s_per_step={:.3} peak_rss_mib={:.0} split_s_per_step fwd_bwd={:.3} opt={:.3}",
+                "RESULT train model={which} path={} threads={threads} steps={n} secs={tsum:.2} ex_per_s={:.2} padded_tok_per_s={:.0} s_per_step={:.3} peak_rss_mib={:.0} split_s_per_step fwd_bwd={:.3} opt={:.3}",
+                if autograd { "autograd" } else { "packed" },
                 ex as f64 / tsum, toks as f64 / tsum, tsum / n, peak_rss_mib(), fb / n, o / n
             );
         }

@@ -1,0 +1,1089 @@
+//! Training on the CPU without padding and without an autograd graph: a forward pass that keeps
+//! what the backward pass needs, and the backward pass written out by hand.
+//!
+//! `model::forward` with candle's autograd is the reference (and the CUDA path). On the CPU it
+//! spends most of a step outside the matrix products: padding every row to the longest, a
+//! graph node and a fresh tensor per broadcast op, single-threaded elementwise kernels, and a
+//! backward pass that walks all of it again (README, "Performance"). This module runs the same
+//! arithmetic on plain buffers, as `infer::PackedEncoder` does for scoring:
+//! - the tokens of all rows are packed one after the other, so no work is spent on padding;
+//!   attention runs per row over that row's own tokens (what the padding mask computes);
+//! - every matrix product, forward and backward, is one `gemm` call on the buffers in place,
+//!   transposes expressed as strides;
+//! - dropout masks are a hash of (seed, element index), with one seed per dropout site drawn
+//!   from the training RNG: the backward pass regenerates a mask instead of storing it, and the
+//!   masks do not depend on how work is split between threads;
+//! - reductions (bias, LayerNorm and embedding gradients) run in a fixed order, so a step gives
+//!   the same bits for the same thread count, as the determinism requirement needs.
+//!
+//! Tests check loss and gradients against `train::loss_and_grads_autograd` on tiny BERT and
+//! DistilBERT models (dropout off), and against finite differences with dropout on.
+
+use std::collections::HashMap;
+
+use candle_core::Storage;
+use gemm::Parallelism;
+use rand::Rng;
+use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
+
+use crate::infer::{dot, erf_rational, exp_approx, lane_sum};
+use crate::model::{Activation, Arch, LayerNames, Params};
+
+/// Rows per partial sum in the column reductions: fixed, so the summation order (and so the
+/// bits) do not depend on the number of threads.
+const REDUCE_ROWS: usize = 64;
+
+/// A matrix operand of `matmul`: its buffer and the strides of its rows and columns.
+#[derive(Clone, Copy)]
+struct Operand<'a> {
+    data: &'a [f32],
+    row_stride: usize,
+    col_stride: usize,
+}
+
+impl<'a> Operand<'a> {
+    /// A row-major matrix with `cols` columns.
+    fn plain(data: &'a [f32], cols: usize) -> Operand<'a> {
+        Operand {
+            data,
+            row_stride: cols,
+            col_stride: 1,
+        }
+    }
+
+    /// The transpose of a row-major matrix with `cols` columns, read in place.
+    fn transposed(data: &'a [f32], cols: usize) -> Operand<'a> {
+        Operand {
+            data,
+            row_stride: 1,
+            col_stride: cols,
+        }
+    }
+
+    fn check(&self, rows: usize, cols: usize, what: &str) {
+        if rows > 0 && cols > 0 {
+            let last = (rows - 1) * self.row_stride + (cols - 1) * self.col_stride;
+            assert!(last < self.data.len(), "{what}: operand too small");
+        }
+    }
+}
+
+/// `dst` (m × n, row-major) = `lhs` (m × k) · `rhs` (k × n), or `dst` += that product.
+fn matmul(dst: &mut [f32], m: usize, n: usize, k: usize, lhs: Operand, rhs: Operand, add: bool) {
+    assert_eq!(dst.len(), m * n, "matmul: destination size");
+    lhs.check(m, k, "matmul lhs");
+    rhs.check(k, n, "matmul rhs");
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !add {
+            dst.fill(0.0);
+        }
+        return;
+    }
+    let threads = rayon::current_num_threads();
+    let parallelism = if threads > 1 {
+        Parallelism::Rayon(threads)
+    } else {
+        Parallelism::None
+    };
+    // SAFETY: every element the strides reach lies inside its buffer (checked above); dst is
+    // m × n row-major and, being a distinct `&mut`, aliases neither operand.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            add,
+            lhs.data.as_ptr(),
+            lhs.col_stride as isize,
+            lhs.row_stride as isize,
+            rhs.data.as_ptr(),
+            rhs.col_stride as isize,
+            rhs.row_stride as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism,
+        );
+    }
+}
+
+/// `dst` += the sum of the rows of `x` (rows of width `dst.len()`), in a fixed order.
+fn add_column_sums(dst: &mut [f32], x: &[f32]) {
+    let cols = dst.len();
+    let partials: Vec<Vec<f32>> = x
+        .par_chunks(REDUCE_ROWS * cols)
+        .map(|block| {
+            let mut sum = vec![0f32; cols];
+            for row in block.chunks_exact(cols) {
+                sum.iter_mut().zip(row).for_each(|(s, v)| *s += v);
+            }
+            sum
+        })
+        .collect();
+    for p in partials {
+        dst.iter_mut().zip(&p).for_each(|(d, v)| *d += v);
+    }
+}
+
+/// Indices (into `Params`) of a dense layer's weight (out × in) and bias.
+#[derive(Clone, Copy)]
+struct DenseIdx {
+    weight: usize,
+    bias: usize,
+    inputs: usize,
+    outputs: usize,
+}
+
+#[derive(Clone, Copy)]
+struct NormIdx {
+    weight: usize,
+    bias: usize,
+}
+
+struct LayerIdx {
+    q: DenseIdx,
+    k: DenseIdx,
+    v: DenseIdx,
+    attn_out: DenseIdx,
+    attn_norm: NormIdx,
+    ffn_in: DenseIdx,
+    ffn_out: DenseIdx,
+    ffn_norm: NormIdx,
+}
+
+/// Where each part of the model sits in the parameter list.
+struct Layout {
+    word: usize,
+    position: usize,
+    token_type: Option<usize>,
+    embed_norm: NormIdx,
+    layers: Vec<LayerIdx>,
+    pool: DenseIdx,
+    classifier: DenseIdx,
+}
+
+impl Layout {
+    fn new(params: &Params) -> anyhow::Result<Layout> {
+        let index: HashMap<&str, usize> = params
+            .names
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (n.as_str(), i))
+            .collect();
+        let find = |name: String| -> anyhow::Result<usize> {
+            index
+                .get(name.as_str())
+                .copied()
+                .ok_or_else(|| anyhow::anyhow!("the model has no parameter `{name}`"))
+        };
+        let dense = |name: &str| -> anyhow::Result<DenseIdx> {
+            let weight = find(format!("{name}.weight"))?;
+            let (outputs, inputs) = params.vars[weight].dims2()?;
+            Ok(DenseIdx {
+                weight,
+                bias: find(format!("{name}.bias"))?,
+                inputs,
+                outputs,
+            })
+        };
+        let norm = |name: &str| -> anyhow::Result<NormIdx> {
+            Ok(NormIdx {
+                weight: find(format!("{name}.weight"))?,
+                bias: find(format!("{name}.bias"))?,
+            })
+        };
+        let cfg = &params.cfg;
+        let pre = cfg.prefix();
+        let layers = (0..cfg.layers)
+            .map(|l| {
+                let n = LayerNames::new(cfg, l);
+                Ok(LayerIdx {
+                    q: dense(&n.q)?,
+                    k: dense(&n.k)?,
+                    v: dense(&n.v)?,
+                    attn_out: dense(&n.attn_out)?,
+                    attn_norm: norm(&n.attn_norm)?,
+                    ffn_in: dense(&n.ffn_in)?,
+                    ffn_out: dense(&n.ffn_out)?,
+                    ffn_norm: norm(&n.ffn_norm)?,
+                })
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        Ok(Layout {
+            word: find(format!("{pre}.embeddings.word_embeddings.weight"))?,
+            position: find(format!("{pre}.embeddings.position_embeddings.weight"))?,
+            token_type: match cfg.arch {
+                Arch::Bert => Some(find(format!(
+                    "{pre}.embeddings.token_type_embeddings.weight"
+                ))?),
+                Arch::DistilBert => None,
+            },
+            embed_norm: norm(&format!("{pre}.embeddings.LayerNorm"))?,
+            layers,
+            pool: dense(cfg.pool_layer())?,
+            classifier: dense("classifier")?,
+        })
+    }
+}
+
+/// One dropout site of one step: element i is kept (and scaled by 1/(1−p)) unless a hash of
+/// (seed, i) falls below p.
+#[derive(Clone, Copy)]
+struct Dropout {
+    p: f32,
+    seed: u64,
+}
+
+impl Dropout {
+    /// The site's mask for this step, or `None` when dropout is off (no RNG: not training).
+    fn draw(p: f32, rng: &mut Option<&mut ChaCha8Rng>) -> Option<Dropout> {
+        // A seed is drawn for every site whatever p is, so the RNG advances the same way.
+        let seed = rng.as_deref_mut()?.random::<u64>();
+        (p > 0.0).then_some(Dropout { p, seed })
+    }
+
+    /// splitmix64's finaliser: a well-mixed 64-bit hash of (seed, i).
+    fn keep(&self, i: u64) -> bool {
+        let mut z = self
+            .seed
+            .wrapping_add(i.wrapping_add(1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        // The top 24 bits as a uniform float in [0, 1).
+        ((z >> 40) as f32) * (1.0 / 16_777_216.0) >= self.p
+    }
+
+    fn factor(&self, i: u64) -> f32 {
+        if self.keep(i) {
+            1.0 / (1.0 - self.p)
+        } else {
+            0.0
+        }
+    }
+
+    /// Multiply `x` (elements `offset..`) by the mask: the forward pass and, the mask being
+    /// diagonal, the backward pass too.
+    fn apply(site: Option<Dropout>, x: &mut [f32], offset: u64) {
+        let Some(d) = site else { return };
+        x.par_chunks_mut(4096).enumerate().for_each(|(c, chunk)| {
+            let base = offset + (c * 4096) as u64;
+            chunk
+                .iter_mut()
+                .enumerate()
+                .for_each(|(j, v)| *v *= d.factor(base + j as u64));
+        });
+    }
+}
+
+/// What a LayerNorm's backward pass needs: the normalised input and 1/σ per row.
+struct NormSaved {
+    normalised: Vec<f32>,
+    inv_std: Vec<f32>,
+}
+
+/// LayerNorm of the rows of `z` (width h) into a new buffer; keeps what the backward needs.
+fn norm_forward(z: &[f32], gamma: &[f32], beta: &[f32], eps: f32) -> (Vec<f32>, NormSaved) {
+    let h = gamma.len();
+    let rows = z.len() / h;
+    let mut normalised = vec![0f32; z.len()];
+    let mut inv_std = vec![0f32; rows];
+    let mut y = vec![0f32; z.len()];
+    normalised
+        .par_chunks_mut(h)
+        .zip(y.par_chunks_mut(h))
+        .zip(inv_std.par_iter_mut())
+        .zip(z.par_chunks(h))
+        .for_each(|(((xhat, y), inv), z)| {
+            let mean = lane_sum(z) / h as f32;
+            xhat.iter_mut().zip(z).for_each(|(x, z)| *x = z - mean);
+            let var = dot(xhat, xhat) / h as f32;
+            *inv = 1.0 / (var + eps).sqrt();
+            for (((x, y), g), b) in xhat.iter_mut().zip(y.iter_mut()).zip(gamma).zip(beta) {
+                *x *= *inv;
+                *y = *x * g + b;
+            }
+        });
+    (
+        y,
+        NormSaved {
+            normalised,
+            inv_std,
+        },
+    )
+}
+
+/// LayerNorm backward, in place: `d` holds ∂L/∂y on entry and ∂L/∂z on return; the gradients
+/// of γ and β are added to `d_gamma`, `d_beta`.
+fn norm_backward(
+    d: &mut [f32],
+    saved: &NormSaved,
+    gamma: &[f32],
+    d_gamma: &mut [f32],
+    d_beta: &mut [f32],
+) {
+    let h = gamma.len();
+    let partials: Vec<(Vec<f32>, Vec<f32>)> = d
+        .par_chunks(REDUCE_ROWS * h)
+        .zip(saved.normalised.par_chunks(REDUCE_ROWS * h))
+        .map(|(dy, xhat)| {
+            let (mut dg, mut db) = (vec![0f32; h], vec![0f32; h]);
+            for (dy, xhat) in dy.chunks_exact(h).zip(xhat.chunks_exact(h)) {
+                for j in 0..h {
+                    dg[j] += dy[j] * xhat[j];
+                    db[j] += dy[j];
+                }
+            }
+            (dg, db)
+        })
+        .collect();
+    for (dg, db) in partials {
+        d_gamma.iter_mut().zip(&dg).for_each(|(a, v)| *a += v);
+        d_beta.iter_mut().zip(&db).for_each(|(a, v)| *a += v);
+    }
+    d.par_chunks_mut(h)
+        .zip(saved.normalised.par_chunks(h))
+        .zip(saved.inv_std.par_iter())
+        .for_each(|((d, xhat), &inv)| {
+            // ∂L/∂z = (1/σ)·(g − mean(g) − x̂·mean(g·x̂)), g = γ ⊙ ∂L/∂y.
+            d.iter_mut().zip(gamma).for_each(|(d, g)| *d *= g);
+            let mean_g = lane_sum(d) / h as f32;
+            let mean_gx = dot(d, xhat) / h as f32;
+            d.iter_mut()
+                .zip(xhat)
+                .for_each(|(d, x)| *d = inv * (*d - mean_g - x * mean_gx));
+        });
+}
+
+const FRAC_1_SQRT_2PI: f32 = 0.398_942_3;
+const SQRT_TWO_OVER_PI: f32 = 0.797_884_6;
+
+/// The activation of `pre` (the formulas of `infer::activate`).
+fn activation_forward(pre: &[f32], a: Activation) -> Vec<f32> {
+    let mut out = pre.to_vec();
+    out.par_chunks_mut(4096).for_each(|c| match a {
+        Activation::GeluErf => c.iter_mut().for_each(|v| {
+            *v = (erf_rational(*v * std::f32::consts::FRAC_1_SQRT_2) + 1.0) * 0.5 * *v
+        }),
+        Activation::GeluTanh => c.iter_mut().for_each(|v| {
+            *v = 0.5 * *v * (1.0 + (SQRT_TWO_OVER_PI * *v * (1.0 + 0.044715 * *v * *v)).tanh())
+        }),
+        Activation::Relu => c.iter_mut().for_each(|v| *v = v.max(0.0)),
+    });
+    out
+}
+
+/// `d` *= the activation's derivative at `pre`, in place.
+fn activation_backward(d: &mut [f32], pre: &[f32], a: Activation) {
+    d.par_chunks_mut(4096)
+        .zip(pre.par_chunks(4096))
+        .for_each(|(d, pre)| match a {
+            // d/dx x·Φ(x) = Φ(x) + x·φ(x).
+            Activation::GeluErf => d.iter_mut().zip(pre).for_each(|(d, &x)| {
+                let cdf = 0.5 * (1.0 + erf_rational(x * std::f32::consts::FRAC_1_SQRT_2));
+                let pdf = FRAC_1_SQRT_2PI * exp_approx(-0.5 * x * x);
+                *d *= cdf + x * pdf;
+            }),
+            Activation::GeluTanh => d.iter_mut().zip(pre).for_each(|(d, &x)| {
+                let t = (SQRT_TWO_OVER_PI * x * (1.0 + 0.044715 * x * x)).tanh();
+                let dt = SQRT_TWO_OVER_PI * (1.0 + 3.0 * 0.044715 * x * x);
+                *d *= 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * dt;
+            }),
+            Activation::Relu => d
+                .iter_mut()
+                .zip(pre)
+                .for_each(|(d, &x)| *d = if x > 0.0 { *d } else { 0.0 }),
+        });
+}
+
+/// What one encoder layer's backward pass needs from its forward pass.
+struct LayerSaved {
+    input: Vec<f32>,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    /// Per row r, heads × len × len attention probabilities (before dropout), from
+    /// `prob_start[r]`.
+    probs: Vec<f32>,
+    ctx: Vec<f32>,
+    attn_norm: NormSaved,
+    attn_norm_out: Vec<f32>,
+    ffn_pre: Vec<f32>,
+    ffn_act: Vec<f32>,
+    ffn_norm: NormSaved,
+    drop_probs: Option<Dropout>,
+    drop_attn: Option<Dropout>,
+    drop_ffn: Option<Dropout>,
+}
+
+/// The packed batch: row r's tokens are rows `start[r]..start[r + 1]` of every activation.
+struct Packing {
+    start: Vec<usize>,
+    /// Offset of row r's attention probabilities in a layer's `probs`.
+    prob_start: Vec<usize>,
+}
+
+impl Packing {
+    fn new(rows: &[&[u32]], heads: usize) -> Packing {
+        let mut start = vec![0usize];
+        let mut prob_start = vec![0usize];
+        for r in rows {
+            start.push(start[start.len() - 1] + r.len());
+            prob_start.push(prob_start[prob_start.len() - 1] + heads * r.len() * r.len());
+        }
+        Packing { start, prob_start }
+    }
+
+    fn rows(&self) -> usize {
+        self.start.len() - 1
+    }
+
+    /// Split a (tokens × width) buffer into each row's block, for a parallel loop over rows.
+    fn split_rows<'a>(&self, mut buf: &'a mut [f32], width: usize) -> Vec<&'a mut [f32]> {
+        let mut out = Vec::with_capacity(self.rows());
+        for r in 0..self.rows() {
+            let (mine, rest) = buf.split_at_mut((self.start[r + 1] - self.start[r]) * width);
+            out.push(mine);
+            buf = rest;
+        }
+        out
+    }
+}
+
+/// The parameters as host slices, borrowed from the candle variables without copying.
+struct Weights<'a> {
+    slices: Vec<&'a [f32]>,
+}
+
+impl Weights<'_> {
+    fn dense_forward(&self, d: DenseIdx, x: &[f32]) -> Vec<f32> {
+        let rows = x.len() / d.inputs;
+        let bias = self.slices[d.bias];
+        let mut y = Vec::with_capacity(rows * d.outputs);
+        for _ in 0..rows {
+            y.extend_from_slice(bias);
+        }
+        matmul(
+            &mut y,
+            rows,
+            d.outputs,
+            d.inputs,
+            Operand::plain(x, d.inputs),
+            Operand::transposed(self.slices[d.weight], d.inputs),
+            true,
+        );
+        y
+    }
+
+    /// For y = x·Wᵀ + b: adds ∂L/∂W and ∂L/∂b to `grads`, and writes (or, with `add_dx`, adds)
+    /// ∂L/∂x into `dx` when given.
+    fn dense_backward(
+        &self,
+        d: DenseIdx,
+        grads: &mut [Vec<f32>],
+        dy: &[f32],
+        x: &[f32],
+        dx: Option<&mut [f32]>,
+        add_dx: bool,
+    ) {
+        let rows = dy.len() / d.outputs;
+        matmul(
+            &mut grads[d.weight],
+            d.outputs,
+            d.inputs,
+            rows,
+            Operand::transposed(dy, d.outputs),
+            Operand::plain(x, d.inputs),
+            true,
+        );
+        add_column_sums(&mut grads[d.bias], dy);
+        if let Some(dx) = dx {
+            matmul(
+                dx,
+                rows,
+                d.inputs,
+                d.outputs,
+                Operand::plain(dy, d.outputs),
+                Operand::plain(self.slices[d.weight], d.inputs),
+                add_dx,
+            );
+        }
+    }
+
+    fn norm_forward(&self, n: NormIdx, z: &[f32], eps: f32) -> (Vec<f32>, NormSaved) {
+        norm_forward(z, self.slices[n.weight], self.slices[n.bias], eps)
+    }
+
+    fn norm_backward(&self, n: NormIdx, grads: &mut [Vec<f32>], d: &mut [f32], saved: &NormSaved) {
+        let (mut dg, mut db) = (
+            std::mem::take(&mut grads[n.weight]),
+            std::mem::take(&mut grads[n.bias]),
+        );
+        norm_backward(d, saved, self.slices[n.weight], &mut dg, &mut db);
+        grads[n.weight] = dg;
+        grads[n.bias] = db;
+    }
+}
+
+/// Scaled dot-product attention of each row over its own tokens, head by head. Returns the
+/// context (tokens × hidden) and the probabilities before dropout.
+fn attention_forward(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    pack: &Packing,
+    heads: usize,
+    drop: Option<Dropout>,
+) -> (Vec<f32>, Vec<f32>) {
+    let h = q.len() / pack.start[pack.rows()].max(1);
+    let dh = h / heads;
+    let scale = 1.0 / (dh as f32).sqrt();
+    let mut ctx = vec![0f32; q.len()];
+    let mut probs = vec![0f32; pack.prob_start[pack.rows()]];
+    let mut prob_rows = Vec::with_capacity(pack.rows());
+    let mut rest = probs.as_mut_slice();
+    for r in 0..pack.rows() {
+        let (mine, tail) = rest.split_at_mut(pack.prob_start[r + 1] - pack.prob_start[r]);
+        prob_rows.push(mine);
+        rest = tail;
+    }
+    pack.split_rows(&mut ctx, h)
+        .into_par_iter()
+        .zip(prob_rows)
+        .enumerate()
+        .for_each(|(r, (ctx, probs))| {
+            let (s, len) = (pack.start[r], pack.start[r + 1] - pack.start[r]);
+            let at = |t: usize, head: usize| (s + t) * h + head * dh;
+            for head in 0..heads {
+                for i in 0..len {
+                    let p = &mut probs[(head * len + i) * len..][..len];
+                    let qi = &q[at(i, head)..][..dh];
+                    for (j, p) in p.iter_mut().enumerate() {
+                        *p = scale * dot(qi, &k[at(j, head)..][..dh]);
+                    }
+                    let max = p.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+                    p.iter_mut().for_each(|x| *x = exp_approx(*x - max));
+                    let inv = 1.0 / lane_sum(p);
+                    p.iter_mut().for_each(|x| *x *= inv);
+                    let base = (pack.prob_start[r] + (head * len + i) * len) as u64;
+                    let out = &mut ctx[i * h + head * dh..][..dh];
+                    for (j, &pj) in p.iter().enumerate() {
+                        let w = match drop {
+                            Some(d) => pj * d.factor(base + j as u64),
+                            None => pj,
+                        };
+                        out.iter_mut()
+                            .zip(&v[at(j, head)..][..dh])
+                            .for_each(|(o, v)| *o += w * v);
+                    }
+                }
+            }
+        });
+    (ctx, probs)
+}
+
+/// The attention backward pass: from ∂L/∂ctx, ∂L/∂q, ∂L/∂k and ∂L/∂v (tokens × hidden each).
+fn attention_backward(
+    d_ctx: &[f32],
+    saved: &LayerSaved,
+    pack: &Packing,
+    heads: usize,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let h = d_ctx.len() / pack.start[pack.rows()].max(1);
+    let dh = h / heads;
+    let scale = 1.0 / (dh as f32).sqrt();
+    let (q, k, v) = (&saved.q, &saved.k, &saved.v);
+    let drop = saved.drop_probs;
+    let (mut dq, mut dk, mut dv) = (
+        vec![0f32; q.len()],
+        vec![0f32; q.len()],
+        vec![0f32; q.len()],
+    );
+    pack.split_rows(&mut dq, h)
+        .into_par_iter()
+        .zip(pack.split_rows(&mut dk, h))
+        .zip(pack.split_rows(&mut dv, h))
+        .enumerate()
+        .for_each(|(r, ((dq, dk), dv))| {
+            let (s, len) = (pack.start[r], pack.start[r + 1] - pack.start[r]);
+            let at = |t: usize, head: usize| (s + t) * h + head * dh;
+            let local = |t: usize, head: usize| t * h + head * dh;
+            let mut dp = vec![0f32; len];
+            for head in 0..heads {
+                for i in 0..len {
+                    let p = &saved.probs[pack.prob_start[r] + (head * len + i) * len..][..len];
+                    let base = (pack.prob_start[r] + (head * len + i) * len) as u64;
+                    let g = &d_ctx[at(i, head)..][..dh];
+                    // ctx_i = Σ_j p'_ij v_j, p' = p ⊙ mask: ∂p_ij = mask_ij·(g·v_j),
+                    // ∂v_j += p'_ij·g.
+                    for j in 0..len {
+                        let m = drop.map_or(1.0, |d| d.factor(base + j as u64));
+                        dp[j] = m * dot(g, &v[at(j, head)..][..dh]);
+                        let w = m * p[j];
+                        if w != 0.0 {
+                            dv[local(j, head)..][..dh]
+                                .iter_mut()
+                                .zip(g)
+                                .for_each(|(a, g)| *a += w * g);
+                        }
+                    }
+                    // Softmax: ∂s_ij = p_ij·(∂p_ij − Σ_k p_ik·∂p_ik); s = scale·q·k.
+                    let centre = dot(p, &dp);
+                    let qi = &q[at(i, head)..][..dh];
+                    for j in 0..len {
+                        let ds = scale * p[j] * (dp[j] - centre);
+                        if ds == 0.0 {
+                            continue;
+                        }
+                        let kj = &k[at(j, head)..][..dh];
+                        dq[local(i, head)..][..dh]
+                            .iter_mut()
+                            .zip(kj)
+                            .for_each(|(a, k)| *a += ds * k);
+                        dk[local(j, head)..][..dh]
+                            .iter_mut()
+                            .zip(qi)
+                            .for_each(|(a, q)| *a += ds * q);
+                    }
+                }
+            }
+        });
+    (dq, dk, dv)
+}
+
+/// Forward and backward for one micro-batch on the CPU: (mean loss, gradients in parameter
+/// order), the contract of `train::loss_and_grads`. `targets` is rows × labels of 0/1;
+/// `pos_weight` one weight per label; `rng: Some` turns dropout on.
+pub fn loss_and_grads(
+    params: &Params,
+    rows: &[&[u32]],
+    targets: &[f32],
+    pos_weight: Option<&[f32]>,
+    mut rng: Option<&mut ChaCha8Rng>,
+) -> anyhow::Result<(f64, Vec<Vec<f32>>)> {
+    let cfg = &params.cfg;
+    let layout = Layout::new(params)?;
+    let labels = layout.classifier.outputs;
+    let (h, heads) = (cfg.hidden, cfg.heads);
+    let eps = cfg.layer_norm_eps as f32;
+    anyhow::ensure!(!rows.is_empty(), "an empty batch");
+    anyhow::ensure!(
+        targets.len() == rows.len() * labels,
+        "targets: {} values for {} rows of {labels} labels",
+        targets.len(),
+        rows.len()
+    );
+    for (i, r) in rows.iter().enumerate() {
+        anyhow::ensure!(
+            !r.is_empty() && r.len() <= cfg.max_positions,
+            "row {i} has {} tokens; the model takes 1 to {}",
+            r.len(),
+            cfg.max_positions
+        );
+        if let Some(&id) = r.iter().find(|&&id| id as usize >= cfg.vocab_size) {
+            anyhow::bail!(
+                "row {i} has token id {id}, outside the model's vocabulary of {}",
+                cfg.vocab_size
+            );
+        }
+    }
+    let guards: Vec<_> = params.vars.iter().map(|v| v.storage_and_layout()).collect();
+    let slices = guards
+        .iter()
+        .map(|(storage, layout)| match &**storage {
+            Storage::Cpu(cpu) => {
+                let all = cpu.as_slice::<f32>()?;
+                anyhow::ensure!(layout.is_contiguous(), "a parameter is not contiguous");
+                Ok(&all[layout.start_offset()..][..layout.shape().elem_count()])
+            }
+            _ => anyhow::bail!("the packed trainer runs on the CPU only"),
+        })
+        .collect::<anyhow::Result<Vec<&[f32]>>>()?;
+    let w = Weights { slices };
+    let pack = Packing::new(rows, heads);
+    let tokens: Vec<(usize, u32)> = rows
+        .iter()
+        .flat_map(|r| r.iter().enumerate().map(|(t, &id)| (t, id)))
+        .collect();
+
+    // Embeddings: word + position (+ token type 0), LayerNorm, dropout.
+    let mut embedded = vec![0f32; tokens.len() * h];
+    let (word, position) = (w.slices[layout.word], w.slices[layout.position]);
+    let token_type = layout.token_type.map(|i| &w.slices[i][..h]);
+    embedded
+        .par_chunks_mut(h)
+        .zip(&tokens)
+        .for_each(|(out, &(t, id))| {
+            let wv = &word[id as usize * h..][..h];
+            let pv = &position[t * h..][..h];
+            for ((o, a), b) in out.iter_mut().zip(wv).zip(pv) {
+                *o = a + b;
+            }
+            if let Some(tt) = token_type {
+                out.iter_mut().zip(tt).for_each(|(o, t)| *o += t);
+            }
+        });
+    let (mut x, embed_norm) = w.norm_forward(layout.embed_norm, &embedded, eps);
+    drop(embedded);
+    let embed_drop = Dropout::draw(cfg.hidden_dropout, &mut rng);
+    Dropout::apply(embed_drop, &mut x, 0);
+
+    let mut saved = Vec::with_capacity(layout.layers.len());
+    for li in &layout.layers {
+        let q = w.dense_forward(li.q, &x);
+        let k = w.dense_forward(li.k, &x);
+        let v = w.dense_forward(li.v, &x);
+        let drop_probs = Dropout::draw(cfg.attention_dropout, &mut rng);
+        let (ctx, probs) = attention_forward(&q, &k, &v, &pack, heads, drop_probs);
+        let mut attn = w.dense_forward(li.attn_out, &ctx);
+        let drop_attn = Dropout::draw(cfg.hidden_dropout, &mut rng);
+        Dropout::apply(drop_attn, &mut attn, 0);
+        attn.par_iter_mut().zip(&x).for_each(|(a, x)| *a += x);
+        let (y1, attn_norm) = w.norm_forward(li.attn_norm, &attn, eps);
+        drop(attn);
+        let ffn_pre = w.dense_forward(li.ffn_in, &y1);
+        let ffn_act = activation_forward(&ffn_pre, cfg.activation);
+        let mut ffn = w.dense_forward(li.ffn_out, &ffn_act);
+        let drop_ffn = Dropout::draw(cfg.hidden_dropout, &mut rng);
+        Dropout::apply(drop_ffn, &mut ffn, 0);
+        ffn.par_iter_mut().zip(&y1).for_each(|(f, y)| *f += y);
+        let (out, ffn_norm) = w.norm_forward(li.ffn_norm, &ffn, eps);
+        saved.push(LayerSaved {
+            input: std::mem::replace(&mut x, out),
+            q,
+            k,
+            v,
+            probs,
+            ctx,
+            attn_norm,
+            attn_norm_out: y1,
+            ffn_pre,
+            ffn_act,
+            ffn_norm,
+            drop_probs,
+            drop_attn,
+            drop_ffn,
+        });
+    }
+
+    // Head: [CLS] → pooler (tanh) or pre_classifier (ReLU) → dropout → classifier.
+    let cls: Vec<f32> = pack.start[..rows.len()]
+        .iter()
+        .flat_map(|&s| x[s * h..(s + 1) * h].iter().copied())
+        .collect();
+    let mut pooled = w.dense_forward(layout.pool, &cls);
+    match cfg.arch {
+        Arch::Bert => pooled.iter_mut().for_each(|v| *v = v.tanh()),
+        Arch::DistilBert => pooled.iter_mut().for_each(|v| *v = v.max(0.0)),
+    }
+    let head_drop = Dropout::draw(cfg.classifier_dropout, &mut rng);
+    let mut pooled_dropped = pooled.clone();
+    Dropout::apply(head_drop, &mut pooled_dropped, 0);
+    let logits = w.dense_forward(layout.classifier, &pooled_dropped);
+
+    // BCE with logits, mean over rows × labels: ℓ = (1 − y)·z + w_y·softplus(−z) with
+    // w_y = 1 + (pos_weight − 1)·y; ∂ℓ/∂z = (1 − y) − w_y·σ(−z).
+    let n = logits.len() as f64;
+    let mut loss = 0f64;
+    let mut d_logits = vec![0f32; logits.len()];
+    for (i, (&z, &y)) in logits.iter().zip(targets).enumerate() {
+        let pw = pos_weight.map_or(1.0, |p| p[i % labels]);
+        let wy = 1.0 + (pw - 1.0) * y;
+        let softplus_neg = (-z.abs()).exp().ln_1p() + (-z).max(0.0);
+        loss += ((1.0 - y) * z + wy * softplus_neg) as f64;
+        let sig_neg = 1.0 / (1.0 + z.exp());
+        d_logits[i] = (((1.0 - y) - wy * sig_neg) as f64 / n) as f32;
+    }
+    let loss = loss / n;
+
+    let mut grads: Vec<Vec<f32>> = params
+        .vars
+        .iter()
+        .map(|v| vec![0f32; v.elem_count()])
+        .collect();
+    let mut d_pooled = vec![0f32; pooled.len()];
+    w.dense_backward(
+        layout.classifier,
+        &mut grads,
+        &d_logits,
+        &pooled_dropped,
+        Some(&mut d_pooled),
+        false,
+    );
+    Dropout::apply(head_drop, &mut d_pooled, 0);
+    match cfg.arch {
+        Arch::Bert => d_pooled
+            .iter_mut()
+            .zip(&pooled)
+            .for_each(|(d, p)| *d *= 1.0 - p * p),
+        Arch::DistilBert => d_pooled
+            .iter_mut()
+            .zip(&pooled)
+            .for_each(|(d, p)| *d = if *p > 0.0 { *d } else { 0.0 }),
+    }
+    let mut d_cls = vec![0f32; cls.len()];
+    w.dense_backward(
+        layout.pool,
+        &mut grads,
+        &d_pooled,
+        &cls,
+        Some(&mut d_cls),
+        false,
+    );
+    let mut dx = vec![0f32; x.len()];
+    for (r, &s) in pack.start[..rows.len()].iter().enumerate() {
+        dx[s * h..(s + 1) * h].copy_from_slice(&d_cls[r * h..(r + 1) * h]);
+    }
+    drop(x);
+
+    for (li, s) in layout.layers.iter().zip(saved).rev() {
+        // out = LN2(dropout(ffn_out(act(ffn_in(y1)))) + y1)
+        w.norm_backward(li.ffn_norm, &mut grads, &mut dx, &s.ffn_norm);
+        let mut d_y1 = dx.clone();
+        Dropout::apply(s.drop_ffn, &mut dx, 0);
+        let mut d_act = vec![0f32; s.ffn_act.len()];
+        w.dense_backward(
+            li.ffn_out,
+            &mut grads,
+            &dx,
+            &s.ffn_act,
+            Some(&mut d_act),
+            false,
+        );
+        activation_backward(&mut d_act, &s.ffn_pre, cfg.activation);
+        w.dense_backward(
+            li.ffn_in,
+            &mut grads,
+            &d_act,
+            &s.attn_norm_out,
+            Some(&mut d_y1),
+            true,
+        );
+        drop(d_act);
+        // y1 = LN1(dropout(attn_out(ctx)) + input)
+        w.norm_backward(li.attn_norm, &mut grads, &mut d_y1, &s.attn_norm);
+        let mut d_input = d_y1.clone();
+        Dropout::apply(s.drop_attn, &mut d_y1, 0);
+        let mut d_ctx = vec![0f32; s.ctx.len()];
+        w.dense_backward(
+            li.attn_out,
+            &mut grads,
+            &d_y1,
+            &s.ctx,
+            Some(&mut d_ctx),
+            false,
+        );
+        let (dq, dk, dv) = attention_backward(&d_ctx, &s, &pack, heads);
+        for (d, dy) in [(li.q, &dq), (li.k, &dk), (li.v, &dv)] {
+            w.dense_backward(d, &mut grads, dy, &s.input, Some(&mut d_input), true);
+        }
+        dx = d_input;
+    }
+
+    // Embeddings: the dropout mask, LayerNorm, then scatter into the tables (in token order,
+    // so repeated ids sum in a fixed order).
+    Dropout::apply(embed_drop, &mut dx, 0);
+    w.norm_backward(layout.embed_norm, &mut grads, &mut dx, &embed_norm);
+    for (d, &(t, id)) in dx.chunks_exact(h).zip(&tokens) {
+        grads[layout.word][id as usize * h..][..h]
+            .iter_mut()
+            .zip(d)
+            .for_each(|(g, v)| *g += v);
+        grads[layout.position][t * h..][..h]
+            .iter_mut()
+            .zip(d)
+            .for_each(|(g, v)| *g += v);
+    }
+    if let Some(tt) = layout.token_type {
+        add_column_sums(&mut grads[tt][..h], &dx);
+    }
+    // The read guards behind the weight slices are released here, before the optimizer
+    // writes the parameters.
+    Ok((loss, grads))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{forward, Batch, EncoderConfig};
+    use crate::testing::{max_abs_diff, random_token_rows, tiny_config};
+    use crate::train::bce_with_logits;
+    use candle_core::{Device, Tensor};
+    use rand::SeedableRng;
+
+    const LABELS: usize = 28;
+
+    fn model(arch: Arch, key: &str, act: &str, dropout: f64, seed: u64) -> Params {
+        let mut raw = tiny_config(arch, dropout);
+        raw[key] = act.into();
+        // A wider init than HF's 0.02, so that every layer's gradient stands well above f32
+        // rounding and a wrong term anywhere in the encoder shows.
+        raw["initializer_range"] = 0.4.into();
+        let cfg = EncoderConfig::from_json(raw).unwrap();
+        Params::init(&cfg, LABELS, seed, &Device::Cpu).unwrap()
+    }
+
+    fn targets(rows: usize, seed: u64) -> Vec<f32> {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        (0..rows * LABELS)
+            .map(|_| f32::from(rng.random::<f32>() < 0.15))
+            .collect()
+    }
+
+    /// Loss and gradients by candle's autograd over the padded forward: the reference.
+    fn autograd(
+        params: &Params,
+        rows: &[&[u32]],
+        y: &[f32],
+        pos_weight: Option<&[f32]>,
+    ) -> (f64, Vec<Vec<f32>>) {
+        let dev = Device::Cpu;
+        let batch = Batch::new(rows, 0, &dev).unwrap();
+        let logits = forward(&params.cfg, &params.tensors(), &batch, None).unwrap();
+        let y = Tensor::from_vec(y.to_vec(), (rows.len(), LABELS), &dev).unwrap();
+        let w = pos_weight.map(|w| Tensor::new(w, &dev).unwrap());
+        let loss = bce_with_logits(&logits, &y, w.as_ref()).unwrap();
+        let grads = loss.backward().unwrap();
+        let host = params
+            .vars
+            .iter()
+            .map(|v| match grads.get(v.as_tensor()) {
+                Some(g) => g.flatten_all().unwrap().to_vec1().unwrap(),
+                None => vec![0.0; v.elem_count()],
+            })
+            .collect();
+        (loss.to_scalar::<f32>().unwrap() as f64, host)
+    }
+
+    /// Dropout off, the packed trainer's loss and every gradient equal autograd's over the
+    /// padded batch, for both architectures, every activation, with and without pos_weight.
+    #[test]
+    fn packed_gradients_match_autograd() {
+        let cases = [
+            (Arch::Bert, "hidden_act", "gelu"),
+            (Arch::Bert, "hidden_act", "gelu_new"),
+            (Arch::DistilBert, "activation", "gelu"),
+            (Arch::DistilBert, "activation", "relu"),
+        ];
+        for (seed, (arch, key, act)) in cases.into_iter().enumerate() {
+            let seed = seed as u64;
+            let params = model(arch, key, act, 0.0, seed);
+            let rows = random_token_rows(9, 24, seed);
+            let seqs: Vec<&[u32]> = rows.iter().map(Vec::as_slice).collect();
+            let y = targets(seqs.len(), seed);
+            let pw: Vec<f32> = (0..LABELS).map(|k| 0.5 + k as f32 * 0.3).collect();
+            for pos_weight in [None, Some(pw.as_slice())] {
+                let (want_loss, want) = autograd(&params, &seqs, &y, pos_weight);
+                let (loss, got) = loss_and_grads(&params, &seqs, &y, pos_weight, None).unwrap();
+                let what = format!("{arch:?} {act} pos_weight {}", pos_weight.is_some());
+                assert!(
+                    (loss - want_loss).abs() < 1e-5 * want_loss.abs().max(1.0),
+                    "{what}: loss {loss} vs {want_loss}"
+                );
+                for (name, (g, w)) in params.names.iter().zip(got.iter().zip(&want)) {
+                    let scale = w.iter().fold(0f32, |m, v| m.max(v.abs()));
+                    assert!(scale > 0.0, "{what}: {name} has no reference gradient");
+                    let diff = max_abs_diff(g, w);
+                    assert!(
+                        diff <= 1e-3 * scale + 1e-7,
+                        "{what}: {name} differs by {diff} (largest gradient {scale})"
+                    );
+                }
+            }
+        }
+    }
+
+    /// Dropout on: the gradient is that of the loss with the step's masks held fixed (the same
+    /// RNG state gives the same masks), checked by central differences on the largest element
+    /// of every tensor.
+    #[test]
+    fn dropout_gradients_match_finite_differences() {
+        for (arch, key) in [(Arch::Bert, "hidden_act"), (Arch::DistilBert, "activation")] {
+            let params = model(arch, key, "gelu", 0.2, 3);
+            let rows = random_token_rows(6, 16, 3);
+            let seqs: Vec<&[u32]> = rows.iter().map(Vec::as_slice).collect();
+            let y = targets(seqs.len(), 3);
+            let rng = ChaCha8Rng::seed_from_u64(11);
+            let run = |p: &Params| {
+                let mut r = rng.clone();
+                loss_and_grads(p, &seqs, &y, None, Some(&mut r)).unwrap()
+            };
+            let (_, grads) = run(&params);
+            // The masks are on: the loss differs from the dropout-free one.
+            let (plain, _) = loss_and_grads(&params, &seqs, &y, None, None).unwrap();
+            assert_ne!(run(&params).0, plain, "{arch:?}: dropout changed nothing");
+            let mut checked = 0;
+            for (k, name) in params.names.iter().enumerate() {
+                let (j, &g) = grads[k]
+                    .iter()
+                    .enumerate()
+                    .max_by(|a, b| a.1.abs().total_cmp(&b.1.abs()))
+                    .unwrap();
+                if g.abs() < 1e-4 {
+                    continue;
+                }
+                let var = &params.vars[k];
+                let original: Vec<f32> = var.flatten_all().unwrap().to_vec1().unwrap();
+                let bumped = |delta: f32| {
+                    let mut v = original.clone();
+                    v[j] += delta;
+                    var.set(&Tensor::from_vec(v, var.shape(), &Device::Cpu).unwrap())
+                        .unwrap();
+                    run(&params).0
+                };
+                let h = 1e-2f32;
+                let fd = (bumped(h) - bumped(-h)) / (2.0 * h as f64);
+                bumped(0.0);
+                let err = (fd - g as f64).abs();
+                assert!(
+                    err <= 0.05 * (g as f64).abs() + 1e-5,
+                    "{arch:?} {name}[{j}]: backprop {g}, finite difference {fd}"
+                );
+                checked += 1;
+            }
+            assert!(checked > 20, "{arch:?}: only {checked} tensors checked");
+        }
+    }
+
+    #[test]
+    fn dropout_masks_are_seeded_and_drop_about_p() {
+        let d = Dropout { p: 0.1, seed: 7 };
+        let dropped = (0..200_000u64).filter(|&i| !d.keep(i)).count() as f64 / 200_000.0;
+        assert!((dropped - 0.1).abs() < 0.003, "dropped {dropped}");
+        let mut a = vec![1f32; 10_000];
+        let mut b = a.clone();
+        Dropout::apply(Some(d), &mut a, 5);
+        Dropout::apply(Some(d), &mut b, 5);
+        assert_eq!(a, b, "same seed, same mask");
+        assert!(a.iter().all(|&v| v == 0.0 || (v - 1.0 / 0.9).abs() < 1e-6));
+        let mut c = vec![1f32; 10_000];
+        Dropout::apply(Some(Dropout { p: 0.1, seed: 8 }), &mut c, 5);
+        assert_ne!(a, c, "another seed, another mask");
+    }
+
+    #[test]
+    fn bad_batches_are_refused_with_the_reason() {
+        let params = model(Arch::Bert, "hidden_act", "gelu", 0.0, 1);
+        let y = targets(1, 1);
+        let long = vec![101u32; 129];
+        let err = loss_and_grads(&params, &[long.as_slice()], &y, None, None).unwrap_err();
+        assert!(
+            err.to_string().contains("the model takes 1 to 128"),
+            "{err}"
+        );
+        let err = loss_and_grads(&params, &[&[101, 40_000]], &y, None, None).unwrap_err();
+        assert!(
+            err.to_string().contains("outside the model's vocabulary"),
+            "{err}"
+        );
+    }
+}
