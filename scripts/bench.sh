@@ -2,7 +2,10 @@
 # goemo vs the PyTorch reference (../shared/bench/torch_reference.py), one after the other on
 # the same machine, data and batches; prints both figures and the ratio.
 #
-#   scripts/bench.sh [tokenize|train|infer|noop|all] [minilm|distilbert|both]
+#   scripts/bench.sh [tokenize|train|infer|predict|noop|all] [minilm|distilbert|both]
+#
+# predict: `goemo predict --file` over the 5,427 test texts with the model in outputs/model (or
+# PREDICT_MODEL), three runs, median (tokenizing and scoring; model load excluded).
 #
 # Env: TORCH_VENV (a venv with torch, transformers, tokenizers; made if missing, ~6 GB),
 #      BENCH_DIR (results and the shared batch file; default bench-results/), THREADS (2).
@@ -59,6 +62,22 @@ for m in $models; do
     echo "infer $m ex/s: pytorch $(val "$t" ex_per_s), goemo $(val "$g" ex_per_s) ($(ratio "$(val "$g" ex_per_s)" "$(val "$t" ex_per_s)")); non-padding tokens/s pytorch $t_tok, goemo $(val "$g" nonpad_tok_per_s); peak RSS MiB pytorch $(val "$t" peak_rss_mib), goemo $(val "$g" peak_rss_mib)" | tee -a "$log"
   fi
 done
+if [ "$what" = all ] || [ "$what" = predict ]; then
+  model_out="${PREDICT_MODEL:-outputs/model}"
+  if [ -f "$model_out/model.safetensors" ]; then
+    texts="$out/test_texts.txt"
+    cut -f1 "$GE_DATA/test.tsv" > "$texts"
+    rates=()
+    for run in 1 2 3; do
+      line=$("$goemo" predict --stats --quiet --model "$model_out" --file "$texts" 2>&1 >/dev/null | tee -a "$log" | grep "^predicted")
+      echo "predict run $run: $line"
+      rates+=("$(grep -o '([0-9.]* texts/s' <<<"$line" | tr -d '(' | cut -d' ' -f1)")
+    done
+    echo "predict $(wc -l < "$texts") test texts, batch 64: median $(printf '%s\n' "${rates[@]}" | sort -n | sed -n 2p) texts/s (runs: ${rates[*]})" | tee -a "$log"
+  else
+    echo "predict: no $model_out/model.safetensors (run \`goemo run\` first, or set PREDICT_MODEL)" | tee -a "$log"
+  fi
+fi
 if [ "$what" = all ] || [ "$what" = noop ]; then
   python3 scripts/bench_noop.py "$goemo" 30 | tee -a "$log"
 fi
