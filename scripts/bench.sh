@@ -35,7 +35,7 @@ torch() {
 }
 
 # RESULT lines → key=value lookups.
-val() { grep -o "$2=[0-9.]*" <<<"$1" | head -1 | cut -d= -f2; }
+val() { grep -oE "(^| )$2=[0-9.]*" <<<"$1" | head -1 | cut -d= -f2; }
 ratio() { python3 -c "import sys; a, b = float(sys.argv[1]), float(sys.argv[2]); print(f'{a / b:.2f}x' if b else 'n/a')" "$1" "$2"; }
 
 log="$out/bench-$(date +%Y%m%d-%H%M%S).log"
@@ -52,7 +52,7 @@ for m in $models; do
   if [ "$what" = all ] || [ "$what" = train ]; then
     t=$(torch train "$m" | tee -a "$log" | grep RESULT)
     g=$("$bench" train "$m" | tee -a "$log" | grep RESULT)
-    echo "train $m ex/s: pytorch $(val "$t" ex_per_s), goemo $(val "$g" ex_per_s) ($(ratio "$(val "$g" ex_per_s)" "$(val "$t" ex_per_s)")); peak RSS MiB pytorch $(val "$t" peak_rss_mib), goemo $(val "$g" peak_rss_mib); per step pytorch fwd $(val "$t" fwd) bwd $(val "$t" bwd) opt $(val "$t" opt), goemo fwd+bwd $(val "$g" fwd_bwd) opt $(val "$g" opt)" | tee -a "$log"
+    echo "train $m ex/s: pytorch $(val "$t" ex_per_s), goemo $(val "$g" ex_per_s) ($(ratio "$(val "$g" ex_per_s)" "$(val "$t" ex_per_s)")); peak RSS MiB pytorch $(val "$t" peak_rss_mib), goemo $(val "$g" peak_rss_mib); per step pytorch fwd $(val "$t" fwd) bwd $(val "$t" bwd) opt $(val "$t" opt), goemo fwd $(val "$g" fwd) bwd $(val "$g" bwd) opt $(val "$g" opt)" | tee -a "$log"
   fi
   if [ "$what" = all ] || [ "$what" = infer ]; then
     t=$(torch infer "$m" | tee -a "$log" | grep RESULT)

@@ -668,8 +668,30 @@ pub fn loss_and_grads(
     rows: &[&[u32]],
     targets: &[f32],
     pos_weight: Option<&[f32]>,
-    mut rng: Option<&mut ChaCha8Rng>,
+    rng: Option<&mut ChaCha8Rng>,
 ) -> anyhow::Result<(f64, Vec<Vec<f32>>)> {
+    let s = step(params, rows, targets, pos_weight, rng)?;
+    Ok((s.loss, s.grads))
+}
+
+/// One micro-batch's loss and gradients, and the time the two passes took (the benchmark's
+/// forward/backward split).
+pub struct Step {
+    pub loss: f64,
+    pub grads: Vec<Vec<f32>>,
+    pub forward_secs: f64,
+    pub backward_secs: f64,
+}
+
+/// `loss_and_grads` with the forward and backward passes timed.
+pub fn step(
+    params: &Params,
+    rows: &[&[u32]],
+    targets: &[f32],
+    pos_weight: Option<&[f32]>,
+    mut rng: Option<&mut ChaCha8Rng>,
+) -> anyhow::Result<Step> {
+    let started = std::time::Instant::now();
     let cfg = &params.cfg;
     let layout = Layout::new(params)?;
     let labels = layout.classifier.outputs;
@@ -805,6 +827,7 @@ pub fn loss_and_grads(
     }
     let loss = loss / n;
 
+    let forward_secs = started.elapsed().as_secs_f64();
     let mut grads: Vec<Vec<f32>> = params
         .vars
         .iter()
@@ -908,7 +931,12 @@ pub fn loss_and_grads(
     }
     // The read guards behind the weight slices are released here, before the optimizer
     // writes the parameters.
-    Ok((loss, grads))
+    Ok(Step {
+        loss,
+        grads,
+        forward_secs,
+        backward_secs: started.elapsed().as_secs_f64() - forward_secs,
+    })
 }
 
 #[cfg(test)]

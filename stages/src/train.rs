@@ -453,13 +453,19 @@ pub fn loss_and_grads(
     if !device.is_cpu() {
         return loss_and_grads_autograd(params, data, rows, pos_weight, rng, device);
     }
-    let seqs: Vec<&[u32]> = rows.iter().map(|&i| data.row(i)).collect();
-    let targets: Vec<f32> = rows
+    let (seqs, targets) = packed_batch(data, rows);
+    let pos_weight = pos_weight.map(|w| w.to_vec1::<f32>()).transpose()?;
+    crate::backprop::loss_and_grads(params, &seqs, &targets, pos_weight.as_deref(), rng)
+}
+
+/// The packed trainer's inputs for `rows`: their token ids, and their labels (rows × labels).
+pub fn packed_batch<'a>(data: &'a TokenizedData, rows: &[usize]) -> (Vec<&'a [u32]>, Vec<f32>) {
+    let seqs = rows.iter().map(|&i| data.row(i)).collect();
+    let targets = rows
         .iter()
         .flat_map(|&i| data.row_labels(i).iter().map(|&b| b as f32))
         .collect();
-    let pos_weight = pos_weight.map(|w| w.to_vec1::<f32>()).transpose()?;
-    crate::backprop::loss_and_grads(params, &seqs, &targets, pos_weight.as_deref(), rng)
+    (seqs, targets)
 }
 
 /// `loss_and_grads` by candle's autograd over the padded `model::forward`: the reference the

@@ -104,24 +104,45 @@ fn main() -> anyhow::Result<()> {
             let autograd = std::env::var_os("BENCH_AUTOGRAD").is_some();
             let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(0);
             let (mut tsum, mut fb, mut o, mut ex, mut toks) = (0.0, 0.0, 0.0, 0usize, 0usize);
+            // The packed trainer times its forward and backward passes; autograd's are one call.
+            let (mut fwd_sum, mut bwd_sum) = (0.0, 0.0);
             for (step, b) in batches.iter().take(35).enumerate() {
                 let t = Instant::now();
-                let (loss, grads) = if autograd {
-                    train::loss_and_grads_autograd
+                let (loss, grads, split) = if autograd {
+                    let (loss, grads) = train::loss_and_grads_autograd(
+                        &params,
+                        &data,
+                        b,
+                        None,
+                        Some(&mut rng),
+                        &Device::Cpu,
+                    )?;
+                    (loss, grads, None)
                 } else {
-                    train::loss_and_grads
-                }(&params, &data, b, None, Some(&mut rng), &Device::Cpu)?;
+                    let (seqs, targets) = train::packed_batch(&data, b);
+                    let s = goemo_stages::backprop::step(
+                        &params,
+                        &seqs,
+                        &targets,
+                        None,
+                        Some(&mut rng),
+                    )?;
+                    (s.loss, s.grads, Some((s.forward_secs, s.backward_secs)))
+                };
                 let t1 = Instant::now();
                 opt.step(&params, &grads, 5e-5)?;
                 let (f, s) = ((t1 - t).as_secs_f64(), t1.elapsed().as_secs_f64());
                 let len = b.iter().map(|&i| data.row(i).len()).max().unwrap_or(0);
+                let (fwd, bwd) = split.unwrap_or((f64::NAN, f64::NAN));
                 println!(
-                    "step {step} L={len} loss={loss:.4} {:.3}s fwd+bwd={f:.3} opt={s:.3}",
+                    "step {step} L={len} loss={loss:.4} {:.3}s fwd+bwd={f:.3} (fwd={fwd:.3} bwd={bwd:.3}) opt={s:.3}",
                     f + s
                 );
                 if step >= 5 {
                     tsum += f + s;
                     fb += f;
+                    fwd_sum += fwd;
+                    bwd_sum += bwd;
                     o += s;
                     ex += b.len();
                     toks += b.len() * len;
@@ -129,9 +150,9 @@ fn main() -> anyhow::Result<()> {
             }
             let n = batches.len().min(35).saturating_sub(5).max(1) as f64;
             println!(
-                "RESULT train model={which} path={} threads={threads} steps={n} secs={tsum:.2} ex_per_s={:.2} padded_tok_per_s={:.0} s_per_step={:.3} peak_rss_mib={:.0} split_s_per_step fwd_bwd={:.3} opt={:.3}",
+                "RESULT train model={which} path={} threads={threads} steps={n} secs={tsum:.2} ex_per_s={:.2} padded_tok_per_s={:.0} s_per_step={:.3} peak_rss_mib={:.0} split_s_per_step fwd_bwd={:.3} fwd={:.3} bwd={:.3} opt={:.3}",
                 if autograd { "autograd" } else { "packed" },
-                ex as f64 / tsum, toks as f64 / tsum, tsum / n, peak_rss_mib(), fb / n, o / n
+                ex as f64 / tsum, toks as f64 / tsum, tsum / n, peak_rss_mib(), fb / n, fwd_sum / n, bwd_sum / n, o / n
             );
         }
         Some("infer") => {
