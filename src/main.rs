@@ -161,8 +161,8 @@ enum DagFormat {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
     goemo_stages::runtime::tune_allocator();
+    let cli = Cli::parse();
     init_logging(cli.verbose, cli.quiet);
     match dispatch(cli) {
         Ok(code) => code,
