@@ -241,7 +241,12 @@ fn param_named_in(message: &str) -> Option<String> {
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     let dir = path.parent().unwrap_or(Path::new("."));
-    let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
+    // A temp file is created owner-only (0600); results are ordinary files that others on the
+    // machine may read (0644, less the umask), like any file a tool writes.
+    let mut builder = tempfile::Builder::new();
+    #[cfg(unix)]
+    builder.permissions(std::os::unix::fs::PermissionsExt::from_mode(0o644));
+    let mut tmp = builder.tempfile_in(dir)?;
     tmp.write_all(bytes)?;
     tmp.as_file().sync_all()?;
     tmp.persist(path).map_err(|e| e.error)?;
@@ -264,6 +269,20 @@ pub fn read_json<T: DeserializeOwned>(path: &Path) -> anyhow::Result<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[cfg(unix)]
+    #[test]
+    fn atomic_writes_are_readable_by_others() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("metrics.json");
+        write_atomic(&path, b"{}").unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        // 0644 less the umask; the usual umask (022) leaves it whole.
+        assert_eq!(mode & 0o600, 0o600, "mode {mode:o}");
+        assert_eq!(mode & !0o644, 0, "mode {mode:o}");
+        assert_eq!(std::fs::read(&path).unwrap(), b"{}");
+    }
 
     #[derive(serde::Deserialize, Serialize, Default)]
     #[serde(deny_unknown_fields, default)]
