@@ -4,7 +4,7 @@
 //! `model::forward` with candle's autograd is the reference (and the CUDA path). On the CPU it
 //! spends most of a step outside the matrix products: padding every row to the longest, a
 //! graph node and a fresh tensor per broadcast op, single-threaded elementwise kernels, and a
-//! backward pass that walks all of it again (README, "Performance"). This module runs the same
+//! backward pass that walks all of it again (README, "Benchmarks"). This module runs the same
 //! arithmetic on plain buffers, as `infer::PackedEncoder` does for scoring:
 //! - the tokens of all rows are packed one after the other, so no work is spent on padding;
 //!   attention runs per row over that row's own tokens (what the padding mask computes);

@@ -10,7 +10,7 @@
 //! Forcing one arena fixed training (90) but serialised the tokenizer's many small allocations
 //! across threads (2 threads slower than 1). mimalloc keeps freed memory in thread-local
 //! pages for reuse and scales across threads; with purging off (below) neither slowdown
-//! happens (README, "Performance").
+//! happens (README, "Benchmarks").
 
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
