@@ -22,99 +22,16 @@
 use std::collections::HashMap;
 
 use candle_core::Storage;
-use gemm::Parallelism;
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 
-use crate::infer::{dot, erf_rational, exp_approx, lane_sum};
+use crate::infer::{dot, erf_rational, exp_approx, lane_sum, matmul, Operand};
 use crate::model::{Activation, Arch, LayerNames, Params};
 
 /// Rows per partial sum in the column reductions: fixed, so the summation order (and so the
 /// bits) do not depend on the number of threads.
 const REDUCE_ROWS: usize = 64;
-
-/// A matrix operand of `matmul`: its buffer and the strides of its rows and columns.
-#[derive(Clone, Copy)]
-struct Operand<'a> {
-    data: &'a [f32],
-    row_stride: usize,
-    col_stride: usize,
-}
-
-impl<'a> Operand<'a> {
-    /// A row-major matrix with `cols` columns.
-    fn plain(data: &'a [f32], cols: usize) -> Operand<'a> {
-        Operand {
-            data,
-            row_stride: cols,
-            col_stride: 1,
-        }
-    }
-
-    /// The transpose of a row-major matrix with `cols` columns, read in place.
-    fn transposed(data: &'a [f32], cols: usize) -> Operand<'a> {
-        Operand {
-            data,
-            row_stride: 1,
-            col_stride: cols,
-        }
-    }
-
-    fn check(&self, rows: usize, cols: usize, what: &str) {
-        if rows > 0 && cols > 0 {
-            let last = (rows - 1) * self.row_stride + (cols - 1) * self.col_stride;
-            assert!(last < self.data.len(), "{what}: operand too small");
-        }
-    }
-}
-
-/// `dst` (m × n, row-major) = `lhs` (m × k) · `rhs` (k × n), or `dst` += that product.
-fn matmul(dst: &mut [f32], m: usize, n: usize, k: usize, lhs: Operand, rhs: Operand, add: bool) {
-    assert_eq!(dst.len(), m * n, "matmul: destination size");
-    lhs.check(m, k, "matmul lhs");
-    rhs.check(k, n, "matmul rhs");
-    if m == 0 || n == 0 {
-        return;
-    }
-    if k == 0 {
-        if !add {
-            dst.fill(0.0);
-        }
-        return;
-    }
-    let threads = rayon::current_num_threads();
-    let parallelism = if threads > 1 {
-        Parallelism::Rayon(threads)
-    } else {
-        Parallelism::None
-    };
-    // SAFETY: every element the strides reach lies inside its buffer (checked above); dst is
-    // m × n row-major and, being a distinct `&mut`, aliases neither operand.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            n as isize,
-            add,
-            lhs.data.as_ptr(),
-            lhs.col_stride as isize,
-            lhs.row_stride as isize,
-            rhs.data.as_ptr(),
-            rhs.col_stride as isize,
-            rhs.row_stride as isize,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            parallelism,
-        );
-    }
-}
 
 /// `dst` += the sum of the rows of `x` (rows of width `dst.len()`), in a fixed order.
 fn add_column_sums(dst: &mut [f32], x: &[f32]) {
@@ -532,6 +449,44 @@ impl Weights<'_> {
         grads[n.weight] = dg;
         grads[n.bias] = db;
     }
+
+    /// out = LN(dropout(dense(x)) + residual): how both halves of an encoder layer end (the
+    /// attention output and the feed-forward output).
+    fn residual_norm_forward(
+        &self,
+        dense: DenseIdx,
+        norm: NormIdx,
+        x: &[f32],
+        residual: &[f32],
+        drop: Option<Dropout>,
+        eps: f32,
+    ) -> (Vec<f32>, NormSaved) {
+        let mut z = self.dense_forward(dense, x);
+        Dropout::apply(drop, &mut z, 0);
+        z.par_iter_mut().zip(residual).for_each(|(z, r)| *z += r);
+        self.norm_forward(norm, &z, eps)
+    }
+
+    /// The backward pass of `residual_norm_forward`: from ∂L/∂out, (∂L/∂residual, ∂L/∂x), with
+    /// the dense layer's and the LayerNorm's gradients added to `grads`.
+    #[allow(clippy::too_many_arguments)]
+    fn residual_norm_backward(
+        &self,
+        dense: DenseIdx,
+        norm: NormIdx,
+        grads: &mut [Vec<f32>],
+        mut d_out: Vec<f32>,
+        x: &[f32],
+        saved: &NormSaved,
+        drop: Option<Dropout>,
+    ) -> (Vec<f32>, Vec<f32>) {
+        self.norm_backward(norm, grads, &mut d_out, saved);
+        let d_residual = d_out.clone();
+        Dropout::apply(drop, &mut d_out, 0);
+        let mut dx = vec![0f32; x.len()];
+        self.dense_backward(dense, grads, &d_out, x, Some(&mut dx), false);
+        (d_residual, dx)
+    }
 }
 
 /// Scaled dot-product attention of each row over its own tokens, head by head. Returns the
@@ -766,19 +721,14 @@ pub fn step(
         let v = w.dense_forward(li.v, &x);
         let drop_probs = Dropout::draw(cfg.attention_dropout, &mut rng);
         let (ctx, probs) = attention_forward(&q, &k, &v, &pack, heads, drop_probs);
-        let mut attn = w.dense_forward(li.attn_out, &ctx);
         let drop_attn = Dropout::draw(cfg.hidden_dropout, &mut rng);
-        Dropout::apply(drop_attn, &mut attn, 0);
-        attn.par_iter_mut().zip(&x).for_each(|(a, x)| *a += x);
-        let (y1, attn_norm) = w.norm_forward(li.attn_norm, &attn, eps);
-        drop(attn);
+        let (y1, attn_norm) =
+            w.residual_norm_forward(li.attn_out, li.attn_norm, &ctx, &x, drop_attn, eps);
         let ffn_pre = w.dense_forward(li.ffn_in, &y1);
         let ffn_act = activation_forward(&ffn_pre, cfg.activation);
-        let mut ffn = w.dense_forward(li.ffn_out, &ffn_act);
         let drop_ffn = Dropout::draw(cfg.hidden_dropout, &mut rng);
-        Dropout::apply(drop_ffn, &mut ffn, 0);
-        ffn.par_iter_mut().zip(&y1).for_each(|(f, y)| *f += y);
-        let (out, ffn_norm) = w.norm_forward(li.ffn_norm, &ffn, eps);
+        let (out, ffn_norm) =
+            w.residual_norm_forward(li.ffn_out, li.ffn_norm, &ffn_act, &y1, drop_ffn, eps);
         saved.push(LayerSaved {
             input: std::mem::replace(&mut x, out),
             q,
@@ -870,17 +820,14 @@ pub fn step(
 
     for (li, s) in layout.layers.iter().zip(saved).rev() {
         // out = LN2(dropout(ffn_out(act(ffn_in(y1)))) + y1)
-        w.norm_backward(li.ffn_norm, &mut grads, &mut dx, &s.ffn_norm);
-        let mut d_y1 = dx.clone();
-        Dropout::apply(s.drop_ffn, &mut dx, 0);
-        let mut d_act = vec![0f32; s.ffn_act.len()];
-        w.dense_backward(
+        let (mut d_y1, mut d_act) = w.residual_norm_backward(
             li.ffn_out,
+            li.ffn_norm,
             &mut grads,
-            &dx,
+            dx,
             &s.ffn_act,
-            Some(&mut d_act),
-            false,
+            &s.ffn_norm,
+            s.drop_ffn,
         );
         activation_backward(&mut d_act, &s.ffn_pre, cfg.activation);
         w.dense_backward(
@@ -893,17 +840,14 @@ pub fn step(
         );
         drop(d_act);
         // y1 = LN1(dropout(attn_out(ctx)) + input)
-        w.norm_backward(li.attn_norm, &mut grads, &mut d_y1, &s.attn_norm);
-        let mut d_input = d_y1.clone();
-        Dropout::apply(s.drop_attn, &mut d_y1, 0);
-        let mut d_ctx = vec![0f32; s.ctx.len()];
-        w.dense_backward(
+        let (mut d_input, d_ctx) = w.residual_norm_backward(
             li.attn_out,
+            li.attn_norm,
             &mut grads,
-            &d_y1,
+            d_y1,
             &s.ctx,
-            Some(&mut d_ctx),
-            false,
+            &s.attn_norm,
+            s.drop_attn,
         );
         let (dq, dk, dv) = attention_backward(&d_ctx, &s, &pack, heads);
         for (d, dy) in [(li.q, &dq), (li.k, &dk), (li.v, &dv)] {
@@ -943,7 +887,7 @@ pub fn step(
 mod tests {
     use super::*;
     use crate::model::{forward, Batch, EncoderConfig};
-    use crate::testing::{max_abs_diff, random_token_rows, tiny_config};
+    use crate::testing::{check_finite_differences, max_abs_diff, random_token_rows, tiny_config};
     use crate::train::bce_with_logits;
     use candle_core::{Device, Tensor};
     use rand::SeedableRng;
@@ -1049,35 +993,13 @@ mod tests {
             // The masks are on: the loss differs from the dropout-free one.
             let (plain, _) = loss_and_grads(&params, &seqs, &y, None, None).unwrap();
             assert_ne!(run(&params).0, plain, "{arch:?}: dropout changed nothing");
-            let mut checked = 0;
-            for (k, name) in params.names.iter().enumerate() {
-                let (j, &g) = grads[k]
-                    .iter()
-                    .enumerate()
-                    .max_by(|a, b| a.1.abs().total_cmp(&b.1.abs()))
-                    .unwrap();
-                if g.abs() < 1e-4 {
-                    continue;
-                }
-                let var = &params.vars[k];
-                let original: Vec<f32> = var.flatten_all().unwrap().to_vec1().unwrap();
-                let bumped = |delta: f32| {
-                    let mut v = original.clone();
-                    v[j] += delta;
-                    var.set(&Tensor::from_vec(v, var.shape(), &Device::Cpu).unwrap())
-                        .unwrap();
-                    run(&params).0
-                };
-                let h = 1e-2f32;
-                let fd = (bumped(h) - bumped(-h)) / (2.0 * h as f64);
-                bumped(0.0);
-                let err = (fd - g as f64).abs();
-                assert!(
-                    err <= 0.05 * (g as f64).abs() + 1e-5,
-                    "{arch:?} {name}[{j}]: backprop {g}, finite difference {fd}"
-                );
-                checked += 1;
-            }
+            let checked = check_finite_differences(
+                &params,
+                &grads,
+                |p| run(p).0,
+                |_| false,
+                &format!("{arch:?}"),
+            );
             assert!(checked > 20, "{arch:?}: only {checked} tensors checked");
         }
     }

@@ -23,6 +23,96 @@ use rayon::prelude::*;
 
 use crate::model::{Activation, Arch, EncoderConfig};
 
+/// A matrix operand of `matmul`: its buffer and the strides of its rows and columns.
+#[derive(Clone, Copy)]
+pub(crate) struct Operand<'a> {
+    data: &'a [f32],
+    row_stride: usize,
+    col_stride: usize,
+}
+
+impl<'a> Operand<'a> {
+    /// A row-major matrix with `cols` columns.
+    pub(crate) fn plain(data: &'a [f32], cols: usize) -> Operand<'a> {
+        Operand {
+            data,
+            row_stride: cols,
+            col_stride: 1,
+        }
+    }
+
+    /// The transpose of a row-major matrix with `cols` columns, read in place.
+    pub(crate) fn transposed(data: &'a [f32], cols: usize) -> Operand<'a> {
+        Operand {
+            data,
+            row_stride: 1,
+            col_stride: cols,
+        }
+    }
+
+    fn check(&self, rows: usize, cols: usize, what: &str) {
+        if rows > 0 && cols > 0 {
+            let last = (rows - 1) * self.row_stride + (cols - 1) * self.col_stride;
+            assert!(last < self.data.len(), "{what}: operand too small");
+        }
+    }
+}
+
+/// `dst` (m × n, row-major) = `lhs` (m × k) · `rhs` (k × n), or `dst` += that product.
+pub(crate) fn matmul(
+    dst: &mut [f32],
+    m: usize,
+    n: usize,
+    k: usize,
+    lhs: Operand,
+    rhs: Operand,
+    add: bool,
+) {
+    assert_eq!(dst.len(), m * n, "matmul: destination size");
+    lhs.check(m, k, "matmul lhs");
+    rhs.check(k, n, "matmul rhs");
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !add {
+            dst.fill(0.0);
+        }
+        return;
+    }
+    let threads = rayon::current_num_threads();
+    let parallelism = if threads > 1 {
+        Parallelism::Rayon(threads)
+    } else {
+        Parallelism::None
+    };
+    // SAFETY: every element the strides reach lies inside its buffer (checked above); dst is
+    // m × n row-major and, being a distinct `&mut`, aliases neither operand.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            add,
+            lhs.data.as_ptr(),
+            lhs.col_stride as isize,
+            lhs.row_stride as isize,
+            rhs.data.as_ptr(),
+            rhs.col_stride as isize,
+            rhs.row_stride as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism,
+        );
+    }
+}
+
 /// A dense layer as HF stores it: `weight` is (out, in) row-major.
 struct Dense {
     weight: Vec<f32>,
@@ -68,42 +158,15 @@ impl Dense {
         let rows = x.len() / self.inputs;
         assert_eq!(x.len(), rows * self.inputs, "input width");
         assert_eq!(dst.len(), rows * self.outputs, "output size");
-        if rows == 0 {
-            return;
-        }
-        let threads = rayon::current_num_threads();
-        let parallelism = if threads > 1 {
-            Parallelism::Rayon(threads)
-        } else {
-            Parallelism::None
-        };
-        // SAFETY: the three buffers are valid for the extents given by the strides: x is
-        // rows × inputs row-major, weightᵀ is read as inputs × outputs with strides (1, inputs)
-        // from the outputs × inputs row-major weight, and dst is rows × outputs row-major, all
-        // checked above. dst does not alias x or the weight (distinct borrows).
-        unsafe {
-            gemm::gemm(
-                rows,
-                self.outputs,
-                self.inputs,
-                dst.as_mut_ptr(),
-                1,
-                self.outputs as isize,
-                true,
-                x.as_ptr(),
-                1,
-                self.inputs as isize,
-                self.weight.as_ptr(),
-                self.inputs as isize,
-                1,
-                1.0,
-                1.0,
-                false,
-                false,
-                false,
-                parallelism,
-            );
-        }
+        matmul(
+            dst,
+            rows,
+            self.outputs,
+            self.inputs,
+            Operand::plain(x, self.inputs),
+            Operand::transposed(&self.weight, self.inputs),
+            true,
+        );
     }
 }
 

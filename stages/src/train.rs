@@ -458,7 +458,8 @@ pub fn loss_and_grads(
     crate::backprop::loss_and_grads(params, &seqs, &targets, pos_weight.as_deref(), rng)
 }
 
-/// The packed trainer's inputs for `rows`: their token ids, and their labels (rows × labels).
+/// Token ids and labels (rows × labels, 0/1) of `rows`: the packed trainer's inputs, and what
+/// `make_batch` pads.
 pub fn packed_batch<'a>(data: &'a TokenizedData, rows: &[usize]) -> (Vec<&'a [u32]>, Vec<f32>) {
     let seqs = rows.iter().map(|&i| data.row(i)).collect();
     let targets = rows
@@ -502,14 +503,12 @@ pub fn make_batch(
     rows: &[usize],
     device: &Device,
 ) -> candle_core::Result<(Batch, Tensor)> {
-    let seqs: Vec<&[u32]> = rows.iter().map(|&i| data.row(i)).collect();
+    let (seqs, y) = packed_batch(data, rows);
     let batch = Batch::new(&seqs, data.meta.pad_id, device)?;
-    let l = data.n_labels();
-    let y: Vec<f32> = rows
-        .iter()
-        .flat_map(|&i| data.row_labels(i).iter().map(|&b| b as f32))
-        .collect();
-    Ok((batch, Tensor::from_vec(y, (rows.len(), l), device)?))
+    Ok((
+        batch,
+        Tensor::from_vec(y, (rows.len(), data.n_labels()), device)?,
+    ))
 }
 
 /// Sigmoid scores (rows × labels) for `rows`, batched, without autograd (the train stage's

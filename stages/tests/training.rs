@@ -5,7 +5,9 @@ use std::time::Instant;
 
 use candle_core::{Device, Tensor};
 use goemo_stages::model::{self, Arch, Classifier, EncoderConfig, ModelDir, Params};
-use goemo_stages::testing::{max_abs_diff, real_tokens, tiny_config, write_tiny_model};
+use goemo_stages::testing::{
+    check_finite_differences, max_abs_diff, real_tokens, tiny_config, write_tiny_model,
+};
 use goemo_stages::tokens::TokenizedData;
 use goemo_stages::train::{self, bce_with_logits, TrainParams};
 
@@ -66,49 +68,13 @@ fn gradients_match_finite_differences() {
                 .unwrap()
                 .0
         };
-        let mut checked = 0;
-        for (k, name) in p.names.iter().enumerate() {
-            if name.contains("word_embeddings") {
-                continue;
-            }
-            // The element with the largest gradient of each tensor: a clear signal in f32.
-            let (j, &g) = grads[k]
-                .iter()
-                .enumerate()
-                .max_by(|a, b| a.1.abs().total_cmp(&b.1.abs()))
-                .unwrap();
-            if g.abs() < 1e-4 {
-                continue;
-            }
-            let original: Vec<f32> = p.vars[k]
-                .as_tensor()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
-            let h = 1e-2f32;
-            let mut bumped = original.clone();
-            bumped[j] += h;
-            p.vars[k]
-                .set(&Tensor::from_vec(bumped.clone(), p.vars[k].shape(), &Device::Cpu).unwrap())
-                .unwrap();
-            let up = loss_at(&p);
-            bumped[j] -= 2.0 * h;
-            p.vars[k]
-                .set(&Tensor::from_vec(bumped, p.vars[k].shape(), &Device::Cpu).unwrap())
-                .unwrap();
-            let down = loss_at(&p);
-            p.vars[k]
-                .set(&Tensor::from_vec(original, p.vars[k].shape(), &Device::Cpu).unwrap())
-                .unwrap();
-            let fd = (up - down) / (2.0 * h as f64);
-            let err = (fd - g as f64).abs();
-            assert!(
-                err <= 0.05 * (g as f64).abs() + 1e-5,
-                "{arch:?} {name}[{j}]: backprop {g}, finite difference {fd}"
-            );
-            checked += 1;
-        }
+        let checked = check_finite_differences(
+            &p,
+            &grads,
+            loss_at,
+            |name| name.contains("word_embeddings"),
+            &format!("{arch:?}"),
+        );
         assert!(checked > 20, "{arch:?}: only {checked} tensors checked");
     }
 }
