@@ -26,7 +26,9 @@ use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 
-use crate::infer::{dot, erf_rational, exp_approx, lane_sum, matmul, Operand};
+use crate::infer::{
+    check_rows, dot, embed, erf_rational, exp_approx, lane_sum, matmul, packed_tokens, Operand,
+};
 use crate::model::{Activation, Arch, LayerNames, Params};
 
 /// Rows per partial sum in the column reductions: fixed, so the summation order (and so the
@@ -659,20 +661,7 @@ pub fn step(
         targets.len(),
         rows.len()
     );
-    for (i, r) in rows.iter().enumerate() {
-        anyhow::ensure!(
-            !r.is_empty() && r.len() <= cfg.max_positions,
-            "row {i} has {} tokens; the model takes 1 to {}",
-            r.len(),
-            cfg.max_positions
-        );
-        if let Some(&id) = r.iter().find(|&&id| id as usize >= cfg.vocab_size) {
-            anyhow::bail!(
-                "row {i} has token id {id}, outside the model's vocabulary of {}",
-                cfg.vocab_size
-            );
-        }
-    }
+    check_rows(rows, cfg.max_positions, cfg.vocab_size)?;
     let guards: Vec<_> = params.vars.iter().map(|v| v.storage_and_layout()).collect();
     let slices = guards
         .iter()
@@ -687,28 +676,16 @@ pub fn step(
         .collect::<anyhow::Result<Vec<&[f32]>>>()?;
     let w = Weights { slices };
     let pack = Packing::new(rows, heads);
-    let tokens: Vec<(usize, u32)> = rows
-        .iter()
-        .flat_map(|r| r.iter().enumerate().map(|(t, &id)| (t, id)))
-        .collect();
+    let tokens = packed_tokens(rows);
 
     // Embeddings: word + position (+ token type 0), LayerNorm, dropout.
-    let mut embedded = vec![0f32; tokens.len() * h];
-    let (word, position) = (w.slices[layout.word], w.slices[layout.position]);
-    let token_type = layout.token_type.map(|i| &w.slices[i][..h]);
-    embedded
-        .par_chunks_mut(h)
-        .zip(&tokens)
-        .for_each(|(out, &(t, id))| {
-            let wv = &word[id as usize * h..][..h];
-            let pv = &position[t * h..][..h];
-            for ((o, a), b) in out.iter_mut().zip(wv).zip(pv) {
-                *o = a + b;
-            }
-            if let Some(tt) = token_type {
-                out.iter_mut().zip(tt).for_each(|(o, t)| *o += t);
-            }
-        });
+    let embedded = embed(
+        &tokens,
+        w.slices[layout.word],
+        w.slices[layout.position],
+        layout.token_type.map(|i| &w.slices[i][..h]),
+        h,
+    );
     let (mut x, embed_norm) = w.norm_forward(layout.embed_norm, &embedded, eps);
     drop(embedded);
     let embed_drop = Dropout::draw(cfg.hidden_dropout, &mut rng);

@@ -300,44 +300,21 @@ impl PackedEncoder {
     /// Logits (rows × labels, row-major) for token-id rows of any lengths.
     pub fn logits(&self, rows: &[&[u32]]) -> anyhow::Result<Vec<f32>> {
         let h = self.hidden;
-        for (i, r) in rows.iter().enumerate() {
-            if r.is_empty() || r.len() > self.max_positions {
-                anyhow::bail!(
-                    "row {i} has {} tokens; the model takes 1 to {}",
-                    r.len(),
-                    self.max_positions
-                );
-            }
-            if let Some(&id) = r.iter().find(|&&id| id as usize >= self.vocab) {
-                anyhow::bail!(
-                    "row {i} has token id {id}, outside the model's vocabulary of {}\n  hint: tokenize with the model's own tokenizer.json",
-                    self.vocab
-                );
-            }
-        }
+        check_rows(rows, self.max_positions, self.vocab)?;
         // Row r's tokens are rows start[r]..start[r + 1] of every activation matrix.
         let mut start = Vec::with_capacity(rows.len() + 1);
         start.push(0usize);
         for r in rows {
             start.push(start.last().copied().unwrap_or(0) + r.len());
         }
-        let tokens: Vec<(usize, u32)> = rows
-            .iter()
-            .flat_map(|r| r.iter().enumerate().map(|(t, &id)| (t, id)))
-            .collect();
-        let mut x = vec![0f32; tokens.len() * h];
-        x.par_chunks_mut(h)
-            .zip(&tokens)
-            .for_each(|(out, &(t, id))| {
-                let word = &self.word[id as usize * h..][..h];
-                let pos = &self.position[t * h..][..h];
-                for ((o, w), p) in out.iter_mut().zip(word).zip(pos) {
-                    *o = w + p;
-                }
-                if let Some(tt) = &self.token_type {
-                    out.iter_mut().zip(tt).for_each(|(o, t)| *o += t);
-                }
-            });
+        let tokens = packed_tokens(rows);
+        let mut x = embed(
+            &tokens,
+            &self.word,
+            &self.position,
+            self.token_type.as_deref(),
+            h,
+        );
         self.embed_norm.apply(&mut x);
 
         let (mut qkv, mut ctx, mut mid) = (Vec::new(), Vec::new(), Vec::new());
@@ -419,6 +396,59 @@ impl PackedEncoder {
             }
         });
     }
+}
+
+/// Refuse rows a model cannot take: empty, longer than its `max_positions`, or holding an id
+/// outside its vocabulary.
+pub(crate) fn check_rows(
+    rows: &[&[u32]],
+    max_positions: usize,
+    vocab: usize,
+) -> anyhow::Result<()> {
+    for (i, r) in rows.iter().enumerate() {
+        if r.is_empty() || r.len() > max_positions {
+            anyhow::bail!(
+                "row {i} has {} tokens; the model takes 1 to {max_positions}",
+                r.len()
+            );
+        }
+        if let Some(&id) = r.iter().find(|&&id| id as usize >= vocab) {
+            anyhow::bail!(
+                "row {i} has token id {id}, outside the model's vocabulary of {vocab}\n  hint: tokenize with the model's own tokenizer.json"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// (position in its row, id) of every token of `rows`, the rows one after the other.
+pub(crate) fn packed_tokens(rows: &[&[u32]]) -> Vec<(usize, u32)> {
+    rows.iter()
+        .flat_map(|r| r.iter().enumerate().map(|(t, &id)| (t, id)))
+        .collect()
+}
+
+/// The input embedding of each packed token (tokens × h): word + position, plus BERT's
+/// token-type-0 row when given.
+pub(crate) fn embed(
+    tokens: &[(usize, u32)],
+    word: &[f32],
+    position: &[f32],
+    token_type: Option<&[f32]>,
+    h: usize,
+) -> Vec<f32> {
+    let mut x = vec![0f32; tokens.len() * h];
+    x.par_chunks_mut(h).zip(tokens).for_each(|(out, &(t, id))| {
+        let w = &word[id as usize * h..][..h];
+        let p = &position[t * h..][..h];
+        for ((o, w), p) in out.iter_mut().zip(w).zip(p) {
+            *o = w + p;
+        }
+        if let Some(tt) = token_type {
+            out.iter_mut().zip(tt).for_each(|(o, t)| *o += t);
+        }
+    });
+    x
 }
 
 /// Row `start[r]` of `x` (rows of width `h`) for every packed row r: the `[CLS]` tokens.
