@@ -58,6 +58,26 @@ impl<'a> Operand<'a> {
     }
 }
 
+/// The most terms of the inner dimension that one gemm call sums.
+///
+/// gemm splits a long inner dimension into blocks whose length it derives from the L1 cache it
+/// detects (48 KiB, 12-way Intel cores get 1,024; 32 KiB, 8-way AMD cores 512), and the rounding
+/// of a sum depends on where the blocks fall: the same model trained on two machines came out
+/// with different bytes. gemm never makes a block shorter than 512, so a call with at most 512
+/// terms is one block everywhere; `matmul` makes the blocks itself, splitting as gemm does on a
+/// 512-term L1 (into equal parts), so results are those machines' bytes on every x86-64 with
+/// AVX2 and FMA (gemm's kernel there; each output is one FMA chain per block, whatever the
+/// vector width or the thread count).
+pub(crate) const K_BLOCK: usize = 512;
+
+/// Where the blocks of an inner dimension of `k` terms start: equal parts of at most
+/// [`K_BLOCK`], the first ones longer by one when `k` does not divide evenly (gemm's split).
+pub(crate) fn k_blocks(k: usize) -> impl Iterator<Item = std::ops::Range<usize>> {
+    let parts = k.div_ceil(K_BLOCK).max(1);
+    let len = k.div_ceil(parts);
+    (0..parts).map(move |p| (p * len).min(k)..((p + 1) * len).min(k))
+}
+
 /// `dst` (m × n, row-major) = `lhs` (m × k) · `rhs` (k × n), or `dst` += that product.
 pub(crate) fn matmul(
     dst: &mut [f32],
@@ -86,30 +106,38 @@ pub(crate) fn matmul(
     } else {
         Parallelism::None
     };
-    // SAFETY: every element the strides reach lies inside its buffer (checked above); dst is
-    // m × n row-major and, being a distinct `&mut`, aliases neither operand.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            n as isize,
-            add,
-            lhs.data.as_ptr(),
-            lhs.col_stride as isize,
-            lhs.row_stride as isize,
-            rhs.data.as_ptr(),
-            rhs.col_stride as isize,
-            rhs.row_stride as isize,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            parallelism,
-        );
+    for (b, block) in k_blocks(k).enumerate() {
+        if block.is_empty() {
+            continue;
+        }
+        let lhs_block = &lhs.data[block.start * lhs.col_stride..];
+        let rhs_block = &rhs.data[block.start * rhs.row_stride..];
+        // SAFETY: every element the strides reach lies inside its buffer (checked above for
+        // the whole product; a block starts inside it and reaches no further); dst is m × n
+        // row-major and, being a distinct `&mut`, aliases neither operand.
+        unsafe {
+            gemm::gemm(
+                m,
+                n,
+                block.len(),
+                dst.as_mut_ptr(),
+                1,
+                n as isize,
+                add || b > 0,
+                lhs_block.as_ptr(),
+                lhs.col_stride as isize,
+                lhs.row_stride as isize,
+                rhs_block.as_ptr(),
+                rhs.col_stride as isize,
+                rhs.row_stride as isize,
+                1.0,
+                1.0,
+                false,
+                false,
+                false,
+                parallelism,
+            );
+        }
     }
 }
 
@@ -552,6 +580,150 @@ mod tests {
     use crate::model::{forward, Batch, Params};
     use crate::testing::{max_abs_diff, random_token_rows, tiny_config};
     use candle_core::Device;
+
+    /// What `matmul` promises for its bits: each output is, block by block of [`k_blocks`], one
+    /// fused multiply-add chain over the block's terms from zero, and the blocks are added in
+    /// order. This scalar form depends on nothing about the machine (`mul_add` is an exact FMA
+    /// everywhere), so a match here means the same bytes on any CPU that runs gemm's FMA kernel,
+    /// whatever its caches or vector width, and on one thread or two.
+    fn reference_product(m: usize, n: usize, k: usize, lhs: Operand, rhs: Operand) -> Vec<f32> {
+        let mut out = vec![0f32; m * n];
+        for r in 0..m {
+            for c in 0..n {
+                let mut total = 0f32;
+                for (b, block) in k_blocks(k).enumerate() {
+                    let mut acc = 0f32;
+                    for t in block {
+                        let a = lhs.data[r * lhs.row_stride + t * lhs.col_stride];
+                        let x = rhs.data[t * rhs.row_stride + c * rhs.col_stride];
+                        acc = a.mul_add(x, acc);
+                    }
+                    total = if b == 0 { acc } else { total + acc };
+                }
+                out[r * n + c] = total;
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn k_blocks_split_as_gemm_does_on_a_512_term_cache() {
+        let lens = |k| k_blocks(k).map(|b| b.len()).collect::<Vec<_>>();
+        assert_eq!(lens(384), [384]);
+        assert_eq!(lens(512), [512]);
+        assert_eq!(lens(513), [257, 256]);
+        assert_eq!(lens(600), [300, 300]);
+        assert_eq!(lens(1536), [512, 512, 512]);
+        assert_eq!(lens(3072), [512; 6]);
+        assert_eq!(lens(1537), [385, 385, 385, 382]);
+        // Contiguous and complete.
+        for k in [1, 7, 511, 1025, 2049] {
+            let blocks: Vec<_> = k_blocks(k).collect();
+            assert_eq!(blocks[0].start, 0);
+            assert_eq!(blocks.last().unwrap().end, k);
+            assert!(blocks.windows(2).all(|w| w[0].end == w[1].start));
+        }
+    }
+
+    /// Random operands in the three layouts the trainer reads its buffers in: row-major ·
+    /// row-major, row-major · transposed, transposed · row-major.
+    fn products_in_every_layout(
+        (m, n, k): (usize, usize, usize),
+        seed: u64,
+        check: &dyn Fn(&str, Operand, Operand),
+    ) {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let a: Vec<f32> = (0..m * k).map(|_| rng.random_range(-1.0..1.0)).collect();
+        let b: Vec<f32> = (0..k * n).map(|_| rng.random_range(-1.0..1.0)).collect();
+        check("a·b", Operand::plain(&a, k), Operand::plain(&b, n));
+        check("a·bᵀ", Operand::plain(&a, k), Operand::transposed(&b, k));
+        check("aᵀ·b", Operand::transposed(&a, m), Operand::plain(&b, n));
+    }
+
+    fn on_threads(threads: usize, f: impl FnOnce() + Send) {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap()
+            .install(f);
+    }
+
+    /// Every product of the shapes training runs (projections with k = 384, 1,536, 3,072;
+    /// weight gradients with k = a batch's token count) takes gemm's packed kernel, and there
+    /// its bits are the FMA-chain reference's, on one thread or two: nothing of the machine
+    /// enters them.
+    #[test]
+    fn matmul_bits_are_the_fma_chain_reference() {
+        let shapes = [
+            (37, 384, 384),
+            (29, 64, 1536),
+            (33, 48, 3072),
+            (40, 96, 600),
+            (64, 40, 1537),
+            (300, 384, 1536),
+        ];
+        for (seed, (m, n, k)) in shapes.into_iter().enumerate() {
+            products_in_every_layout((m, n, k), seed as u64, &|layout, lhs, rhs| {
+                let want = reference_product(m, n, k, lhs, rhs);
+                for threads in [1, 2] {
+                    let mut got = vec![f32::NAN; m * n];
+                    on_threads(threads, || matmul(&mut got, m, n, k, lhs, rhs, false));
+                    let same = got
+                        .iter()
+                        .zip(&want)
+                        .all(|(x, y)| x.to_bits() == y.to_bits());
+                    assert!(
+                        same,
+                        "{layout} {m}x{k} · {k}x{n} on {threads} threads: bits differ from the FMA-chain reference (max diff {})",
+                        max_abs_diff(&got, &want)
+                    );
+                }
+            });
+        }
+    }
+
+    /// Small products (a single row or column, or at most 256 outputs read as dot products) take
+    /// gemm's gemv and horizontal kernels: their blocking is fixed in gemm's source (1,024
+    /// terms), not read from the cache, so again only the operands decide the bits. They are
+    /// not the scalar chain, so check thread-count independence and closeness; `add` adds the
+    /// product once.
+    #[test]
+    fn small_matmuls_are_thread_independent_and_add_once() {
+        for (seed, (m, n, k)) in [(5, 28, 384), (1, 17, 700), (9, 1, 1536), (16, 16, 2000)]
+            .into_iter()
+            .enumerate()
+        {
+            products_in_every_layout((m, n, k), seed as u64, &|layout, lhs, rhs| {
+                let want = reference_product(m, n, k, lhs, rhs);
+                let mut one = vec![f32::NAN; m * n];
+                on_threads(1, || matmul(&mut one, m, n, k, lhs, rhs, false));
+                let mut two = vec![f32::NAN; m * n];
+                on_threads(2, || matmul(&mut two, m, n, k, lhs, rhs, false));
+                assert!(
+                    one.iter()
+                        .zip(&two)
+                        .all(|(x, y)| x.to_bits() == y.to_bits()),
+                    "{layout} {m}x{k} · {k}x{n}: 1 and 2 threads differ"
+                );
+                let diff = max_abs_diff(&one, &want);
+                assert!(diff < 1e-4, "{layout} {m}x{k} · {k}x{n}: off by {diff}");
+                let start: Vec<f32> = (0..m * n).map(|i| i as f32 * 0.25 - 3.0).collect();
+                let mut added = start.clone();
+                matmul(&mut added, m, n, k, lhs, rhs, true);
+                let diff = added
+                    .iter()
+                    .zip(&start)
+                    .zip(&want)
+                    .map(|((sum, before), product)| (sum - before - product).abs())
+                    .fold(0f32, f32::max);
+                assert!(
+                    diff < 1e-4,
+                    "{layout} {m}x{k} · {k}x{n}: add mode off by {diff}"
+                );
+            });
+        }
+    }
 
     /// The packed encoder's logits against `model::forward` on a padded batch (the padding mask
     /// path), for both architectures and every activation.

@@ -112,7 +112,9 @@ impl Stage for LoadStage {
         "load"
     }
     fn version(&self) -> u32 {
-        1
+        // 2: files are named relative to the data folder in out/ (they were project-relative,
+        // or absolute for data outside the project, so the bytes depended on where it lay).
+        2
     }
     fn summary(&self) -> &'static str {
         "read GoEmotions (official splits or raw rater files) into dataset.arrow + summary.json"
@@ -162,7 +164,9 @@ impl Stage for LoadStage {
             Source::Official => load_official(dir, &shown)?,
             Source::Raw => load_raw(dir, &params, &shown)?,
         };
-        finish(ctx, &params, loaded)
+        let data_prefix = format!("{}/", shown(dir));
+        let recorded = |file: &str| file.strip_prefix(&data_prefix).unwrap_or(file).to_owned();
+        finish(ctx, &params, loaded, &recorded)
     }
 }
 
@@ -176,7 +180,14 @@ pub struct Loaded {
     pub files: BTreeMap<String, usize>,
 }
 
-fn finish(ctx: &StageContext<'_>, params: &LoadParams, mut loaded: Loaded) -> anyhow::Result<()> {
+/// `recorded` turns a file name as messages show it into the one written to `out/`: relative to
+/// the data folder, so the results do not depend on where the data lies.
+fn finish(
+    ctx: &StageContext<'_>,
+    params: &LoadParams,
+    mut loaded: Loaded,
+    recorded: &dyn Fn(&str) -> String,
+) -> anyhow::Result<()> {
     if !loaded.rejects.is_empty() && params.on_bad_rows == OnBadRows::Fail {
         let shown: Vec<String> = loaded
             .rejects
@@ -201,6 +212,14 @@ fn finish(ctx: &StageContext<'_>, params: &LoadParams, mut loaded: Loaded) -> an
     for r in &loaded.rejects {
         *by_reason.entry(r.kind.clone()).or_default() += 1;
     }
+    for r in &mut loaded.rejects {
+        r.file = recorded(&r.file);
+    }
+    loaded.files = loaded
+        .files
+        .into_iter()
+        .map(|(file, lines)| (recorded(&file), lines))
+        .collect();
     if params.on_bad_rows == OnBadRows::Skip {
         let mut text = String::new();
         for r in &loaded.rejects {
@@ -236,13 +255,24 @@ fn finish(ctx: &StageContext<'_>, params: &LoadParams, mut loaded: Loaded) -> an
     Ok(())
 }
 
+/// A data file's bytes; an empty one (or one of blank lines) is an error of its own, not a
+/// field-count complaint about line 1.
 fn read_file(path: &Path, shown: &dyn Fn(&Path) -> String) -> anyhow::Result<Vec<u8>> {
-    std::fs::read(path).map_err(|e| {
+    let bytes = std::fs::read(path).map_err(|e| {
         anyhow::anyhow!(
             "{}: cannot read: {e}\n  hint: run ./setup.sh to fetch GoEmotions, or point the load stage's `inputs.data` at a folder holding it",
             shown(path)
         )
-    })
+    })?;
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        anyhow::bail!(
+            "{}: empty file ({} bytes, no rows)\n  hint: the copy is incomplete; run `goemo fetch-data --dest {}` again (it checks every file's sha256)",
+            shown(path),
+            bytes.len(),
+            path.parent().map(|d| shown(d)).unwrap_or_default()
+        );
+    }
+    Ok(bytes)
 }
 
 pub fn read_label_names(

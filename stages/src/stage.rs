@@ -187,6 +187,14 @@ pub trait Stage: Send + Sync {
 pub fn resolve_typed<P: DeserializeOwned + Serialize>(
     raw: &serde_yaml::Value,
 ) -> Result<serde_json::Value, ParamError> {
+    // JSON has no NaN or infinity: serde_json would turn `.nan` into null and the stage would
+    // fail later with "invalid type: null" and no name.
+    if let Some((param, value)) = non_finite_number(raw, "") {
+        return Err(ParamError {
+            param: Some(param),
+            message: format!("{value} is not a finite number; params must be finite"),
+        });
+    }
     let raw = if raw.is_null() {
         serde_yaml::Value::Mapping(Default::default())
     } else {
@@ -220,6 +228,37 @@ pub fn resolve_typed<P: DeserializeOwned + Serialize>(
     })
 }
 
+/// The dotted path and text of the first NaN or infinite number in `value`, if any.
+fn non_finite_number(value: &serde_yaml::Value, path: &str) -> Option<(String, String)> {
+    use serde_yaml::Value;
+    let join = |key: &str| {
+        if path.is_empty() {
+            key.to_owned()
+        } else {
+            format!("{path}.{key}")
+        }
+    };
+    match value {
+        Value::Number(n) => n
+            .as_f64()
+            .filter(|f| !f.is_finite())
+            .map(|f| (path.to_owned(), format!("{f}"))),
+        Value::Sequence(items) => items.iter().find_map(|v| non_finite_number(v, path)),
+        Value::Mapping(map) => map.iter().find_map(|(k, v)| {
+            let key = match k {
+                Value::String(s) => s.clone(),
+                other => serde_yaml::to_string(other)
+                    .unwrap_or_default()
+                    .trim()
+                    .to_owned(),
+            };
+            non_finite_number(v, &join(&key))
+        }),
+        Value::Tagged(t) => non_finite_number(&t.value, path),
+        _ => None,
+    }
+}
+
 /// serde names the offending field in its messages (`unknown field `lrr``, `lr: invalid type`);
 /// pull it out so the engine can point at the line.
 fn param_named_in(message: &str) -> Option<String> {
@@ -250,6 +289,8 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     tmp.write_all(bytes)?;
     tmp.as_file().sync_all()?;
     tmp.persist(path).map_err(|e| e.error)?;
+    // The rename is durable only once the folder's entry is on disk.
+    std::fs::File::open(dir)?.sync_all()?;
     Ok(())
 }
 
@@ -310,5 +351,53 @@ mod tests {
             "{}",
             e.message
         );
+    }
+
+    #[test]
+    fn non_finite_params_are_named() {
+        for (yaml, param, shown) in [
+            ("lr: .nan", "lr", "NaN"),
+            ("lr: .inf", "lr", "inf"),
+            ("lr: -.inf", "lr", "-inf"),
+        ] {
+            let e = resolve_typed::<P>(&serde_yaml::from_str(yaml).unwrap()).unwrap_err();
+            assert_eq!(e.param.as_deref(), Some(param), "{yaml}: {}", e.message);
+            assert_eq!(
+                e.message,
+                format!("{shown} is not a finite number; params must be finite")
+            );
+        }
+        let nested: serde_yaml::Value =
+            serde_yaml::from_str("vars: {weights: [1.0, .nan]}").unwrap();
+        assert_eq!(
+            non_finite_number(&nested, "").map(|(p, _)| p).as_deref(),
+            Some("vars.weights")
+        );
+    }
+
+    /// A checkpoint's log is written and read back: every float must keep every bit, or a
+    /// resumed run's train_log.json differs from an uninterrupted one's (9.400000000000001e-05
+    /// came back as 9.4e-05 with serde_json's default parser).
+    #[test]
+    fn json_floats_survive_a_write_and_read_bit_for_bit() {
+        use rand::{Rng, SeedableRng};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("log.json");
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+        let mut values: Vec<f64> = vec![9.400000000000001e-05, 1e-4 * 0.94, 0.1 + 0.2, 5e-324];
+        values.extend((0..20_000).map(|_| {
+            let mantissa: f64 = rng.random_range(0.0..1.0);
+            mantissa * 10f64.powi(rng.random_range(-12..4))
+        }));
+        write_json(&path, &values).unwrap();
+        let back: Vec<f64> = read_json(&path).unwrap();
+        let differing: Vec<String> = values
+            .iter()
+            .zip(&back)
+            .filter(|(a, b)| a.to_bits() != b.to_bits())
+            .take(3)
+            .map(|(a, b)| format!("{a:e} read back as {b:e}"))
+            .collect();
+        assert!(differing.is_empty(), "{}", differing.join("; "));
     }
 }

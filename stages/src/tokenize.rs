@@ -2,7 +2,7 @@
 //! unpadded with the labels as a multi-hot matrix. Changing only `max_len` re-runs this stage
 //! and what follows, never load or sample.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use rayon::prelude::*;
@@ -33,7 +33,8 @@ impl Stage for TokenizeStage {
         "tokenize"
     }
     fn version(&self) -> u32 {
-        1
+        // 2: meta.json's rows_per_split in sorted order (it was in HashMap order).
+        2
     }
     fn summary(&self) -> &'static str {
         "tokenize every row with the backbone's tokenizer (parallel), unpadded, with multi-hot labels"
@@ -105,7 +106,7 @@ pub fn build(
             multi_hot[i * n_labels + l as usize] = 1;
         }
     }
-    let mut rows_per_split = HashMap::new();
+    let mut rows_per_split = BTreeMap::new();
     for r in rows {
         *rows_per_split.entry(r.split.name().to_owned()).or_insert(0) += 1;
     }

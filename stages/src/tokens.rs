@@ -9,7 +9,7 @@
 //! `split` (u8: 0 train, 1 dev, 2 test). `meta.json` holds names, lengths and special ids;
 //! `row_ids.txt` the comment ids, for messages that must name a row.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use anyhow::Context;
@@ -96,7 +96,9 @@ pub struct LengthStats {
 pub struct TokensMeta {
     pub label_names: Vec<String>,
     pub rows: usize,
-    pub rows_per_split: HashMap<String, usize>,
+    /// Sorted by split name: a `HashMap` here wrote its keys in a random order, so the file's
+    /// hash (and every downstream key) changed from one process to the next.
+    pub rows_per_split: BTreeMap<String, usize>,
     pub max_len: usize,
     pub vocab_size: usize,
     pub pad_id: u32,

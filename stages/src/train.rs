@@ -134,8 +134,11 @@ impl Stage for TrainStage {
     }
     fn version(&self) -> u32 {
         // 2: on the CPU, gradients from the packed trainer (backprop.rs) with hashed dropout
-        // masks, and dev scores from the packed encoder: same model, different bits.
-        2
+        // masks, and dev scores from the packed encoder: same model, different bits. 3: matrix
+        // products summed in fixed blocks of the inner dimension (infer::K_BLOCK), so the bits
+        // no longer depend on the L1 cache gemm detects; and the checkpoint's floats read back
+        // exactly, so a resumed run's train_log.json is the uninterrupted one's.
+        3
     }
     fn summary(&self) -> &'static str {
         "fine-tune a BERT/DistilBERT encoder with a multi-label head (candle); exports an HF model folder"
@@ -201,7 +204,10 @@ impl Stage for TrainStage {
     }
 
     fn run(&self, ctx: &StageContext<'_>) -> anyhow::Result<()> {
-        let params: TrainParams = ctx.params()?;
+        let mut params: TrainParams = ctx.params()?;
+        if let Some(secs) = checkpoint_interval_from_env()? {
+            params.checkpoint_every_secs = secs;
+        }
         let data = TokenizedData::read(ctx.input("tokens")?)?;
         let model_dir = ModelDir::open(ctx.input("model")?)?;
         let device = select_device(params.device)?;
@@ -229,6 +235,23 @@ impl Stage for TrainStage {
             &outcome.metrics,
         )?;
         Ok(())
+    }
+}
+
+/// Checkpoints inside an epoch at most this many seconds apart, when a machine may be taken
+/// away sooner than the default 10 minutes (spot instances, tests). Not a param: it changes no
+/// output, so it stays out of the stage's key.
+pub const CHECKPOINT_ENV: &str = "GOEMO_CHECKPOINT_EVERY_SECS";
+
+fn checkpoint_interval_from_env() -> anyhow::Result<Option<f64>> {
+    let Ok(text) = std::env::var(CHECKPOINT_ENV) else {
+        return Ok(None);
+    };
+    match text.trim().parse::<f64>() {
+        Ok(secs) if secs.is_finite() && secs >= 0.0 => Ok(Some(secs)),
+        _ => anyhow::bail!(
+            "{CHECKPOINT_ENV}={text:?} is not a number of seconds\n  hint: e.g. {CHECKPOINT_ENV}=60, or unset it for the default (600)"
+        ),
     }
 }
 
