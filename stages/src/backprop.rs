@@ -13,8 +13,9 @@
 //! - dropout masks are a hash of (seed, element index), with one seed per dropout site drawn
 //!   from the training RNG: the backward pass regenerates a mask instead of storing it, and the
 //!   masks do not depend on how work is split between threads;
-//! - reductions (bias, LayerNorm and embedding gradients) run in a fixed order, so a step gives
-//!   the same bits for the same thread count, as the determinism requirement needs.
+//! - reductions (bias, LayerNorm and embedding gradients) sum fixed-size partials in a fixed
+//!   order, and matrix products sum fixed blocks (infer::K_BLOCK), so a step gives the same bits
+//!   on any thread count and any x86-64 with FMA, as the determinism requirement needs.
 //!
 //! Tests check loss and gradients against `train::loss_and_grads_autograd` on tiny BERT and
 //! DistilBERT models (dropout off), and against finite differences with dropout on.

@@ -71,15 +71,16 @@ const FIRST_PREFIX_BYTES: usize = 16 * 1024;
 
 /// Encode `text` as the tokenizer (truncating at its limit) would, without tokenizing all of a
 /// huge text: encode a prefix that ends at white space, which splits no word, and stop once it
-/// already overflows the limit; otherwise try a prefix twice as long.
+/// already overflows the limit; otherwise try a prefix twice as long. Also returns how many
+/// bytes of `text` the final encoding read.
 fn encode_prefix(
     tokenizer: &tokenizers::Tokenizer,
     text: &str,
-) -> tokenizers::Result<tokenizers::Encoding> {
+) -> tokenizers::Result<(tokenizers::Encoding, usize)> {
     let mut budget = FIRST_PREFIX_BYTES;
     loop {
         if text.len() <= budget {
-            return tokenizer.encode_fast(text, true);
+            return Ok((tokenizer.encode_fast(text, true)?, text.len()));
         }
         let mut cut = budget;
         while !text.is_char_boundary(cut) {
@@ -91,7 +92,7 @@ fn encode_prefix(
         }
         let enc = tokenizer.encode_fast(&text[..cut], true)?;
         if !enc.get_overflowing().is_empty() {
-            return Ok(enc);
+            return Ok((enc, cut));
         }
         budget *= 2;
     }
@@ -136,7 +137,7 @@ pub fn predict(
             warnings.push(Some("empty text".into()));
             continue;
         }
-        let enc = encode_prefix(&tokenizer, &input.text)
+        let (enc, _) = encode_prefix(&tokenizer, &input.text)
             .map_err(|e| anyhow::anyhow!("{}: cannot tokenize: {e}", input.origin))?;
         let mut warning = None;
         if !enc.get_overflowing().is_empty() {
@@ -253,7 +254,8 @@ mod tests {
         let tokenizer = load_tokenizer(&minilm_dir(), 128).unwrap();
         let sentence = "I can't believe this actually worked, thank you so much! ";
         let huge = sentence.repeat(20 * 1024 * 1024 / sentence.len());
-        let got = encode_prefix(&tokenizer, &huge).unwrap();
+        let (got, read) = encode_prefix(&tokenizer, &huge).unwrap();
+        assert!(read <= FIRST_PREFIX_BYTES, "read {read} bytes of 20 MB");
         let want = tokenizer
             .encode_fast(sentence.repeat(40).as_str(), true)
             .unwrap();
@@ -263,9 +265,10 @@ mod tests {
 
         // Short texts, and a long one without white space, are encoded whole as before.
         for text in ["ugh, not again", &"x".repeat(40_000)] {
-            let got = encode_prefix(&tokenizer, text).unwrap();
+            let (got, read) = encode_prefix(&tokenizer, text).unwrap();
             let want = tokenizer.encode_fast(text, true).unwrap();
             assert_eq!(got.get_ids(), want.get_ids());
+            assert_eq!(read, text.len());
         }
     }
 }

@@ -9,8 +9,9 @@
 //!   `bucket_batches` batches, then shuffle the batches), padded to the longest row of each.
 //! - Dev macro-F1 (threshold 0.5) after each epoch; the best epoch's weights are exported;
 //!   optional early stopping.
-//! - Reproducible: every random draw comes from ChaCha8 seeded by (`seed`, epoch), so the same
-//!   config, data, machine and thread count give byte-identical weights. A checkpoint (weights,
+//! - Reproducible: every random draw comes from ChaCha8 seeded by (`seed`, epoch), and the
+//!   arithmetic is fixed (infer::K_BLOCK), so the same config and data give byte-identical
+//!   weights on any x86-64 with FMA and any thread count. A checkpoint (weights,
 //!   optimizer moments, step, log, best epoch) is written to the work folder after each epoch
 //!   and every 10 minutes inside one (with the batch position and the dropout RNG's stream
 //!   position); batch order is a function of (seed, epoch), so resuming from it finishes with

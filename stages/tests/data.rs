@@ -86,12 +86,19 @@ fn on_bad_rows_fail_names_file_and_line_skip_writes_rejects() {
         (r.line, r.kind.as_str(), r.raw.as_str()),
         (2, "wrong field count", "broken line")
     );
+    // Named relative to the data folder, which lies outside the project here: out/ must not
+    // depend on where the data is (it held the absolute path).
+    assert_eq!(r.file, "train.tsv");
     let summary: serde_json::Value =
         serde_json::from_slice(&std::fs::read(out.path().join("out/summary.json")).unwrap())
             .unwrap();
     assert_eq!(summary["rejected"]["total"], 1);
     assert_eq!(summary["rejected"]["by_reason"]["wrong field count"], 1);
     assert_eq!(summary["rows"]["train"], 2);
+    assert_eq!(
+        summary["lines_read"],
+        serde_json::json!({"dev.tsv": 1, "test.tsv": 1, "train.tsv": 3})
+    );
     let (_, rows) = read_dataset(&out.path().join("out")).unwrap();
     assert_eq!(rows[1].labels, vec![2, 27]);
 }
@@ -107,6 +114,24 @@ fn a_missing_file_is_named() {
         err.contains("dev.tsv: cannot read") && err.contains("./setup.sh"),
         "{err}"
     );
+}
+
+#[test]
+fn an_empty_split_file_says_so() {
+    for empty in [&b""[..], b"\n\n", b"  \r\n"] {
+        let d = folder(empty, b"b\t1\ty\n", b"c\t1\tz\n");
+        let err = run_stage(&LoadStage, "{}", &[("data", d.path())])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(&format!(
+                "train.tsv: empty file ({} bytes, no rows)",
+                empty.len()
+            )) && err.contains("goemo fetch-data"),
+            "{err}"
+        );
+        assert!(!err.contains("field"), "{err}");
+    }
 }
 
 const HEADER: &str =
