@@ -256,6 +256,9 @@ impl<'p> Engine<'p> {
 
         if !opts.dry_run {
             self.cache.clean_tmp();
+            for path in crate::publish::clean_leftovers(&self.outputs_dir) {
+                tracing::info!("removed {}, left by an interrupted publish", path.display());
+            }
         }
         let mut state: Vec<State> = (0..n).map(|_| State::Waiting).collect();
         let mut notes: Vec<String> = vec![String::new(); n];

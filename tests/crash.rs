@@ -201,3 +201,79 @@ fn a_second_run_waits_and_both_leave_a_consistent_cache() {
     let locked = p.goemo(&["run", "--locked"]);
     assert_eq!(locked.code, 0, "{}", locked.all());
 }
+
+/// Names under `outputs/` (recursively) that a publish writes beside its targets.
+fn publish_temps(p: &Project) -> Vec<String> {
+    fn walk(dir: &std::path::Path, out: &mut Vec<String>) {
+        for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.contains(".goemo-tmp.") || name.contains(".goemo-old.") {
+                out.push(e.path().display().to_string());
+            } else if e.file_type().is_ok_and(|t| t.is_dir()) {
+                walk(&e.path(), out);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(&p.file("outputs"), &mut out);
+    out
+}
+
+#[test]
+fn sigkill_while_publishing_leaves_temps_that_the_next_run_removes() {
+    // A 32-file, 16 MiB folder: copying it into outputs/ takes long enough to kill mid-way.
+    let p = Project::new(
+        "stages:\n  m:\n    kind: command\n    params: {cmd: 'mkdir $GOEMO_OUT/model; for i in $(seq 32); do head -c 524288 /dev/zero > $GOEMO_OUT/model/w$i.bin; done'}\n    publish: {out/model: model}\n",
+    );
+    p.run_ok(&["run"]);
+    let mut caught = 0;
+    for attempt in 0..20 {
+        // The entry is cached; make the run publish again, into an empty place or over the old
+        // copy (which is moved aside first).
+        if attempt % 2 == 0 {
+            let _ = std::fs::remove_dir_all(p.file("outputs/model"));
+        } else if p.file("outputs/model/w1.bin").exists() {
+            p.write("outputs/model/w1.bin", "edited");
+        }
+        let mut child = p
+            .command(&["run", "-q"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let t = Instant::now();
+        let mut exited = false;
+        while publish_temps(&p).is_empty() && t.elapsed() < Duration::from_secs(20) {
+            if child.try_wait().unwrap().is_some() {
+                exited = true;
+                break;
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        // Through the Child, which signals only a process it has not reaped (a reaped pid may
+        // already name someone else's process).
+        if !exited {
+            child.kill().unwrap();
+        }
+        let status = child.wait().unwrap();
+        if status.signal() == Some(libc::SIGKILL) && !publish_temps(&p).is_empty() {
+            caught += 1;
+            if caught == 4 {
+                break;
+            }
+        }
+    }
+    eprintln!("{caught} kills landed while a temp copy existed");
+    assert!(caught >= 1, "no kill landed while a temp copy existed");
+    let r = p.goemo(&["run"]);
+    assert_eq!(r.code, 0, "{}", r.all());
+    assert_eq!(publish_temps(&p), Vec::<String>::new(), "leftovers removed");
+    let files = std::fs::read_dir(p.file("outputs/model")).unwrap().count();
+    assert_eq!(files, 32);
+    for i in 1..=32 {
+        let len = std::fs::metadata(p.file(&format!("outputs/model/w{i}.bin")))
+            .unwrap()
+            .len();
+        assert_eq!(len, 1 << 19, "outputs/model/w{i}.bin is whole");
+    }
+}

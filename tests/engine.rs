@@ -435,3 +435,70 @@ fn dag_text_dot_and_mermaid() {
     let d = p.goemo(&["dag", "--format", "dot"]).stdout;
     assert!(d.contains("\"c\" -> \"d\";"), "{d}");
 }
+
+#[test]
+fn leftovers_of_an_interrupted_publish_are_removed_by_the_next_run() {
+    let p = Project::new(
+        "stages:\n  m:\n    kind: command\n    params: {cmd: 'mkdir $GOEMO_OUT/model; echo w > $GOEMO_OUT/model/w.bin'}\n    publish: {out/model: nested/model}\n",
+    );
+    p.run_ok(&["run"]);
+    // What a SIGKILL or ENOSPC mid-publish leaves: half-copied folders beside their targets.
+    // (file written, what must be gone)
+    let leftovers = [
+        (
+            "outputs/nested/.model.goemo-tmp.4194300/w.bin",
+            "outputs/nested/.model.goemo-tmp.4194300",
+        ),
+        (
+            "outputs/nested/.model.goemo-old.4194301/w.bin",
+            "outputs/nested/.model.goemo-old.4194301",
+        ),
+        ("outputs/.e.txt.goemo-tmp.77", "outputs/.e.txt.goemo-tmp.77"),
+    ];
+    for (file, _) in leftovers {
+        p.write(file, "partial");
+    }
+    // Look-alikes that are not goemo's: kept.
+    p.write("outputs/notes.goemo-tmp.1", "mine");
+    p.write("outputs/nested/.model.goemo-tmp.draft", "mine");
+    let dry = p.goemo(&["run", "--dry-run"]);
+    assert_eq!(dry.code, 0, "{}", dry.all());
+    assert!(p.file(leftovers[0].0).exists(), "--dry-run removes nothing");
+    let r = p.goemo(&["run"]);
+    assert_eq!(r.code, 0, "{}", r.all());
+    for (_, gone) in leftovers {
+        assert!(!p.file(gone).exists(), "{gone} is left");
+    }
+    assert_eq!(p.read("outputs/notes.goemo-tmp.1"), "mine");
+    assert_eq!(p.read("outputs/nested/.model.goemo-tmp.draft"), "mine");
+    assert_eq!(p.read("outputs/nested/model/w.bin"), "w\n");
+}
+
+#[test]
+fn publish_never_writes_through_a_symlink() {
+    let p = Project::new(
+        "stages:\n  a:\n    kind: command\n    params: {cmd: echo x > $GOEMO_OUT/x.txt}\n    publish: {out/x.txt: sub/x.txt}\n",
+    );
+    let elsewhere = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(p.file("outputs")).unwrap();
+    std::os::unix::fs::symlink(elsewhere.path(), p.file("outputs/sub")).unwrap();
+    let r = p.goemo(&["run"]);
+    assert_eq!(r.code, 1, "{}", r.all());
+    assert!(
+        r.stderr.contains(&format!(
+            "cannot publish outputs/sub/x.txt: outputs/sub is a symbolic link (to {})",
+            elsewhere.path().display()
+        )),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(
+        std::fs::read_dir(elsewhere.path()).unwrap().count(),
+        0,
+        "nothing was written outside outputs/"
+    );
+    // With the link gone, the same run publishes.
+    std::fs::remove_file(p.file("outputs/sub")).unwrap();
+    p.run_ok(&["run"]);
+    assert_eq!(p.read("outputs/sub/x.txt"), "x\n");
+}
