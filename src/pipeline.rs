@@ -407,56 +407,9 @@ pub fn parse(
                 .hint(missing_input_hint(role)));
             }
         }
-        let mut seen = std::collections::HashSet::new();
-        for p in &def.publish {
-            if !(p.from.starts_with("out/")
-                || p.from.starts_with("volatile/")
-                || p.from == "out"
-                || p.from == "volatile")
-            {
-                return Err(ConfigError::new(
-                    file,
-                    format!(
-                        "publish source `{}` must start with `out/` or `volatile/`",
-                        p.from
-                    ),
-                )
-                .stage(&def.name)
-                .what("publish")
-                .at(locate(&["stages", &def.name, "publish"]))
-                .hint("e.g. publish: {out/model: model, volatile/report.html: report.html}"));
-            }
-            if !seen.insert(p.to.clone())
-                || p.to.split('/').any(|c| c == "..")
-                || p.to.starts_with('/')
-            {
-                return Err(ConfigError::new(
-                    file,
-                    format!("publish target `{}` is repeated or leaves outputs/", p.to),
-                )
-                .stage(&def.name)
-                .what("publish")
-                .at(locate(&["stages", &def.name, "publish"])));
-            }
-        }
+        check_publish(def, file, &locate)?;
     }
-    let mut targets: HashMap<&str, &str> = HashMap::new();
-    for def in &defs {
-        for p in &def.publish {
-            if let Some(other) = targets.insert(&p.to, &def.name) {
-                return Err(ConfigError::new(
-                    file,
-                    format!(
-                        "outputs/{} is published by both `{other}` and `{}`",
-                        p.to, def.name
-                    ),
-                )
-                .stage(&def.name)
-                .what("publish")
-                .at(locate(&["stages", &def.name, "publish"])));
-            }
-        }
-    }
+    check_publish_overlaps(&defs, file, &locate)?;
 
     let order = topo_order(&defs, &names).map_err(|cycle| {
         let first = cycle[0].clone();
@@ -482,6 +435,132 @@ pub fn parse(
         stages,
         index,
     })
+}
+
+/// Each publish entry: a source inside the stage's result and a plain relative target inside
+/// outputs/. Checked here so that a bad entry never reaches the run, which would move or write
+/// files outside `outputs/`.
+fn check_publish(def: &StageDef, file: &Path, locate: Locate<'_>) -> Result<(), ConfigError> {
+    let mut seen = std::collections::HashSet::new();
+    for p in &def.publish {
+        let at = locate(&["stages", &def.name, "publish", &p.from])
+            .or_else(|| locate(&["stages", &def.name, "publish"]));
+        let err = |message: String| {
+            ConfigError::new(file, message)
+                .stage(&def.name)
+                .what("publish")
+                .at(at)
+        };
+        let in_result = p.from.starts_with("out/")
+            || p.from.starts_with("volatile/")
+            || p.from == "out"
+            || p.from == "volatile";
+        if !in_result {
+            return Err(err(format!(
+                "publish source `{}` must start with `out/` or `volatile/`",
+                p.from
+            ))
+            .hint("e.g. publish: {out/model: model, volatile/report.html: report.html}"));
+        }
+        if let Some(why) = bad_relative_path(&p.from) {
+            return Err(err(format!("publish source `{}` {why}", p.from)).hint(
+                "a source is a path inside the stage's result, e.g. `out/model` or `volatile/report.html`",
+            ));
+        }
+        if let Some(why) = bad_publish_target(&p.to) {
+            return Err(err(format!("publish target `{}` {why}", p.to)).hint(
+                "a target is a path relative to outputs/, e.g. `thresholds.json` or `reports/metrics.json`",
+            ));
+        }
+        if !seen.insert(p.to.clone()) {
+            return Err(err(format!("publish target `{}` is given twice", p.to))
+                .hint("give each published file its own target under outputs/"));
+        }
+    }
+    Ok(())
+}
+
+/// Why `path` is not a plain relative path (`a/b.json`), if it is not.
+fn bad_relative_path(path: &str) -> Option<&'static str> {
+    if path.is_empty() {
+        return Some("is empty");
+    }
+    if path.starts_with('/') {
+        return Some("is an absolute path");
+    }
+    if path.ends_with('/') {
+        return Some("ends with `/`; drop the trailing `/`");
+    }
+    if path.contains('\0') {
+        return Some("contains a NUL byte");
+    }
+    for component in path.split('/') {
+        match component {
+            "" => return Some("has an empty component (`//`)"),
+            "." => return Some("has a `.` component"),
+            ".." => return Some("has a `..` component, which would leave its folder"),
+            _ => {}
+        }
+    }
+    None
+}
+
+/// Why `target` cannot be a path under outputs/, if it cannot.
+fn bad_publish_target(target: &str) -> Option<&'static str> {
+    if let Some(why) = bad_relative_path(target) {
+        return Some(why);
+    }
+    if target == crate::publish::STATE_FILE {
+        return Some("is goemo's own record of what it published");
+    }
+    if target.split('/').any(crate::publish::is_leftover_name) {
+        return Some("has the form of goemo's temp names, which a run removes");
+    }
+    None
+}
+
+/// Two stages may not publish the same target, and no target may lie inside another: replacing
+/// the outer folder would delete the inner one.
+fn check_publish_overlaps(
+    defs: &[StageDef],
+    file: &Path,
+    locate: Locate<'_>,
+) -> Result<(), ConfigError> {
+    let mut targets: Vec<(&str, &str)> = Vec::new();
+    for def in defs {
+        for p in &def.publish {
+            for &(other_target, other_stage) in &targets {
+                let (outer, inner) = if p.to.len() >= other_target.len() {
+                    (other_target, p.to.as_str())
+                } else {
+                    (p.to.as_str(), other_target)
+                };
+                let by = if other_stage == def.name {
+                    format!("both published by `{other_stage}`")
+                } else {
+                    format!("published by `{other_stage}` and `{}`", def.name)
+                };
+                let message = if p.to == other_target {
+                    format!("outputs/{} is {by}", p.to)
+                } else if inner
+                    .strip_prefix(outer)
+                    .is_some_and(|r| r.starts_with('/'))
+                {
+                    format!("outputs/{inner} lies inside outputs/{outer} ({by})")
+                } else {
+                    continue;
+                };
+                return Err(ConfigError::new(file, message)
+                    .stage(&def.name)
+                    .what("publish")
+                    .at(locate(&["stages", &def.name, "publish", &p.from])
+                        .or_else(|| locate(&["stages", &def.name, "publish"])))
+                    .hint("give each published file or folder its own place under outputs/"));
+            }
+            targets.push((&p.to, &def.name));
+        }
+    }
+    Ok(())
 }
 
 thread_local! {

@@ -183,6 +183,65 @@ fn missing_pipeline_file() {
 fn publish_outside_outputs() {
     check(
         "stages:\n  a:\n    kind: command\n    params: {cmd: echo}\n    publish: {out/x: ../x}\n",
-        &["stage `a`, publish: publish target `../x` is repeated or leaves outputs/"],
+        &["pipeline.yaml:5:5: stage `a`, publish: publish target `../x` has a `..` component, which would leave its folder"],
+    );
+}
+
+#[test]
+fn publish_targets_that_are_not_plain_paths_inside_outputs() {
+    for (target, why) in [
+        ("''", "publish target `` is empty"),
+        (".", "publish target `.` has a `.` component"),
+        ("..", "publish target `..` has a `..` component"),
+        ("/etc/x", "publish target `/etc/x` is an absolute path"),
+        (
+            "a/../../x",
+            "publish target `a/../../x` has a `..` component",
+        ),
+        ("./x", "publish target `./x` has a `.` component"),
+        ("a//x", "publish target `a//x` has an empty component"),
+        ("model/", "publish target `model/` ends with `/`"),
+        (
+            ".goemo-published.json",
+            "publish target `.goemo-published.json` is goemo's own record of what it published",
+        ),
+        (
+            "sub/.x.goemo-tmp.12",
+            "publish target `sub/.x.goemo-tmp.12` has the form of goemo's temp names",
+        ),
+    ] {
+        check(
+            &format!("stages:\n  a:\n    kind: command\n    params: {{cmd: echo}}\n    publish:\n      out/x: {target}\n"),
+            &[
+                &format!("pipeline.yaml:6:7: stage `a`, publish: {why}"),
+                "hint: a target is a path relative to outputs/",
+            ],
+        );
+    }
+}
+
+#[test]
+fn publish_source_that_leaves_the_stage_folder() {
+    check(
+        "stages:\n  a:\n    kind: command\n    params: {cmd: echo}\n    publish:\n      out/../../../../etc/hostname: hostname\n",
+        &[
+            "pipeline.yaml:6:7: stage `a`, publish: publish source `out/../../../../etc/hostname` has a `..` component",
+            "hint: a source is a path inside the stage's result",
+        ],
+    );
+    check(
+        "stages:\n  a:\n    kind: command\n    params: {cmd: echo}\n    publish: [/etc/hostname]\n",
+        &["publish source `/etc/hostname` must start with `out/` or `volatile/`"],
+    );
+}
+
+#[test]
+fn publish_target_inside_another() {
+    check(
+        "stages:\n  a:\n    kind: command\n    params: {cmd: echo}\n    publish: {out/m: model}\n  b:\n    kind: command\n    params: {cmd: echo}\n    publish: {out/c: model/config.json}\n",
+        &[
+            "stage `b`, publish: outputs/model/config.json lies inside outputs/model (published by `a` and `b`)",
+            "hint: give each published file or folder its own place",
+        ],
     );
 }
