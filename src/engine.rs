@@ -117,20 +117,30 @@ impl<'p> Engine<'p> {
         })
     }
 
-    fn external(&self, path: &Path) -> anyhow::Result<Arc<TreeDigest>> {
+    fn external(&self, stage: &str, role: &str, path: &Path) -> anyhow::Result<Arc<TreeDigest>> {
         if let Some(t) = self.externals.lock().expect("poisoned").get(path) {
             return Ok(t.clone());
         }
-        let t = Arc::new(
-            self.hasher
-                .tree(path)
-                .with_context(|| format!("hashing input {}", path.display()))?,
-        );
+        let t = Arc::new(self.hasher.tree(path).with_context(|| {
+            format!(
+                "stage `{stage}`, input `{role}`: hashing {}",
+                path.display()
+            )
+        })?);
         self.externals
             .lock()
             .expect("poisoned")
             .insert(path.to_path_buf(), t.clone());
         Ok(t)
+    }
+
+    /// Hash stage `i`'s external inputs (once per run; `assess` reuses them).
+    fn hash_inputs(&self, i: usize) -> anyhow::Result<()> {
+        let def = &self.pipeline.stages[i];
+        for (role, rel) in &def.inputs {
+            self.external(&def.name, role, &self.pipeline.root.join(rel))?;
+        }
+        Ok(())
     }
 
     /// Compute stage `i`'s key from its upstreams' outputs (`None` = not known yet).
@@ -163,7 +173,7 @@ impl<'p> Engine<'p> {
             }
         }
         for (role, rel) in &def.inputs {
-            let tree = self.external(&self.pipeline.root.join(rel))?;
+            let tree = self.external(&def.name, role, &self.pipeline.root.join(rel))?;
             inputs.insert(
                 role.clone(),
                 InputHash {
@@ -254,6 +264,10 @@ impl<'p> Engine<'p> {
             .map(|i| (0..n).any(|s| selected[s] && p.reaches(i, s)))
             .collect();
 
+        // Every external input hashed (and refused if it is not data) before anything runs.
+        for i in (0..n).filter(|&i| needed[i]) {
+            self.hash_inputs(i)?;
+        }
         if !opts.dry_run {
             self.cache.clean_tmp();
             for path in crate::publish::clean_leftovers(&self.outputs_dir) {

@@ -282,10 +282,23 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             let rows = engine.status()?;
             let width = rows.iter().map(|r| r.0.len()).max().unwrap_or(0);
             for (name, fresh, why) in &rows {
+                // Inputs outside the project folder: a clone elsewhere must provide them too.
+                let external: String = p
+                    .get(name)
+                    .map(|def| {
+                        def.inputs
+                            .iter()
+                            .filter_map(|(role, path)| {
+                                pipeline::external_location(&p.root, path)
+                                    .map(|abs| format!("  (external {role}: {})", abs.display()))
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
                 if *fresh {
-                    println!("{name:<width$}  fresh");
+                    println!("{name:<width$}  fresh{external}");
                 } else {
-                    println!("{name:<width$}  stale: {why}");
+                    println!("{name:<width$}  stale: {why}{external}");
                 }
             }
             engine.hasher.save();

@@ -406,6 +406,18 @@ pub fn parse(
                 .at(locate(&["stages", &def.name, "inputs", role]))
                 .hint(missing_input_hint(role)));
             }
+            if let Some(why) = not_data(&root.join(path)) {
+                return Err(ConfigError::new(
+                    file,
+                    format!("input path `{}` {why}", path.display()),
+                )
+                .stage(&def.name)
+                .what(format!("input `{role}`"))
+                .at(locate(&["stages", &def.name, "inputs", role]))
+                .hint(
+                    "an input is a regular file or a folder of them, which goemo hashes by content",
+                ));
+            }
         }
         check_publish(def, file, &locate)?;
     }
@@ -576,6 +588,49 @@ fn role_for_kind(def: &StageDef, kind: &str) -> String {
         }
     }
     kind.to_owned()
+}
+
+/// Why an existing input path is not data goemo can hash (a device, FIFO or socket would block
+/// or never end; /proc and /sys are kernel state that changes under the reader), if it is not.
+fn not_data(path: &Path) -> Option<String> {
+    let meta = match std::fs::metadata(path) {
+        Ok(m) => m,
+        Err(e) => return Some(format!("cannot be read: {e}")),
+    };
+    if !meta.is_file() && !meta.is_dir() {
+        return Some(format!(
+            "is {}, not a regular file or folder",
+            crate::hashing::file_type_name(&meta.file_type())
+        ));
+    }
+    let real = std::fs::canonicalize(path).ok()?;
+    ["/proc", "/sys"]
+        .iter()
+        .find(|k| real.starts_with(k))
+        .map(|k| format!("lies under {k} (kernel state, not data)"))
+}
+
+/// Where an input lies when it is outside the project folder (`../data`, `/srv/data`): absolute,
+/// with `.` and `..` resolved lexically. `None` for an input inside the project.
+pub fn external_location(root: &Path, input: &Path) -> Option<PathBuf> {
+    let root_abs = lexical_normal(&std::path::absolute(root).ok()?);
+    let full = lexical_normal(&std::path::absolute(root.join(input)).ok()?);
+    (!full.starts_with(&root_abs)).then_some(full)
+}
+
+fn lexical_normal(path: &Path) -> PathBuf {
+    use std::path::Component;
+    let mut out = PathBuf::new();
+    for c in path.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                out.pop();
+            }
+            other => out.push(other),
+        }
+    }
+    out
 }
 
 fn missing_input_hint(role: &str) -> String {

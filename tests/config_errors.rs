@@ -245,3 +245,41 @@ fn publish_target_inside_another() {
         ],
     );
 }
+
+#[test]
+fn inputs_that_are_not_files_or_folders() {
+    for (path, why) in [
+        (
+            "/dev/null",
+            "input path `/dev/null` is a character device, not a regular file or folder",
+        ),
+        (
+            "/proc/self/status",
+            "input path `/proc/self/status` lies under /proc",
+        ),
+    ] {
+        check(
+            &format!("stages:\n  a:\n    kind: command\n    inputs:\n      data: {path}\n    params: {{cmd: echo}}\n"),
+            &[
+                &format!("pipeline.yaml:5:7: stage `a`, input `data`: {why}"),
+                "hint: an input is a regular file or a folder",
+            ],
+        );
+    }
+    // A FIFO would block the hasher forever.
+    let p = Project::new(
+        "stages:\n  a:\n    kind: command\n    inputs: {data: pipe}\n    params: {cmd: echo}\n",
+    );
+    let fifo = std::ffi::CString::new(p.file("pipe").to_str().unwrap()).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+    let r = p.goemo(&["status"]);
+    assert_eq!(r.code, 2, "{}", r.all());
+    assert!(
+        r.stderr.contains(
+            "stage `a`, input `data`: input path `pipe` is a FIFO (named pipe), not a regular file or folder"
+        ),
+        "{}",
+        r.stderr
+    );
+}

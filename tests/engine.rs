@@ -502,3 +502,81 @@ fn publish_never_writes_through_a_symlink() {
     p.run_ok(&["run"]);
     assert_eq!(p.read("outputs/sub/x.txt"), "x\n");
 }
+
+#[test]
+fn inputs_outside_the_project_are_shown_as_external() {
+    let data = tempfile::tempdir().unwrap();
+    std::fs::write(data.path().join("in.txt"), "outside\n").unwrap();
+    let name = data.path().file_name().unwrap().to_str().unwrap();
+    let p = Project::new(&format!(
+        "stages:\n  a:\n    kind: command\n    inputs: {{src: ../{name}/in.txt, local: input.txt}}\n    params: {{cmd: cat $GOEMO_IN_SRC > $GOEMO_OUT/a.txt}}\n"
+    ));
+    p.write("input.txt", "inside\n");
+    let abs = data.path().join("in.txt");
+    let st = p.goemo(&["status"]);
+    assert_eq!(st.code, 0, "{}", st.all());
+    assert!(
+        st.stdout.contains(&format!(
+            "a  stale: never run  (external src: {})",
+            abs.display()
+        )),
+        "{}",
+        st.stdout
+    );
+    assert!(!st.stdout.contains("external local"), "{}", st.stdout);
+    p.run_ok(&["run"]);
+    let st = p.goemo(&["status"]);
+    assert!(
+        st.stdout
+            .contains(&format!("a  fresh  (external src: {})", abs.display())),
+        "{}",
+        st.stdout
+    );
+    let dag = p.goemo(&["dag"]);
+    assert!(
+        dag.stdout.contains(&format!(
+            "[local] input.txt, [src] ../{name}/in.txt (external: {})",
+            abs.display()
+        )),
+        "{}",
+        dag.stdout
+    );
+    let dot = p.goemo(&["dag", "--format", "dot"]).stdout;
+    assert!(dot.contains("(external: "), "{dot}");
+}
+
+#[test]
+fn a_fifo_inside_an_input_folder_is_refused_before_anything_runs() {
+    let p = Project::new(
+        "stages:\n  first:\n    kind: command\n    params: {cmd: echo first >> ran.log; echo 1 > $GOEMO_OUT/one}\n  a:\n    kind: command\n    deps: {x: first}\n    inputs: {data: data}\n    params: {cmd: echo a >> ran.log}\n",
+    );
+    p.write("data/rows.txt", "1\n");
+    let fifo = std::ffi::CString::new(p.file("data/pipe").to_str().unwrap()).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+    // Reading the FIFO would block forever: bound the wait.
+    let mut child = p
+        .command(&["run"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if started.elapsed() > std::time::Duration::from_secs(30) {
+            let _ = child.kill();
+            panic!("goemo run hung on a FIFO input");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let r: common::Run = child.wait_with_output().unwrap().into();
+    assert_eq!(r.code, 1, "{}", r.all());
+    assert!(
+        r.stderr.contains(
+            "stage `a`, input `data`: hashing ./data: ./data/pipe is a FIFO (named pipe), not a regular file or folder"
+        ),
+        "{}",
+        r.stderr
+    );
+    assert!(p.ran().is_empty(), "nothing ran: {:?}", p.ran());
+}
