@@ -245,6 +245,17 @@ impl Cache {
         Ok(manifest)
     }
 
+    /// Stop the process groups of `command` stages that a killed run left running, recorded in
+    /// their work folders (only call while holding the run lock).
+    pub fn stop_leftover_commands(&self) -> anyhow::Result<()> {
+        if let Ok(rd) = std::fs::read_dir(self.root.join("work")) {
+            for e in rd.flatten() {
+                goemo_stages::command::stop_leftover_group(&e.path())?;
+            }
+        }
+        Ok(())
+    }
+
     /// Remove abandoned temp folders (only call while holding the run lock).
     pub fn clean_tmp(&self) {
         if let Ok(rd) = std::fs::read_dir(self.root.join("tmp")) {

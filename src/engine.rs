@@ -269,6 +269,8 @@ impl<'p> Engine<'p> {
             self.hash_inputs(i)?;
         }
         if !opts.dry_run {
+            // Commands a killed run left running would write into what this run builds.
+            self.cache.stop_leftover_commands()?;
             self.cache.clean_tmp();
             for path in crate::publish::clean_leftovers(&self.outputs_dir) {
                 tracing::info!("removed {}, left by an interrupted publish", path.display());

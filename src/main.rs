@@ -234,7 +234,9 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             let engine = Engine::new(&p, !verify)?;
             ctrlc::set_handler(|| {
                 if INTERRUPTED.swap(true, std::sync::atomic::Ordering::SeqCst) {
-                    // Second Ctrl-C: leave now; temp folders are cleaned by the next run.
+                    // Second Ctrl-C: leave now, taking the commands' process groups along; temp
+                    // folders are cleaned by the next run.
+                    goemo_stages::command::kill_running_groups();
                     std::process::exit(130);
                 }
                 eprintln!("\ninterrupt: stopping running stages (Ctrl-C again to quit at once)…");
