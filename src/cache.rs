@@ -132,7 +132,8 @@ impl Cache {
         Lookup::Hit(Box::new(manifest))
     }
 
-    /// Re-hash every output of a complete entry; the differences, if any.
+    /// Re-hash every output of a complete entry, and list `out/` for files the manifest does not
+    /// name (they would reach downstream stages unhashed); the differences, if any.
     pub fn verify(&self, manifest: &EntryManifest) -> Vec<String> {
         let out = self.entry_dir(&manifest.key).join("out");
         let mut bad = Vec::new();
@@ -142,6 +143,23 @@ impl Cache {
                 Ok(_) => bad.push(format!("out/{rel} content differs from its recorded hash")),
                 Err(e) => bad.push(format!("out/{rel}: {e}")),
             }
+        }
+        let mut rels = Vec::new();
+        match list_files(&out, Path::new(""), &mut rels) {
+            Ok(()) => {
+                let mut extra: Vec<String> = rels
+                    .iter()
+                    .map(|r| rel_string(r))
+                    .filter(|r| !manifest.outputs.contains_key(r))
+                    .collect();
+                extra.sort();
+                bad.extend(
+                    extra
+                        .into_iter()
+                        .map(|r| format!("out/{r} is not in the manifest (an unexpected file)")),
+                );
+            }
+            Err(e) => bad.push(format!("listing out/: {e}")),
         }
         bad
     }

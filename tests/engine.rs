@@ -580,3 +580,32 @@ fn a_fifo_inside_an_input_folder_is_refused_before_anything_runs() {
     );
     assert!(p.ran().is_empty(), "nothing ran: {:?}", p.ran());
 }
+
+#[test]
+fn verify_reports_a_file_added_to_an_entry() {
+    let p = project();
+    p.run_ok(&["run"]);
+    let lock = p.read("pipeline.lock");
+    let key_c = lock
+        .split("name: c")
+        .nth(1)
+        .unwrap()
+        .split("key: ")
+        .nth(1)
+        .unwrap()[..64]
+        .to_owned();
+    let extra = p.file(&format!("cache/entries/{key_c}/out/sneaked/in.txt"));
+    std::fs::create_dir_all(extra.parent().unwrap()).unwrap();
+    std::fs::write(&extra, "not hashed").unwrap();
+    let _ = std::fs::remove_file(p.file("ran.log"));
+    let r = p.goemo(&["run", "--verify"]);
+    assert_eq!(r.code, 0, "{}", r.all());
+    assert!(
+        r.stderr
+            .contains("out/sneaked/in.txt is not in the manifest (an unexpected file)"),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(p.ran(), s(&["c"]), "c rebuilt; d and e stay cached");
+    assert!(!extra.exists(), "the rebuilt entry holds only what c wrote");
+}
