@@ -5,7 +5,8 @@
 //! cache/
 //!   entries/<key>/out/…          the stage's results (content-hashed)
 //!   entries/<key>/volatile/…     logs, timings, human reports (stored, never hashed)
-//!   entries/<key>/manifest.json  fingerprint, input files, output hashes and sizes, wall time
+//!   entries/<key>/manifest.json  fingerprint, input files, output hashes and sizes, wall time,
+//!                                where it was made (goemo version, CPU, threads; not in the key)
 //!   entries/<key>/COMPLETE       written last; holds the outputs hash
 //!   tmp/<key>.<pid>.<n>/         an entry being written
 //!   work/<key>/                  a stage's scratch that survives a killed attempt (checkpoints)
@@ -45,6 +46,68 @@ pub struct EntryManifest {
     pub outputs_hash: String,
     pub wall_s: f64,
     pub created_unix: u64,
+    /// Where the entry was produced; not part of the key. Absent (default) in older manifests.
+    #[serde(default)]
+    pub provenance: Provenance,
+}
+
+/// The program and machine that produced an entry: what to compare when the same key gives
+/// different outputs on two machines (float results depend on FMA, AVX-512 paths, thread count).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Provenance {
+    pub goemo_version: String,
+    pub arch: String,
+    pub os: String,
+    /// The x86 features that change numeric kernels, those this CPU has.
+    pub cpu_features: Vec<String>,
+    /// rayon's thread count.
+    pub threads: usize,
+}
+
+impl Provenance {
+    pub fn this_machine() -> Provenance {
+        Provenance {
+            goemo_version: env!("CARGO_PKG_VERSION").to_owned(),
+            arch: std::env::consts::ARCH.to_owned(),
+            os: std::env::consts::OS.to_owned(),
+            cpu_features: numeric_cpu_features(),
+            threads: rayon::current_num_threads(),
+        }
+    }
+
+    /// `x86_64 linux avx2 fma, 2 threads, goemo 0.1.0`.
+    pub fn describe(&self) -> String {
+        let mut parts = vec![self.arch.clone(), self.os.clone()];
+        parts.extend(self.cpu_features.iter().cloned());
+        format!(
+            "{}, {} threads, goemo {}",
+            parts.join(" "),
+            self.threads,
+            self.goemo_version
+        )
+    }
+}
+
+#[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+fn numeric_cpu_features() -> Vec<String> {
+    let detected = [
+        ("avx2", is_x86_feature_detected!("avx2")),
+        ("fma", is_x86_feature_detected!("fma")),
+        ("avx512f", is_x86_feature_detected!("avx512f")),
+        ("avx512bf16", is_x86_feature_detected!("avx512bf16")),
+        ("avx512vnni", is_x86_feature_detected!("avx512vnni")),
+    ];
+    detected
+        .iter()
+        .filter(|(_, has)| *has)
+        .map(|(name, _)| (*name).to_owned())
+        .collect()
+}
+
+#[cfg(not(any(target_arch = "x86", target_arch = "x86_64")))]
+fn numeric_cpu_features() -> Vec<String> {
+    Vec::new()
 }
 
 pub enum Lookup {
@@ -241,6 +304,7 @@ impl Cache {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_secs())
                 .unwrap_or(0),
+            provenance: Provenance::this_machine(),
         };
         let mut bytes = serde_json::to_vec_pretty(&manifest)?;
         bytes.push(b'\n');
@@ -359,5 +423,52 @@ fn fsync_tree(dir: &Path) -> std::io::Result<()> {
 pub fn sync_dir(dir: &Path) {
     if let Ok(f) = std::fs::File::open(dir) {
         let _ = f.sync_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn manifests_record_where_they_were_made_and_old_ones_still_read() {
+        let d = tempfile::tempdir().unwrap();
+        let cache = Cache::new(d.path());
+        let pending = cache.begin("k").unwrap();
+        std::fs::write(pending.out_dir().join("x"), "1").unwrap();
+        let fingerprint = Fingerprint {
+            format: crate::fingerprint::FORMAT,
+            kind: "command".into(),
+            version: 1,
+            params: serde_json::json!({}),
+            inputs: BTreeMap::new(),
+        };
+        let made = cache
+            .commit(pending, "s", fingerprint, BTreeMap::new(), 0.0)
+            .unwrap();
+        let Lookup::Hit(stored) = cache.lookup("k") else {
+            panic!("the entry was just committed");
+        };
+        assert_eq!(stored.provenance, made.provenance);
+        assert_eq!(stored.provenance.goemo_version, env!("CARGO_PKG_VERSION"));
+        assert_eq!(stored.provenance.arch, std::env::consts::ARCH);
+        assert_eq!(stored.provenance.os, std::env::consts::OS);
+        assert_eq!(stored.provenance.threads, rayon::current_num_threads());
+        #[cfg(target_arch = "x86_64")]
+        assert_eq!(
+            stored.provenance.cpu_features.contains(&"avx2".to_owned()),
+            is_x86_feature_detected!("avx2")
+        );
+        // A manifest written before provenance existed.
+        let path = cache.entry_dir("k").join(MANIFEST);
+        let mut v: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        v.as_object_mut().unwrap().remove("provenance");
+        std::fs::write(&path, serde_json::to_vec(&v).unwrap()).unwrap();
+        let Lookup::Hit(old) = cache.lookup("k") else {
+            panic!("an old manifest is still a hit");
+        };
+        assert_eq!(old.provenance, Provenance::default());
+        assert_eq!(old.outputs_hash, made.outputs_hash);
     }
 }

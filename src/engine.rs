@@ -437,8 +437,9 @@ impl<'p> Engine<'p> {
                             if let Some(l) = self.lock.get(name) {
                                 if l.outputs_hash != m.outputs_hash {
                                     drift.push(format!(
-                                        "{name}: outputs differ from pipeline.lock ({})",
-                                        describe_output_drift(&l.outputs, &m.outputs)
+                                        "{name}: outputs differ from pipeline.lock ({}); this machine: {}",
+                                        describe_output_drift(&l.outputs, &m.outputs),
+                                        m.provenance.describe()
                                     ));
                                 }
                             }
@@ -694,7 +695,13 @@ fn describe_output_drift(
     old: &BTreeMap<String, FileDigest>,
     new: &BTreeMap<String, FileDigest>,
 ) -> String {
-    fingerprint::describe_file_changes(old, new)
+    let changes = fingerprint::describe_file_changes(old, new);
+    if changes.is_empty() {
+        // Only the recorded outputs_hash differs: the lock was edited, or written by hand.
+        "its outputs_hash differs, though every file matches".into()
+    } else {
+        changes
+    }
 }
 
 pub fn join_reasons(reasons: &[StaleReason]) -> String {

@@ -268,6 +268,15 @@ fn locked_fails_on_drift_and_passes_when_clean() {
         "{}",
         drift.stderr
     );
+    assert!(
+        drift.stderr.contains(&format!(
+            "; this machine: {} {}",
+            std::env::consts::ARCH,
+            std::env::consts::OS
+        )),
+        "the drift line says where the outputs were made:\n{}",
+        drift.stderr
+    );
 }
 
 #[test]
