@@ -366,6 +366,10 @@ impl<'p> Engine<'p> {
                         }
                         Lookup::Missing => None,
                     };
+                    // Taken from the cache under --locked: its outputs must still be the locked ones.
+                    if let (true, Some(m), None) = (opts.locked, &hit, forced[i]) {
+                        drift.extend(self.cached_drift(&name, m));
+                    }
                     if !selected[i] {
                         match hit {
                             Some(m) => state[i] = State::Done(Arc::new(*m), Outcome::Cached),
@@ -524,6 +528,25 @@ impl<'p> Engine<'p> {
             return Err(LockDrift(drift).into());
         }
         Ok(results)
+    }
+
+    /// A drift line when a cache entry taken for `name` holds other outputs than pipeline.lock
+    /// records for the same key (made elsewhere, or by a nondeterministic stage).
+    fn cached_drift(&self, name: &str, m: &EntryManifest) -> Option<String> {
+        let locked = self.lock.get(name)?;
+        if locked.outputs_hash == m.outputs_hash {
+            return None;
+        }
+        let made_on = if m.provenance == Default::default() {
+            "unknown (an older goemo)".to_owned()
+        } else {
+            m.provenance.describe()
+        };
+        Some(format!(
+            "{name}: cached outputs differ from pipeline.lock ({}); the entry was made on: {made_on}; this machine: {}",
+            describe_output_drift(&locked.outputs, &m.outputs),
+            crate::cache::Provenance::this_machine().describe()
+        ))
     }
 
     /// Selected stages and, for each, why it is forced to run (if it is).

@@ -280,6 +280,41 @@ fn locked_fails_on_drift_and_passes_when_clean() {
 }
 
 #[test]
+fn locked_checks_the_outputs_of_stages_taken_from_the_cache() {
+    let p = project();
+    p.run_ok(&["run"]);
+    let lock = p.read("pipeline.lock");
+    // The same keys with other outputs for `a` (its upper.txt): as when pipeline.lock was
+    // written on a machine that computes differently and this cache was made here.
+    let tampered = lock
+        .replacen("outputs_hash: ", "outputs_hash: 00", 1)
+        .replacen("blake3: ", "blake3: 00", 1);
+    p.write("pipeline.lock", &tampered);
+    let _ = std::fs::remove_file(p.file("ran.log"));
+    let r = p.goemo(&["run", "--locked"]);
+    assert_eq!(r.code, 3, "{}", r.all());
+    assert!(
+        r.stderr.contains(
+            "a: cached outputs differ from pipeline.lock (upper.txt modified); the entry was made on: "
+        ),
+        "{}",
+        r.stderr
+    );
+    assert!(r.stderr.contains("; this machine: "), "{}", r.stderr);
+    assert!(!r.stdout.contains("reproduced"), "{}", r.stdout);
+    assert!(p.ran().is_empty(), "nothing ran: {:?}", p.ran());
+    assert_eq!(
+        p.read("pipeline.lock"),
+        tampered,
+        "--locked never rewrites the lock"
+    );
+    // The untouched lock passes with the same cache.
+    p.write("pipeline.lock", &lock);
+    let ok = p.goemo(&["run", "--locked"]);
+    assert_eq!(ok.code, 0, "{}", ok.all());
+}
+
+#[test]
 fn independent_stages_run_concurrently() {
     // b waits for a file that only c writes: run one at a time (b first), b would time out.
     let p = Project::new(
