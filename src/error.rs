@@ -1,5 +1,5 @@
-//! Errors that the CLI maps to exit codes: a bad pipeline.yaml or CLI value is the user's to fix
-//! (exit 2), a failed stage or I/O problem is a run failure (exit 1).
+//! Errors that the CLI maps to exit codes: a bad pipeline.yaml, pipeline.lock or CLI value is the
+//! user's to fix (exit 2), a failed stage or I/O problem is a run failure (exit 1).
 
 use std::fmt;
 use std::path::PathBuf;

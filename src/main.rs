@@ -15,7 +15,7 @@ use goemo::pipeline::{self, Override};
     name = "goemo",
     version,
     about = "Declarative pipeline runner with content-hashed, cached stages, for multi-label emotion classification on GoEmotions",
-    after_help = "Examples:\n  goemo run                       run what is stale, reuse the rest\n  goemo status                    what is stale, and why\n  goemo run --from evaluate       re-run evaluate and everything after it\n  goemo dag --format mermaid      the pipeline for a Mermaid viewer\n  goemo predict \"I love this\"     classify text with outputs/model\n\nExit codes: 0 ok, 1 a stage or the run failed, 2 bad pipeline.yaml or arguments,\n3 --locked found drift from pipeline.lock, 130 interrupted."
+    after_help = "Examples:\n  goemo run                       run what is stale, reuse the rest\n  goemo status                    what is stale, and why\n  goemo run --from evaluate       re-run evaluate and everything after it\n  goemo dag --format mermaid      the pipeline for a Mermaid viewer\n  goemo predict \"I love this\"     classify text with outputs/model\n\nExit codes: 0 ok, 1 a stage or the run failed, 2 bad pipeline.yaml, pipeline.lock or arguments,\n3 --locked found drift from pipeline.lock, 130 interrupted."
 )]
 struct Cli {
     /// More log output (-v: debug, -vv: trace); RUST_LOG overrides.

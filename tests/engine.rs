@@ -653,3 +653,38 @@ fn verify_reports_a_file_added_to_an_entry() {
     assert_eq!(p.ran(), s(&["c"]), "c rebuilt; d and e stay cached");
     assert!(!extra.exists(), "the rebuilt entry holds only what c wrote");
 }
+
+#[test]
+fn a_lock_of_another_version_or_with_a_stage_twice_is_refused() {
+    let p = project();
+    p.run_ok(&["run"]);
+    let lock = p.read("pipeline.lock");
+    p.write(
+        "pipeline.lock",
+        &lock.replace("version: 1\n", "version: 99\n"),
+    );
+    let _ = std::fs::remove_file(p.file("ran.log"));
+    for cmd in [&["run"][..], &["status"][..], &["gc"][..]] {
+        let r = p.goemo(cmd);
+        assert_eq!(r.code, 2, "goemo {cmd:?}:\n{}", r.all());
+        assert!(
+            r.stderr.contains(
+                "pipeline.lock:3:1: pipeline.lock version 99 is not one this goemo reads (it reads version 1)"
+            ) && r.stderr.contains("hint: a newer goemo wrote it"),
+            "goemo {cmd:?}:\n{}",
+            r.stderr
+        );
+    }
+    // Stage `a` twice, as a careless merge leaves it.
+    let (head, stages) = lock.split_once("stages:\n").unwrap();
+    let first = &stages[..stages.find("\n- name: b").unwrap() + 1];
+    p.write("pipeline.lock", &format!("{head}stages:\n{first}{stages}"));
+    let r = p.goemo(&["status"]);
+    assert_eq!(r.code, 2, "{}", r.all());
+    assert!(
+        r.stderr.contains("stage `a` is recorded twice") && r.stderr.contains("pipeline.lock:"),
+        "{}",
+        r.stderr
+    );
+    assert!(p.ran().is_empty());
+}
