@@ -250,13 +250,14 @@ impl Cache {
             .join("tmp")
             .join(format!("{key}.{}.{seq}", std::process::id()));
         if dir.exists() {
-            std::fs::remove_dir_all(&dir)?;
+            std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
         }
         for sub in ["out", "volatile"] {
             std::fs::create_dir_all(dir.join(sub))
                 .with_context(|| format!("creating {}", dir.join(sub).display()))?;
         }
-        std::fs::create_dir_all(self.work_dir(key))?;
+        let work = self.work_dir(key);
+        std::fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
         Ok(PendingEntry {
             dir,
             key: key.to_owned(),
@@ -275,22 +276,24 @@ impl Cache {
         use rayon::prelude::*;
         let out = pending.out_dir();
         let mut rels = Vec::new();
-        list_files(&out, Path::new(""), &mut rels)
-            .with_context(|| format!("listing the outputs of stage {stage}"))?;
+        list_files(&out, Path::new(""), &mut rels).with_context(|| {
+            format!("listing the outputs of stage {stage} in {}", out.display())
+        })?;
         let outputs: BTreeMap<String, FileDigest> = rels
             .par_iter()
             .map(|rel| {
                 let path = out.join(rel);
-                let size = std::fs::metadata(&path)?.len();
-                Ok((
-                    rel_string(rel),
-                    FileDigest {
-                        blake3: hash_file_contents(&path, size)?,
-                        size,
-                    },
-                ))
+                let digest = std::fs::metadata(&path).and_then(|m| {
+                    Ok(FileDigest {
+                        blake3: hash_file_contents(&path, m.len())?,
+                        size: m.len(),
+                    })
+                });
+                digest
+                    .map(|d| (rel_string(rel), d))
+                    .with_context(|| format!("hashing {}", path.display()))
             })
-            .collect::<std::io::Result<_>>()
+            .collect::<anyhow::Result<_>>()
             .with_context(|| format!("hashing the outputs of stage {stage}"))?;
         let manifest = EntryManifest {
             key: pending.key.clone(),
@@ -308,19 +311,25 @@ impl Cache {
         };
         let mut bytes = serde_json::to_vec_pretty(&manifest)?;
         bytes.push(b'\n');
-        std::fs::write(pending.dir.join(MANIFEST), bytes)?;
-        fsync_tree(&pending.dir).context("syncing the new cache entry to disk")?;
+        let manifest_path = pending.dir.join(MANIFEST);
+        std::fs::write(&manifest_path, bytes)
+            .with_context(|| format!("writing {}", manifest_path.display()))?;
+        fsync_tree(&pending.dir)?;
 
         let dest = self.entry_dir(&pending.key);
-        std::fs::create_dir_all(self.root.join("entries"))?;
+        let entries = self.root.join("entries");
+        std::fs::create_dir_all(&entries)
+            .with_context(|| format!("creating {}", entries.display()))?;
         if dest.exists() {
             // A damaged entry under the same key (reported by lookup): replace it.
-            self.remove(&pending.key)?;
+            self.remove(&pending.key)
+                .with_context(|| format!("removing the damaged entry {}", dest.display()))?;
         }
         std::fs::rename(&pending.dir, &dest)
             .with_context(|| format!("moving the new entry into {}", dest.display()))?;
-        sync_dir(&self.root.join("entries"));
-        goemo_stages::write_atomic(&dest.join(COMPLETE), manifest.outputs_hash.as_bytes())?;
+        sync_dir(&entries);
+        let complete = dest.join(COMPLETE);
+        write_file_atomic(&complete, manifest.outputs_hash.as_bytes())?;
         sync_dir(&dest);
         let _ = std::fs::remove_dir_all(self.work_dir(&pending.key));
         std::mem::forget(pending); // renamed away: nothing for Drop to clean
@@ -405,18 +414,34 @@ pub fn dir_size(path: &Path) -> u64 {
         .sum()
 }
 
-fn fsync_tree(dir: &Path) -> std::io::Result<()> {
-    for entry in std::fs::read_dir(dir)? {
-        let entry = entry?;
-        let ty = entry.file_type()?;
+/// fsync every file and folder under `dir`; an error names the path it happened on.
+fn fsync_tree(dir: &Path) -> anyhow::Result<()> {
+    let listing = || format!("syncing {} to disk", dir.display());
+    for entry in std::fs::read_dir(dir).with_context(listing)? {
+        let entry = entry.with_context(listing)?;
+        let path = entry.path();
+        let ty = entry.file_type().with_context(listing)?;
         if ty.is_dir() {
-            fsync_tree(&entry.path())?;
+            fsync_tree(&path)?;
         } else if ty.is_file() {
-            std::fs::File::open(entry.path())?.sync_all()?;
+            std::fs::File::open(&path)
+                .and_then(|f| f.sync_all())
+                .with_context(|| format!("syncing {} to disk", path.display()))?;
         }
     }
     sync_dir(dir);
     Ok(())
+}
+
+/// [`goemo_stages::write_atomic`] with an error that names `path`, once. The temp file's
+/// library appends its own temp name (`… at path "/x/.tmpAb12"`), which is not where a person
+/// should look, and which made a full disk read as two paths.
+pub fn write_file_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    goemo_stages::write_atomic(path, bytes).map_err(|e| {
+        let text = e.to_string();
+        let cause = text.split(" at path \"").next().unwrap_or(&text);
+        anyhow::anyhow!("writing {}: {cause}", path.display())
+    })
 }
 
 /// fsync a folder so a rename or create inside it is durable (best effort off Unix).
@@ -429,6 +454,21 @@ pub fn sync_dir(dir: &Path) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_failed_atomic_write_names_the_target_not_the_temp_file() {
+        let d = tempfile::tempdir().unwrap();
+        let target = d.path().join("missing/COMPLETE");
+        let text = write_file_atomic(&target, b"x").unwrap_err().to_string();
+        assert_eq!(
+            text,
+            format!(
+                "writing {}: {}",
+                target.display(),
+                std::io::Error::from_raw_os_error(libc::ENOENT)
+            )
+        );
+    }
 
     #[test]
     fn manifests_record_where_they_were_made_and_old_ones_still_read() {

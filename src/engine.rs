@@ -452,9 +452,12 @@ impl<'p> Engine<'p> {
                         State::Done(Arc::new(m), Outcome::Ran)
                     }
                     Err(e) => {
-                        let msg = format!("{e:#}");
+                        let msg = crate::error::chain_text(&e);
                         if e.downcast_ref::<goemo_stages::Cancelled>().is_none() {
-                            tracing::error!("stage {name} failed: {msg}");
+                            // Stages often name themselves already (`stage b: command failed`).
+                            let own = format!("stage {name}: ");
+                            let detail = msg.strip_prefix(&own).unwrap_or(&msg);
+                            tracing::error!("stage {name} failed: {detail}");
                         }
                         State::Failed(msg)
                     }

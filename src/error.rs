@@ -70,6 +70,24 @@ impl fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
+/// An error and its causes on one line, `outer: inner: …`, each text once: a cause whose text
+/// an outer message already holds (`writing x: No space left…` wrapping that same io error) is
+/// not repeated.
+pub fn chain_text(e: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in e.chain() {
+        let part = cause.to_string();
+        if part.is_empty() || text.contains(&part) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&part);
+    }
+    text
+}
+
 /// `--locked` found the results differ from pipeline.lock. Exit code 3.
 #[derive(Debug)]
 pub struct LockDrift(pub Vec<String>);
@@ -107,3 +125,26 @@ impl fmt::Display for Interrupted {
 }
 
 impl std::error::Error for Interrupted {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_disk_full_error_names_its_path_once_and_its_cause_once() {
+        let full = || std::io::Error::from(std::io::ErrorKind::StorageFull);
+        // A context that already quotes its io error, as `anyhow!("writing {p}: {e}")` does.
+        let e = anyhow::Error::new(full())
+            .context(format!("writing cache/tmp/k/manifest.json: {}", full()))
+            .context("stage a");
+        let text = chain_text(&e);
+        assert_eq!(
+            text,
+            format!("stage a: writing cache/tmp/k/manifest.json: {}", full())
+        );
+        assert_eq!(text.matches(&full().to_string()).count(), 1, "{text}");
+        // A plain context chain is joined whole.
+        let e = anyhow::Error::new(full()).context("writing outputs/x");
+        assert_eq!(chain_text(&e), format!("writing outputs/x: {}", full()));
+    }
+}

@@ -116,8 +116,7 @@ impl LockFile {
         if std::fs::read_to_string(path).ok().as_deref() == Some(text.as_str()) {
             return Ok(());
         }
-        goemo_stages::write_atomic(path, text.as_bytes())
-            .map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))
+        crate::cache::write_file_atomic(path, text.as_bytes())
     }
 }
 

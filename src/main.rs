@@ -177,7 +177,7 @@ fn main() -> ExitCode {
                 eprintln!("{e}");
                 ExitCode::from(130)
             } else {
-                eprintln!("error: {e:#}");
+                eprintln!("error: {}", goemo::error::chain_text(&e));
                 ExitCode::FAILURE
             }
         }
@@ -267,10 +267,11 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 .map(|r| r.name.as_str())
                 .collect();
             if !failed.is_empty() {
-                eprintln!("error: stage(s) failed: {}", failed.join(", "));
-                for r in results.iter().filter(|r| r.outcome == Outcome::Failed) {
-                    eprintln!("  {}: {}", r.name, r.note);
-                }
+                // Each stage's error was logged when it failed; printing it again here doubled it.
+                eprintln!(
+                    "error: stage(s) failed: {} (each error is shown above, where it happened)",
+                    failed.join(", ")
+                );
                 return Ok(ExitCode::FAILURE);
             }
             if locked {

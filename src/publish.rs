@@ -78,7 +78,9 @@ pub fn publish(
     if changed {
         std::fs::create_dir_all(outputs)
             .with_context(|| format!("creating {}", outputs.display()))?;
-        goemo_stages::write_json(&state_path, &state)?;
+        let mut bytes = serde_json::to_vec_pretty(&state)?;
+        bytes.push(b'\n');
+        crate::cache::write_file_atomic(&state_path, &bytes)?;
     }
     Ok(())
 }

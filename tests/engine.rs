@@ -354,6 +354,17 @@ stages:
     let r = p.goemo(&["run", "-j", "1"]);
     assert_eq!(r.code, 1, "{}", r.all());
     assert!(r.stderr.contains("stage(s) failed: bad"), "{}", r.stderr);
+    assert_eq!(
+        r.stderr.matches("command failed (exit status: 3)").count(),
+        1,
+        "the error is printed once:\n{}",
+        r.stderr
+    );
+    assert!(
+        r.stderr.contains("stage bad failed: command failed"),
+        "{}",
+        r.stderr
+    );
     assert!(r.stdout.contains("after_bad  skipped"), "{}", r.stdout);
     assert_eq!(p.ran(), s(&["bad", "good"]));
     // The good stage was committed: the next run only retries the failed one.
