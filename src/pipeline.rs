@@ -175,10 +175,16 @@ impl Override {
 
 /// Read, override, validate.
 pub fn load(file: &Path, overrides: &[Override]) -> Result<Pipeline, ConfigError> {
-    let text = std::fs::read_to_string(file).map_err(|e| {
-        ConfigError::new(file, format!("cannot read the pipeline file: {e}"))
-            .hint("run goemo in the project folder, or pass --pipeline FILE")
+    let bytes = std::fs::read(file).map_err(|e| {
+        let err = ConfigError::new(file, format!("cannot read the pipeline file: {e}"));
+        if e.kind() == std::io::ErrorKind::NotFound {
+            err.hint("run goemo in the project folder, or pass --pipeline FILE")
+        } else {
+            err
+        }
     })?;
+    let text =
+        String::from_utf8(bytes).map_err(|e| not_utf8(file, e.as_bytes(), &e.utf8_error()))?;
     let root = file
         .parent()
         .map(|p| {
@@ -191,6 +197,30 @@ pub fn load(file: &Path, overrides: &[Override]) -> Result<Pipeline, ConfigError
         .unwrap_or(Path::new("."))
         .to_path_buf();
     parse(&text, file, &root, overrides)
+}
+
+/// Where the first byte that is not UTF-8 is, as a line and column a person can go to.
+fn not_utf8(file: &Path, bytes: &[u8], e: &std::str::Utf8Error) -> ConfigError {
+    let offset = e.valid_up_to();
+    // Everything before `offset` is valid UTF-8.
+    let before = std::str::from_utf8(&bytes[..offset]).unwrap_or_default();
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().unwrap_or("").chars().count() + 1;
+    let name = file
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| file.display().to_string());
+    ConfigError::new(
+        file,
+        format!(
+            "not valid UTF-8: byte 0x{:02x} at offset {offset}",
+            bytes.get(offset).copied().unwrap_or_default()
+        ),
+    )
+    .at(Some((line, column)))
+    .hint(format!(
+        "save {name} as UTF-8 (an editor's \"encoding\" setting, or `iconv -f latin1 -t utf-8`)"
+    ))
 }
 
 pub fn parse(

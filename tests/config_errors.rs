@@ -283,3 +283,22 @@ fn inputs_that_are_not_files_or_folders() {
         r.stderr
     );
 }
+
+#[test]
+fn pipeline_that_is_not_utf8() {
+    let p = Project::new("");
+    // "é" saved as Latin-1 (0xe9) in a comment on line 3, column 10.
+    let mut bytes = b"stages:\n  a:\n    # caf".to_vec();
+    bytes.extend([0xe9, b'\n']);
+    bytes.extend(b"    kind: command\n    params: {cmd: echo}\n");
+    std::fs::write(p.file("pipeline.yaml"), &bytes).unwrap();
+    let r = p.goemo(&["status"]);
+    assert_eq!(r.code, 2, "{}", r.all());
+    assert!(
+        r.stderr.contains(
+            "pipeline.yaml:3:10: not valid UTF-8: byte 0xe9 at offset 22\n  hint: save pipeline.yaml as UTF-8"
+        ),
+        "{}",
+        r.stderr
+    );
+}
