@@ -302,3 +302,35 @@ fn pipeline_that_is_not_utf8() {
         r.stderr
     );
 }
+
+#[test]
+fn long_keys_and_values_are_clipped_in_messages() {
+    let huge = "k".repeat(1_000_000);
+    let k80 = "k".repeat(80);
+    for (pipeline, expected) in [
+        // Longer than YAML's 1024-character limit for a key: read as a plain string.
+        (
+            format!("{huge}:\n  a: 1\n"),
+            format!("pipeline.yaml:1:1: invalid type: string \"{k80}…\""),
+        ),
+        (
+            format!("stages:\n  {}:\n    kind: comand\n", "n".repeat(1000)),
+            format!("stage `{}…`: unknown stage kind `comand`", "n".repeat(80)),
+        ),
+        (
+            format!("stages:\n  a:\n    kind: command\n    deps: {{x: {huge}}}\n    params: {{cmd: echo}}\n"),
+            format!("stage `a`, deps: upstream stage `{k80}…` does not exist"),
+        ),
+    ] {
+        let p = Project::new(&pipeline);
+        let r = p.goemo(&["status"]);
+        assert_eq!(r.code, 2, "{}", &r.stderr[..r.stderr.len().min(400)]);
+        assert!(
+            r.stderr.len() < 600,
+            "{} bytes of error:\n{}",
+            r.stderr.len(),
+            &r.stderr[..600]
+        );
+        assert!(r.stderr.contains(&expected), "{}", r.stderr);
+    }
+}
