@@ -415,8 +415,12 @@ pub fn parse(
     }
 
     // Roles against what each kind accepts; external paths must exist.
+    let kinds: HashMap<&str, &str> = defs
+        .iter()
+        .map(|d| (d.name.as_str(), d.kind.as_str()))
+        .collect();
     for def in &defs {
-        check_roles(def, file, &locate)?;
+        check_roles(def, &kinds, file, &locate)?;
         for (role, path) in &def.inputs {
             if def.deps.contains_key(role) {
                 return Err(ConfigError::new(
@@ -674,7 +678,13 @@ fn missing_input_hint(role: &str) -> String {
 /// Finds the (line, column) of a key path in pipeline.yaml, where the YAML has it.
 type Locate<'a> = &'a dyn Fn(&[&str]) -> Option<(usize, usize)>;
 
-fn check_roles(def: &StageDef, file: &Path, locate: Locate<'_>) -> Result<(), ConfigError> {
+/// `kinds`: each stage's kind, by name.
+fn check_roles(
+    def: &StageDef,
+    kinds: &HashMap<&str, &str>,
+    file: &Path,
+    locate: Locate<'_>,
+) -> Result<(), ConfigError> {
     let Inputs::Fixed(specs) = def.stage.inputs() else {
         return Ok(());
     };
@@ -708,6 +718,36 @@ fn check_roles(def: &StageDef, file: &Path, locate: Locate<'_>) -> Result<(), Co
             .at(locate(&["stages", &def.name, section]))
             .hint(format!("it takes: {}", accepted())));
         }
+    }
+    // An upstream must be of a kind the role takes; a `command` stage may write anything.
+    for (role, up) in &def.deps {
+        let Some(spec) = specs.iter().find(|s| s.role == role) else {
+            continue;
+        };
+        let up_kind = kinds.get(up.as_str()).copied().unwrap_or_default();
+        if up_kind == "command" || spec.from_kinds.contains(&up_kind) {
+            continue;
+        }
+        let hint = if spec.from_kinds.is_empty() {
+            format!("`{role}` is a file or folder: give it as `inputs: {{{role}: PATH}}`")
+        } else {
+            format!(
+                "give `{role}` a stage of kind {}: `deps: {{{role}: STAGE}}`",
+                spec.from_kinds.join(" or ")
+            )
+        };
+        return Err(ConfigError::new(
+            file,
+            format!(
+                "input `{role}` takes {}, but `{up}` is a `{up_kind}` stage",
+                spec.what
+            ),
+        )
+        .stage(&def.name)
+        .what("deps")
+        .at(locate(&["stages", &def.name, "deps", role])
+            .or_else(|| locate(&["stages", &def.name, "deps"])))
+        .hint(hint));
     }
     for spec in specs.iter().filter(|s| s.required) {
         if !def.deps.contains_key(spec.role) && !def.inputs.contains_key(spec.role) {

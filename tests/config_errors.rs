@@ -334,3 +334,33 @@ fn long_keys_and_values_are_clipped_in_messages() {
         assert!(r.stderr.contains(&expected), "{}", r.stderr);
     }
 }
+
+#[test]
+fn dep_of_a_kind_the_role_does_not_take() {
+    let upstream = "stages:\n  load:\n    inputs: {data: input.txt}\n  tokenize:\n    deps: [load]\n    inputs: {model: input.txt}\n";
+    check(
+        &format!("{upstream}  thresholds:\n    deps:\n      model: load\n      tokens: tokenize\n"),
+        &[
+            "pipeline.yaml:9:7: stage `thresholds`, deps: input `model` takes the fine-tuned model from train, but `load` is a `load` stage",
+            "hint: give `model` a stage of kind train: `deps: {model: STAGE}`",
+        ],
+    );
+    // A role for a file or folder, given a stage.
+    check(
+        &format!("{upstream}  train:\n    deps: {{tokens: tokenize, model: load}}\n"),
+        &[
+            "stage `train`, deps: input `model` takes",
+            "but `load` is a `load` stage",
+            "hint: `model` is a file or folder: give it as `inputs: {model: PATH}`",
+        ],
+    );
+}
+
+#[test]
+fn a_command_stage_may_fill_any_role() {
+    let p = Project::new(
+        "stages:\n  fetch:\n    kind: command\n    params: {cmd: echo}\n  load:\n    deps: {data: fetch}\n",
+    );
+    let r = p.goemo(&["dag"]);
+    assert_eq!(r.code, 0, "{}", r.all());
+}
