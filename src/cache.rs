@@ -5,7 +5,8 @@
 //! cache/
 //!   entries/<key>/out/…          the stage's results (content-hashed)
 //!   entries/<key>/volatile/…     logs, timings, human reports (stored, never hashed)
-//!   entries/<key>/manifest.json  fingerprint, input files, output hashes and sizes, wall time
+//!   entries/<key>/manifest.json  fingerprint, input files, output hashes and sizes, wall time,
+//!                                where it was made (goemo version, CPU, threads; not in the key)
 //!   entries/<key>/COMPLETE       written last; holds the outputs hash
 //!   tmp/<key>.<pid>.<n>/         an entry being written
 //!   work/<key>/                  a stage's scratch that survives a killed attempt (checkpoints)
@@ -45,6 +46,68 @@ pub struct EntryManifest {
     pub outputs_hash: String,
     pub wall_s: f64,
     pub created_unix: u64,
+    /// Where the entry was produced; not part of the key. Absent (default) in older manifests.
+    #[serde(default)]
+    pub provenance: Provenance,
+}
+
+/// The program and machine that produced an entry: what to compare when the same key gives
+/// different outputs on two machines (float results depend on FMA, AVX-512 paths, thread count).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Provenance {
+    pub goemo_version: String,
+    pub arch: String,
+    pub os: String,
+    /// The x86 features that change numeric kernels, those this CPU has.
+    pub cpu_features: Vec<String>,
+    /// rayon's thread count.
+    pub threads: usize,
+}
+
+impl Provenance {
+    pub fn this_machine() -> Provenance {
+        Provenance {
+            goemo_version: env!("CARGO_PKG_VERSION").to_owned(),
+            arch: std::env::consts::ARCH.to_owned(),
+            os: std::env::consts::OS.to_owned(),
+            cpu_features: numeric_cpu_features(),
+            threads: rayon::current_num_threads(),
+        }
+    }
+
+    /// `x86_64 linux avx2 fma, 2 threads, goemo 0.1.0`.
+    pub fn describe(&self) -> String {
+        let mut parts = vec![self.arch.clone(), self.os.clone()];
+        parts.extend(self.cpu_features.iter().cloned());
+        format!(
+            "{}, {} threads, goemo {}",
+            parts.join(" "),
+            self.threads,
+            self.goemo_version
+        )
+    }
+}
+
+#[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+fn numeric_cpu_features() -> Vec<String> {
+    let detected = [
+        ("avx2", is_x86_feature_detected!("avx2")),
+        ("fma", is_x86_feature_detected!("fma")),
+        ("avx512f", is_x86_feature_detected!("avx512f")),
+        ("avx512bf16", is_x86_feature_detected!("avx512bf16")),
+        ("avx512vnni", is_x86_feature_detected!("avx512vnni")),
+    ];
+    detected
+        .iter()
+        .filter(|(_, has)| *has)
+        .map(|(name, _)| (*name).to_owned())
+        .collect()
+}
+
+#[cfg(not(any(target_arch = "x86", target_arch = "x86_64")))]
+fn numeric_cpu_features() -> Vec<String> {
+    Vec::new()
 }
 
 pub enum Lookup {
@@ -132,7 +195,8 @@ impl Cache {
         Lookup::Hit(Box::new(manifest))
     }
 
-    /// Re-hash every output of a complete entry; the differences, if any.
+    /// Re-hash every output of a complete entry, and list `out/` for files the manifest does not
+    /// name (they would reach downstream stages unhashed); the differences, if any.
     pub fn verify(&self, manifest: &EntryManifest) -> Vec<String> {
         let out = self.entry_dir(&manifest.key).join("out");
         let mut bad = Vec::new();
@@ -142,6 +206,23 @@ impl Cache {
                 Ok(_) => bad.push(format!("out/{rel} content differs from its recorded hash")),
                 Err(e) => bad.push(format!("out/{rel}: {e}")),
             }
+        }
+        let mut rels = Vec::new();
+        match list_files(&out, Path::new(""), &mut rels) {
+            Ok(()) => {
+                let mut extra: Vec<String> = rels
+                    .iter()
+                    .map(|r| rel_string(r))
+                    .filter(|r| !manifest.outputs.contains_key(r))
+                    .collect();
+                extra.sort();
+                bad.extend(
+                    extra
+                        .into_iter()
+                        .map(|r| format!("out/{r} is not in the manifest (an unexpected file)")),
+                );
+            }
+            Err(e) => bad.push(format!("listing out/: {e}")),
         }
         bad
     }
@@ -169,13 +250,14 @@ impl Cache {
             .join("tmp")
             .join(format!("{key}.{}.{seq}", std::process::id()));
         if dir.exists() {
-            std::fs::remove_dir_all(&dir)?;
+            std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
         }
         for sub in ["out", "volatile"] {
             std::fs::create_dir_all(dir.join(sub))
                 .with_context(|| format!("creating {}", dir.join(sub).display()))?;
         }
-        std::fs::create_dir_all(self.work_dir(key))?;
+        let work = self.work_dir(key);
+        std::fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
         Ok(PendingEntry {
             dir,
             key: key.to_owned(),
@@ -194,22 +276,24 @@ impl Cache {
         use rayon::prelude::*;
         let out = pending.out_dir();
         let mut rels = Vec::new();
-        list_files(&out, Path::new(""), &mut rels)
-            .with_context(|| format!("listing the outputs of stage {stage}"))?;
+        list_files(&out, Path::new(""), &mut rels).with_context(|| {
+            format!("listing the outputs of stage {stage} in {}", out.display())
+        })?;
         let outputs: BTreeMap<String, FileDigest> = rels
             .par_iter()
             .map(|rel| {
                 let path = out.join(rel);
-                let size = std::fs::metadata(&path)?.len();
-                Ok((
-                    rel_string(rel),
-                    FileDigest {
-                        blake3: hash_file_contents(&path, size)?,
-                        size,
-                    },
-                ))
+                let digest = std::fs::metadata(&path).and_then(|m| {
+                    Ok(FileDigest {
+                        blake3: hash_file_contents(&path, m.len())?,
+                        size: m.len(),
+                    })
+                });
+                digest
+                    .map(|d| (rel_string(rel), d))
+                    .with_context(|| format!("hashing {}", path.display()))
             })
-            .collect::<std::io::Result<_>>()
+            .collect::<anyhow::Result<_>>()
             .with_context(|| format!("hashing the outputs of stage {stage}"))?;
         let manifest = EntryManifest {
             key: pending.key.clone(),
@@ -223,26 +307,44 @@ impl Cache {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_secs())
                 .unwrap_or(0),
+            provenance: Provenance::this_machine(),
         };
         let mut bytes = serde_json::to_vec_pretty(&manifest)?;
         bytes.push(b'\n');
-        std::fs::write(pending.dir.join(MANIFEST), bytes)?;
-        fsync_tree(&pending.dir).context("syncing the new cache entry to disk")?;
+        let manifest_path = pending.dir.join(MANIFEST);
+        std::fs::write(&manifest_path, bytes)
+            .with_context(|| format!("writing {}", manifest_path.display()))?;
+        fsync_tree(&pending.dir)?;
 
         let dest = self.entry_dir(&pending.key);
-        std::fs::create_dir_all(self.root.join("entries"))?;
+        let entries = self.root.join("entries");
+        std::fs::create_dir_all(&entries)
+            .with_context(|| format!("creating {}", entries.display()))?;
         if dest.exists() {
             // A damaged entry under the same key (reported by lookup): replace it.
-            self.remove(&pending.key)?;
+            self.remove(&pending.key)
+                .with_context(|| format!("removing the damaged entry {}", dest.display()))?;
         }
         std::fs::rename(&pending.dir, &dest)
             .with_context(|| format!("moving the new entry into {}", dest.display()))?;
-        sync_dir(&self.root.join("entries"));
-        goemo_stages::write_atomic(&dest.join(COMPLETE), manifest.outputs_hash.as_bytes())?;
+        sync_dir(&entries);
+        let complete = dest.join(COMPLETE);
+        write_file_atomic(&complete, manifest.outputs_hash.as_bytes())?;
         sync_dir(&dest);
         let _ = std::fs::remove_dir_all(self.work_dir(&pending.key));
         std::mem::forget(pending); // renamed away: nothing for Drop to clean
         Ok(manifest)
+    }
+
+    /// Stop the process groups of `command` stages that a killed run left running, recorded in
+    /// their work folders (only call while holding the run lock).
+    pub fn stop_leftover_commands(&self) -> anyhow::Result<()> {
+        if let Ok(rd) = std::fs::read_dir(self.root.join("work")) {
+            for e in rd.flatten() {
+                goemo_stages::command::stop_leftover_group(&e.path())?;
+            }
+        }
+        Ok(())
     }
 
     /// Remove abandoned temp folders (only call while holding the run lock).
@@ -312,23 +414,101 @@ pub fn dir_size(path: &Path) -> u64 {
         .sum()
 }
 
-fn fsync_tree(dir: &Path) -> std::io::Result<()> {
-    for entry in std::fs::read_dir(dir)? {
-        let entry = entry?;
-        let ty = entry.file_type()?;
+/// fsync every file and folder under `dir`; an error names the path it happened on.
+fn fsync_tree(dir: &Path) -> anyhow::Result<()> {
+    let listing = || format!("syncing {} to disk", dir.display());
+    for entry in std::fs::read_dir(dir).with_context(listing)? {
+        let entry = entry.with_context(listing)?;
+        let path = entry.path();
+        let ty = entry.file_type().with_context(listing)?;
         if ty.is_dir() {
-            fsync_tree(&entry.path())?;
+            fsync_tree(&path)?;
         } else if ty.is_file() {
-            std::fs::File::open(entry.path())?.sync_all()?;
+            std::fs::File::open(&path)
+                .and_then(|f| f.sync_all())
+                .with_context(|| format!("syncing {} to disk", path.display()))?;
         }
     }
     sync_dir(dir);
     Ok(())
 }
 
+/// [`goemo_stages::write_atomic`] with an error that names `path`, once. The temp file's
+/// library appends its own temp name (`… at path "/x/.tmpAb12"`), which is not where a person
+/// should look, and which made a full disk read as two paths.
+pub fn write_file_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    goemo_stages::write_atomic(path, bytes).map_err(|e| {
+        let text = e.to_string();
+        let cause = text.split(" at path \"").next().unwrap_or(&text);
+        anyhow::anyhow!("writing {}: {cause}", path.display())
+    })
+}
+
 /// fsync a folder so a rename or create inside it is durable (best effort off Unix).
 pub fn sync_dir(dir: &Path) {
     if let Ok(f) = std::fs::File::open(dir) {
         let _ = f.sync_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_atomic_write_names_the_target_not_the_temp_file() {
+        let d = tempfile::tempdir().unwrap();
+        let target = d.path().join("missing/COMPLETE");
+        let text = write_file_atomic(&target, b"x").unwrap_err().to_string();
+        assert_eq!(
+            text,
+            format!(
+                "writing {}: {}",
+                target.display(),
+                std::io::Error::from_raw_os_error(libc::ENOENT)
+            )
+        );
+    }
+
+    #[test]
+    fn manifests_record_where_they_were_made_and_old_ones_still_read() {
+        let d = tempfile::tempdir().unwrap();
+        let cache = Cache::new(d.path());
+        let pending = cache.begin("k").unwrap();
+        std::fs::write(pending.out_dir().join("x"), "1").unwrap();
+        let fingerprint = Fingerprint {
+            format: crate::fingerprint::FORMAT,
+            kind: "command".into(),
+            version: 1,
+            params: serde_json::json!({}),
+            inputs: BTreeMap::new(),
+        };
+        let made = cache
+            .commit(pending, "s", fingerprint, BTreeMap::new(), 0.0)
+            .unwrap();
+        let Lookup::Hit(stored) = cache.lookup("k") else {
+            panic!("the entry was just committed");
+        };
+        assert_eq!(stored.provenance, made.provenance);
+        assert_eq!(stored.provenance.goemo_version, env!("CARGO_PKG_VERSION"));
+        assert_eq!(stored.provenance.arch, std::env::consts::ARCH);
+        assert_eq!(stored.provenance.os, std::env::consts::OS);
+        assert_eq!(stored.provenance.threads, rayon::current_num_threads());
+        #[cfg(target_arch = "x86_64")]
+        assert_eq!(
+            stored.provenance.cpu_features.contains(&"avx2".to_owned()),
+            is_x86_feature_detected!("avx2")
+        );
+        // A manifest written before provenance existed.
+        let path = cache.entry_dir("k").join(MANIFEST);
+        let mut v: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        v.as_object_mut().unwrap().remove("provenance");
+        std::fs::write(&path, serde_json::to_vec(&v).unwrap()).unwrap();
+        let Lookup::Hit(old) = cache.lookup("k") else {
+            panic!("an old manifest is still a hit");
+        };
+        assert_eq!(old.provenance, Provenance::default());
+        assert_eq!(old.outputs_hash, made.outputs_hash);
     }
 }

@@ -1,6 +1,7 @@
 //! `goemo dag`: the pipeline drawn as text, Graphviz dot or Mermaid.
 
 use std::fmt::Write;
+use std::path::Path;
 
 use crate::pipeline::Pipeline;
 
@@ -54,7 +55,7 @@ pub fn text(p: &Pipeline) -> String {
             from.extend(
                 def.inputs
                     .iter()
-                    .map(|(role, path)| format!("[{role}] {}", path.display())),
+                    .map(|(role, path)| format!("[{role}] {}", input_label(p, path))),
             );
             let kind = if def.kind == def.name {
                 String::new()
@@ -95,7 +96,7 @@ pub fn dot(p: &Pipeline) -> String {
                 out,
                 "  \"{}\" [shape=note, label=\"{}\"];",
                 esc(&node),
-                esc(&path.display().to_string())
+                esc(&input_label(p, path))
             );
             let _ = writeln!(out, "  \"{}\" -> \"{}\";", esc(&node), esc(&def.name));
         }
@@ -127,7 +128,7 @@ pub fn mermaid(p: &Pipeline) -> String {
                 "  {}_in{j}[/\"{}: {}\"/] --> {}",
                 id(i),
                 mesc(role),
-                mesc(&path.display().to_string()),
+                mesc(&input_label(p, path)),
                 id(i)
             );
         }
@@ -138,6 +139,14 @@ pub fn mermaid(p: &Pipeline) -> String {
         }
     }
     out
+}
+
+/// An input path as pipeline.yaml gives it, marked when it lies outside the project folder.
+fn input_label(p: &Pipeline, path: &Path) -> String {
+    match crate::pipeline::external_location(&p.root, path) {
+        Some(abs) => format!("{} (external: {})", path.display(), abs.display()),
+        None => path.display().to_string(),
+    }
 }
 
 fn esc(s: &str) -> String {

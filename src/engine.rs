@@ -117,20 +117,30 @@ impl<'p> Engine<'p> {
         })
     }
 
-    fn external(&self, path: &Path) -> anyhow::Result<Arc<TreeDigest>> {
+    fn external(&self, stage: &str, role: &str, path: &Path) -> anyhow::Result<Arc<TreeDigest>> {
         if let Some(t) = self.externals.lock().expect("poisoned").get(path) {
             return Ok(t.clone());
         }
-        let t = Arc::new(
-            self.hasher
-                .tree(path)
-                .with_context(|| format!("hashing input {}", path.display()))?,
-        );
+        let t = Arc::new(self.hasher.tree(path).with_context(|| {
+            format!(
+                "stage `{stage}`, input `{role}`: hashing {}",
+                path.display()
+            )
+        })?);
         self.externals
             .lock()
             .expect("poisoned")
             .insert(path.to_path_buf(), t.clone());
         Ok(t)
+    }
+
+    /// Hash stage `i`'s external inputs (once per run; `assess` reuses them).
+    fn hash_inputs(&self, i: usize) -> anyhow::Result<()> {
+        let def = &self.pipeline.stages[i];
+        for (role, rel) in &def.inputs {
+            self.external(&def.name, role, &self.pipeline.root.join(rel))?;
+        }
+        Ok(())
     }
 
     /// Compute stage `i`'s key from its upstreams' outputs (`None` = not known yet).
@@ -163,7 +173,7 @@ impl<'p> Engine<'p> {
             }
         }
         for (role, rel) in &def.inputs {
-            let tree = self.external(&self.pipeline.root.join(rel))?;
+            let tree = self.external(&def.name, role, &self.pipeline.root.join(rel))?;
             inputs.insert(
                 role.clone(),
                 InputHash {
@@ -254,8 +264,17 @@ impl<'p> Engine<'p> {
             .map(|i| (0..n).any(|s| selected[s] && p.reaches(i, s)))
             .collect();
 
+        // Every external input hashed (and refused if it is not data) before anything runs.
+        for i in (0..n).filter(|&i| needed[i]) {
+            self.hash_inputs(i)?;
+        }
         if !opts.dry_run {
+            // Commands a killed run left running would write into what this run builds.
+            self.cache.stop_leftover_commands()?;
             self.cache.clean_tmp();
+            for path in crate::publish::clean_leftovers(&self.outputs_dir) {
+                tracing::info!("removed {}, left by an interrupted publish", path.display());
+            }
         }
         let mut state: Vec<State> = (0..n).map(|_| State::Waiting).collect();
         let mut notes: Vec<String> = vec![String::new(); n];
@@ -347,6 +366,10 @@ impl<'p> Engine<'p> {
                         }
                         Lookup::Missing => None,
                     };
+                    // Taken from the cache under --locked: its outputs must still be the locked ones.
+                    if let (true, Some(m), None) = (opts.locked, &hit, forced[i]) {
+                        drift.extend(self.cached_drift(&name, m));
+                    }
                     if !selected[i] {
                         match hit {
                             Some(m) => state[i] = State::Done(Arc::new(*m), Outcome::Cached),
@@ -418,8 +441,9 @@ impl<'p> Engine<'p> {
                             if let Some(l) = self.lock.get(name) {
                                 if l.outputs_hash != m.outputs_hash {
                                     drift.push(format!(
-                                        "{name}: outputs differ from pipeline.lock ({})",
-                                        describe_output_drift(&l.outputs, &m.outputs)
+                                        "{name}: outputs differ from pipeline.lock ({}); this machine: {}",
+                                        describe_output_drift(&l.outputs, &m.outputs),
+                                        m.provenance.describe()
                                     ));
                                 }
                             }
@@ -428,9 +452,12 @@ impl<'p> Engine<'p> {
                         State::Done(Arc::new(m), Outcome::Ran)
                     }
                     Err(e) => {
-                        let msg = format!("{e:#}");
+                        let msg = crate::error::chain_text(&e);
                         if e.downcast_ref::<goemo_stages::Cancelled>().is_none() {
-                            tracing::error!("stage {name} failed: {msg}");
+                            // Stages often name themselves already (`stage b: command failed`).
+                            let own = format!("stage {name}: ");
+                            let detail = msg.strip_prefix(&own).unwrap_or(&msg);
+                            tracing::error!("stage {name} failed: {detail}");
                         }
                         State::Failed(msg)
                     }
@@ -504,6 +531,25 @@ impl<'p> Engine<'p> {
             return Err(LockDrift(drift).into());
         }
         Ok(results)
+    }
+
+    /// A drift line when a cache entry taken for `name` holds other outputs than pipeline.lock
+    /// records for the same key (made elsewhere, or by a nondeterministic stage).
+    fn cached_drift(&self, name: &str, m: &EntryManifest) -> Option<String> {
+        let locked = self.lock.get(name)?;
+        if locked.outputs_hash == m.outputs_hash {
+            return None;
+        }
+        let made_on = if m.provenance == Default::default() {
+            "unknown (an older goemo)".to_owned()
+        } else {
+            m.provenance.describe()
+        };
+        Some(format!(
+            "{name}: cached outputs differ from pipeline.lock ({}); the entry was made on: {made_on}; this machine: {}",
+            describe_output_drift(&locked.outputs, &m.outputs),
+            crate::cache::Provenance::this_machine().describe()
+        ))
     }
 
     /// Selected stages and, for each, why it is forced to run (if it is).
@@ -675,7 +721,13 @@ fn describe_output_drift(
     old: &BTreeMap<String, FileDigest>,
     new: &BTreeMap<String, FileDigest>,
 ) -> String {
-    fingerprint::describe_file_changes(old, new)
+    let changes = fingerprint::describe_file_changes(old, new);
+    if changes.is_empty() {
+        // Only the recorded outputs_hash differs: the lock was edited, or written by hand.
+        "its outputs_hash differs, though every file matches".into()
+    } else {
+        changes
+    }
 }
 
 pub fn join_reasons(reasons: &[StaleReason]) -> String {

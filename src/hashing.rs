@@ -125,6 +125,9 @@ impl ContentHasher {
     /// A file or a folder (recursively; symlinks followed).
     pub fn tree(&self, path: &Path) -> std::io::Result<TreeDigest> {
         let meta = std::fs::metadata(path)?;
+        if !meta.is_file() && !meta.is_dir() {
+            return Err(not_regular(path, &meta));
+        }
         let files: BTreeMap<String, FileDigest> = if meta.is_file() {
             BTreeMap::from([(".".to_owned(), self.file(path)?)])
         } else {
@@ -208,11 +211,52 @@ pub fn list_files(root: &Path, rel: &Path, out: &mut Vec<PathBuf>) -> std::io::R
         let meta = std::fs::metadata(entry.path())?;
         if meta.is_dir() {
             list_files(root, &child, out)?;
-        } else {
+        } else if meta.is_file() {
             out.push(child);
+        } else {
+            // Reading a FIFO or a device would block or never end.
+            return Err(not_regular(&entry.path(), &meta));
         }
     }
     Ok(())
+}
+
+fn not_regular(path: &Path, meta: &std::fs::Metadata) -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::InvalidInput,
+        format!(
+            "{} is {}, not a regular file or folder",
+            path.display(),
+            file_type_name(&meta.file_type())
+        ),
+    )
+}
+
+/// "a FIFO", "a socket", … for messages.
+pub fn file_type_name(ty: &std::fs::FileType) -> &'static str {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::FileTypeExt;
+        if ty.is_fifo() {
+            return "a FIFO (named pipe)";
+        }
+        if ty.is_socket() {
+            return "a socket";
+        }
+        if ty.is_char_device() {
+            return "a character device";
+        }
+        if ty.is_block_device() {
+            return "a block device";
+        }
+    }
+    if ty.is_dir() {
+        "a folder"
+    } else if ty.is_file() {
+        "a regular file"
+    } else {
+        "a special file"
+    }
 }
 
 /// `a/b/c` on every platform.

@@ -15,7 +15,7 @@ use goemo::pipeline::{self, Override};
     name = "goemo",
     version,
     about = "Declarative pipeline runner with content-hashed, cached stages, for multi-label emotion classification on GoEmotions",
-    after_help = "Examples:\n  goemo run                       run what is stale, reuse the rest\n  goemo status                    what is stale, and why\n  goemo run --from evaluate       re-run evaluate and everything after it\n  goemo dag --format mermaid      the pipeline for a Mermaid viewer\n  goemo predict \"I love this\"     classify text with outputs/model\n\nExit codes: 0 ok, 1 a stage or the run failed, 2 bad pipeline.yaml or arguments,\n3 --locked found drift from pipeline.lock, 130 interrupted."
+    after_help = "Examples:\n  goemo run                       run what is stale, reuse the rest\n  goemo status                    what is stale, and why\n  goemo run --from evaluate       re-run evaluate and everything after it\n  goemo dag --format mermaid      the pipeline for a Mermaid viewer\n  goemo predict \"I love this\"     classify text with outputs/model\n\nExit codes: 0 ok, 1 a stage or the run failed, 2 bad pipeline.yaml, pipeline.lock or arguments,\n3 --locked found drift from pipeline.lock, 130 interrupted."
 )]
 struct Cli {
     /// More log output (-v: debug, -vv: trace); RUST_LOG overrides.
@@ -177,7 +177,7 @@ fn main() -> ExitCode {
                 eprintln!("{e}");
                 ExitCode::from(130)
             } else {
-                eprintln!("error: {e:#}");
+                eprintln!("error: {}", goemo::error::chain_text(&e));
                 ExitCode::FAILURE
             }
         }
@@ -234,7 +234,9 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             let engine = Engine::new(&p, !verify)?;
             ctrlc::set_handler(|| {
                 if INTERRUPTED.swap(true, std::sync::atomic::Ordering::SeqCst) {
-                    // Second Ctrl-C: leave now; temp folders are cleaned by the next run.
+                    // Second Ctrl-C: leave now, taking the commands' process groups along; temp
+                    // folders are cleaned by the next run.
+                    goemo_stages::command::kill_running_groups();
                     std::process::exit(130);
                 }
                 eprintln!("\ninterrupt: stopping running stages (Ctrl-C again to quit at once)…");
@@ -265,10 +267,11 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 .map(|r| r.name.as_str())
                 .collect();
             if !failed.is_empty() {
-                eprintln!("error: stage(s) failed: {}", failed.join(", "));
-                for r in results.iter().filter(|r| r.outcome == Outcome::Failed) {
-                    eprintln!("  {}: {}", r.name, r.note);
-                }
+                // Each stage's error was logged when it failed; printing it again here doubled it.
+                eprintln!(
+                    "error: stage(s) failed: {} (each error is shown above, where it happened)",
+                    failed.join(", ")
+                );
                 return Ok(ExitCode::FAILURE);
             }
             if locked {
@@ -282,10 +285,23 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             let rows = engine.status()?;
             let width = rows.iter().map(|r| r.0.len()).max().unwrap_or(0);
             for (name, fresh, why) in &rows {
+                // Inputs outside the project folder: a clone elsewhere must provide them too.
+                let external: String = p
+                    .get(name)
+                    .map(|def| {
+                        def.inputs
+                            .iter()
+                            .filter_map(|(role, path)| {
+                                pipeline::external_location(&p.root, path)
+                                    .map(|abs| format!("  (external {role}: {})", abs.display()))
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
                 if *fresh {
-                    println!("{name:<width$}  fresh");
+                    println!("{name:<width$}  fresh{external}");
                 } else {
-                    println!("{name:<width$}  stale: {why}");
+                    println!("{name:<width$}  stale: {why}{external}");
                 }
             }
             engine.hasher.save();

@@ -175,10 +175,16 @@ impl Override {
 
 /// Read, override, validate.
 pub fn load(file: &Path, overrides: &[Override]) -> Result<Pipeline, ConfigError> {
-    let text = std::fs::read_to_string(file).map_err(|e| {
-        ConfigError::new(file, format!("cannot read the pipeline file: {e}"))
-            .hint("run goemo in the project folder, or pass --pipeline FILE")
+    let bytes = std::fs::read(file).map_err(|e| {
+        let err = ConfigError::new(file, format!("cannot read the pipeline file: {e}"));
+        if e.kind() == std::io::ErrorKind::NotFound {
+            err.hint("run goemo in the project folder, or pass --pipeline FILE")
+        } else {
+            err
+        }
     })?;
+    let text =
+        String::from_utf8(bytes).map_err(|e| not_utf8(file, e.as_bytes(), &e.utf8_error()))?;
     let root = file
         .parent()
         .map(|p| {
@@ -191,6 +197,30 @@ pub fn load(file: &Path, overrides: &[Override]) -> Result<Pipeline, ConfigError
         .unwrap_or(Path::new("."))
         .to_path_buf();
     parse(&text, file, &root, overrides)
+}
+
+/// Where the first byte that is not UTF-8 is, as a line and column a person can go to.
+fn not_utf8(file: &Path, bytes: &[u8], e: &std::str::Utf8Error) -> ConfigError {
+    let offset = e.valid_up_to();
+    // Everything before `offset` is valid UTF-8.
+    let before = std::str::from_utf8(&bytes[..offset]).unwrap_or_default();
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().unwrap_or("").chars().count() + 1;
+    let name = file
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| file.display().to_string());
+    ConfigError::new(
+        file,
+        format!(
+            "not valid UTF-8: byte 0x{:02x} at offset {offset}",
+            bytes.get(offset).copied().unwrap_or_default()
+        ),
+    )
+    .at(Some((line, column)))
+    .hint(format!(
+        "save {name} as UTF-8 (an editor's \"encoding\" setting, or `iconv -f latin1 -t utf-8`)"
+    ))
 }
 
 pub fn parse(
@@ -385,8 +415,12 @@ pub fn parse(
     }
 
     // Roles against what each kind accepts; external paths must exist.
+    let kinds: HashMap<&str, &str> = defs
+        .iter()
+        .map(|d| (d.name.as_str(), d.kind.as_str()))
+        .collect();
     for def in &defs {
-        check_roles(def, file, &locate)?;
+        check_roles(def, &kinds, file, &locate)?;
         for (role, path) in &def.inputs {
             if def.deps.contains_key(role) {
                 return Err(ConfigError::new(
@@ -406,57 +440,22 @@ pub fn parse(
                 .at(locate(&["stages", &def.name, "inputs", role]))
                 .hint(missing_input_hint(role)));
             }
-        }
-        let mut seen = std::collections::HashSet::new();
-        for p in &def.publish {
-            if !(p.from.starts_with("out/")
-                || p.from.starts_with("volatile/")
-                || p.from == "out"
-                || p.from == "volatile")
-            {
+            if let Some(why) = not_data(&root.join(path)) {
                 return Err(ConfigError::new(
                     file,
-                    format!(
-                        "publish source `{}` must start with `out/` or `volatile/`",
-                        p.from
-                    ),
+                    format!("input path `{}` {why}", path.display()),
                 )
                 .stage(&def.name)
-                .what("publish")
-                .at(locate(&["stages", &def.name, "publish"]))
-                .hint("e.g. publish: {out/model: model, volatile/report.html: report.html}"));
-            }
-            if !seen.insert(p.to.clone())
-                || p.to.split('/').any(|c| c == "..")
-                || p.to.starts_with('/')
-            {
-                return Err(ConfigError::new(
-                    file,
-                    format!("publish target `{}` is repeated or leaves outputs/", p.to),
-                )
-                .stage(&def.name)
-                .what("publish")
-                .at(locate(&["stages", &def.name, "publish"])));
+                .what(format!("input `{role}`"))
+                .at(locate(&["stages", &def.name, "inputs", role]))
+                .hint(
+                    "an input is a regular file or a folder of them, which goemo hashes by content",
+                ));
             }
         }
+        check_publish(def, file, &locate)?;
     }
-    let mut targets: HashMap<&str, &str> = HashMap::new();
-    for def in &defs {
-        for p in &def.publish {
-            if let Some(other) = targets.insert(&p.to, &def.name) {
-                return Err(ConfigError::new(
-                    file,
-                    format!(
-                        "outputs/{} is published by both `{other}` and `{}`",
-                        p.to, def.name
-                    ),
-                )
-                .stage(&def.name)
-                .what("publish")
-                .at(locate(&["stages", &def.name, "publish"])));
-            }
-        }
-    }
+    check_publish_overlaps(&defs, file, &locate)?;
 
     let order = topo_order(&defs, &names).map_err(|cycle| {
         let first = cycle[0].clone();
@@ -484,6 +483,132 @@ pub fn parse(
     })
 }
 
+/// Each publish entry: a source inside the stage's result and a plain relative target inside
+/// outputs/. Checked here so that a bad entry never reaches the run, which would move or write
+/// files outside `outputs/`.
+fn check_publish(def: &StageDef, file: &Path, locate: Locate<'_>) -> Result<(), ConfigError> {
+    let mut seen = std::collections::HashSet::new();
+    for p in &def.publish {
+        let at = locate(&["stages", &def.name, "publish", &p.from])
+            .or_else(|| locate(&["stages", &def.name, "publish"]));
+        let err = |message: String| {
+            ConfigError::new(file, message)
+                .stage(&def.name)
+                .what("publish")
+                .at(at)
+        };
+        let in_result = p.from.starts_with("out/")
+            || p.from.starts_with("volatile/")
+            || p.from == "out"
+            || p.from == "volatile";
+        if !in_result {
+            return Err(err(format!(
+                "publish source `{}` must start with `out/` or `volatile/`",
+                p.from
+            ))
+            .hint("e.g. publish: {out/model: model, volatile/report.html: report.html}"));
+        }
+        if let Some(why) = bad_relative_path(&p.from) {
+            return Err(err(format!("publish source `{}` {why}", p.from)).hint(
+                "a source is a path inside the stage's result, e.g. `out/model` or `volatile/report.html`",
+            ));
+        }
+        if let Some(why) = bad_publish_target(&p.to) {
+            return Err(err(format!("publish target `{}` {why}", p.to)).hint(
+                "a target is a path relative to outputs/, e.g. `thresholds.json` or `reports/metrics.json`",
+            ));
+        }
+        if !seen.insert(p.to.clone()) {
+            return Err(err(format!("publish target `{}` is given twice", p.to))
+                .hint("give each published file its own target under outputs/"));
+        }
+    }
+    Ok(())
+}
+
+/// Why `path` is not a plain relative path (`a/b.json`), if it is not.
+fn bad_relative_path(path: &str) -> Option<&'static str> {
+    if path.is_empty() {
+        return Some("is empty");
+    }
+    if path.starts_with('/') {
+        return Some("is an absolute path");
+    }
+    if path.ends_with('/') {
+        return Some("ends with `/`; drop the trailing `/`");
+    }
+    if path.contains('\0') {
+        return Some("contains a NUL byte");
+    }
+    for component in path.split('/') {
+        match component {
+            "" => return Some("has an empty component (`//`)"),
+            "." => return Some("has a `.` component"),
+            ".." => return Some("has a `..` component, which would leave its folder"),
+            _ => {}
+        }
+    }
+    None
+}
+
+/// Why `target` cannot be a path under outputs/, if it cannot.
+fn bad_publish_target(target: &str) -> Option<&'static str> {
+    if let Some(why) = bad_relative_path(target) {
+        return Some(why);
+    }
+    if target == crate::publish::STATE_FILE {
+        return Some("is goemo's own record of what it published");
+    }
+    if target.split('/').any(crate::publish::is_leftover_name) {
+        return Some("has the form of goemo's temp names, which a run removes");
+    }
+    None
+}
+
+/// Two stages may not publish the same target, and no target may lie inside another: replacing
+/// the outer folder would delete the inner one.
+fn check_publish_overlaps(
+    defs: &[StageDef],
+    file: &Path,
+    locate: Locate<'_>,
+) -> Result<(), ConfigError> {
+    let mut targets: Vec<(&str, &str)> = Vec::new();
+    for def in defs {
+        for p in &def.publish {
+            for &(other_target, other_stage) in &targets {
+                let (outer, inner) = if p.to.len() >= other_target.len() {
+                    (other_target, p.to.as_str())
+                } else {
+                    (p.to.as_str(), other_target)
+                };
+                let by = if other_stage == def.name {
+                    format!("both published by `{other_stage}`")
+                } else {
+                    format!("published by `{other_stage}` and `{}`", def.name)
+                };
+                let message = if p.to == other_target {
+                    format!("outputs/{} is {by}", p.to)
+                } else if inner
+                    .strip_prefix(outer)
+                    .is_some_and(|r| r.starts_with('/'))
+                {
+                    format!("outputs/{inner} lies inside outputs/{outer} ({by})")
+                } else {
+                    continue;
+                };
+                return Err(ConfigError::new(file, message)
+                    .stage(&def.name)
+                    .what("publish")
+                    .at(locate(&["stages", &def.name, "publish", &p.from])
+                        .or_else(|| locate(&["stages", &def.name, "publish"])))
+                    .hint("give each published file or folder its own place under outputs/"));
+            }
+            targets.push((&p.to, &def.name));
+        }
+    }
+    Ok(())
+}
+
 thread_local! {
     static KINDS: Vec<&'static str> = goemo_stages::registry().iter().map(|s| s.kind()).collect();
 }
@@ -499,6 +624,49 @@ fn role_for_kind(def: &StageDef, kind: &str) -> String {
     kind.to_owned()
 }
 
+/// Why an existing input path is not data goemo can hash (a device, FIFO or socket would block
+/// or never end; /proc and /sys are kernel state that changes under the reader), if it is not.
+fn not_data(path: &Path) -> Option<String> {
+    let meta = match std::fs::metadata(path) {
+        Ok(m) => m,
+        Err(e) => return Some(format!("cannot be read: {e}")),
+    };
+    if !meta.is_file() && !meta.is_dir() {
+        return Some(format!(
+            "is {}, not a regular file or folder",
+            crate::hashing::file_type_name(&meta.file_type())
+        ));
+    }
+    let real = std::fs::canonicalize(path).ok()?;
+    ["/proc", "/sys"]
+        .iter()
+        .find(|k| real.starts_with(k))
+        .map(|k| format!("lies under {k} (kernel state, not data)"))
+}
+
+/// Where an input lies when it is outside the project folder (`../data`, `/srv/data`): absolute,
+/// with `.` and `..` resolved lexically. `None` for an input inside the project.
+pub fn external_location(root: &Path, input: &Path) -> Option<PathBuf> {
+    let root_abs = lexical_normal(&std::path::absolute(root).ok()?);
+    let full = lexical_normal(&std::path::absolute(root.join(input)).ok()?);
+    (!full.starts_with(&root_abs)).then_some(full)
+}
+
+fn lexical_normal(path: &Path) -> PathBuf {
+    use std::path::Component;
+    let mut out = PathBuf::new();
+    for c in path.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                out.pop();
+            }
+            other => out.push(other),
+        }
+    }
+    out
+}
+
 fn missing_input_hint(role: &str) -> String {
     match role {
         "data" => "run ./setup.sh (it puts GoEmotions in data/goemotions), or point inputs.data at your copy".into(),
@@ -510,7 +678,13 @@ fn missing_input_hint(role: &str) -> String {
 /// Finds the (line, column) of a key path in pipeline.yaml, where the YAML has it.
 type Locate<'a> = &'a dyn Fn(&[&str]) -> Option<(usize, usize)>;
 
-fn check_roles(def: &StageDef, file: &Path, locate: Locate<'_>) -> Result<(), ConfigError> {
+/// `kinds`: each stage's kind, by name.
+fn check_roles(
+    def: &StageDef,
+    kinds: &HashMap<&str, &str>,
+    file: &Path,
+    locate: Locate<'_>,
+) -> Result<(), ConfigError> {
     let Inputs::Fixed(specs) = def.stage.inputs() else {
         return Ok(());
     };
@@ -544,6 +718,36 @@ fn check_roles(def: &StageDef, file: &Path, locate: Locate<'_>) -> Result<(), Co
             .at(locate(&["stages", &def.name, section]))
             .hint(format!("it takes: {}", accepted())));
         }
+    }
+    // An upstream must be of a kind the role takes; a `command` stage may write anything.
+    for (role, up) in &def.deps {
+        let Some(spec) = specs.iter().find(|s| s.role == role) else {
+            continue;
+        };
+        let up_kind = kinds.get(up.as_str()).copied().unwrap_or_default();
+        if up_kind == "command" || spec.from_kinds.contains(&up_kind) {
+            continue;
+        }
+        let hint = if spec.from_kinds.is_empty() {
+            format!("`{role}` is a file or folder: give it as `inputs: {{{role}: PATH}}`")
+        } else {
+            format!(
+                "give `{role}` a stage of kind {}: `deps: {{{role}: STAGE}}`",
+                spec.from_kinds.join(" or ")
+            )
+        };
+        return Err(ConfigError::new(
+            file,
+            format!(
+                "input `{role}` takes {}, but `{up}` is a `{up_kind}` stage",
+                spec.what
+            ),
+        )
+        .stage(&def.name)
+        .what("deps")
+        .at(locate(&["stages", &def.name, "deps", role])
+            .or_else(|| locate(&["stages", &def.name, "deps"])))
+        .hint(hint));
     }
     for spec in specs.iter().filter(|s| s.required) {
         if !def.deps.contains_key(spec.role) && !def.inputs.contains_key(spec.role) {

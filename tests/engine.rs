@@ -268,6 +268,50 @@ fn locked_fails_on_drift_and_passes_when_clean() {
         "{}",
         drift.stderr
     );
+    assert!(
+        drift.stderr.contains(&format!(
+            "; this machine: {} {}",
+            std::env::consts::ARCH,
+            std::env::consts::OS
+        )),
+        "the drift line says where the outputs were made:\n{}",
+        drift.stderr
+    );
+}
+
+#[test]
+fn locked_checks_the_outputs_of_stages_taken_from_the_cache() {
+    let p = project();
+    p.run_ok(&["run"]);
+    let lock = p.read("pipeline.lock");
+    // The same keys with other outputs for `a` (its upper.txt): as when pipeline.lock was
+    // written on a machine that computes differently and this cache was made here.
+    let tampered = lock
+        .replacen("outputs_hash: ", "outputs_hash: 00", 1)
+        .replacen("blake3: ", "blake3: 00", 1);
+    p.write("pipeline.lock", &tampered);
+    let _ = std::fs::remove_file(p.file("ran.log"));
+    let r = p.goemo(&["run", "--locked"]);
+    assert_eq!(r.code, 3, "{}", r.all());
+    assert!(
+        r.stderr.contains(
+            "a: cached outputs differ from pipeline.lock (upper.txt modified); the entry was made on: "
+        ),
+        "{}",
+        r.stderr
+    );
+    assert!(r.stderr.contains("; this machine: "), "{}", r.stderr);
+    assert!(!r.stdout.contains("reproduced"), "{}", r.stdout);
+    assert!(p.ran().is_empty(), "nothing ran: {:?}", p.ran());
+    assert_eq!(
+        p.read("pipeline.lock"),
+        tampered,
+        "--locked never rewrites the lock"
+    );
+    // The untouched lock passes with the same cache.
+    p.write("pipeline.lock", &lock);
+    let ok = p.goemo(&["run", "--locked"]);
+    assert_eq!(ok.code, 0, "{}", ok.all());
 }
 
 #[test]
@@ -310,6 +354,17 @@ stages:
     let r = p.goemo(&["run", "-j", "1"]);
     assert_eq!(r.code, 1, "{}", r.all());
     assert!(r.stderr.contains("stage(s) failed: bad"), "{}", r.stderr);
+    assert_eq!(
+        r.stderr.matches("command failed (exit status: 3)").count(),
+        1,
+        "the error is printed once:\n{}",
+        r.stderr
+    );
+    assert!(
+        r.stderr.contains("stage bad failed: command failed"),
+        "{}",
+        r.stderr
+    );
     assert!(r.stdout.contains("after_bad  skipped"), "{}", r.stdout);
     assert_eq!(p.ran(), s(&["bad", "good"]));
     // The good stage was committed: the next run only retries the failed one.
@@ -434,4 +489,213 @@ fn dag_text_dot_and_mermaid() {
     );
     let d = p.goemo(&["dag", "--format", "dot"]).stdout;
     assert!(d.contains("\"c\" -> \"d\";"), "{d}");
+}
+
+#[test]
+fn leftovers_of_an_interrupted_publish_are_removed_by_the_next_run() {
+    let p = Project::new(
+        "stages:\n  m:\n    kind: command\n    params: {cmd: 'mkdir $GOEMO_OUT/model; echo w > $GOEMO_OUT/model/w.bin'}\n    publish: {out/model: nested/model}\n",
+    );
+    p.run_ok(&["run"]);
+    // What a SIGKILL or ENOSPC mid-publish leaves: half-copied folders beside their targets.
+    // (file written, what must be gone)
+    let leftovers = [
+        (
+            "outputs/nested/.model.goemo-tmp.4194300/w.bin",
+            "outputs/nested/.model.goemo-tmp.4194300",
+        ),
+        (
+            "outputs/nested/.model.goemo-old.4194301/w.bin",
+            "outputs/nested/.model.goemo-old.4194301",
+        ),
+        ("outputs/.e.txt.goemo-tmp.77", "outputs/.e.txt.goemo-tmp.77"),
+    ];
+    for (file, _) in leftovers {
+        p.write(file, "partial");
+    }
+    // Look-alikes that are not goemo's: kept.
+    p.write("outputs/notes.goemo-tmp.1", "mine");
+    p.write("outputs/nested/.model.goemo-tmp.draft", "mine");
+    let dry = p.goemo(&["run", "--dry-run"]);
+    assert_eq!(dry.code, 0, "{}", dry.all());
+    assert!(p.file(leftovers[0].0).exists(), "--dry-run removes nothing");
+    let r = p.goemo(&["run"]);
+    assert_eq!(r.code, 0, "{}", r.all());
+    for (_, gone) in leftovers {
+        assert!(!p.file(gone).exists(), "{gone} is left");
+    }
+    assert_eq!(p.read("outputs/notes.goemo-tmp.1"), "mine");
+    assert_eq!(p.read("outputs/nested/.model.goemo-tmp.draft"), "mine");
+    assert_eq!(p.read("outputs/nested/model/w.bin"), "w\n");
+}
+
+#[test]
+fn publish_never_writes_through_a_symlink() {
+    let p = Project::new(
+        "stages:\n  a:\n    kind: command\n    params: {cmd: echo x > $GOEMO_OUT/x.txt}\n    publish: {out/x.txt: sub/x.txt}\n",
+    );
+    let elsewhere = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(p.file("outputs")).unwrap();
+    std::os::unix::fs::symlink(elsewhere.path(), p.file("outputs/sub")).unwrap();
+    let r = p.goemo(&["run"]);
+    assert_eq!(r.code, 1, "{}", r.all());
+    assert!(
+        r.stderr.contains(&format!(
+            "cannot publish outputs/sub/x.txt: outputs/sub is a symbolic link (to {})",
+            elsewhere.path().display()
+        )),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(
+        std::fs::read_dir(elsewhere.path()).unwrap().count(),
+        0,
+        "nothing was written outside outputs/"
+    );
+    // With the link gone, the same run publishes.
+    std::fs::remove_file(p.file("outputs/sub")).unwrap();
+    p.run_ok(&["run"]);
+    assert_eq!(p.read("outputs/sub/x.txt"), "x\n");
+}
+
+#[test]
+fn inputs_outside_the_project_are_shown_as_external() {
+    let data = tempfile::tempdir().unwrap();
+    std::fs::write(data.path().join("in.txt"), "outside\n").unwrap();
+    let name = data.path().file_name().unwrap().to_str().unwrap();
+    let p = Project::new(&format!(
+        "stages:\n  a:\n    kind: command\n    inputs: {{src: ../{name}/in.txt, local: input.txt}}\n    params: {{cmd: cat $GOEMO_IN_SRC > $GOEMO_OUT/a.txt}}\n"
+    ));
+    p.write("input.txt", "inside\n");
+    let abs = data.path().join("in.txt");
+    let st = p.goemo(&["status"]);
+    assert_eq!(st.code, 0, "{}", st.all());
+    assert!(
+        st.stdout.contains(&format!(
+            "a  stale: never run  (external src: {})",
+            abs.display()
+        )),
+        "{}",
+        st.stdout
+    );
+    assert!(!st.stdout.contains("external local"), "{}", st.stdout);
+    p.run_ok(&["run"]);
+    let st = p.goemo(&["status"]);
+    assert!(
+        st.stdout
+            .contains(&format!("a  fresh  (external src: {})", abs.display())),
+        "{}",
+        st.stdout
+    );
+    let dag = p.goemo(&["dag"]);
+    assert!(
+        dag.stdout.contains(&format!(
+            "[local] input.txt, [src] ../{name}/in.txt (external: {})",
+            abs.display()
+        )),
+        "{}",
+        dag.stdout
+    );
+    let dot = p.goemo(&["dag", "--format", "dot"]).stdout;
+    assert!(dot.contains("(external: "), "{dot}");
+}
+
+#[test]
+fn a_fifo_inside_an_input_folder_is_refused_before_anything_runs() {
+    let p = Project::new(
+        "stages:\n  first:\n    kind: command\n    params: {cmd: echo first >> ran.log; echo 1 > $GOEMO_OUT/one}\n  a:\n    kind: command\n    deps: {x: first}\n    inputs: {data: data}\n    params: {cmd: echo a >> ran.log}\n",
+    );
+    p.write("data/rows.txt", "1\n");
+    let fifo = std::ffi::CString::new(p.file("data/pipe").to_str().unwrap()).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+    // Reading the FIFO would block forever: bound the wait.
+    let mut child = p
+        .command(&["run"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if started.elapsed() > std::time::Duration::from_secs(30) {
+            let _ = child.kill();
+            panic!("goemo run hung on a FIFO input");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let r: common::Run = child.wait_with_output().unwrap().into();
+    assert_eq!(r.code, 1, "{}", r.all());
+    assert!(
+        r.stderr.contains(
+            "stage `a`, input `data`: hashing ./data: ./data/pipe is a FIFO (named pipe), not a regular file or folder"
+        ),
+        "{}",
+        r.stderr
+    );
+    assert!(p.ran().is_empty(), "nothing ran: {:?}", p.ran());
+}
+
+#[test]
+fn verify_reports_a_file_added_to_an_entry() {
+    let p = project();
+    p.run_ok(&["run"]);
+    let lock = p.read("pipeline.lock");
+    let key_c = lock
+        .split("name: c")
+        .nth(1)
+        .unwrap()
+        .split("key: ")
+        .nth(1)
+        .unwrap()[..64]
+        .to_owned();
+    let extra = p.file(&format!("cache/entries/{key_c}/out/sneaked/in.txt"));
+    std::fs::create_dir_all(extra.parent().unwrap()).unwrap();
+    std::fs::write(&extra, "not hashed").unwrap();
+    let _ = std::fs::remove_file(p.file("ran.log"));
+    let r = p.goemo(&["run", "--verify"]);
+    assert_eq!(r.code, 0, "{}", r.all());
+    assert!(
+        r.stderr
+            .contains("out/sneaked/in.txt is not in the manifest (an unexpected file)"),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(p.ran(), s(&["c"]), "c rebuilt; d and e stay cached");
+    assert!(!extra.exists(), "the rebuilt entry holds only what c wrote");
+}
+
+#[test]
+fn a_lock_of_another_version_or_with_a_stage_twice_is_refused() {
+    let p = project();
+    p.run_ok(&["run"]);
+    let lock = p.read("pipeline.lock");
+    p.write(
+        "pipeline.lock",
+        &lock.replace("version: 1\n", "version: 99\n"),
+    );
+    let _ = std::fs::remove_file(p.file("ran.log"));
+    for cmd in [&["run"][..], &["status"][..], &["gc"][..]] {
+        let r = p.goemo(cmd);
+        assert_eq!(r.code, 2, "goemo {cmd:?}:\n{}", r.all());
+        assert!(
+            r.stderr.contains(
+                "pipeline.lock:3:1: pipeline.lock version 99 is not one this goemo reads (it reads version 1)"
+            ) && r.stderr.contains("hint: a newer goemo wrote it"),
+            "goemo {cmd:?}:\n{}",
+            r.stderr
+        );
+    }
+    // Stage `a` twice, as a careless merge leaves it.
+    let (head, stages) = lock.split_once("stages:\n").unwrap();
+    let first = &stages[..stages.find("\n- name: b").unwrap() + 1];
+    p.write("pipeline.lock", &format!("{head}stages:\n{first}{stages}"));
+    let r = p.goemo(&["status"]);
+    assert_eq!(r.code, 2, "{}", r.all());
+    assert!(
+        r.stderr.contains("stage `a` is recorded twice") && r.stderr.contains("pipeline.lock:"),
+        "{}",
+        r.stderr
+    );
+    assert!(p.ran().is_empty());
 }
