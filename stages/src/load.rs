@@ -269,7 +269,7 @@ fn read_file(path: &Path, shown: &dyn Fn(&Path) -> String) -> anyhow::Result<Vec
             "{}: empty file ({} bytes, no rows)\n  hint: the copy is incomplete; run `goemo fetch-data --dest {}` again (it checks every file's sha256)",
             shown(path),
             bytes.len(),
-            path.parent().map(|d| shown(d)).unwrap_or_default()
+            path.parent().map(shown).unwrap_or_default()
         );
     }
     Ok(bytes)
