@@ -699,3 +699,20 @@ fn a_lock_of_another_version_or_with_a_stage_twice_is_refused() {
     );
     assert!(p.ran().is_empty());
 }
+
+/// Logs read in CI or a file carry no terminal colour codes (stderr is a pipe here).
+#[test]
+fn logs_to_a_pipe_have_no_colour_codes() {
+    let p = Project::new(
+        r#"
+stages:
+  hello:
+    kind: command
+    params: {cmd: echo hi > "$GOEMO_OUT/hi.txt"}
+"#,
+    );
+    let r = p.goemo(&["run"]);
+    assert_eq!(r.code, 0, "{}", r.all());
+    assert!(r.stderr.contains("running hello"), "{}", r.stderr);
+    assert!(!r.all().contains('\x1b'), "{:?}", r.stderr);
+}
