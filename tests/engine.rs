@@ -376,19 +376,21 @@ stages:
     assert_eq!(p.run_ok(&["run"]), s(&["after_bad", "bad"]));
 }
 
+/// Stage `name`'s key as pipeline.lock records it.
+fn locked_key(p: &Project, name: &str) -> String {
+    let lock = p.read("pipeline.lock");
+    let after = lock
+        .split(&format!("name: {name}\n"))
+        .nth(1)
+        .unwrap_or_else(|| panic!("no stage {name} in pipeline.lock:\n{lock}"));
+    after.split("key: ").nth(1).unwrap()[..64].to_owned()
+}
+
 #[test]
 fn verify_catches_a_flipped_byte() {
     let p = project();
     p.run_ok(&["run"]);
-    let lock = p.read("pipeline.lock");
-    let key_c = lock
-        .split("name: c")
-        .nth(1)
-        .unwrap()
-        .split("key: ")
-        .nth(1)
-        .unwrap()[..64]
-        .to_owned();
+    let key_c = locked_key(&p, "c");
     let f = p.file(&format!("cache/entries/{key_c}/out/count.txt"));
     let mut bytes = std::fs::read(&f).unwrap();
     bytes[0] ^= 0x01; // same size, different content: only a re-hash sees it
@@ -414,15 +416,7 @@ fn verify_catches_a_flipped_byte() {
 fn a_truncated_entry_is_reported_and_rebuilt() {
     let p = project();
     p.run_ok(&["run"]);
-    let lock = p.read("pipeline.lock");
-    let key_a = lock
-        .split("name: a")
-        .nth(1)
-        .unwrap()
-        .split("key: ")
-        .nth(1)
-        .unwrap()[..64]
-        .to_owned();
+    let key_a = locked_key(&p, "a");
     std::fs::write(
         p.file(&format!("cache/entries/{key_a}/out/upper.txt")),
         "HE",
@@ -640,15 +634,7 @@ fn a_fifo_inside_an_input_folder_is_refused_before_anything_runs() {
 fn verify_reports_a_file_added_to_an_entry() {
     let p = project();
     p.run_ok(&["run"]);
-    let lock = p.read("pipeline.lock");
-    let key_c = lock
-        .split("name: c")
-        .nth(1)
-        .unwrap()
-        .split("key: ")
-        .nth(1)
-        .unwrap()[..64]
-        .to_owned();
+    let key_c = locked_key(&p, "c");
     let extra = p.file(&format!("cache/entries/{key_c}/out/sneaked/in.txt"));
     std::fs::create_dir_all(extra.parent().unwrap()).unwrap();
     std::fs::write(&extra, "not hashed").unwrap();
