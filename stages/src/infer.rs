@@ -107,9 +107,6 @@ pub(crate) fn matmul(
         Parallelism::None
     };
     for (b, block) in k_blocks(k).enumerate() {
-        if block.is_empty() {
-            continue;
-        }
         let lhs_block = &lhs.data[block.start * lhs.col_stride..];
         let rhs_block = &rhs.data[block.start * rhs.row_stride..];
         // SAFETY: every element the strides reach lies inside its buffer (checked above for
