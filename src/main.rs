@@ -6,9 +6,9 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
-use goemo::engine::{print_summary, Engine, Outcome, RunOptions, INTERRUPTED};
-use goemo::error::{ConfigError, Interrupted, LockDrift};
-use goemo::pipeline::{self, Override};
+use goemo_engine::engine::{print_summary, Engine, Outcome, RunOptions, INTERRUPTED};
+use goemo_engine::error::{ConfigError, Interrupted, LockDrift};
+use goemo_engine::pipeline::{self, Override};
 
 #[derive(Parser)]
 #[command(
@@ -177,7 +177,7 @@ fn main() -> ExitCode {
                 eprintln!("{e}");
                 ExitCode::from(130)
             } else {
-                eprintln!("error: {}", goemo::error::chain_text(&e));
+                eprintln!("error: {}", goemo_engine::error::chain_text(&e));
                 ExitCode::FAILURE
             }
         }
@@ -208,7 +208,11 @@ fn load(pipeline: &PipelineArg, set: &[String]) -> anyhow::Result<pipeline::Pipe
         .iter()
         .map(|s| Override::parse(s, &pipeline.pipeline))
         .collect::<Result<Vec<_>, _>>()?;
-    Ok(pipeline::load(&pipeline.pipeline, &overrides)?)
+    Ok(pipeline::load(
+        &pipeline.pipeline,
+        &overrides,
+        &goemo_stages::registry(),
+    )?)
 }
 
 fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -231,14 +235,17 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             let _lock = if dry_run {
                 None
             } else {
-                Some(goemo::runlock::acquire(&p.root.join("cache"), !no_wait)?)
+                Some(goemo_engine::runlock::acquire(
+                    &p.root.join("cache"),
+                    !no_wait,
+                )?)
             };
             let engine = Engine::new(&p, !verify)?;
             ctrlc::set_handler(|| {
                 if INTERRUPTED.swap(true, std::sync::atomic::Ordering::SeqCst) {
                     // Second Ctrl-C: leave now, taking the commands' process groups along; temp
                     // folders are cleaned by the next run.
-                    goemo_stages::command::kill_running_groups();
+                    goemo_stage::process::kill_running_groups();
                     std::process::exit(130);
                 }
                 eprintln!("\ninterrupt: stopping running stages (Ctrl-C again to quit at once)…");
@@ -312,9 +319,9 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Dag { pipeline, format } => {
             let p = load(&pipeline, &[])?;
             let text = match format {
-                DagFormat::Text => goemo::dag::text(&p),
-                DagFormat::Dot => goemo::dag::dot(&p),
-                DagFormat::Mermaid => goemo::dag::mermaid(&p),
+                DagFormat::Text => goemo_engine::dag::text(&p),
+                DagFormat::Dot => goemo_engine::dag::dot(&p),
+                DagFormat::Mermaid => goemo_engine::dag::mermaid(&p),
             };
             print!("{text}");
             Ok(ExitCode::SUCCESS)
@@ -332,7 +339,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                     .collect();
                 let bytes: u64 = doomed
                     .iter()
-                    .map(|k| goemo::cache::dir_size(&engine.cache.entry_dir(k)))
+                    .map(|k| goemo_engine::cache::dir_size(&engine.cache.entry_dir(k)))
                     .sum();
                 println!(
                     "would remove {} cache entries ({})",
@@ -341,7 +348,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 );
                 return Ok(ExitCode::SUCCESS);
             }
-            let _lock = goemo::runlock::acquire(&engine.cache.root, true)?;
+            let _lock = goemo_engine::runlock::acquire(&engine.cache.root, true)?;
             let (removed, bytes) = engine.cache.gc(&keep)?;
             println!(
                 "removed {removed} cache entries, freed {}; kept {} referenced by pipeline.lock",
@@ -407,12 +414,12 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::FetchData { mirror, dest } => {
-            goemo_stages::fetch::fetch(&dest, mirror.as_deref(), &mut |line| eprintln!("{line}"))?;
+            goemo_data::fetch::fetch(&dest, mirror.as_deref(), &mut |line| eprintln!("{line}"))?;
             println!("GoEmotions is in {} (sha256 verified)", dest.display());
             Ok(ExitCode::SUCCESS)
         }
         Command::Kinds => {
-            for s in goemo_stages::registry() {
+            for s in goemo_stages::registry().iter() {
                 println!("{:<12} v{}  {}", s.kind(), s.version(), s.summary());
             }
             Ok(ExitCode::SUCCESS)

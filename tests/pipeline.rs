@@ -4,7 +4,7 @@
 mod common;
 
 use common::Project;
-use goemo_stages::model::Arch;
+use goemo_nn::model::Arch;
 
 fn pipeline(data: &str) -> String {
     format!(
@@ -80,11 +80,9 @@ fn ink(png_path: &std::path::Path) -> f64 {
 
 #[test]
 fn default_dag_end_to_end_with_a_tiny_model() {
-    let data = goemo_stages::testing::goemotions_dir()
-        .canonicalize()
-        .unwrap();
+    let data = goemo_testing::goemotions_dir().canonicalize().unwrap();
     let p = Project::new(&pipeline(&data.display().to_string()));
-    goemo_stages::testing::write_tiny_model(&p.file("models/tiny"), Arch::Bert, 0.1, 11);
+    goemo_testing::write_tiny_model(&p.file("models/tiny"), Arch::Bert, 0.1, 11);
 
     let r = p.goemo(&["run"]);
     assert_eq!(r.code, 0, "{}", r.all());

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::snapshot;
-use goemo_stages::model::Arch;
+use goemo_nn::model::Arch;
 
 fn pipeline(data: &Path) -> String {
     format!(
@@ -47,7 +47,7 @@ stages:
 }
 
 fn goemotions() -> PathBuf {
-    goemo_stages::testing::goemotions_dir()
+    goemo_testing::goemotions_dir()
         .canonicalize()
         .expect("GoEmotions: run ./setup.sh")
 }
@@ -61,7 +61,7 @@ fn project_at(depth: usize) -> (tempfile::TempDir, PathBuf) {
     }
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("pipeline.yaml"), pipeline(&goemotions())).unwrap();
-    goemo_stages::testing::write_tiny_model(&dir.join("models/tiny"), Arch::Bert, 0.1, 11);
+    goemo_testing::write_tiny_model(&dir.join("models/tiny"), Arch::Bert, 0.1, 11);
     (base, dir)
 }
 

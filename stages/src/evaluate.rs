@@ -9,10 +9,10 @@ use safetensors::tensor::{Dtype, TensorView};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use crate::data::{round6, Split};
-use crate::metrics::{self, PolicyReport, Prf};
-use crate::stage::{resolve_typed, InputSpec, Inputs, ParamError, Stage, StageContext};
 use crate::thresholds::Thresholds;
+use goemo_data::data::{round6, Split};
+use goemo_report::metrics::{self, PolicyReport, Prf};
+use goemo_stage::{resolve_typed, InputSpec, Inputs, ParamError, Stage, StageContext};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -75,7 +75,8 @@ impl Stage for EvaluateStage {
 
     fn run(&self, ctx: &StageContext<'_>) -> anyhow::Result<()> {
         let p: EvaluateParams = ctx.params()?;
-        let t: Thresholds = crate::read_json(&ctx.input("thresholds")?.join("thresholds.json"))?;
+        let t: Thresholds =
+            goemo_fsio::read_json(&ctx.input("thresholds")?.join("thresholds.json"))?;
         let split = crate::train::score_split(
             ctx.input("model")?,
             ctx.input("tokens")?,
@@ -84,7 +85,7 @@ impl Stage for EvaluateStage {
         )?;
         let (data, scores, truth, test) = (&split.data, &split.scores, &split.truth, &split.rows);
         let report = evaluate(scores, truth, &data.meta.label_names, &t.thresholds, &p);
-        crate::write_json(&ctx.out_dir.join("metrics.json"), &report)?;
+        goemo_fsio::write_json(&ctx.out_dir.join("metrics.json"), &report)?;
         let n = data.n_labels();
         let score_bytes: Vec<u8> = scores.iter().flat_map(|x| x.to_le_bytes()).collect();
         safetensors::serialize_to_file(

@@ -7,10 +7,10 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::charts::{self, Curves, F1Bars, PrCurves};
-use crate::metrics;
-use crate::stage::{resolve_typed, InputSpec, Inputs, ParamError, Stage, StageContext};
 use crate::train::TrainLog;
+use goemo_report::charts::{self, Curves, F1Bars, PrCurves};
+use goemo_report::metrics;
+use goemo_stage::{resolve_typed, InputSpec, Inputs, ParamError, Stage, StageContext};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -49,7 +49,7 @@ pub struct ChartData {
 
 impl ChartData {
     pub fn read(evaluate_dir: &Path, train_dir: &Path) -> anyhow::Result<ChartData> {
-        let m: Value = crate::read_json(&evaluate_dir.join("metrics.json"))?;
+        let m: Value = goemo_fsio::read_json(&evaluate_dir.join("metrics.json"))?;
         let labels: Vec<String> = serde_json::from_value(m["labels"].clone())?;
         let per = |policy: &str, l: &str, key: &str| {
             m["policies"][policy]["per_label"][l][key]
@@ -78,7 +78,7 @@ impl ChartData {
                     .collect()
             })
             .collect();
-        let log: TrainLog = crate::read_json(&train_dir.join("train_log.json"))?;
+        let log: TrainLog = goemo_fsio::read_json(&train_dir.join("train_log.json"))?;
         Ok(ChartData {
             labels,
             f1_tuned,

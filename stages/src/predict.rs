@@ -7,9 +7,9 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use crate::model::Classifier;
 use crate::thresholds::Thresholds;
-use crate::tokens::load_tokenizer;
+use goemo_data::tokens::load_tokenizer;
+use goemo_nn::model::Classifier;
 
 pub struct PredictOptions {
     pub model: PathBuf,
@@ -112,7 +112,7 @@ pub fn predict(
     ) {
         (Some(t), _) => vec![t; n],
         (None, Some(path)) => {
-            let t: Thresholds = crate::read_json(&path)?;
+            let t: Thresholds = goemo_fsio::read_json(&path)?;
             if t.labels != classifier.labels {
                 anyhow::bail!("{}: its labels differ from the model's config.json; pass the thresholds.json made for this model, or --threshold", path.display());
             }
@@ -244,8 +244,8 @@ pub fn parse_texts(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::minilm_dir;
-    use crate::tokens::load_tokenizer;
+    use goemo_data::tokens::load_tokenizer;
+    use goemo_testing::minilm_dir;
 
     /// A 20 MB paste took 10 s and 2 GB when it was tokenized whole; its first 128 tokens come
     /// from its first few hundred bytes, and the prefix gives exactly those ids.

@@ -16,10 +16,10 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::charts;
 use crate::plot::{ChartData, CURVES_SIZE, PR_SIZE};
-use crate::stage::{resolve_typed, InputSpec, Inputs, ParamError, Stage, StageContext};
-use crate::tokens::TokensMeta;
+use goemo_data::tokens::TokensMeta;
+use goemo_report::charts;
+use goemo_stage::{resolve_typed, InputSpec, Inputs, ParamError, Stage, StageContext};
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -64,7 +64,7 @@ impl Stage for ReportStage {
     fn run(&self, ctx: &StageContext<'_>) -> anyhow::Result<()> {
         let p: ReportParams = ctx.params()?;
         let eval_dir = ctx.input("evaluate")?;
-        let m: Value = crate::read_json(&eval_dir.join("metrics.json"))?;
+        let m: Value = goemo_fsio::read_json(&eval_dir.join("metrics.json"))?;
         for (policy, suffix) in [("tuned", ""), ("0.5", "_at_0.5"), ("0.3", "_at_0.3")] {
             std::fs::write(
                 ctx.out_dir
@@ -72,23 +72,23 @@ impl Stage for ReportStage {
                 classification_csv(&m, policy)?,
             )?;
         }
-        crate::write_json(
+        goemo_fsio::write_json(
             &ctx.out_dir.join("overall_metrics.json"),
             &overall_metrics(&m),
         )?;
 
         let charts_data = ChartData::read(eval_dir, ctx.input("train")?)?;
         let tokens: TokensMeta =
-            crate::read_json(&ctx.input("tokens")?.join(crate::tokens::META_FILE))?;
+            goemo_fsio::read_json(&ctx.input("tokens")?.join(goemo_data::tokens::META_FILE))?;
         let summary: Option<Value> = ctx
             .optional_input("dataset")
-            .and_then(|d| crate::read_json(&d.join("summary.json")).ok());
+            .and_then(|d| goemo_fsio::read_json(&d.join("summary.json")).ok());
         let train_metrics: Option<Value> = ctx
             .upstream_volatile
             .get("train")
-            .and_then(|d| crate::read_json(&d.join("train_metrics.json")).ok());
+            .and_then(|d| goemo_fsio::read_json(&d.join("train_metrics.json")).ok());
         let model_config: Option<Value> =
-            crate::read_json(&ctx.input("train")?.join("model/config.json")).ok();
+            goemo_fsio::read_json(&ctx.input("train")?.join("model/config.json")).ok();
         let page = Page {
             title: p
                 .title
@@ -439,7 +439,7 @@ td.params{{text-align:left;max-width:640px}}td.params code{{white-space:pre-wrap
 
 /// Read a report's inputs back for tests.
 pub fn read_overall(path: &Path) -> anyhow::Result<Value> {
-    crate::read_json(path)
+    Ok(goemo_fsio::read_json(path)?)
 }
 
 #[cfg(test)]

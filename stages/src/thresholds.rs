@@ -7,9 +7,9 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::data::Split;
-use crate::metrics;
-use crate::stage::{resolve_typed, InputSpec, Inputs, ParamError, Stage, StageContext};
+use goemo_data::data::Split;
+use goemo_report::metrics;
+use goemo_stage::{resolve_typed, InputSpec, Inputs, ParamError, Stage, StageContext};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
@@ -106,7 +106,7 @@ impl Stage for ThresholdsStage {
         let (data, scores, truth) = (&split.data, &split.scores, &split.truth);
         let n = data.n_labels();
         let t = tune(scores, truth, &data.meta.label_names, &p);
-        crate::write_json(&ctx.out_dir.join("thresholds.json"), &t)?;
+        goemo_fsio::write_json(&ctx.out_dir.join("thresholds.json"), &t)?;
         let tuned = metrics::macro_f1(&metrics::counts(scores, truth, n, &t.thresholds));
         let at_global = metrics::macro_f1(&metrics::counts(
             scores,
@@ -147,7 +147,7 @@ pub fn tune(scores: &[f32], truth: &[u8], labels: &[String], p: &ThresholdParams
     Thresholds {
         policy: p.policy,
         labels: labels.to_vec(),
-        dev_f1: c.iter().map(|k| crate::data::round6(k.f1())).collect(),
+        dev_f1: c.iter().map(|k| goemo_data::data::round6(k.f1())).collect(),
         thresholds,
         fallback,
     }

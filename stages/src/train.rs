@@ -22,18 +22,19 @@ use std::path::Path;
 use std::time::Instant;
 
 use anyhow::Context;
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use crate::data::Split;
-use crate::metrics;
-use crate::model::{self, Batch, ModelDir, NamedTensors, Params};
-use crate::stage::{resolve_typed, InputSpec, Inputs, ParamError, Stage, StageContext};
-use crate::tokens::TokenizedData;
+use goemo_data::data::Split;
+use goemo_data::tokens::TokenizedData;
+pub use goemo_nn::loss::bce_with_logits;
+use goemo_nn::model::{self, Batch, ModelDir, NamedTensors, Params};
+use goemo_report::metrics;
+use goemo_stage::{resolve_typed, InputSpec, Inputs, ParamError, Stage, StageContext};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(untagged)]
@@ -230,8 +231,8 @@ impl Stage for TrainStage {
             &data.meta.label_names,
             &model_dir.dir,
         )?;
-        crate::write_json(&ctx.out_dir.join("train_log.json"), &outcome.log)?;
-        crate::write_json(
+        goemo_fsio::write_json(&ctx.out_dir.join("train_log.json"), &outcome.log)?;
+        goemo_fsio::write_json(
             &ctx.volatile_dir.join("train_metrics.json"),
             &outcome.metrics,
         )?;
@@ -302,27 +303,6 @@ pub struct TrainOutcome {
     pub log: TrainLog,
     pub best_weights: NamedTensors,
     pub metrics: serde_json::Value,
-}
-
-/// BCE-with-logits, stable form, mean over all elements; `pos_weight` broadcast over labels.
-pub fn bce_with_logits(
-    logits: &Tensor,
-    targets: &Tensor,
-    pos_weight: Option<&Tensor>,
-) -> candle_core::Result<Tensor> {
-    let x = logits.to_dtype(DType::F32)?;
-    let y = targets.to_dtype(DType::F32)?;
-    // log(1 + e^-|x|) + max(-x, 0): the softplus of -x without overflow.
-    let softplus_neg = ((x.abs()?.neg()?.exp()? + 1.0)?.log()? + x.neg()?.relu()?)?;
-    let weighted = match pos_weight {
-        Some(w) => {
-            let w = (y.broadcast_mul(&(w - 1.0)?)? + 1.0)?;
-            (w * softplus_neg)?
-        }
-        None => softplus_neg,
-    };
-    let one_minus_y = (y.neg()? + 1.0)?;
-    ((one_minus_y * &x)? + weighted)?.mean_all()
 }
 
 /// neg/pos per label over the train rows, capped.
@@ -479,7 +459,7 @@ pub fn loss_and_grads(
     }
     let (seqs, targets) = packed_batch(data, rows);
     let pos_weight = pos_weight.map(|w| w.to_vec1::<f32>()).transpose()?;
-    crate::backprop::loss_and_grads(params, &seqs, &targets, pos_weight.as_deref(), rng)
+    goemo_nn::backprop::loss_and_grads(params, &seqs, &targets, pos_weight.as_deref(), rng)
 }
 
 /// Token ids and labels (rows × labels, 0/1) of `rows`: the packed trainer's inputs, and what
@@ -546,7 +526,7 @@ pub fn predict_scores(
     device: &Device,
 ) -> anyhow::Result<Vec<f32>> {
     if device.is_cpu() {
-        let packed = crate::infer::PackedEncoder::new(cfg, weights)?;
+        let packed = goemo_nn::infer::PackedEncoder::new(cfg, weights)?;
         return scores_by_length(data, rows, batch, |seqs| packed.scores(seqs));
     }
     scores_by_length(data, rows, batch, |seqs| {
@@ -730,7 +710,7 @@ fn save_checkpoint(
         .map(|(n, t)| t.map(|t| (n, t)))
         .collect::<candle_core::Result<_>>()?;
     save_tensors(&tmp.join("adam.safetensors"), &moments)?;
-    crate::write_json(&tmp.join("state.json"), state)?;
+    goemo_fsio::write_json(&tmp.join("state.json"), state)?;
     let dest = work.join(CKPT);
     let old = work.join(format!("{CKPT}.old"));
     let _ = std::fs::remove_dir_all(&old);
@@ -757,7 +737,7 @@ fn load_checkpoint(
     if !dir.join("state.json").exists() {
         return Ok(None);
     }
-    let state: CheckpointState = crate::read_json(&dir.join("state.json"))?;
+    let state: CheckpointState = goemo_fsio::read_json(&dir.join("state.json"))?;
     let device = params.vars[0].device();
     let weights = candle_core::safetensors::load(dir.join("weights.safetensors"), device)?;
     for (n, v) in params.names.iter().zip(&params.vars) {
@@ -1064,10 +1044,12 @@ pub fn train_params(
             step += 1;
             let entry = StepLog {
                 step,
-                epoch: crate::data::round6(epoch as f64 + (bi + 1) as f64 / batches.len() as f64),
-                loss: crate::data::round6(accum_loss),
+                epoch: goemo_data::data::round6(
+                    epoch as f64 + (bi + 1) as f64 / batches.len() as f64,
+                ),
+                loss: goemo_data::data::round6(accum_loss),
                 learning_rate: lr,
-                grad_norm: crate::data::round6(norm),
+                grad_norm: goemo_data::data::round6(norm),
             };
             if let Some(bar) = &bar {
                 bar.set_message(format!(
@@ -1220,9 +1202,9 @@ fn finish_epoch(
     };
     log.epochs.push(EpochLog {
         epoch: epoch + 1,
-        train_loss: crate::data::round6(train_loss),
-        dev_loss: crate::data::round6(dev_loss),
-        dev_macro_f1: crate::data::round6(dev_f1),
+        train_loss: goemo_data::data::round6(train_loss),
+        dev_loss: goemo_data::data::round6(dev_loss),
+        dev_macro_f1: goemo_data::data::round6(dev_f1),
     });
     tracing::info!(
         "epoch {}: train loss {:.4}, dev loss {:.4}, dev macro-F1 {:.4} (threshold 0.5)",
@@ -1235,7 +1217,7 @@ fn finish_epoch(
         *best_f1 = dev_f1;
         *best = params.snapshot()?;
         log.best_epoch = epoch + 1;
-        log.best_dev_macro_f1 = crate::data::round6(dev_f1);
+        log.best_dev_macro_f1 = goemo_data::data::round6(dev_f1);
         *epochs_since_best = 0;
     } else {
         *epochs_since_best += 1;

@@ -2,12 +2,14 @@
 
 use std::path::Path;
 
-use goemo_stages::data::{read_dataset, Split};
-use goemo_stages::load::{parse_official, LoadStage, Reject};
-use goemo_stages::sample::{sample, SampleParams, SampleStage};
-use goemo_stages::testing::{goemotions_dir, minilm_dir, run_stage};
+use goemo_data::data::{read_dataset, Split};
+use goemo_data::load::{parse_official, Reject};
+use goemo_data::sample::{sample, SampleParams};
+use goemo_data::tokens::{load_tokenizer, TokenizedData};
+use goemo_stages::load::LoadStage;
+use goemo_stages::sample::SampleStage;
 use goemo_stages::tokenize::TokenizeStage;
-use goemo_stages::tokens::{load_tokenizer, TokenizedData};
+use goemo_testing::{goemotions_dir, minilm_dir, run_stage};
 
 fn labels() -> String {
     std::fs::read_to_string(goemotions_dir().join("labels.txt")).unwrap()

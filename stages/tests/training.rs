@@ -4,12 +4,12 @@
 use std::time::Instant;
 
 use candle_core::{Device, Tensor};
-use goemo_stages::model::{self, Arch, Classifier, EncoderConfig, ModelDir, Params};
-use goemo_stages::testing::{
+use goemo_data::tokens::TokenizedData;
+use goemo_nn::model::{self, Arch, Classifier, EncoderConfig, ModelDir, Params};
+use goemo_stages::train::{self, bce_with_logits, TrainParams};
+use goemo_testing::{
     check_finite_differences, max_abs_diff, real_tokens, tiny_config, write_tiny_model,
 };
-use goemo_stages::tokens::TokenizedData;
-use goemo_stages::train::{self, bce_with_logits, TrainParams};
 
 fn tiny_params(arch: Arch, dropout: f64, seed: u64) -> Params {
     let cfg = EncoderConfig::from_json(tiny_config(arch, dropout)).unwrap();
@@ -215,7 +215,7 @@ fn stable_loss_stays_finite_at_extreme_logits() {
 #[test]
 fn auto_pos_weight_is_neg_over_pos_capped() {
     let data = real_tokens(200, 0, 64);
-    let rows = data.rows_in(goemo_stages::data::Split::Train);
+    let rows = data.rows_in(goemo_data::data::Split::Train);
     let w = train::auto_pos_weight(&data, &rows, 10.0);
     let neutral_pos = rows
         .iter()
@@ -469,7 +469,7 @@ fn malformed_model_folders_are_named() {
 fn minilm_real_weights_smoke_test() {
     // The real backbone from ./setup.sh, a few hundred real rows, a few dozen steps.
     let data = real_tokens(384, 0, 64);
-    let md = ModelDir::open(&goemo_stages::testing::minilm_dir()).unwrap();
+    let md = ModelDir::open(&goemo_testing::minilm_dir()).unwrap();
     assert_eq!(md.cfg.hidden, 384);
     let work = tempfile::tempdir().unwrap();
     let p = TrainParams {
@@ -495,7 +495,7 @@ fn minilm_real_weights_smoke_test() {
 #[test]
 fn packed_gradients_match_autograd_on_minilm() {
     let data = real_tokens(24, 0, 128);
-    let md = ModelDir::open(&goemo_stages::testing::minilm_dir()).unwrap();
+    let md = ModelDir::open(&goemo_testing::minilm_dir()).unwrap();
     let params = Params::init(&md.cfg, 28, 0, &Device::Cpu).unwrap();
     params
         .load_backbone(&md.dir.join("model.safetensors"))

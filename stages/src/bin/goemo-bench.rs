@@ -11,8 +11,8 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use candle_core::Device;
-use goemo_stages::data::{Row, Split};
-use goemo_stages::model::{EncoderConfig, ModelDir, Params};
+use goemo_data::data::{Row, Split};
+use goemo_nn::model::{EncoderConfig, ModelDir, Params};
 use goemo_stages::train::{self, AdamW, TrainParams};
 
 fn env_path(key: &str, default: &str) -> PathBuf {
@@ -24,11 +24,11 @@ fn env_path(key: &str, default: &str) -> PathBuf {
 fn read_split(split: Split) -> anyhow::Result<(Vec<String>, Vec<Row>)> {
     let dir = env_path("GE_DATA", "data/goemotions");
     let shown = |p: &std::path::Path| p.display().to_string();
-    let labels = goemo_stages::load::read_label_names(&dir, &shown)?;
+    let labels = goemo_data::load::read_label_names(&dir, &shown)?;
     let bytes = std::fs::read(dir.join(format!("{}.tsv", split.name())))?;
     let mut rejects = Vec::new();
     let (rows, _) =
-        goemo_stages::load::parse_official(&bytes, split.name(), split, labels.len(), &mut rejects);
+        goemo_data::load::parse_official(&bytes, split.name(), split, labels.len(), &mut rejects);
     Ok((labels, rows))
 }
 
@@ -73,7 +73,7 @@ fn main() -> anyhow::Result<()> {
             let mut tokens = 0;
             for run in 0..3 {
                 let t = Instant::now();
-                let enc = goemo_stages::tokenize::tokenize_all(&model, 128, &texts)?;
+                let enc = goemo_data::tokenize::tokenize_all(&model, 128, &texts)?;
                 let dt = t.elapsed().as_secs_f64();
                 tokens = enc.iter().map(|e| e.0.len()).sum::<usize>();
                 println!("run {run}: {dt:.3}s {:.0} texts/s", texts.len() as f64 / dt);
@@ -84,7 +84,7 @@ fn main() -> anyhow::Result<()> {
         Some("train") => {
             let which = args.get(1).map(String::as_str).unwrap_or("minilm");
             let (labels, rows) = read_split(Split::Train)?;
-            let data = goemo_stages::tokenize::build(&rows, labels, &model, 128)?;
+            let data = goemo_data::tokenize::build(&rows, labels, &model, 128)?;
             let batches: Vec<Vec<usize>> = serde_json::from_slice(&std::fs::read(env_path(
                 "BENCH_BATCHES",
                 "bench-results/bench_batches.json",
@@ -120,7 +120,7 @@ fn main() -> anyhow::Result<()> {
                     (loss, grads, None)
                 } else {
                     let (seqs, targets) = train::packed_batch(&data, b);
-                    let s = goemo_stages::backprop::step(
+                    let s = goemo_nn::backprop::step(
                         &params,
                         &seqs,
                         &targets,
@@ -158,7 +158,7 @@ fn main() -> anyhow::Result<()> {
         Some("infer") => {
             let which = args.get(1).map(String::as_str).unwrap_or("minilm");
             let (labels, rows) = read_split(Split::Dev)?;
-            let data = goemo_stages::tokenize::build(&rows, labels, &model, 128)?;
+            let data = goemo_data::tokenize::build(&rows, labels, &model, 128)?;
             let (cfg, pretrained) = model_config(which, &model)?;
             let params = Params::init(&cfg, 28, 0, &Device::Cpu)?;
             if pretrained {
@@ -172,7 +172,7 @@ fn main() -> anyhow::Result<()> {
             let packed = if padded {
                 None
             } else {
-                Some(goemo_stages::infer::PackedEncoder::new(&cfg, &weights)?)
+                Some(goemo_nn::infer::PackedEncoder::new(&cfg, &weights)?)
             };
             let score = |chunk: &[usize]| -> anyhow::Result<Vec<f32>> {
                 match &packed {

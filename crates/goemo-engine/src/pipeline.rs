@@ -20,7 +20,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use goemo_stages::{Inputs, Stage};
+use goemo_stage::{Inputs, Registry, Stage};
 use serde::Deserialize;
 
 use crate::error::ConfigError;
@@ -174,7 +174,11 @@ impl Override {
 }
 
 /// Read, override, validate.
-pub fn load(file: &Path, overrides: &[Override]) -> Result<Pipeline, ConfigError> {
+pub fn load(
+    file: &Path,
+    overrides: &[Override],
+    registry: &Registry,
+) -> Result<Pipeline, ConfigError> {
     let bytes = std::fs::read(file).map_err(|e| {
         let err = ConfigError::new(file, format!("cannot read the pipeline file: {e}"));
         if e.kind() == std::io::ErrorKind::NotFound {
@@ -196,7 +200,7 @@ pub fn load(file: &Path, overrides: &[Override]) -> Result<Pipeline, ConfigError
         })
         .unwrap_or(Path::new("."))
         .to_path_buf();
-    parse(&text, file, &root, overrides)
+    parse(&text, file, &root, overrides, registry)
 }
 
 /// Where the first byte that is not UTF-8 is, as a line and column a person can go to.
@@ -228,6 +232,7 @@ pub fn parse(
     file: &Path,
     root: &Path,
     overrides: &[Override],
+    registry: &Registry,
 ) -> Result<Pipeline, ConfigError> {
     let locate = |path: &[&str]| locate(text, path);
     let raw: RawPipeline = serde_yaml::from_str(text).map_err(|e| yaml_error(file, &e))?;
@@ -270,8 +275,8 @@ pub fn parse(
                 .hint(format!("a stage takes: {STAGE_KEYS}"))
         })?;
         let kind = raw_stage.kind.clone().unwrap_or_else(|| name.clone());
-        let stage: Arc<dyn Stage> = goemo_stages::find(&kind).map(Arc::from).ok_or_else(|| {
-            let kinds: Vec<&str> = KINDS.with(|k| k.clone());
+        let stage: Arc<dyn Stage> = registry.find(&kind).ok_or_else(|| {
+            let kinds = registry.kinds();
             ConfigError::new(file, format!("unknown stage kind `{kind}`"))
                 .stage(&name)
                 .at(locate(&["stages", &name, "kind"]).or(at))
@@ -607,10 +612,6 @@ fn check_publish_overlaps(
         }
     }
     Ok(())
-}
-
-thread_local! {
-    static KINDS: Vec<&'static str> = goemo_stages::registry().iter().map(|s| s.kind()).collect();
 }
 
 /// The role an unnamed dep fills: the role whose accepted kinds include the upstream's kind,

@@ -9,7 +9,7 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::time::Instant;
 
 use anyhow::Context;
-use goemo_stages::{RunRecord, StageContext, StageRecord};
+use goemo_stage::{RunRecord, StageContext, StageRecord};
 
 use crate::cache::{Cache, EntryManifest, Lookup};
 use crate::error::{ConfigError, Interrupted, LockDrift};
@@ -453,7 +453,7 @@ impl<'p> Engine<'p> {
                     }
                     Err(e) => {
                         let msg = crate::error::chain_text(&e);
-                        if e.downcast_ref::<goemo_stages::Cancelled>().is_none() {
+                        if e.downcast_ref::<goemo_stage::Cancelled>().is_none() {
                             // Stages often name themselves already (`stage b: command failed`).
                             let own = format!("stage {name}: ");
                             let detail = msg.strip_prefix(&own).unwrap_or(&msg);

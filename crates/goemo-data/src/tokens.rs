@@ -178,7 +178,7 @@ impl TokenizedData {
             ("split", TensorView::new(Dtype::U8, vec![n], &splits)?),
         ];
         safetensors::serialize_to_file(views, None, &dir.join(TOKENS_FILE))?;
-        crate::write_json(&dir.join(META_FILE), &self.meta)?;
+        goemo_fsio::write_json(&dir.join(META_FILE), &self.meta)?;
         let mut ids = self.row_ids.join("\n");
         ids.push('\n');
         std::fs::write(dir.join(ROW_IDS_FILE), ids)?;
@@ -186,7 +186,7 @@ impl TokenizedData {
     }
 
     pub fn read(dir: &Path) -> anyhow::Result<TokenizedData> {
-        let meta: TokensMeta = crate::read_json(&dir.join(META_FILE))?;
+        let meta: TokensMeta = goemo_fsio::read_json(&dir.join(META_FILE))?;
         let path = dir.join(TOKENS_FILE);
         let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
         let st = safetensors::SafeTensors::deserialize(&bytes)

@@ -197,12 +197,12 @@ pub fn write_dataset(dir: &Path, labels: &[String], rows: &[Row]) -> anyhow::Res
     IpcWriter::new(file)
         .finish(&mut df)
         .map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))?;
-    crate::write_json(&dir.join(LABELS_FILE), &labels)?;
+    goemo_fsio::write_json(&dir.join(LABELS_FILE), &labels)?;
     Ok(())
 }
 
 pub fn read_dataset(dir: &Path) -> anyhow::Result<(Vec<String>, Vec<Row>)> {
-    let labels: Vec<String> = crate::read_json(&dir.join(LABELS_FILE))?;
+    let labels: Vec<String> = goemo_fsio::read_json(&dir.join(LABELS_FILE))?;
     let path = dir.join(DATASET_FILE);
     let file = std::fs::File::open(&path).with_context(|| format!("opening {}", path.display()))?;
     let df = IpcReader::new(file)
@@ -334,7 +334,7 @@ mod tests {
 
     #[test]
     fn ekman_and_sentiment_mappings_cover_every_emotion() {
-        let dir = crate::testing::goemotions_dir();
+        let dir = crate::test_support::goemotions_dir();
         let names: Vec<String> = std::fs::read_to_string(dir.join("labels.txt"))
             .unwrap()
             .lines()

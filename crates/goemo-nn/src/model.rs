@@ -143,7 +143,7 @@ impl EncoderConfig {
 
     /// The head's first layer: BERT's pooler (tanh after it), DistilBERT's pre_classifier
     /// (ReLU after it).
-    pub(crate) fn pool_layer(&self) -> &'static str {
+    pub fn pool_layer(&self) -> &'static str {
         match self.arch {
             Arch::Bert => "bert.pooler.dense",
             Arch::DistilBert => "pre_classifier",
@@ -681,7 +681,7 @@ pub fn export(
     if let Some(o) = config.as_object_mut() {
         o.remove("_name_or_path");
     }
-    crate::write_json(&dir.join("config.json"), &config)?;
+    goemo_fsio::write_json(&dir.join("config.json"), &config)?;
 
     let data: Vec<(String, Vec<u8>, Vec<usize>)> = tensors
         .iter()

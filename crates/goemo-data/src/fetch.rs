@@ -110,7 +110,7 @@ mod tests {
 
     #[test]
     fn copies_from_a_mirror_and_refuses_a_damaged_file() {
-        let real = crate::testing::goemotions_dir();
+        let real = crate::test_support::goemotions_dir();
         let dest = tempfile::tempdir().unwrap();
         let mut log = Vec::new();
         fetch(dest.path(), Some(&real), &mut |l| log.push(l)).unwrap();

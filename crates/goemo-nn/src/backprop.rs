@@ -864,9 +864,11 @@ pub fn step(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::loss::bce_with_logits;
     use crate::model::{forward, Batch, EncoderConfig};
-    use crate::testing::{check_finite_differences, max_abs_diff, random_token_rows, tiny_config};
-    use crate::train::bce_with_logits;
+    use crate::test_support::{
+        check_finite_differences, max_abs_diff, random_token_rows, tiny_config,
+    };
     use candle_core::{Device, Tensor};
     use rand::SeedableRng;
 

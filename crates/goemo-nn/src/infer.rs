@@ -575,7 +575,7 @@ fn activate(x: &mut [f32], a: Activation) {
 mod tests {
     use super::*;
     use crate::model::{forward, Batch, Params};
-    use crate::testing::{max_abs_diff, random_token_rows, tiny_config};
+    use crate::test_support::{max_abs_diff, random_token_rows, tiny_config};
     use candle_core::Device;
 
     /// What `matmul` promises for its bits: each output is, block by block of [`k_blocks`], one

@@ -341,7 +341,7 @@ impl Cache {
     pub fn stop_leftover_commands(&self) -> anyhow::Result<()> {
         if let Ok(rd) = std::fs::read_dir(self.root.join("work")) {
             for e in rd.flatten() {
-                goemo_stages::command::stop_leftover_group(&e.path())?;
+                goemo_stage::process::stop_leftover_group(&e.path())?;
             }
         }
         Ok(())
@@ -433,11 +433,11 @@ fn fsync_tree(dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// [`goemo_stages::write_atomic`] with an error that names `path`, once. The temp file's
+/// [`goemo_fsio::write_atomic`] with an error that names `path`, once. The temp file's
 /// library appends its own temp name (`… at path "/x/.tmpAb12"`), which is not where a person
 /// should look, and which made a full disk read as two paths.
 pub fn write_file_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
-    goemo_stages::write_atomic(path, bytes).map_err(|e| {
+    goemo_fsio::write_atomic(path, bytes).map_err(|e| {
         let text = e.to_string();
         let cause = text.split(" at path \"").next().unwrap_or(&text);
         anyhow::anyhow!("writing {}: {cause}", path.display())

@@ -20,6 +20,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+pub use goemo_fsio::{read_json, write_atomic, write_json, FsError};
+
+pub mod process;
+
 /// An input a stage reads, named by its role (`data`, `model`, `dataset`, …).
 #[derive(Debug, Clone, Copy)]
 pub struct InputSpec {
@@ -183,6 +187,30 @@ pub trait Stage: Send + Sync {
     fn run(&self, ctx: &StageContext<'_>) -> anyhow::Result<()>;
 }
 
+/// The stage kinds a pipeline may use, looked up by their pipeline.yaml name. The binary builds
+/// one (from `goemo_stages::registry()`) and hands it to the engine; tests build their own.
+#[derive(Clone, Default)]
+pub struct Registry {
+    stages: Vec<std::sync::Arc<dyn Stage>>,
+}
+
+impl Registry {
+    pub fn new(stages: Vec<std::sync::Arc<dyn Stage>>) -> Registry {
+        Registry { stages }
+    }
+    /// The stage of `kind`, if registered.
+    pub fn find(&self, kind: &str) -> Option<std::sync::Arc<dyn Stage>> {
+        self.stages.iter().find(|s| s.kind() == kind).cloned()
+    }
+    /// Every kind, in registration order (pipeline order for goemo's own).
+    pub fn kinds(&self) -> Vec<&'static str> {
+        self.stages.iter().map(|s| s.kind()).collect()
+    }
+    pub fn iter(&self) -> impl Iterator<Item = &dyn Stage> {
+        self.stages.iter().map(|s| s.as_ref())
+    }
+}
+
 /// `resolve_params` for a typed params struct (`#[serde(deny_unknown_fields, default)]`).
 pub fn resolve_typed<P: DeserializeOwned + Serialize>(
     raw: &serde_yaml::Value,
@@ -275,55 +303,9 @@ fn param_named_in(message: &str) -> Option<String> {
     })
 }
 
-/// Write `bytes` to `path` via a temp file in the same folder and a rename, so a reader never
-/// sees half a file.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    let dir = path.parent().unwrap_or(Path::new("."));
-    // A temp file is created owner-only (0600); results are ordinary files that others on the
-    // machine may read (0644, less the umask), like any file a tool writes.
-    let mut builder = tempfile::Builder::new();
-    #[cfg(unix)]
-    builder.permissions(std::os::unix::fs::PermissionsExt::from_mode(0o644));
-    let mut tmp = builder.tempfile_in(dir)?;
-    tmp.write_all(bytes)?;
-    tmp.as_file().sync_all()?;
-    tmp.persist(path).map_err(|e| e.error)?;
-    // The rename is durable only once the folder's entry is on disk.
-    std::fs::File::open(dir)?.sync_all()?;
-    Ok(())
-}
-
-/// Pretty JSON with a trailing newline, written atomically.
-pub fn write_json<T: Serialize>(path: &Path, value: &T) -> anyhow::Result<()> {
-    let mut bytes = serde_json::to_vec_pretty(value)?;
-    bytes.push(b'\n');
-    write_atomic(path, &bytes).map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))
-}
-
-pub fn read_json<T: DeserializeOwned>(path: &Path) -> anyhow::Result<T> {
-    let bytes =
-        std::fs::read(path).map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?;
-    serde_json::from_slice(&bytes).map_err(|e| anyhow::anyhow!("parsing {}: {e}", path.display()))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[cfg(unix)]
-    #[test]
-    fn atomic_writes_are_readable_by_others() {
-        use std::os::unix::fs::PermissionsExt;
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("metrics.json");
-        write_atomic(&path, b"{}").unwrap();
-        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
-        // 0644 less the umask; the usual umask (022) leaves it whole.
-        assert_eq!(mode & 0o600, 0o600, "mode {mode:o}");
-        assert_eq!(mode & !0o644, 0, "mode {mode:o}");
-        assert_eq!(std::fs::read(&path).unwrap(), b"{}");
-    }
 
     #[derive(serde::Deserialize, Serialize, Default)]
     #[serde(deny_unknown_fields, default)]
@@ -373,31 +355,5 @@ mod tests {
             non_finite_number(&nested, "").map(|(p, _)| p).as_deref(),
             Some("vars.weights")
         );
-    }
-
-    /// A checkpoint's log is written and read back: every float must keep every bit, or a
-    /// resumed run's train_log.json differs from an uninterrupted one's (9.400000000000001e-05
-    /// came back as 9.4e-05 with serde_json's default parser).
-    #[test]
-    fn json_floats_survive_a_write_and_read_bit_for_bit() {
-        use rand::{Rng, SeedableRng};
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("log.json");
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
-        let mut values: Vec<f64> = vec![9.400000000000001e-05, 1e-4 * 0.94, 0.1 + 0.2, 5e-324];
-        values.extend((0..20_000).map(|_| {
-            let mantissa: f64 = rng.random_range(0.0..1.0);
-            mantissa * 10f64.powi(rng.random_range(-12..4))
-        }));
-        write_json(&path, &values).unwrap();
-        let back: Vec<f64> = read_json(&path).unwrap();
-        let differing: Vec<String> = values
-            .iter()
-            .zip(&back)
-            .filter(|(a, b)| a.to_bits() != b.to_bits())
-            .take(3)
-            .map(|(a, b)| format!("{a:e} read back as {b:e}"))
-            .collect();
-        assert!(differing.is_empty(), "{}", differing.join("; "));
     }
 }

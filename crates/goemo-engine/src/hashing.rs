@@ -162,7 +162,7 @@ impl ContentHasher {
             if let Some(dir) = file.parent() {
                 let _ = std::fs::create_dir_all(dir);
             }
-            let _ = goemo_stages::write_atomic(file, &bytes);
+            let _ = goemo_fsio::write_atomic(file, &bytes);
         }
     }
 }

@@ -1,0 +1,14 @@
+//! GoEmotions as goemo reads it: the official splits or the raw rater files parsed into one
+//! typed table ([`data`], stored as Arrow IPC through polars), per-split sampling ([`sample`]),
+//! tokenizing into packed token ids ([`tokenize`], [`tokens`]) and fetching the files with
+//! their checksums ([`fetch`]). Knows nothing of pipelines: the stages call it.
+
+pub mod data;
+pub mod fetch;
+pub mod load;
+pub mod sample;
+pub mod tokenize;
+pub mod tokens;
+
+#[cfg(any(test, feature = "test-support"))]
+pub mod test_support;
