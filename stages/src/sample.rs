@@ -4,11 +4,13 @@ use std::collections::BTreeMap;
 
 use goemo_data::data;
 use goemo_data::sample::{sample, SampleParams};
-use goemo_stage::{resolve_typed, InputSpec, Inputs, ParamError, Stage, StageContext};
+use goemo_stage::{InputSpec, Inputs, ParamError, StageContext, TypedStage};
 
 pub struct SampleStage;
 
-impl Stage for SampleStage {
+impl TypedStage for SampleStage {
+    type Params = SampleParams;
+
     fn kind(&self) -> &'static str {
         "sample"
     }
@@ -26,20 +28,18 @@ impl Stage for SampleStage {
         )];
         Inputs::Fixed(SPECS)
     }
-    fn resolve_params(&self, raw: &serde_yaml::Value) -> Result<serde_json::Value, ParamError> {
-        let v = resolve_typed::<SampleParams>(raw)?;
-        let f = v["fraction"].as_f64().unwrap_or(-1.0);
+    fn validate(&self, params: &SampleParams) -> Result<(), ParamError> {
+        let f = params.fraction;
         if !(f > 0.0 && f <= 1.0) {
             return Err(ParamError::new(
                 "fraction",
                 format!("fraction must be in (0, 1], got {f}"),
             ));
         }
-        Ok(v)
+        Ok(())
     }
 
-    fn run(&self, ctx: &StageContext<'_>) -> anyhow::Result<()> {
-        let params: SampleParams = ctx.params()?;
+    fn run(&self, ctx: &StageContext<'_>, params: SampleParams) -> anyhow::Result<()> {
         let input = ctx.input("dataset")?;
         let (labels, rows) = data::read_dataset(input)?;
         let sampled = sample(&rows, labels.len(), &params);

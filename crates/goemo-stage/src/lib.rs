@@ -183,9 +183,62 @@ pub trait Stage: Send + Sync {
     fn inputs(&self) -> Inputs;
     /// Check raw params against the typed struct and return them with defaults filled in: this
     /// is exactly what is hashed and recorded in pipeline.lock.
-    fn resolve_params(&self, raw: &serde_yaml::Value) -> Result<serde_json::Value, ParamError>;
+    fn resolve_params(&self, raw: &RawParams) -> Result<serde_json::Value, ParamError>;
     fn run(&self, ctx: &StageContext<'_>) -> anyhow::Result<()>;
 }
+
+/// A stage with typed params: what every goemo stage implements. The blanket [`Stage`] impl
+/// resolves raw params into [`TypedStage::Params`] (unknown keys are errors, missing ones take
+/// their defaults), checks them with [`TypedStage::validate`], and hands `run` the typed value,
+/// so no stage parses its own params.
+pub trait TypedStage: Send + Sync {
+    /// `#[serde(deny_unknown_fields, default)]`: what is hashed into the stage key and recorded
+    /// in pipeline.lock, defaults filled in.
+    type Params: DeserializeOwned + Serialize;
+    /// The `kind:` name in pipeline.yaml.
+    fn kind(&self) -> &'static str;
+    /// Bump whenever the implementation changes what it writes for the same params and inputs.
+    fn version(&self) -> u32;
+    /// One line for `goemo dag` and error messages.
+    fn summary(&self) -> &'static str;
+    fn inputs(&self) -> Inputs;
+    /// Checks serde cannot express (ranges, combinations); the error names the param.
+    fn validate(&self, _params: &Self::Params) -> Result<(), ParamError> {
+        Ok(())
+    }
+    fn run(&self, ctx: &StageContext<'_>, params: Self::Params) -> anyhow::Result<()>;
+}
+
+impl<T: TypedStage> Stage for T {
+    fn kind(&self) -> &'static str {
+        TypedStage::kind(self)
+    }
+    fn version(&self) -> u32 {
+        TypedStage::version(self)
+    }
+    fn summary(&self) -> &'static str {
+        TypedStage::summary(self)
+    }
+    fn inputs(&self) -> Inputs {
+        TypedStage::inputs(self)
+    }
+    fn resolve_params(&self, raw: &RawParams) -> Result<serde_json::Value, ParamError> {
+        let value = resolve_typed::<T::Params>(raw)?;
+        let typed: T::Params = serde_json::from_value(value.clone()).map_err(|e| ParamError {
+            param: None,
+            message: e.to_string(),
+        })?;
+        self.validate(&typed)?;
+        Ok(value)
+    }
+    fn run(&self, ctx: &StageContext<'_>) -> anyhow::Result<()> {
+        let params: T::Params = ctx.params()?;
+        TypedStage::run(self, ctx, params)
+    }
+}
+
+/// Params as pipeline.yaml (and `--set`) give them, before a stage resolves them.
+pub type RawParams = serde_yaml::Value;
 
 /// The stage kinds a pipeline may use, looked up by their pipeline.yaml name. The binary builds
 /// one (from `goemo_stages::registry()`) and hands it to the engine; tests build their own.
@@ -213,7 +266,7 @@ impl Registry {
 
 /// `resolve_params` for a typed params struct (`#[serde(deny_unknown_fields, default)]`).
 pub fn resolve_typed<P: DeserializeOwned + Serialize>(
-    raw: &serde_yaml::Value,
+    raw: &RawParams,
 ) -> Result<serde_json::Value, ParamError> {
     // JSON has no NaN or infinity: serde_json would turn `.nan` into null and the stage would
     // fail later with "invalid type: null" and no name.
