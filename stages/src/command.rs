@@ -41,7 +41,7 @@ impl Stage for CommandStage {
     fn inputs(&self) -> Inputs {
         Inputs::Any
     }
-    fn resolve_params(&self, raw: &serde_yaml::Value) -> Result<serde_json::Value, ParamError> {
+    fn resolve_params(&self, raw: &goemo_stage::RawParams) -> Result<serde_json::Value, ParamError> {
         let value = resolve_typed::<CommandParams>(raw)?;
         if value["cmd"].as_str().is_none_or(|c| c.trim().is_empty()) {
             return Err(ParamError::new(

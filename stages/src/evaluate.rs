@@ -65,7 +65,7 @@ impl Stage for EvaluateStage {
         ];
         Inputs::Fixed(SPECS)
     }
-    fn resolve_params(&self, raw: &serde_yaml::Value) -> Result<serde_json::Value, ParamError> {
+    fn resolve_params(&self, raw: &goemo_stage::RawParams) -> Result<serde_json::Value, ParamError> {
         let v = resolve_typed::<EvaluateParams>(raw)?;
         if v["batch_size"].as_u64() == Some(0) {
             return Err(ParamError::new("batch_size", "batch_size must be > 0"));

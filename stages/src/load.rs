@@ -23,7 +23,7 @@ impl Stage for LoadStage {
         const SPECS: &[InputSpec] = &[InputSpec::path("data", "the GoEmotions folder")];
         Inputs::Fixed(SPECS)
     }
-    fn resolve_params(&self, raw: &serde_yaml::Value) -> Result<serde_json::Value, ParamError> {
+    fn resolve_params(&self, raw: &goemo_stage::RawParams) -> Result<serde_json::Value, ParamError> {
         let v = resolve_typed::<LoadParams>(raw)?;
         let p: LoadParams = serde_json::from_value(v.clone()).expect("just resolved");
         let sum: f64 = p.split_fractions.iter().sum();

@@ -160,7 +160,7 @@ impl Stage for PlotStage {
         ];
         Inputs::Fixed(SPECS)
     }
-    fn resolve_params(&self, raw: &serde_yaml::Value) -> Result<serde_json::Value, ParamError> {
+    fn resolve_params(&self, raw: &goemo_stage::RawParams) -> Result<serde_json::Value, ParamError> {
         let v = resolve_typed::<PlotParams>(raw)?;
         let w = v["width"].as_u64().unwrap_or(0);
         if !(400..=8000).contains(&w) {

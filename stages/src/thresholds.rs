@@ -78,7 +78,7 @@ impl Stage for ThresholdsStage {
         ];
         Inputs::Fixed(SPECS)
     }
-    fn resolve_params(&self, raw: &serde_yaml::Value) -> Result<serde_json::Value, ParamError> {
+    fn resolve_params(&self, raw: &goemo_stage::RawParams) -> Result<serde_json::Value, ParamError> {
         let v = resolve_typed::<ThresholdParams>(raw)?;
         for key in ["global_threshold", "floor"] {
             let x = v[key].as_f64().unwrap_or(-1.0);

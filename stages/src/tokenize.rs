@@ -27,7 +27,7 @@ impl Stage for TokenizeStage {
         ];
         Inputs::Fixed(SPECS)
     }
-    fn resolve_params(&self, raw: &serde_yaml::Value) -> Result<serde_json::Value, ParamError> {
+    fn resolve_params(&self, raw: &goemo_stage::RawParams) -> Result<serde_json::Value, ParamError> {
         let v = resolve_typed::<TokenizeParams>(raw)?;
         let m = v["max_len"].as_u64().unwrap_or(0);
         if !(3..=8192).contains(&m) {

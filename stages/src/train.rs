@@ -155,7 +155,7 @@ impl Stage for TrainStage {
         ];
         Inputs::Fixed(SPECS)
     }
-    fn resolve_params(&self, raw: &serde_yaml::Value) -> Result<serde_json::Value, ParamError> {
+    fn resolve_params(&self, raw: &goemo_stage::RawParams) -> Result<serde_json::Value, ParamError> {
         let v = resolve_typed::<TrainParams>(raw)?;
         let p: TrainParams = serde_json::from_value(v.clone()).map_err(|e| ParamError {
             param: None,
