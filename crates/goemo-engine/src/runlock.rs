@@ -10,7 +10,9 @@ pub struct RunLock {
     _file: File,
 }
 
-pub fn acquire(cache_root: &Path, wait: bool) -> anyhow::Result<RunLock> {
+/// Take the project's run lock. When another run holds it: fail at once unless `wait`, else call
+/// `on_wait` with a sentence saying who holds it, and block until it is free.
+pub fn acquire(cache_root: &Path, wait: bool, on_wait: &dyn Fn(&str)) -> anyhow::Result<RunLock> {
     std::fs::create_dir_all(cache_root)?;
     let path = cache_root.join("run.lock");
     let mut file = OpenOptions::new()
@@ -36,7 +38,9 @@ pub fn acquire(cache_root: &Path, wait: bool) -> anyhow::Result<RunLock> {
                     "another goemo run is running in this project{who}; --no-wait was given\n  hint: wait for it, or drop --no-wait to queue behind it"
                 );
             }
-            eprintln!("waiting for another goemo run in this project to finish{who}…");
+            on_wait(&format!(
+                "waiting for another goemo run in this project to finish{who}…"
+            ));
             file.lock()
                 .map_err(|e| anyhow::anyhow!("locking {}: {e}", path.display()))?;
         }
