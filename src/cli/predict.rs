@@ -42,11 +42,7 @@ fn read_inputs(args: &PredictArgs) -> anyhow::Result<Vec<InputText>> {
         let bytes =
             std::fs::read(path).map_err(|e| ConfigError::new(path, format!("cannot read: {e}")))?;
         let jsonl = path.extension().map(|e| e == "jsonl" || e == "ndjson");
-        return Ok(parse_texts(
-            &bytes,
-            &path.display().to_string(),
-            jsonl.filter(|j| *j),
-        )?);
+        return parse_texts(&bytes, &path.display().to_string(), jsonl.filter(|j| *j));
     }
     if !args.texts.is_empty() {
         return Ok(args
@@ -61,5 +57,5 @@ fn read_inputs(args: &PredictArgs) -> anyhow::Result<Vec<InputText>> {
     }
     let mut bytes = Vec::new();
     std::io::Read::read_to_end(&mut std::io::stdin(), &mut bytes).context("reading stdin")?;
-    Ok(parse_texts(&bytes, "stdin", None)?)
+    parse_texts(&bytes, "stdin", None)
 }
