@@ -207,9 +207,8 @@ impl Cache {
                 Err(e) => bad.push(format!("out/{rel}: {e}")),
             }
         }
-        let mut rels = Vec::new();
-        match list_files(&out, Path::new(""), &mut rels) {
-            Ok(()) => {
+        match list_files(&out) {
+            Ok(rels) => {
                 let mut extra: Vec<String> = rels
                     .iter()
                     .map(|r| rel_string(r))
@@ -239,6 +238,8 @@ impl Cache {
             .join(format!("{key}.removing.{}", std::process::id()));
         std::fs::create_dir_all(self.root.join("tmp"))?;
         std::fs::rename(&dir, &doomed)?;
+        // The entry is gone from under its key only once `entries/` is on disk.
+        sync_dir(&self.root.join("entries"));
         std::fs::remove_dir_all(&doomed)
     }
 
@@ -275,8 +276,7 @@ impl Cache {
     ) -> anyhow::Result<EntryManifest> {
         use rayon::prelude::*;
         let out = pending.out_dir();
-        let mut rels = Vec::new();
-        list_files(&out, Path::new(""), &mut rels).with_context(|| {
+        let rels = list_files(&out).with_context(|| {
             format!("listing the outputs of stage {stage} in {}", out.display())
         })?;
         let outputs: BTreeMap<String, FileDigest> = rels
@@ -404,10 +404,9 @@ pub fn dir_size_or_len(path: &Path) -> u64 {
 }
 
 pub fn dir_size(path: &Path) -> u64 {
-    let mut rels = Vec::new();
-    if list_files(path, Path::new(""), &mut rels).is_err() {
+    let Ok(rels) = list_files(path) else {
         return 0;
-    }
+    };
     rels.iter()
         .filter_map(|r| std::fs::metadata(path.join(r)).ok())
         .map(|m| m.len())
@@ -416,20 +415,19 @@ pub fn dir_size(path: &Path) -> u64 {
 
 /// fsync every file and folder under `dir`; an error names the path it happened on.
 fn fsync_tree(dir: &Path) -> anyhow::Result<()> {
-    let listing = || format!("syncing {} to disk", dir.display());
-    for entry in std::fs::read_dir(dir).with_context(listing)? {
-        let entry = entry.with_context(listing)?;
-        let path = entry.path();
-        let ty = entry.file_type().with_context(listing)?;
+    // Deepest first, so each folder is synced after what it holds. Links are not followed: an
+    // entry's own files and folders are what must be durable.
+    for entry in walkdir::WalkDir::new(dir).contents_first(true) {
+        let entry = entry.with_context(|| format!("syncing {} to disk", dir.display()))?;
+        let ty = entry.file_type();
         if ty.is_dir() {
-            fsync_tree(&path)?;
+            sync_dir(entry.path());
         } else if ty.is_file() {
-            std::fs::File::open(&path)
+            std::fs::File::open(entry.path())
                 .and_then(|f| f.sync_all())
-                .with_context(|| format!("syncing {} to disk", path.display()))?;
+                .with_context(|| format!("syncing {} to disk", entry.path().display()))?;
         }
     }
-    sync_dir(dir);
     Ok(())
 }
 

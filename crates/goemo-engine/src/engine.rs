@@ -12,11 +12,13 @@ use anyhow::Context;
 use goemo_stage::{RunRecord, StageContext, StageRecord};
 
 use crate::cache::{Cache, EntryManifest, Lookup};
-use crate::error::{ConfigError, Interrupted, LockDrift};
+use crate::error::ConfigError;
+pub use crate::events::{EngineEvent, Outcome, Reporter, StageResult};
 use crate::fingerprint::{self, Fingerprint, InputHash, StaleReason};
 use crate::hashing::{ContentHasher, FileDigest, TreeDigest};
 use crate::lockfile::{LockFile, LockedStage, LOCK_VERSION};
 use crate::pipeline::Pipeline;
+use crate::scheduler::{Scheduler, Selection, State};
 
 /// Set by the Ctrl-C handler; stages poll it through their context.
 pub static INTERRUPTED: AtomicBool = AtomicBool::new(false);
@@ -59,47 +61,32 @@ pub struct RunOptions {
     pub locked: bool,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
-    /// Same key as pipeline.lock, taken from the cache.
-    Cached,
-    /// A different key than pipeline.lock, found in the cache (the run-cache).
-    Restored,
-    Ran,
-    Failed,
-    Skipped,
-    WouldRun,
+/// What `goemo run` came to: the closing table, and whether it stopped short.
+pub struct RunReport {
+    pub results: Vec<StageResult>,
+    /// Ctrl-C or SIGTERM stopped it; what ran was discarded.
+    pub interrupted: bool,
+    /// Under --locked: each way the results differ from pipeline.lock.
+    pub drift: Vec<String>,
 }
 
-impl Outcome {
-    fn label(self) -> &'static str {
-        match self {
-            Outcome::Cached => "cached",
-            Outcome::Restored => "restored",
-            Outcome::Ran => "ran",
-            Outcome::Failed => "FAILED",
-            Outcome::Skipped => "skipped",
-            Outcome::WouldRun => "would run",
-        }
-    }
+/// A ready stage that has to run: its assessment and why.
+struct ToRun {
+    assessment: Box<Assessment>,
+    why: String,
 }
 
-pub struct StageResult {
-    pub name: String,
-    pub outcome: Outcome,
-    pub wall_s: f64,
-    pub note: String,
+/// One `goemo run` in progress: the engine, its options, the slots, and what it found.
+struct Run<'a, 'p> {
+    engine: &'a Engine<'p>,
+    opts: &'a RunOptions,
+    reporter: &'a dyn Reporter,
+    sched: Scheduler<'a>,
+    drift: Vec<String>,
+    missing_upstream: Vec<String>,
 }
 
-enum State {
-    Waiting,
-    Running,
-    Done(Arc<EntryManifest>, Outcome),
-    Failed(String),
-    Skipped(String),
-    /// Dry run: it would run, so its outputs are unknown.
-    Unknown,
-}
+type Finished = (usize, anyhow::Result<EntryManifest>, f64);
 
 impl<'p> Engine<'p> {
     pub fn new(pipeline: &'p Pipeline, use_stat_cache: bool) -> anyhow::Result<Self> {
@@ -254,18 +241,20 @@ impl<'p> Engine<'p> {
         Ok(rows)
     }
 
-    /// `goemo run`.
-    pub fn run(&self, opts: &RunOptions) -> anyhow::Result<Vec<StageResult>> {
+    /// `goemo run`: plan, run what must run (up to `jobs` at once), publish, write the lock.
+    pub fn run(&self, opts: &RunOptions, reporter: &dyn Reporter) -> anyhow::Result<RunReport> {
         let p = self.pipeline;
-        let n = p.stages.len();
-        let (selected, forced) = self.select(opts)?;
-        // Unselected ancestors of selected stages are needed too, but only from the cache.
-        let needed: Vec<bool> = (0..n)
-            .map(|i| (0..n).any(|s| selected[s] && p.reaches(i, s)))
-            .collect();
-
+        let selection = self.select(opts)?;
+        let mut run = Run {
+            engine: self,
+            opts,
+            reporter,
+            sched: Scheduler::new(p.graph(), selection),
+            drift: Vec::new(),
+            missing_upstream: Vec::new(),
+        };
         // Every external input hashed (and refused if it is not data) before anything runs.
-        for i in (0..n).filter(|&i| needed[i]) {
+        for i in (0..p.stages.len()).filter(|&i| run.sched.slots[i].needed) {
             self.hash_inputs(i)?;
         }
         if !opts.dry_run {
@@ -273,247 +262,22 @@ impl<'p> Engine<'p> {
             self.cache.stop_leftover_commands()?;
             self.cache.clean_tmp();
             for path in crate::publish::clean_leftovers(&self.outputs_dir) {
-                tracing::info!("removed {}, left by an interrupted publish", path.display());
+                reporter.event(EngineEvent::LeftoverRemoved { path: &path });
             }
         }
-        let mut state: Vec<State> = (0..n).map(|_| State::Waiting).collect();
-        let mut notes: Vec<String> = vec![String::new(); n];
-        let mut walls: Vec<f64> = vec![0.0; n];
-        let mut drift: Vec<String> = Vec::new();
-        let mut missing_upstream: Vec<String> = Vec::new();
-        let jobs = opts.jobs.max(1);
-        let (tx, rx) = mpsc::channel::<(usize, anyhow::Result<EntryManifest>, f64)>();
-        let mut running = 0usize;
-
-        std::thread::scope(|scope| -> anyhow::Result<()> {
-            loop {
-                let interrupted = INTERRUPTED.load(Ordering::Relaxed);
-                // Assess every stage whose upstreams are settled; start what must run.
-                for i in 0..n {
-                    if !needed[i] || !matches!(state[i], State::Waiting) || interrupted {
-                        continue;
-                    }
-                    let ups = p.upstream(i);
-                    if let Some(bad) = ups
-                        .iter()
-                        .find(|&&u| matches!(state[u], State::Failed(_) | State::Skipped(_)))
-                    {
-                        state[i] = State::Skipped(format!(
-                            "upstream {} did not finish",
-                            p.stages[*bad].name
-                        ));
-                        continue;
-                    }
-                    if ups
-                        .iter()
-                        .any(|&u| matches!(state[u], State::Waiting | State::Running))
-                    {
-                        continue;
-                    }
-                    let upstream = |u: usize| match &state[u] {
-                        State::Done(m, _) => Some(m.clone()),
-                        _ => None,
-                    };
-                    let name = p.stages[i].name.clone();
-                    let a = match self.assess(i, &upstream)? {
-                        Assessed::Blocked(reason) => {
-                            // Only in a dry run: an upstream would run first.
-                            println!("{:<12} {name}: {reason}", "would run");
-                            notes[i] = reason.to_string();
-                            state[i] = State::Unknown;
-                            continue;
-                        }
-                        Assessed::Known(a) => a,
-                    };
-                    let mut a = a;
-                    let lookup = std::mem::replace(&mut a.lookup, Lookup::Missing);
-                    let lock_key = self.lock.get(&name).map(|l| l.key.clone());
-                    if opts.locked && lock_key.as_deref() != Some(a.key.as_str()) {
-                        drift.push(format!(
-                            "{name}: would have to run: {}",
-                            join_reasons(&a.reasons)
-                        ));
-                        state[i] = State::Failed("differs from pipeline.lock".into());
-                        continue;
-                    }
-                    let hit = match lookup {
-                        Lookup::Hit(m) if opts.verify && !opts.dry_run => {
-                            let bad = self.cache.verify(&m);
-                            if bad.is_empty() {
-                                Some(m)
-                            } else {
-                                tracing::warn!(
-                                    "stage {name}: cache entry {} is damaged ({}); rebuilding",
-                                    short(&a.key),
-                                    bad.join("; ")
-                                );
-                                self.cache.remove(&a.key)?;
-                                notes[i] = format!("rebuilt: {}", bad.join("; "));
-                                None
-                            }
-                        }
-                        Lookup::Hit(m) => Some(m),
-                        Lookup::Corrupt(ref why) => {
-                            if !opts.dry_run {
-                                tracing::warn!(
-                                    "stage {name}: cache entry {} is damaged ({why}); rebuilding",
-                                    short(&a.key)
-                                );
-                                self.cache.remove(&a.key)?;
-                            }
-                            notes[i] = format!("rebuilt: {why}");
-                            None
-                        }
-                        Lookup::Missing => None,
-                    };
-                    // Taken from the cache under --locked: its outputs must still be the locked ones.
-                    if let (true, Some(m), None) = (opts.locked, &hit, forced[i]) {
-                        drift.extend(self.cached_drift(&name, m));
-                    }
-                    if !selected[i] {
-                        match hit {
-                            Some(m) => state[i] = State::Done(Arc::new(*m), Outcome::Cached),
-                            None => {
-                                missing_upstream.push(name.clone());
-                                state[i] = State::Failed("no cached result".into());
-                            }
-                        }
-                        continue;
-                    }
-                    match (hit, forced[i]) {
-                        (Some(m), None) => {
-                            let outcome = if lock_key.as_deref() == Some(a.key.as_str()) {
-                                Outcome::Cached
-                            } else {
-                                notes[i] = if a.reasons == [StaleReason::NeverRun] {
-                                    // Run before, but pipeline.lock (new clone, other branch)
-                                    // has no record of it: "never run" would be wrong here.
-                                    "from the run-cache (pipeline.lock has no record of it)".into()
-                                } else {
-                                    format!("from the run-cache: {}", join_reasons(&a.reasons))
-                                };
-                                Outcome::Restored
-                            };
-                            walls[i] = 0.0;
-                            if opts.dry_run {
-                                println!("{:<12} {}", outcome.label(), name);
-                            }
-                            state[i] = State::Done(Arc::new(*m), outcome);
-                        }
-                        (_, force) => {
-                            let why = match force {
-                                Some(f) => StaleReason::Forced(f).to_string(),
-                                None => join_reasons(&a.reasons),
-                            };
-                            if opts.dry_run {
-                                println!("{:<12} {name}: {why}", "would run");
-                                notes[i] = why;
-                                state[i] = State::Unknown;
-                                continue;
-                            }
-                            if running >= jobs {
-                                continue;
-                            }
-                            tracing::info!("running {name}: {why}");
-                            notes[i] = why;
-                            state[i] = State::Running;
-                            running += 1;
-                            let tx = tx.clone();
-                            let record = self.run_record(i, &state);
-                            scope.spawn(move || {
-                                let started = Instant::now();
-                                let result = self.execute(i, *a, record);
-                                let _ = tx.send((i, result, started.elapsed().as_secs_f64()));
-                            });
-                        }
-                    }
-                }
-                if running == 0 {
-                    break;
-                }
-                let (i, result, wall) = rx.recv().expect("a running stage reports back");
-                running -= 1;
-                walls[i] = wall;
-                let name = &p.stages[i].name;
-                state[i] = match result {
-                    Ok(m) => {
-                        if opts.locked {
-                            if let Some(l) = self.lock.get(name) {
-                                if l.outputs_hash != m.outputs_hash {
-                                    drift.push(format!(
-                                        "{name}: outputs differ from pipeline.lock ({}); this machine: {}",
-                                        describe_output_drift(&l.outputs, &m.outputs),
-                                        m.provenance.describe()
-                                    ));
-                                }
-                            }
-                        }
-                        tracing::info!("{name} done in {wall:.2}s");
-                        State::Done(Arc::new(m), Outcome::Ran)
-                    }
-                    Err(e) => {
-                        let msg = crate::error::chain_text(&e);
-                        if e.downcast_ref::<goemo_stage::Cancelled>().is_none() {
-                            // Stages often name themselves already (`stage b: command failed`).
-                            let own = format!("stage {name}: ");
-                            let detail = msg.strip_prefix(&own).unwrap_or(&msg);
-                            tracing::error!("stage {name} failed: {detail}");
-                        }
-                        State::Failed(msg)
-                    }
-                };
-            }
-            Ok(())
-        })?;
-
-        if !missing_upstream.is_empty() {
+        std::thread::scope(|scope| run.drive(scope))?;
+        if !run.missing_upstream.is_empty() {
             let only = opts.only.clone().unwrap_or_default();
             return Err(ConfigError::new(
                 &p.file,
-                format!("--only {only}: upstream {} has no cached result for the current inputs", missing_upstream.join(", ")),
+                format!("--only {only}: upstream {} has no cached result for the current inputs", run.missing_upstream.join(", ")),
             )
             .hint(format!("build what it needs with `goemo run --until {only}` (which runs {only} too), or drop --only"))
             .into());
         }
-
-        let mut results = Vec::new();
-        for i in 0..n {
-            let name = p.stages[i].name.clone();
-            let (outcome, note) = match &state[i] {
-                State::Done(m, o) => (
-                    *o,
-                    format!("{} {}", short(&m.key), notes[i]).trim().to_owned(),
-                ),
-                State::Failed(msg) => (Outcome::Failed, msg.clone()),
-                State::Skipped(msg) => (Outcome::Skipped, msg.clone()),
-                State::Unknown => (Outcome::WouldRun, notes[i].clone()),
-                State::Waiting | State::Running => {
-                    if !needed[i] || !selected[i] {
-                        continue;
-                    }
-                    (Outcome::Skipped, "interrupted".into())
-                }
-            };
-            if !selected[i] && outcome == Outcome::Cached {
-                continue;
-            }
-            results.push(StageResult {
-                name,
-                outcome,
-                wall_s: walls[i],
-                note,
-            });
-        }
-
+        let results = run.sched.results(&|i| p.stages[i].name.clone());
         if !opts.dry_run {
-            let done: Vec<(usize, Arc<EntryManifest>)> = state
-                .iter()
-                .enumerate()
-                .filter_map(|(i, s)| match s {
-                    State::Done(m, _) => Some((i, m.clone())),
-                    _ => None,
-                })
-                .collect();
+            let done = run.sched.done();
             for (i, m) in &done {
                 crate::publish::publish(&self.outputs_dir, &self.cache, &p.stages[*i], m)?;
             }
@@ -522,15 +286,11 @@ impl<'p> Engine<'p> {
             }
             self.hasher.save();
         }
-        if INTERRUPTED.load(Ordering::Relaxed) {
-            print_summary(&results);
-            return Err(Interrupted.into());
-        }
-        if !drift.is_empty() {
-            print_summary(&results);
-            return Err(LockDrift(drift).into());
-        }
-        Ok(results)
+        Ok(RunReport {
+            results,
+            interrupted: INTERRUPTED.load(Ordering::Relaxed),
+            drift: run.drift,
+        })
     }
 
     /// A drift line when a cache entry taken for `name` holds other outputs than pipeline.lock
@@ -553,10 +313,7 @@ impl<'p> Engine<'p> {
     }
 
     /// Selected stages and, for each, why it is forced to run (if it is).
-    fn select(
-        &self,
-        opts: &RunOptions,
-    ) -> Result<(Vec<bool>, Vec<Option<&'static str>>), ConfigError> {
+    fn select(&self, opts: &RunOptions) -> Result<Selection, ConfigError> {
         let p = self.pipeline;
         let n = p.stages.len();
         let mut selected = vec![true; n];
@@ -571,18 +328,17 @@ impl<'p> Engine<'p> {
             let s = p.require(only, "--only")?;
             selected = (0..n).map(|i| i == s).collect();
             forced[s] = opts.force.then_some("--force");
-            return Ok((selected, forced));
+            return Ok(Selection { selected, forced });
         }
         if let Some(until) = &opts.until {
             let s = p.require(until, "--until")?;
-            selected = (0..n).map(|i| p.reaches(i, s)).collect();
+            selected = p.graph().ancestors([s]);
         }
         if let Some(from) = &opts.from {
             let s = p.require(from, "--from")?;
-            for (i, forced) in forced.iter_mut().enumerate() {
-                if p.reaches(s, i) {
-                    *forced = Some("--from");
-                }
+            let downstream = p.graph().descendants([s]);
+            for (f, _) in forced.iter_mut().zip(downstream).filter(|(_, d)| *d) {
+                *f = Some("--from");
             }
             if !selected[s] {
                 return Err(ConfigError::new(
@@ -597,23 +353,27 @@ impl<'p> Engine<'p> {
         if opts.force {
             forced.iter_mut().for_each(|f| *f = Some("--force"));
         }
-        Ok((selected, forced))
+        Ok(Selection { selected, forced })
     }
 
     /// Keys, params and wall times of stage `i`'s ancestors, for reports.
-    fn run_record(&self, i: usize, state: &[State]) -> RunRecord {
+    fn run_record(&self, i: usize, sched: &Scheduler<'_>) -> RunRecord {
         let p = self.pipeline;
-        let stages = (0..p.stages.len())
-            .filter(|&u| u != i && p.reaches(u, i))
-            .filter_map(|u| match &state[u] {
-                State::Done(m, _) => Some(StageRecord {
+        let stages = p
+            .graph()
+            .ancestors([i])
+            .into_iter()
+            .enumerate()
+            .filter(|&(u, ancestor)| ancestor && u != i)
+            .filter_map(|(u, _)| {
+                let m = sched.manifest(u)?;
+                Some(StageRecord {
                     name: p.stages[u].name.clone(),
                     kind: p.stages[u].kind.clone(),
                     key: m.key.clone(),
                     params: p.stages[u].params.clone(),
                     wall_s: m.wall_s,
-                }),
-                _ => None,
+                })
             })
             .collect();
         RunRecord { stages }
@@ -684,9 +444,13 @@ impl<'p> Engine<'p> {
 
     fn write_lock(&self, done: &[(usize, Arc<EntryManifest>)]) -> anyhow::Result<()> {
         let p = self.pipeline;
+        let mut by_stage: Vec<Option<&EntryManifest>> = vec![None; p.stages.len()];
+        for (i, m) in done {
+            by_stage[*i] = Some(m);
+        }
         let mut stages = Vec::new();
-        for (i, def) in p.stages.iter().enumerate() {
-            if let Some((_, m)) = done.iter().find(|(j, _)| *j == i) {
+        for (def, done) in p.stages.iter().zip(by_stage) {
+            if let Some(m) = done {
                 stages.push(LockedStage {
                     name: def.name.clone(),
                     kind: def.kind.clone(),
@@ -742,38 +506,226 @@ pub fn short(key: &str) -> &str {
     &key[..key.len().min(12)]
 }
 
-/// The closing table: stage, what happened, wall time.
-pub fn print_summary(results: &[StageResult]) {
-    if results.is_empty() {
-        return;
+impl<'a, 'p> Run<'a, 'p> {
+    /// Passes over the ready stages, starting what must run, until nothing runs.
+    fn drive<'s>(&mut self, scope: &'s std::thread::Scope<'s, '_>) -> anyhow::Result<()>
+    where
+        'a: 's,
+    {
+        let engine = self.engine;
+        let jobs = self.opts.jobs.max(1);
+        let (tx, rx) = mpsc::channel::<Finished>();
+        loop {
+            let mut cursor = None;
+            while let Some(i) = self.sched.next_ready(cursor) {
+                if INTERRUPTED.load(Ordering::Relaxed) {
+                    break;
+                }
+                cursor = Some(i);
+                let Some(next) = self.consider(i)? else {
+                    continue;
+                };
+                if self.sched.running >= jobs {
+                    continue;
+                }
+                let name = &engine.pipeline.stages[i].name;
+                self.reporter.event(EngineEvent::Started {
+                    stage: name,
+                    why: &next.why,
+                });
+                let record = engine.run_record(i, &self.sched);
+                self.sched.start(i, next.why);
+                let tx = tx.clone();
+                scope.spawn(move || {
+                    let started = Instant::now();
+                    let result = engine.execute(i, *next.assessment, record);
+                    let _ = tx.send((i, result, started.elapsed().as_secs_f64()));
+                });
+            }
+            if self.sched.running == 0 {
+                return Ok(());
+            }
+            let finished = rx.recv().context("a running stage reports back")?;
+            self.finished(finished);
+        }
     }
-    let width = results
-        .iter()
-        .map(|r| r.name.len())
-        .max()
-        .unwrap_or(5)
-        .max(5);
-    println!("{:<width$}  {:<9}  {:>8}  note", "stage", "result", "wall");
-    for r in results {
-        let wall = if r.outcome == Outcome::Ran {
-            format!("{:.2}s", r.wall_s)
-        } else {
-            "-".into()
+
+    /// Settle ready stage `i` if it can be (skipped, cached, restored, planned), or say why it
+    /// must run.
+    fn consider(&mut self, i: usize) -> anyhow::Result<Option<ToRun>> {
+        let (engine, opts) = (self.engine, self.opts);
+        let p = engine.pipeline;
+        let name = p.stages[i].name.as_str();
+        if let Some(bad) = self.sched.failed_upstream(i) {
+            let why = format!("upstream {} did not finish", p.stages[bad].name);
+            self.sched.settle(i, State::Skipped(why));
+            return Ok(None);
+        }
+        let mut a = match engine.assess(i, &|u| self.sched.manifest(u))? {
+            Assessed::Blocked(reason) => {
+                // Only in a dry run: an upstream would run first.
+                let why = reason.to_string();
+                self.plan(name, Outcome::WouldRun, Some(&why));
+                self.sched.slots[i].note = why;
+                self.sched.settle(i, State::Unknown);
+                return Ok(None);
+            }
+            Assessed::Known(a) => a,
         };
-        let note: String = r
-            .note
-            .lines()
-            .next()
-            .unwrap_or("")
-            .chars()
-            .take(110)
-            .collect();
-        println!(
-            "{:<width$}  {:<9}  {:>8}  {}",
-            r.name,
-            r.outcome.label(),
-            wall,
-            note
-        );
+        let lock_key = engine.lock.get(name).map(|l| l.key.as_str());
+        if opts.locked && lock_key != Some(a.key.as_str()) {
+            self.drift.push(format!(
+                "{name}: would have to run: {}",
+                join_reasons(&a.reasons)
+            ));
+            self.sched
+                .settle(i, State::Failed("differs from pipeline.lock".into()));
+            return Ok(None);
+        }
+        let hit = self.usable_hit(i, &mut a)?;
+        let slot = &self.sched.slots[i];
+        // Taken from the cache under --locked: its outputs must still be the locked ones.
+        if let (true, Some(m), None) = (opts.locked, &hit, slot.forced) {
+            self.drift.extend(engine.cached_drift(name, m));
+        }
+        if !slot.selected {
+            match hit {
+                Some(m) => self.sched.settle(i, State::Done(m, Outcome::Cached)),
+                None => {
+                    self.missing_upstream.push(name.to_owned());
+                    self.sched
+                        .settle(i, State::Failed("no cached result".into()));
+                }
+            }
+            return Ok(None);
+        }
+        match (hit, slot.forced) {
+            (Some(m), None) => {
+                let same_key = lock_key == Some(a.key.as_str());
+                self.take_cached(i, m, same_key, &a.reasons);
+                Ok(None)
+            }
+            (_, force) => {
+                let why = match force {
+                    Some(f) => StaleReason::Forced(f).to_string(),
+                    None => join_reasons(&a.reasons),
+                };
+                if !opts.dry_run {
+                    return Ok(Some(ToRun { assessment: a, why }));
+                }
+                self.plan(name, Outcome::WouldRun, Some(&why));
+                self.sched.slots[i].note = why;
+                self.sched.settle(i, State::Unknown);
+                Ok(None)
+            }
+        }
+    }
+
+    /// The cache entry for `a`'s key when it can be used as it is; a damaged one (or, with
+    /// --verify, one whose files differ from its manifest) is removed so the stage rebuilds.
+    fn usable_hit(
+        &mut self,
+        i: usize,
+        a: &mut Assessment,
+    ) -> anyhow::Result<Option<Arc<EntryManifest>>> {
+        let (engine, opts) = (self.engine, self.opts);
+        let name = engine.pipeline.stages[i].name.as_str();
+        let damaged = match std::mem::replace(&mut a.lookup, Lookup::Missing) {
+            Lookup::Missing => return Ok(None),
+            Lookup::Hit(m) if opts.verify && !opts.dry_run => {
+                let bad = engine.cache.verify(&m);
+                if bad.is_empty() {
+                    return Ok(Some(Arc::new(*m)));
+                }
+                bad.join("; ")
+            }
+            Lookup::Hit(m) => return Ok(Some(Arc::new(*m))),
+            Lookup::Corrupt(why) => why,
+        };
+        if !opts.dry_run {
+            self.reporter.event(EngineEvent::EntryDamaged {
+                stage: name,
+                key: short(&a.key),
+                why: &damaged,
+            });
+            engine.cache.remove(&a.key)?;
+        }
+        self.sched.slots[i].note = format!("rebuilt: {damaged}");
+        Ok(None)
+    }
+
+    /// A selected stage taken from the cache: the lock's own key, or a run-cache restore.
+    fn take_cached(
+        &mut self,
+        i: usize,
+        m: Arc<EntryManifest>,
+        same_key: bool,
+        reasons: &[StaleReason],
+    ) {
+        let outcome = if same_key {
+            Outcome::Cached
+        } else {
+            self.sched.slots[i].note = if reasons == [StaleReason::NeverRun] {
+                // Run before, but pipeline.lock (new clone, other branch) has no record of
+                // it: "never run" would be wrong here.
+                "from the run-cache (pipeline.lock has no record of it)".into()
+            } else {
+                format!("from the run-cache: {}", join_reasons(reasons))
+            };
+            Outcome::Restored
+        };
+        self.sched.slots[i].wall_s = 0.0;
+        let name = self.engine.pipeline.stages[i].name.as_str();
+        self.plan(name, outcome, None);
+        self.sched.settle(i, State::Done(m, outcome));
+    }
+
+    fn plan(&self, stage: &str, outcome: Outcome, why: Option<&str>) {
+        if self.opts.dry_run {
+            self.reporter.event(EngineEvent::Planned {
+                stage,
+                outcome,
+                why,
+            });
+        }
+    }
+
+    /// A stage reported back: committed (and, under --locked, checked) or failed.
+    fn finished(&mut self, (i, result, wall_s): Finished) {
+        let engine = self.engine;
+        let name = engine.pipeline.stages[i].name.as_str();
+        self.sched.slots[i].wall_s = wall_s;
+        let state = match result {
+            Ok(m) => {
+                if let (true, Some(l)) = (self.opts.locked, engine.lock.get(name)) {
+                    if l.outputs_hash != m.outputs_hash {
+                        self.drift.push(format!(
+                            "{name}: outputs differ from pipeline.lock ({}); this machine: {}",
+                            describe_output_drift(&l.outputs, &m.outputs),
+                            m.provenance.describe()
+                        ));
+                    }
+                }
+                self.reporter.event(EngineEvent::Finished {
+                    stage: name,
+                    wall_s,
+                });
+                State::Done(Arc::new(m), Outcome::Ran)
+            }
+            Err(e) => {
+                let msg = crate::error::chain_text(&e);
+                if e.downcast_ref::<goemo_stage::Cancelled>().is_none() {
+                    // Stages often name themselves already (`stage b: command failed`).
+                    let own = format!("stage {name}: ");
+                    let detail = msg.strip_prefix(&own).unwrap_or(&msg);
+                    self.reporter.event(EngineEvent::Failed {
+                        stage: name,
+                        detail,
+                    });
+                }
+                State::Failed(msg)
+            }
+        };
+        self.sched.settle(i, state);
     }
 }

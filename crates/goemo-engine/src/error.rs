@@ -143,42 +143,18 @@ pub fn chain_text(e: &anyhow::Error) -> String {
 }
 
 /// `--locked` found the results differ from pipeline.lock. Exit code 3.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "results differ from pipeline.lock ({} difference(s)):\n{}  hint: run `goemo run` without --locked to update pipeline.lock, and commit it",
+    .0.len(),
+    .0.iter().map(|line| format!("  - {line}\n")).collect::<String>()
+)]
 pub struct LockDrift(pub Vec<String>);
 
-impl fmt::Display for LockDrift {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(
-            f,
-            "results differ from pipeline.lock ({} difference(s)):",
-            self.0.len()
-        )?;
-        for line in &self.0 {
-            writeln!(f, "  - {line}")?;
-        }
-        write!(
-            f,
-            "  hint: run `goemo run` without --locked to update pipeline.lock, and commit it"
-        )
-    }
-}
-
-impl std::error::Error for LockDrift {}
-
-/// The run was interrupted (Ctrl-C). Exit code 130.
-#[derive(Debug)]
+/// The run was interrupted (Ctrl-C, SIGTERM or SIGHUP). Exit code 130.
+#[derive(Debug, thiserror::Error)]
+#[error("interrupted: stages that were running are discarded; nothing half-written is kept")]
 pub struct Interrupted;
-
-impl fmt::Display for Interrupted {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "interrupted: stages that were running are discarded; nothing half-written is kept"
-        )
-    }
-}
-
-impl std::error::Error for Interrupted {}
 
 #[cfg(test)]
 mod tests {

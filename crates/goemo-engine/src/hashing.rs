@@ -131,9 +131,8 @@ impl ContentHasher {
         let files: BTreeMap<String, FileDigest> = if meta.is_file() {
             BTreeMap::from([(".".to_owned(), self.file(path)?)])
         } else {
-            let mut rels = Vec::new();
-            list_files(path, Path::new(""), &mut rels)?;
-            rels.par_iter()
+            list_files(path)?
+                .par_iter()
                 .map(|rel| {
                     let d = self.file(&path.join(rel))?;
                     Ok((rel_string(rel), d))
@@ -199,26 +198,47 @@ pub fn hash_file_contents(path: &Path, size: u64) -> std::io::Result<String> {
     Ok(h.finalize().to_hex().to_string())
 }
 
-/// Relative paths of all files under `root/rel`, sorted later by the BTreeMap.
-pub fn list_files(root: &Path, rel: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
-    for entry in std::fs::read_dir(root.join(rel))? {
-        let entry = entry?;
-        let name = entry.file_name();
-        if SKIPPED_NAMES.iter().any(|s| name == *s) {
-            continue;
-        }
-        let child = rel.join(&name);
-        let meta = std::fs::metadata(entry.path())?;
-        if meta.is_dir() {
-            list_files(root, &child, out)?;
-        } else if meta.is_file() {
-            out.push(child);
-        } else {
-            // Reading a FIFO or a device would block or never end.
-            return Err(not_regular(&entry.path(), &meta));
+/// Relative paths of all files under `root`, links followed (in no particular order; callers
+/// sort). A link that leads back to a folder above it is an error naming the link, as is
+/// anything that is neither a file nor a folder (reading a FIFO or a device would block or
+/// never end).
+pub fn list_files(root: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let walk = walkdir::WalkDir::new(root)
+        .follow_links(true)
+        .min_depth(1)
+        .into_iter()
+        .filter_entry(|e| !SKIPPED_NAMES.iter().any(|s| e.file_name() == *s));
+    let mut out = Vec::new();
+    for entry in walk {
+        let entry = entry.map_err(walk_error)?;
+        let ty = entry.file_type();
+        if ty.is_file() {
+            let rel = entry.path().strip_prefix(root).unwrap_or(entry.path());
+            out.push(rel.to_path_buf());
+        } else if !ty.is_dir() {
+            let meta = entry.metadata().map_err(walk_error)?;
+            return Err(not_regular(entry.path(), &meta));
         }
     }
-    Ok(())
+    Ok(out)
+}
+
+fn walk_error(e: walkdir::Error) -> std::io::Error {
+    if let (Some(ancestor), Some(path)) = (e.loop_ancestor(), e.path()) {
+        return std::io::Error::other(format!(
+            "{} is a symbolic link loop: it leads back to {}, which holds it; remove the link or point it elsewhere",
+            path.display(),
+            ancestor.display()
+        ));
+    }
+    let path = e.path().map(Path::to_path_buf);
+    match (e.into_io_error(), path) {
+        (Some(io), Some(path)) => {
+            std::io::Error::new(io.kind(), format!("{}: {io}", path.display()))
+        }
+        (Some(io), None) => io,
+        (None, _) => std::io::Error::other("walking a folder failed"),
+    }
 }
 
 fn not_regular(path: &Path, meta: &std::fs::Metadata) -> std::io::Error {

@@ -52,6 +52,8 @@ pub struct Pipeline {
     /// Topological order, ties broken by declaration order.
     pub stages: Vec<StageDef>,
     index: HashMap<String, usize>,
+    /// Dep edges between positions in `stages`.
+    graph: crate::dag::Graph,
 }
 
 impl Pipeline {
@@ -63,26 +65,14 @@ impl Pipeline {
         self.index.get(name).copied()
     }
 
-    /// Indices of the stages `name` depends on, directly.
-    pub fn upstream(&self, i: usize) -> Vec<usize> {
-        let mut ups: Vec<usize> = self.stages[i]
-            .deps
-            .values()
-            .map(|d| self.index[d.as_str()])
-            .collect();
-        ups.sort_unstable();
-        ups.dedup();
-        ups
+    /// Indices of the stages stage `i` depends on, directly (sorted, without repeats).
+    pub fn upstream(&self, i: usize) -> &[usize] {
+        self.graph.upstream(i)
     }
 
-    /// Whether `ancestor` is `i` or reaches `i` through deps.
-    pub fn reaches(&self, ancestor: usize, i: usize) -> bool {
-        if ancestor == i {
-            return true;
-        }
-        self.upstream(i)
-            .into_iter()
-            .any(|u| self.reaches(ancestor, u))
+    /// The dep edges between stage positions, for graph walks.
+    pub fn graph(&self) -> &crate::dag::Graph {
+        &self.graph
     }
 
     /// A stage name from the CLI, or a config error listing the valid ones.
@@ -227,6 +217,7 @@ fn not_utf8(file: &Path, bytes: &[u8], e: &std::str::Utf8Error) -> ConfigError {
     ))
 }
 
+/// parse → resolve deps → validate → order: each step a function below, each error located.
 pub fn parse(
     text: &str,
     file: &Path,
@@ -235,256 +226,347 @@ pub fn parse(
     registry: &Registry,
 ) -> Result<Pipeline, ConfigError> {
     let locate = |path: &[&str]| locate(text, path);
-    let raw: RawPipeline = serde_yaml::from_str(text).map_err(|e| yaml_error(file, &e))?;
+    let src = Source {
+        file,
+        locate: &locate,
+    };
+    let mut parsed = parse_stages(text, &src, overrides, registry)?;
+    check_overrides(&src, overrides, &parsed)?;
+    if parsed.defs.is_empty() {
+        return Err(src.err("no stages declared").at(src.at(&["stages"])));
+    }
+    resolve_deps(&src, &mut parsed)?;
+    validate(&src, root, &parsed.defs)?;
+    order(&src, root, parsed)
+}
 
-    let mut defs: Vec<StageDef> = Vec::new();
-    let mut names: HashMap<String, usize> = HashMap::new();
-    let mut raw_deps: Vec<(usize, BTreeMap<String, String>)> = Vec::new();
+/// The file being read and how to find a key's place in it.
+struct Source<'a> {
+    file: &'a Path,
+    locate: Locate<'a>,
+}
 
+impl Source<'_> {
+    fn err(&self, message: impl Into<String>) -> ConfigError {
+        ConfigError::new(self.file, message)
+    }
+    fn at(&self, path: &[&str]) -> Option<(usize, usize)> {
+        (self.locate)(path)
+    }
+}
+
+/// Stages in declaration order, before their deps are resolved.
+struct Parsed {
+    defs: Vec<StageDef>,
+    names: HashMap<String, usize>,
+    /// Per stage, role → upstream name; a listed dep's role is `\0` + its name until resolved.
+    raw_deps: Vec<BTreeMap<String, String>>,
+}
+
+/// Step 1: the YAML into stage definitions with resolved params.
+fn parse_stages(
+    text: &str,
+    src: &Source<'_>,
+    overrides: &[Override],
+    registry: &Registry,
+) -> Result<Parsed, ConfigError> {
+    let raw: RawPipeline = serde_yaml::from_str(text).map_err(|e| yaml_error(src.file, &e))?;
+    let mut parsed = Parsed {
+        defs: Vec::new(),
+        names: HashMap::new(),
+        raw_deps: Vec::new(),
+    };
     for (key, value) in raw.stages {
         let name = match key {
             serde_yaml::Value::String(s) => s,
             other => {
-                return Err(ConfigError::new(
-                    file,
-                    format!("stage names must be strings, found {}", yaml_inline(&other)),
-                ))
+                return Err(src.err(format!(
+                    "stage names must be strings, found {}",
+                    yaml_inline(&other)
+                )))
             }
         };
-        let at = locate(&["stages", &name]);
-        if names.contains_key(&name) {
-            return Err(
-                ConfigError::new(file, format!("stage `{name}` is declared twice"))
-                    .at(at)
-                    .hint("stage names must be unique; rename one of them"),
-            );
+        if parsed.names.contains_key(&name) {
+            return Err(src
+                .err(format!("stage `{name}` is declared twice"))
+                .at(src.at(&["stages", &name]))
+                .hint("stage names must be unique; rename one of them"));
         }
-        let raw_stage: RawStage = serde_yaml::from_value(value).map_err(|e| {
-            let msg = e.to_string();
-            let field = msg
-                .strip_prefix("unknown field `")
-                .and_then(|r| r.split('`').next())
-                .map(str::to_owned);
-            let at = field
-                .as_deref()
-                .and_then(|f| locate(&["stages", &name, f]))
-                .or(at);
-            ConfigError::new(file, msg)
-                .stage(&name)
-                .at(at)
-                .hint(format!("a stage takes: {STAGE_KEYS}"))
-        })?;
-        let kind = raw_stage.kind.clone().unwrap_or_else(|| name.clone());
-        let stage: Arc<dyn Stage> = registry.find(&kind).ok_or_else(|| {
-            let kinds = registry.kinds();
-            ConfigError::new(file, format!("unknown stage kind `{kind}`"))
-                .stage(&name)
-                .at(locate(&["stages", &name, "kind"]).or(at))
-                .hint(format!(
-                    "kinds are: {}; set `kind:` when the name is not a kind",
-                    kinds.join(", ")
-                ))
-        })?;
+        let (def, deps) = parse_stage(name, value, src, overrides, registry)?;
+        parsed.names.insert(def.name.clone(), parsed.defs.len());
+        parsed.raw_deps.push(deps);
+        parsed.defs.push(def);
+    }
+    Ok(parsed)
+}
 
-        let mut params_raw = raw_stage.params.clone();
-        for o in overrides.iter().filter(|o| o.stage == name) {
-            set_path(&mut params_raw, &o.path, o.value.clone());
-        }
-        let params = stage.resolve_params(&params_raw).map_err(|e| {
-            let what = e
-                .param
-                .as_ref()
-                .map(|p| format!("param `{p}`"))
-                .unwrap_or("params".into());
-            let param_at = e.param.as_deref().and_then(|p| {
-                let mut path = vec!["stages", name.as_str(), "params"];
-                path.extend(p.split('.'));
-                locate(&path)
-            });
-            let from_set = overrides.iter().any(|o| {
-                o.stage == name && e.param.as_deref().is_none_or(|p| o.path.join(".") == p)
-            });
-            let mut err = ConfigError::new(file, e.message.clone())
-                .stage(&name)
-                .what(what)
-                .at(param_at
-                    .or_else(|| locate(&["stages", &name, "params"]))
-                    .or(at));
-            if from_set {
-                err = err.hint("this value came from --set; check its spelling and type");
-            }
-            err
-        })?;
+/// One stage's YAML: its kind looked up, params resolved, deps still unresolved.
+fn parse_stage(
+    name: String,
+    value: serde_yaml::Value,
+    src: &Source<'_>,
+    overrides: &[Override],
+    registry: &Registry,
+) -> Result<(StageDef, BTreeMap<String, String>), ConfigError> {
+    let at = || src.at(&["stages", &name]);
+    let raw_stage: RawStage = serde_yaml::from_value(value).map_err(|e| {
+        let msg = e.to_string();
+        let field = msg
+            .strip_prefix("unknown field `")
+            .and_then(|r| r.split('`').next());
+        let field_at = field.and_then(|f| src.at(&["stages", &name, f]));
+        src.err(msg.clone())
+            .stage(&name)
+            .at(field_at.or_else(at))
+            .hint(format!("a stage takes: {STAGE_KEYS}"))
+    })?;
+    let kind = raw_stage.kind.clone().unwrap_or_else(|| name.clone());
+    let stage: Arc<dyn Stage> = registry.find(&kind).ok_or_else(|| {
+        src.err(format!("unknown stage kind `{kind}`"))
+            .stage(&name)
+            .at(src.at(&["stages", &name, "kind"]).or_else(at))
+            .hint(format!(
+                "kinds are: {}; set `kind:` when the name is not a kind",
+                registry.kinds().join(", ")
+            ))
+    })?;
+    let params = resolve_params(&name, stage.as_ref(), raw_stage.params, src, overrides)?;
+    let deps = match raw_stage.deps {
+        None => BTreeMap::new(),
+        Some(RawDeps::Map(m)) => m,
+        // The role of a listed upstream is its kind, resolved once every stage is known.
+        Some(RawDeps::List(list)) => list.into_iter().map(|up| (format!("\0{up}"), up)).collect(),
+    };
+    let inputs = raw_stage
+        .inputs
+        .into_iter()
+        .map(|(k, v)| (k, PathBuf::from(v)))
+        .collect();
+    let def = StageDef {
+        name,
+        kind,
+        stage,
+        deps: BTreeMap::new(),
+        inputs,
+        params,
+        publish: publish_entries(raw_stage.publish),
+    };
+    Ok((def, deps))
+}
 
-        let deps = match raw_stage.deps {
-            None => BTreeMap::new(),
-            Some(RawDeps::Map(m)) => m,
-            Some(RawDeps::List(list)) => {
-                // The role of a listed upstream is its kind, resolved once every stage is known.
-                let mut m = BTreeMap::new();
-                for up in list {
-                    m.insert(format!("\0{up}"), up);
-                }
-                m
-            }
-        };
-        let inputs: BTreeMap<String, PathBuf> = raw_stage
-            .inputs
-            .into_iter()
-            .map(|(k, v)| (k, PathBuf::from(v)))
-            .collect();
-        let publish = match raw_stage.publish {
-            None => Vec::new(),
-            Some(RawPublish::List(l)) => l
-                .into_iter()
-                .map(|p| {
-                    // `out/x` publishes as outputs/x.
-                    let to = p
-                        .strip_prefix("out/")
-                        .or_else(|| p.strip_prefix("volatile/"))
-                        .unwrap_or(&p)
-                        .to_owned();
-                    Publish { from: p, to }
-                })
-                .collect(),
-            Some(RawPublish::Map(m)) => m
-                .into_iter()
-                .map(|(from, to)| Publish { from, to })
-                .collect(),
-        };
-        names.insert(name.clone(), defs.len());
-        raw_deps.push((defs.len(), deps));
-        defs.push(StageDef {
-            name,
-            kind,
-            stage,
-            deps: BTreeMap::new(),
-            inputs,
-            params,
-            publish,
+/// `--set` overrides applied to a stage's raw params, then the stage's own resolution.
+fn resolve_params(
+    name: &str,
+    stage: &dyn Stage,
+    mut raw: serde_yaml::Value,
+    src: &Source<'_>,
+    overrides: &[Override],
+) -> Result<serde_json::Value, ConfigError> {
+    for o in overrides.iter().filter(|o| o.stage == name) {
+        set_path(&mut raw, &o.path, o.value.clone());
+    }
+    stage.resolve_params(&raw).map_err(|e| {
+        let what = e
+            .param
+            .as_ref()
+            .map(|p| format!("param `{p}`"))
+            .unwrap_or("params".into());
+        let param_at = e.param.as_deref().and_then(|p| {
+            let mut path = vec!["stages", name, "params"];
+            path.extend(p.split('.'));
+            src.at(&path)
         });
-    }
-
-    for o in overrides {
-        if !names.contains_key(&o.stage) {
-            let known: Vec<&str> = defs.iter().map(|d| d.name.as_str()).collect();
-            return Err(ConfigError::new(
-                file,
-                format!("--set {}: no stage named `{}`", o.stage, o.stage),
-            )
-            .hint(format!("stages are: {}", known.join(", "))));
+        let from_set = overrides
+            .iter()
+            .any(|o| o.stage == name && e.param.as_deref().is_none_or(|p| o.path.join(".") == p));
+        let mut err = src
+            .err(e.message.clone())
+            .stage(name)
+            .what(what)
+            .at(param_at
+                .or_else(|| src.at(&["stages", name, "params"]))
+                .or_else(|| src.at(&["stages", name])));
+        if from_set {
+            err = err.hint("this value came from --set; check its spelling and type");
         }
-    }
-    if defs.is_empty() {
-        return Err(ConfigError::new(file, "no stages declared").at(locate(&["stages"])));
-    }
+        err
+    })
+}
 
-    // Resolve deps: existence, roles.
-    for (i, deps) in raw_deps {
+fn publish_entries(raw: Option<RawPublish>) -> Vec<Publish> {
+    match raw {
+        None => Vec::new(),
+        Some(RawPublish::List(l)) => l
+            .into_iter()
+            .map(|p| {
+                // `out/x` publishes as outputs/x.
+                let to = p
+                    .strip_prefix("out/")
+                    .or_else(|| p.strip_prefix("volatile/"))
+                    .unwrap_or(&p)
+                    .to_owned();
+                Publish { from: p, to }
+            })
+            .collect(),
+        Some(RawPublish::Map(m)) => m
+            .into_iter()
+            .map(|(from, to)| Publish { from, to })
+            .collect(),
+    }
+}
+
+/// Every `--set` names a declared stage.
+fn check_overrides(
+    src: &Source<'_>,
+    overrides: &[Override],
+    parsed: &Parsed,
+) -> Result<(), ConfigError> {
+    match overrides
+        .iter()
+        .find(|o| !parsed.names.contains_key(&o.stage))
+    {
+        None => Ok(()),
+        Some(o) => Err(src
+            .err(format!("--set {}: no stage named `{}`", o.stage, o.stage))
+            .hint(format!("stages are: {}", stage_names(&parsed.defs)))),
+    }
+}
+
+fn stage_names(defs: &[StageDef]) -> String {
+    defs.iter()
+        .map(|d| d.name.as_str())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Step 2: each dep names a declared stage (not itself) and fills one role.
+fn resolve_deps(src: &Source<'_>, parsed: &mut Parsed) -> Result<(), ConfigError> {
+    let raw_deps = std::mem::take(&mut parsed.raw_deps);
+    for (i, deps) in raw_deps.into_iter().enumerate() {
+        let name = parsed.defs[i].name.clone();
+        let deps_at = || src.at(&["stages", &name, "deps"]);
         let mut resolved = BTreeMap::new();
         for (role, up) in deps {
-            let name = defs[i].name.clone();
-            let Some(&u) = names.get(&up) else {
-                let known: Vec<&str> = defs.iter().map(|d| d.name.as_str()).collect();
-                return Err(ConfigError::new(
-                    file,
-                    format!("upstream stage `{up}` does not exist"),
-                )
-                .stage(&name)
-                .what("deps")
-                .at(locate(&["stages", &name, "deps"]))
-                .hint(format!("stages are: {}", known.join(", "))));
-            };
-            if u == i {
-                return Err(ConfigError::new(file, format!("cycle: {name} → {name}"))
+            let Some(&u) = parsed.names.get(&up) else {
+                return Err(src
+                    .err(format!("upstream stage `{up}` does not exist"))
                     .stage(&name)
                     .what("deps")
-                    .at(locate(&["stages", &name, "deps"])));
+                    .at(deps_at())
+                    .hint(format!("stages are: {}", stage_names(&parsed.defs))));
+            };
+            if u == i {
+                return Err(src
+                    .err(format!("cycle: {name} → {name}"))
+                    .stage(&name)
+                    .what("deps")
+                    .at(deps_at()));
             }
             let role = match role.strip_prefix('\0') {
-                Some(_) => role_for_kind(&defs[i], &defs[u].kind),
+                Some(_) => role_for_kind(&parsed.defs[i], &parsed.defs[u].kind),
                 None => role,
             };
-            if resolved.insert(role.clone(), up.clone()).is_some() {
-                return Err(ConfigError::new(
-                    file,
-                    format!("two upstream stages fill the role `{role}`"),
-                )
-                .stage(&name)
-                .what("deps")
-                .at(locate(&["stages", &name, "deps"]))
-                .hint("name the roles explicitly: deps: {role_a: stage1, role_b: stage2}"));
+            if resolved.insert(role.clone(), up).is_some() {
+                return Err(src
+                    .err(format!("two upstream stages fill the role `{role}`"))
+                    .stage(&name)
+                    .what("deps")
+                    .at(deps_at())
+                    .hint("name the roles explicitly: deps: {role_a: stage1, role_b: stage2}"));
             }
         }
-        defs[i].deps = resolved;
+        parsed.defs[i].deps = resolved;
     }
+    Ok(())
+}
 
-    // Roles against what each kind accepts; external paths must exist.
+/// Step 3: roles against what each kind accepts, external inputs, publish entries.
+fn validate(src: &Source<'_>, root: &Path, defs: &[StageDef]) -> Result<(), ConfigError> {
     let kinds: HashMap<&str, &str> = defs
         .iter()
         .map(|d| (d.name.as_str(), d.kind.as_str()))
         .collect();
-    for def in &defs {
-        check_roles(def, &kinds, file, &locate)?;
-        for (role, path) in &def.inputs {
-            if def.deps.contains_key(role) {
-                return Err(ConfigError::new(
-                    file,
-                    format!("input `{role}` is given both in deps and in inputs"),
-                )
+    for def in defs {
+        check_roles(def, &kinds, src.file, src.locate)?;
+        check_inputs(def, root, src)?;
+        check_publish(def, src.file, src.locate)?;
+    }
+    check_publish_overlaps(defs, src.file, src.locate)
+}
+
+/// External inputs exist, are data, and are not also deps.
+fn check_inputs(def: &StageDef, root: &Path, src: &Source<'_>) -> Result<(), ConfigError> {
+    for (role, path) in &def.inputs {
+        let at = || src.at(&["stages", &def.name, "inputs", role]);
+        if def.deps.contains_key(role) {
+            return Err(src
+                .err(format!(
+                    "input `{role}` is given both in deps and in inputs"
+                ))
                 .stage(&def.name)
-                .at(locate(&["stages", &def.name, "inputs", role])));
-            }
-            if !root.join(path).exists() {
-                return Err(ConfigError::new(
-                    file,
-                    format!("input path `{}` does not exist", path.display()),
-                )
+                .at(at()));
+        }
+        if !root.join(path).exists() {
+            return Err(src
+                .err(format!("input path `{}` does not exist", path.display()))
                 .stage(&def.name)
                 .what(format!("input `{role}`"))
-                .at(locate(&["stages", &def.name, "inputs", role]))
+                .at(at())
                 .hint(missing_input_hint(role)));
-            }
-            if let Some(why) = not_data(&root.join(path)) {
-                return Err(ConfigError::new(
-                    file,
-                    format!("input path `{}` {why}", path.display()),
-                )
+        }
+        if let Some(why) = not_data(&root.join(path)) {
+            return Err(src
+                .err(format!("input path `{}` {why}", path.display()))
                 .stage(&def.name)
                 .what(format!("input `{role}`"))
-                .at(locate(&["stages", &def.name, "inputs", role]))
+                .at(at())
                 .hint(
                     "an input is a regular file or a folder of them, which goemo hashes by content",
                 ));
-            }
         }
-        check_publish(def, file, &locate)?;
     }
-    check_publish_overlaps(&defs, file, &locate)?;
+    Ok(())
+}
 
-    let order = topo_order(&defs, &names).map_err(|cycle| {
-        let first = cycle[0].clone();
-        ConfigError::new(file, format!("cycle: {}", cycle.join(" → ")))
-            .stage(&first)
+/// Step 4: a topological order (ties by declaration), or the cycle as an error.
+fn order(src: &Source<'_>, root: &Path, parsed: Parsed) -> Result<Pipeline, ConfigError> {
+    let Parsed { defs, names, .. } = parsed;
+    let ups: Vec<Vec<usize>> = defs
+        .iter()
+        .map(|d| d.deps.values().map(|u| names[u.as_str()]).collect())
+        .collect();
+    let order = crate::dag::topo_order(&ups).map_err(|cycle| {
+        let cycle: Vec<&str> = cycle.iter().map(|&i| defs[i].name.as_str()).collect();
+        let first = cycle[0];
+        src.err(format!("cycle: {}", cycle.join(" → ")))
+            .stage(first)
             .what("deps")
-            .at(locate(&["stages", &first, "deps"]))
+            .at(src.at(&["stages", first, "deps"]))
             .hint("a stage cannot depend, directly or through others, on itself; remove one of these deps")
     })?;
+    let mut position = vec![0usize; defs.len()];
+    for (new, &old) in order.iter().enumerate() {
+        position[old] = new;
+    }
     let mut slots: Vec<Option<StageDef>> = defs.into_iter().map(Some).collect();
-    let stages: Vec<StageDef> = order
-        .iter()
-        .map(|&i| slots[i].take().expect("each once"))
-        .collect();
+    let stages: Vec<StageDef> = order.iter().filter_map(|&i| slots[i].take()).collect();
+    let graph = crate::dag::Graph::new(
+        order
+            .iter()
+            .map(|&old| ups[old].iter().map(|&u| position[u]).collect())
+            .collect(),
+    );
     let index = stages
         .iter()
         .enumerate()
         .map(|(i, s)| (s.name.clone(), i))
         .collect();
     Ok(Pipeline {
-        file: file.to_path_buf(),
+        file: src.file.to_path_buf(),
         root: root.to_path_buf(),
         stages,
         index,
+        graph,
     })
 }
 
@@ -494,9 +576,9 @@ pub fn parse(
 fn check_publish(def: &StageDef, file: &Path, locate: Locate<'_>) -> Result<(), ConfigError> {
     let mut seen = std::collections::HashSet::new();
     for p in &def.publish {
-        let at = locate(&["stages", &def.name, "publish", &p.from])
-            .or_else(|| locate(&["stages", &def.name, "publish"]));
         let err = |message: String| {
+            let at = locate(&["stages", &def.name, "publish", &p.from])
+                .or_else(|| locate(&["stages", &def.name, "publish"]));
             ConfigError::new(file, message)
                 .stage(&def.name)
                 .what("publish")
@@ -770,53 +852,6 @@ fn check_roles(
         }
     }
     Ok(())
-}
-
-/// Kahn's algorithm, ties broken by declaration order; on a cycle, returns its stage names with
-/// the first repeated at the end.
-fn topo_order(
-    defs: &[StageDef],
-    names: &HashMap<String, usize>,
-) -> Result<Vec<usize>, Vec<String>> {
-    let n = defs.len();
-    let ups: Vec<Vec<usize>> = defs
-        .iter()
-        .map(|d| d.deps.values().map(|u| names[u.as_str()]).collect())
-        .collect();
-    let mut indegree: Vec<usize> = ups.iter().map(Vec::len).collect();
-    let mut order = Vec::with_capacity(n);
-    let mut done = vec![false; n];
-    while order.len() < n {
-        let Some(next) = (0..n).find(|&i| !done[i] && indegree[i] == 0) else {
-            // Walk upstream from any stage left until a stage repeats: that loop is a cycle.
-            let mut path = vec![(0..n).find(|&i| !done[i]).expect("some left")];
-            loop {
-                let cur = *path.last().expect("non-empty");
-                let up = ups[cur]
-                    .iter()
-                    .copied()
-                    .find(|&u| !done[u])
-                    .expect("in a cycle");
-                if let Some(pos) = path.iter().position(|&p| p == up) {
-                    // In data-flow order, starting at the first-declared stage.
-                    let mut cycle: Vec<usize> = path[pos..].iter().rev().copied().collect();
-                    let first = (0..cycle.len())
-                        .min_by_key(|&k| cycle[k])
-                        .expect("non-empty");
-                    cycle.rotate_left(first);
-                    cycle.push(cycle[0]);
-                    return Err(cycle.iter().map(|&i| defs[i].name.clone()).collect());
-                }
-                path.push(up);
-            }
-        };
-        done[next] = true;
-        order.push(next);
-        for (i, u) in ups.iter().enumerate() {
-            indegree[i] -= u.iter().filter(|&&x| x == next).count();
-        }
-    }
-    Ok(order)
 }
 
 fn set_path(target: &mut serde_yaml::Value, path: &[String], value: serde_yaml::Value) {

@@ -4,14 +4,41 @@
 
 use std::fs::{File, OpenOptions, TryLockError};
 use std::io::{Read, Seek, SeekFrom, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 pub struct RunLock {
     _file: File,
 }
 
-pub fn acquire(cache_root: &Path, wait: bool) -> anyhow::Result<RunLock> {
-    std::fs::create_dir_all(cache_root)?;
+#[derive(Debug, thiserror::Error)]
+pub enum RunLockError {
+    /// Another run holds the lock and `--no-wait` was given. `who` is its ` (pid N)`, if known.
+    #[error("another goemo run is running in this project{who}; --no-wait was given\n  hint: wait for it, or drop --no-wait to queue behind it")]
+    Busy { who: String },
+    #[error("{what} {}: {source}", path.display())]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> RunLockError + 'a {
+    move |source| RunLockError::Io {
+        what,
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// Take the project's run lock. When another run holds it: fail at once unless `wait`, else call
+/// `on_wait` with a sentence saying who holds it, and block until it is free.
+pub fn acquire(
+    cache_root: &Path,
+    wait: bool,
+    on_wait: &dyn Fn(&str),
+) -> Result<RunLock, RunLockError> {
+    std::fs::create_dir_all(cache_root).map_err(io("creating", cache_root))?;
     let path = cache_root.join("run.lock");
     let mut file = OpenOptions::new()
         .read(true)
@@ -19,7 +46,7 @@ pub fn acquire(cache_root: &Path, wait: bool) -> anyhow::Result<RunLock> {
         .create(true)
         .truncate(false)
         .open(&path)
-        .map_err(|e| anyhow::anyhow!("opening {}: {e}", path.display()))?;
+        .map_err(io("opening", &path))?;
     match file.try_lock() {
         Ok(()) => {}
         Err(TryLockError::WouldBlock) => {
@@ -32,18 +59,19 @@ pub fn acquire(cache_root: &Path, wait: bool) -> anyhow::Result<RunLock> {
                 format!(" ({holder})")
             };
             if !wait {
-                anyhow::bail!(
-                    "another goemo run is running in this project{who}; --no-wait was given\n  hint: wait for it, or drop --no-wait to queue behind it"
-                );
+                return Err(RunLockError::Busy { who });
             }
-            eprintln!("waiting for another goemo run in this project to finish{who}…");
-            file.lock()
-                .map_err(|e| anyhow::anyhow!("locking {}: {e}", path.display()))?;
+            on_wait(&format!(
+                "waiting for another goemo run in this project to finish{who}…"
+            ));
+            file.lock().map_err(io("locking", &path))?;
         }
-        Err(TryLockError::Error(e)) => anyhow::bail!("locking {}: {e}", path.display()),
+        Err(TryLockError::Error(e)) => return Err(io("locking", &path)(e)),
     }
-    file.set_len(0)?;
-    file.seek(SeekFrom::Start(0))?;
-    let _ = write!(file, "pid {}", std::process::id());
+    let note = file
+        .set_len(0)
+        .and_then(|()| file.seek(SeekFrom::Start(0)))
+        .and_then(|_| write!(file, "pid {}", std::process::id()));
+    note.map_err(io("writing", &path))?;
     Ok(RunLock { _file: file })
 }

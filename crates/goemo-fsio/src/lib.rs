@@ -1,7 +1,8 @@
 //! Files that a reader never sees half-written: every write goes to a temp file in the same
 //! folder, is fsynced, renamed over the target, and the folder is fsynced so the rename survives
 //! a crash. JSON is written pretty with a trailing newline and read back bit-exact
-//! (serde_json's `float_roundtrip`). Used by every goemo crate; depends on nothing of goemo's.
+//! (serde_json's `float_roundtrip`). Used by every goemo crate; depends on nothing of goemo's
+//! and may not (only serde, serde_json, tempfile, thiserror). Start at [`write_atomic`].
 
 use std::path::{Path, PathBuf};
 

@@ -12,6 +12,12 @@
 //! - `volatile_dir` holds what a person reads but that may differ run to run: logs, timings,
 //!   the human report. It is stored with the cache entry and can be published to `outputs/`,
 //!   but it is never hashed, so it cannot break early cutoff or `--locked`.
+//!
+//! This crate is what the engine and every stage share, and nothing else: it may depend on
+//! `goemo-fsio` and small general crates (serde, thiserror, libc), never on the engine, the
+//! stages or an ML crate. Where to start reading: [`Stage`], then [`TypedStage`] (typed params
+//! with a blanket `Stage` impl; most stages implement this), then [`StageContext`]; `process`
+//! runs a command stage's process group so an interrupt stops all of it.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

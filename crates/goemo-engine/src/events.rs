@@ -1,0 +1,76 @@
+//! What the engine tells whoever drives it, as it happens. The engine never prints: it reports
+//! [`EngineEvent`]s to a [`Reporter`], and the CLI decides how they look (log lines, a dry-run
+//! plan), as cargo's job queue reports to its shell.
+
+use std::path::Path;
+
+/// What a stage came to, in a run's closing table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Same key as pipeline.lock, taken from the cache.
+    Cached,
+    /// A different key than pipeline.lock, found in the cache (the run-cache).
+    Restored,
+    Ran,
+    Failed,
+    Skipped,
+    WouldRun,
+}
+
+impl Outcome {
+    pub fn label(self) -> &'static str {
+        match self {
+            Outcome::Cached => "cached",
+            Outcome::Restored => "restored",
+            Outcome::Ran => "ran",
+            Outcome::Failed => "FAILED",
+            Outcome::Skipped => "skipped",
+            Outcome::WouldRun => "would run",
+        }
+    }
+}
+
+/// One line of a run's closing table.
+#[derive(Debug, Clone)]
+pub struct StageResult {
+    pub name: String,
+    pub outcome: Outcome,
+    pub wall_s: f64,
+    pub note: String,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub enum EngineEvent<'a> {
+    /// A file or folder an interrupted publish left in outputs/ was removed.
+    LeftoverRemoved { path: &'a Path },
+    /// Dry run: what would happen to a stage (`why` is set when it would run).
+    Planned {
+        stage: &'a str,
+        outcome: Outcome,
+        why: Option<&'a str>,
+    },
+    /// A cache entry is damaged; it is removed and the stage rebuilt.
+    EntryDamaged {
+        stage: &'a str,
+        key: &'a str,
+        why: &'a str,
+    },
+    /// A stage started running, and why it had to.
+    Started { stage: &'a str, why: &'a str },
+    /// A stage ran and its entry is committed.
+    Finished { stage: &'a str, wall_s: f64 },
+    /// A stage failed (not sent for one cancelled by an interrupt); `detail` is its error.
+    Failed { stage: &'a str, detail: &'a str },
+}
+
+/// Receives the engine's events; called from the thread that drives the run.
+pub trait Reporter {
+    fn event(&self, event: EngineEvent<'_>);
+}
+
+/// Drops every event (tests, library callers that only want the results).
+pub struct Silent;
+
+impl Reporter for Silent {
+    fn event(&self, _: EngineEvent<'_>) {}
+}

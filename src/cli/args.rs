@@ -1,0 +1,174 @@
+//! The command line's shape: clap's derive types, their help and examples.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+#[derive(Parser)]
+#[command(
+    name = "goemo",
+    version,
+    about = "Declarative pipeline runner with content-hashed, cached stages, for multi-label emotion classification on GoEmotions",
+    after_help = "Examples:\n  goemo run                       run what is stale, reuse the rest\n  goemo status                    what is stale, and why\n  goemo run --from evaluate       re-run evaluate and everything after it\n  goemo dag --format mermaid      the pipeline for a Mermaid viewer\n  goemo predict \"I love this\"     classify text with outputs/model\n\nExit codes: 0 ok, 1 a stage or the run failed, 2 bad pipeline.yaml, pipeline.lock or arguments,\n3 --locked found drift from pipeline.lock, 130 interrupted (Ctrl-C,
+or SIGTERM/SIGHUP as Kubernetes, Slurm and systemd send them)."
+)]
+pub struct Cli {
+    /// More log output (-v: debug, -vv: trace); RUST_LOG overrides.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    /// Only warnings and errors.
+    #[arg(short, long, global = true)]
+    pub quiet: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(clap::Args)]
+pub struct PipelineArg {
+    /// The pipeline file; its folder is the project root (cache/, outputs/, pipeline.lock).
+    #[arg(
+        long,
+        short = 'p',
+        default_value = "pipeline.yaml",
+        env = "GOEMO_PIPELINE"
+    )]
+    pub pipeline: PathBuf,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Run the stages that are stale; take the rest from the cache.
+    #[command(
+        after_help = "Examples:\n  goemo run\n  goemo run --from evaluate         re-run evaluate and all downstream, even if cached\n  goemo run --until tokenize        stop after tokenize\n  goemo run --only plot             run plot alone (its upstream must be cached)\n  goemo run --set train.lr=3e-5 --set train.epochs=2\n  goemo run --dry-run               say what would run and why; change nothing\n  goemo run --locked                CI: fail if results differ from pipeline.lock"
+    )]
+    Run(RunArgs),
+    /// Each stage fresh or stale, and why.
+    #[command(
+        after_help = "Example output:\n  load      fresh\n  train     stale: param lr changed 5e-5 → 3e-5\n  evaluate  stale: input train will change (train is stale)"
+    )]
+    Status(StatusArgs),
+    /// Draw the pipeline's stages and edges.
+    #[command(
+        after_help = "Examples:\n  goemo dag\n  goemo dag --format dot | dot -Tpng > dag.png\n  goemo dag --format mermaid"
+    )]
+    Dag(DagArgs),
+    /// Remove cache entries that pipeline.lock does not reference.
+    #[command(after_help = "Example:\n  goemo gc --dry-run\n  goemo gc")]
+    Gc(GcArgs),
+    /// Classify texts with a fine-tuned model (default: outputs/model) and its thresholds.
+    #[command(
+        after_help = "Examples:\n  goemo predict \"I love this so much\" \"what a mess\"\n  goemo predict --file comments.txt          one text a line\n  goemo predict --file comments.jsonl        JSON lines with a `text` field\n  echo \"thanks!\" | goemo predict --top-k 3\n\nPrints one JSON line per text: {\"text\": …, \"labels\": [{\"label\": …, \"score\": …}]}"
+    )]
+    Predict(PredictArgs),
+    /// Put GoEmotions into data/goemotions: copied from a local mirror or downloaded, sha256-checked.
+    #[command(
+        after_help = "Examples:\n  goemo fetch-data --mirror ../shared/goemotions\n  goemo fetch-data            download from the official URLs (needs internet and curl)"
+    )]
+    FetchData(FetchDataArgs),
+    /// List the stage kinds pipeline.yaml can use.
+    Kinds,
+}
+
+#[derive(clap::Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub pipeline: PipelineArg,
+    /// Re-run this stage and everything downstream of it, even when cached.
+    #[arg(long, value_name = "STAGE")]
+    pub from: Option<String>,
+    /// Stop after this stage (run only it and its upstream).
+    #[arg(long, value_name = "STAGE")]
+    pub until: Option<String>,
+    /// Run this one stage; its upstream must already be cached.
+    #[arg(long, value_name = "STAGE")]
+    pub only: Option<String>,
+    /// Run the selected stages even when cached.
+    #[arg(long)]
+    pub force: bool,
+    /// Print what would run and why; write nothing.
+    #[arg(long, short = 'n')]
+    pub dry_run: bool,
+    /// Override a param for this run: STAGE.PARAM=VALUE (VALUE is YAML). Repeatable.
+    #[arg(long = "set", value_name = "STAGE.PARAM=VALUE")]
+    pub set: Vec<String>,
+    /// Stages to run at once when their upstreams are done [default: CPU count].
+    #[arg(long, short = 'j')]
+    pub jobs: Option<usize>,
+    /// Re-hash cached outputs (and inputs) and rebuild any entry that differs.
+    #[arg(long)]
+    pub verify: bool,
+    /// CI mode: fail (exit 3) if any stage's key or outputs differ from pipeline.lock.
+    #[arg(long)]
+    pub locked: bool,
+    /// Fail at once if another goemo run holds the project, instead of waiting.
+    #[arg(long)]
+    pub no_wait: bool,
+}
+
+#[derive(clap::Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub pipeline: PipelineArg,
+    /// Apply overrides, to see what a `run --set` would re-run.
+    #[arg(long = "set", value_name = "STAGE.PARAM=VALUE")]
+    pub set: Vec<String>,
+}
+
+#[derive(clap::Args)]
+pub struct DagArgs {
+    #[command(flatten)]
+    pub pipeline: PipelineArg,
+    #[arg(long, value_enum, default_value_t = DagFormat::Text)]
+    pub format: DagFormat,
+}
+
+#[derive(clap::Args)]
+pub struct GcArgs {
+    #[command(flatten)]
+    pub pipeline: PipelineArg,
+    /// Only report what would be removed.
+    #[arg(long, short = 'n')]
+    pub dry_run: bool,
+}
+
+#[derive(clap::Args)]
+pub struct PredictArgs {
+    /// Texts to classify; none (and no --file) reads stdin.
+    pub texts: Vec<String>,
+    /// Read texts from a file: one a line, or JSON lines with a `text` field.
+    #[arg(long, short = 'f', value_name = "PATH")]
+    pub file: Option<PathBuf>,
+    /// The model folder (config.json, model.safetensors, tokenizer.json).
+    #[arg(long, default_value = "outputs/model")]
+    pub model: PathBuf,
+    /// thresholds.json [default: in or beside the model folder].
+    #[arg(long)]
+    pub thresholds: Option<PathBuf>,
+    /// One threshold for every label, instead of thresholds.json.
+    #[arg(long, conflicts_with = "top_k")]
+    pub threshold: Option<f32>,
+    /// The K best labels whatever their score.
+    #[arg(long)]
+    pub top_k: Option<usize>,
+    #[arg(long, default_value_t = 64)]
+    pub batch_size: usize,
+    /// Print throughput to stderr.
+    #[arg(long)]
+    pub stats: bool,
+}
+
+#[derive(clap::Args)]
+pub struct FetchDataArgs {
+    /// A folder holding train.tsv, dev.tsv, test.tsv and labels.txt.
+    #[arg(long, env = "GOEMO_DATA_MIRROR")]
+    pub mirror: Option<PathBuf>,
+    #[arg(long, default_value = "data/goemotions")]
+    pub dest: PathBuf,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum DagFormat {
+    Text,
+    Dot,
+    Mermaid,
+}

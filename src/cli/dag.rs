@@ -1,0 +1,16 @@
+//! `goemo dag`: the pipeline drawn as text, Graphviz dot or Mermaid.
+
+use std::process::ExitCode;
+
+use super::args::{DagArgs, DagFormat};
+
+pub fn dag(args: DagArgs) -> anyhow::Result<ExitCode> {
+    let p = super::load(&args.pipeline, &[])?;
+    let text = match args.format {
+        DagFormat::Text => goemo_engine::dag::text(&p),
+        DagFormat::Dot => goemo_engine::dag::dot(&p),
+        DagFormat::Mermaid => goemo_engine::dag::mermaid(&p),
+    };
+    print!("{text}");
+    Ok(ExitCode::SUCCESS)
+}
