@@ -4,11 +4,16 @@
 //! their checksums ([`fetch`]). Knows nothing of pipelines: the stages call it.
 
 pub mod data;
+mod error;
 pub mod fetch;
 pub mod load;
 pub mod sample;
+pub mod summary;
 pub mod tokenize;
 pub mod tokens;
+
+
+pub use error::DataError;
 
 #[cfg(any(test, feature = "test-support"))]
 pub mod test_support;
