@@ -48,8 +48,7 @@ impl TypedStage for EvaluateStage {
     }
 
     fn run(&self, ctx: &StageContext<'_>, p: EvaluateParams) -> anyhow::Result<()> {
-        let t: Thresholds =
-            goemo_fsio::read_json(&ctx.input("thresholds")?.join(THRESHOLDS_FILE))?;
+        let t: Thresholds = goemo_fsio::read_json(&ctx.input("thresholds")?.join(THRESHOLDS_FILE))?;
         let split = crate::train::score_split(
             ctx.input("model")?,
             ctx.input("tokens")?,

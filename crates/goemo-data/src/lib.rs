@@ -12,7 +12,6 @@ pub mod summary;
 pub mod tokenize;
 pub mod tokens;
 
-
 pub use error::DataError;
 
 #[cfg(any(test, feature = "test-support"))]

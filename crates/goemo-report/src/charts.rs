@@ -153,9 +153,11 @@ impl ChartData {
 
     /// `f1_scores_barplot.png`, `training_curves.png` and `pr_curves.png` into `dir`.
     pub fn write_png(&self, dir: &Path, bar_width: u32) -> R {
-        png(&dir.join("f1_scores_barplot.png"), self.bar_size(bar_width), |a| {
-            f1_bars(a, &self.bars())
-        })?;
+        png(
+            &dir.join("f1_scores_barplot.png"),
+            self.bar_size(bar_width),
+            |a| f1_bars(a, &self.bars()),
+        )?;
         png(&dir.join("training_curves.png"), CURVES_SIZE, |a| {
             training_curves(a, &self.curves())
         })?;

@@ -199,8 +199,8 @@ pub fn evaluate(
         at_03: vec![p.paper_threshold; n],
         tuned: tuned.to_vec(),
     };
-    let policies =
-        thresholds.map(|t| PolicyMetrics::new(&metrics::policy_report(scores, truth, n, t), labels));
+    let policies = thresholds
+        .map(|t| PolicyMetrics::new(&metrics::policy_report(scores, truth, n, t), labels));
     let ci = thresholds.map(|t| {
         let (lo, hi) =
             metrics::bootstrap_macro_f1(scores, truth, n, t, p.bootstrap_samples, p.seed);
@@ -281,7 +281,10 @@ pub fn read_scores(path: &Path) -> Result<(Vec<f32>, Vec<u8>), ReportError> {
     let tensor = |name: &str, dtype: Dtype| {
         let t = st.tensor(name).map_err(|e| bad(format!("`{name}`: {e}")))?;
         if t.dtype() != dtype {
-            return Err(bad(format!("`{name}` is {:?}, expected {dtype:?}", t.dtype())));
+            return Err(bad(format!(
+                "`{name}` is {:?}, expected {dtype:?}",
+                t.dtype()
+            )));
         }
         Ok(t)
     };
@@ -374,8 +377,16 @@ pub fn overall_metrics(m: &MetricsFile) -> OverallMetrics<'_> {
     let mut flat = BTreeMap::new();
     let policies = [
         ("", &m.policies.tuned, m.bootstrap.macro_f1_95ci.tuned),
-        ("_at_0.5", &m.policies.at_05, m.bootstrap.macro_f1_95ci.at_05),
-        ("_at_0.3", &m.policies.at_03, m.bootstrap.macro_f1_95ci.at_03),
+        (
+            "_at_0.5",
+            &m.policies.at_05,
+            m.bootstrap.macro_f1_95ci.at_05,
+        ),
+        (
+            "_at_0.3",
+            &m.policies.at_03,
+            m.bootstrap.macro_f1_95ci.at_03,
+        ),
     ];
     for (suffix, p, ci) in policies {
         for (avg, a) in [
@@ -384,7 +395,11 @@ pub fn overall_metrics(m: &MetricsFile) -> OverallMetrics<'_> {
             ("weighted", &p.weighted),
             ("samples", &p.samples),
         ] {
-            for (k, v) in [("f1", a.f1), ("precision", a.precision), ("recall", a.recall)] {
+            for (k, v) in [
+                ("f1", a.f1),
+                ("precision", a.precision),
+                ("recall", a.recall),
+            ] {
                 flat.insert(format!("eval_{avg}_{k}{suffix}"), Flat::Figure(v));
             }
         }
@@ -461,7 +476,10 @@ mod tests {
     fn metrics_file_round_trips_and_a_renamed_key_is_an_error() {
         let m = metrics();
         let text = serde_json::to_string(&m).unwrap();
-        assert_eq!(text, serde_json::to_string(&serde_json::to_value(&m).unwrap()).unwrap());
+        assert_eq!(
+            text,
+            serde_json::to_string(&serde_json::to_value(&m).unwrap()).unwrap()
+        );
         let back: MetricsFile = serde_json::from_str(&text).unwrap();
         assert_eq!(back, m);
         let renamed = text.replacen("\"exact_match\"", "\"exact\"", 1);

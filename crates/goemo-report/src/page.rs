@@ -113,9 +113,16 @@ fn esc(s: &str) -> String {
 impl Page<'_> {
     /// (macro-F1, CI low, CI high, micro-F1) at 0.5, 0.3 and tuned, in that order.
     fn headlines(&self) -> [(f64, f64, f64, f64); 3] {
-        let (p, ci) = (&self.metrics.policies, &self.metrics.bootstrap.macro_f1_95ci);
-        [(&p.at_05, ci.at_05), (&p.at_03, ci.at_03), (&p.tuned, ci.tuned)]
-            .map(|(p, [lo, hi])| (p.macro_.f1, lo, hi, p.micro.f1))
+        let (p, ci) = (
+            &self.metrics.policies,
+            &self.metrics.bootstrap.macro_f1_95ci,
+        );
+        [
+            (&p.at_05, ci.at_05),
+            (&p.at_03, ci.at_03),
+            (&p.tuned, ci.tuned),
+        ]
+        .map(|(p, [lo, hi])| (p.macro_.f1, lo, hi, p.micro.f1))
     }
 
     fn per_label_rows(&self) -> Result<Vec<[String; 10]>, ReportError> {
@@ -185,10 +192,7 @@ impl Page<'_> {
     fn training_rows(&self) -> Vec<(String, String)> {
         let mut rows = vec![("backbone".to_owned(), self.backbone.describe())];
         if let Some(t) = self.train {
-            rows.push((
-                "train runtime".into(),
-                format!("{:.0} s", t.train_runtime),
-            ));
+            rows.push(("train runtime".into(), format!("{:.0} s", t.train_runtime)));
             rows.push((
                 "train samples/s".into(),
                 format!("{:.1}", t.train_samples_per_second),
@@ -288,7 +292,11 @@ td.params{{text-align:left;max-width:640px}}td.params code{{white-space:pre-wrap
         }
         s.push_str("\n## Run\n\n| stage | kind | key | wall time |\n|---|---|---|---|\n");
         for r in self.run {
-            let _ = writeln!(s, "| {} | {} | `{}` | {:.1} s |", r.name, r.kind, r.key, r.wall_s);
+            let _ = writeln!(
+                s,
+                "| {} | {} | `{}` | {:.1} s |",
+                r.name, r.kind, r.key, r.wall_s
+            );
         }
         s.push_str("\nCharts: f1_scores_barplot.png, training_curves.png, pr_curves.png (from the plot stage).\n");
         Ok(s)
