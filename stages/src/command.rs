@@ -14,7 +14,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use goemo_stage::process::{stop_leftover_group, Group};
-use goemo_stage::{resolve_typed, Inputs, ParamError, Stage, StageContext};
+use goemo_stage::{Inputs, ParamError, StageContext, TypedStage};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -28,7 +28,9 @@ pub struct CommandParams {
 
 pub struct CommandStage;
 
-impl Stage for CommandStage {
+impl TypedStage for CommandStage {
+    type Params = CommandParams;
+
     fn kind(&self) -> &'static str {
         "command"
     }
@@ -41,19 +43,17 @@ impl Stage for CommandStage {
     fn inputs(&self) -> Inputs {
         Inputs::Any
     }
-    fn resolve_params(&self, raw: &goemo_stage::RawParams) -> Result<serde_json::Value, ParamError> {
-        let value = resolve_typed::<CommandParams>(raw)?;
-        if value["cmd"].as_str().is_none_or(|c| c.trim().is_empty()) {
+    fn validate(&self, params: &CommandParams) -> Result<(), ParamError> {
+        if params.cmd.trim().is_empty() {
             return Err(ParamError::new(
                 "cmd",
                 "missing field `cmd`: give the shell command to run",
             ));
         }
-        Ok(value)
+        Ok(())
     }
 
-    fn run(&self, ctx: &StageContext<'_>) -> anyhow::Result<()> {
-        let params: CommandParams = ctx.params()?;
+    fn run(&self, ctx: &StageContext<'_>, params: CommandParams) -> anyhow::Result<()> {
         let mut command = Command::new("sh");
         command
             .arg("-c")

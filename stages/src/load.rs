@@ -3,11 +3,13 @@
 use std::path::Path;
 
 use goemo_data::load::{load_official, load_raw, write_outputs, LoadParams, Source};
-use goemo_stage::{resolve_typed, InputSpec, Inputs, ParamError, Stage, StageContext};
+use goemo_stage::{InputSpec, Inputs, ParamError, StageContext, TypedStage};
 
 pub struct LoadStage;
 
-impl Stage for LoadStage {
+impl TypedStage for LoadStage {
+    type Params = LoadParams;
+
     fn kind(&self) -> &'static str {
         "load"
     }
@@ -23,9 +25,7 @@ impl Stage for LoadStage {
         const SPECS: &[InputSpec] = &[InputSpec::path("data", "the GoEmotions folder")];
         Inputs::Fixed(SPECS)
     }
-    fn resolve_params(&self, raw: &goemo_stage::RawParams) -> Result<serde_json::Value, ParamError> {
-        let v = resolve_typed::<LoadParams>(raw)?;
-        let p: LoadParams = serde_json::from_value(v.clone()).expect("just resolved");
+    fn validate(&self, p: &LoadParams) -> Result<(), ParamError> {
         let sum: f64 = p.split_fractions.iter().sum();
         if p.split_fractions.iter().any(|f| !(0.0..=1.0).contains(f)) || (sum - 1.0).abs() > 1e-9 {
             return Err(ParamError::new(
@@ -48,11 +48,10 @@ impl Stage for LoadStage {
                 "raw_files is empty: name at least one goemotions_N.csv",
             ));
         }
-        Ok(v)
+        Ok(())
     }
 
-    fn run(&self, ctx: &StageContext<'_>) -> anyhow::Result<()> {
-        let params: LoadParams = ctx.params()?;
+    fn run(&self, ctx: &StageContext<'_>, params: LoadParams) -> anyhow::Result<()> {
         let dir = ctx.input("data")?;
         let shown = |p: &Path| {
             p.strip_prefix(ctx.project_dir)

@@ -113,6 +113,8 @@ pub fn predict(
         (Some(t), _) => vec![t; n],
         (None, Some(path)) => {
             let t: Thresholds = goemo_fsio::read_json(&path)?;
+            t.check()
+                .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
             if t.labels != classifier.labels {
                 anyhow::bail!("{}: its labels differ from the model's config.json; pass the thresholds.json made for this model, or --threshold", path.display());
             }

@@ -1,9 +1,8 @@
 //! The `sample` stage: an adapter over [`goemo_data::sample`].
 
-use std::collections::BTreeMap;
-
 use goemo_data::data;
 use goemo_data::sample::{sample, SampleParams};
+use goemo_data::summary::{read_summary, write_summary, SampleSummary};
 use goemo_stage::{InputSpec, Inputs, ParamError, StageContext, TypedStage};
 
 pub struct SampleStage;
@@ -45,19 +44,16 @@ impl TypedStage for SampleStage {
         let sampled = sample(&rows, labels.len(), &params);
         data::write_dataset(ctx.out_dir, &labels, &sampled)?;
         let before = data::summarize(&labels, &rows);
-        let after = data::summarize(&labels, &sampled);
-        let rows_before: BTreeMap<&String, usize> =
-            before.iter().map(|(k, v)| (k, v.rows)).collect();
-        let mut load_summary = goemo_data::load::read_summary(input)?;
+        let mut summary = read_summary(input)?;
         // Downstream reads one summary: the load counts, with the sample's on top.
-        load_summary["sample"] = serde_json::json!({
-            "fraction": params.fraction,
-            "seed": params.seed,
-            "stratify": params.stratify,
-            "rows_before": rows_before,
-            "splits_after": after,
+        summary.sample = Some(SampleSummary {
+            fraction: params.fraction,
+            rows_before: before.map(|s| s.rows),
+            seed: params.seed,
+            splits_after: data::summarize(&labels, &sampled),
+            stratify: params.stratify,
         });
-        goemo_fsio::write_json(&ctx.out_dir.join("summary.json"), &load_summary)?;
+        write_summary(ctx.out_dir, &summary)?;
         tracing::info!(
             "sample: kept {} of {} rows (fraction {})",
             sampled.len(),

@@ -1,63 +1,17 @@
-//! `thresholds`: per-label decision thresholds tuned on the dev split (never on test).
-//!
-//! For each label, the threshold maximising that label's dev F1 over every distinct dev score
-//! (an exact sweep), never below `floor`; a label with fewer than `min_positives` dev positives
-//! keeps `global_threshold` (too few examples to tune on). `policy: global` uses
-//! `global_threshold` for every label (0.5 is the seed project's).
-
-use serde::{Deserialize, Serialize};
+//! `thresholds`: per-label decision thresholds tuned on the dev split (never on test), an
+//! adapter over [`goemo_report::thresholds`] (which says how they are chosen).
 
 use goemo_data::data::Split;
 use goemo_report::metrics;
-use goemo_stage::{resolve_typed, InputSpec, Inputs, ParamError, Stage, StageContext};
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum Policy {
-    #[default]
-    Tuned,
-    Global,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct ThresholdParams {
-    pub policy: Policy,
-    pub global_threshold: f32,
-    /// Tuned thresholds never go below this.
-    pub floor: f32,
-    /// Labels with fewer dev positives keep `global_threshold`.
-    pub min_positives: usize,
-    pub batch_size: usize,
-}
-
-impl Default for ThresholdParams {
-    fn default() -> Self {
-        ThresholdParams {
-            policy: Policy::Tuned,
-            global_threshold: 0.5,
-            floor: 0.05,
-            min_positives: 5,
-            batch_size: 64,
-        }
-    }
-}
-
-/// thresholds.json: what evaluate and `goemo predict` read.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Thresholds {
-    pub policy: Policy,
-    pub labels: Vec<String>,
-    pub thresholds: Vec<f32>,
-    /// Dev F1 of each label at its threshold.
-    pub dev_f1: Vec<f64>,
-    /// Labels that kept the global threshold (too few dev positives).
-    pub fallback: Vec<String>,
-}
+use goemo_report::thresholds::{tune, THRESHOLDS_FILE};
+pub use goemo_report::thresholds::{Policy, ThresholdParams, Thresholds};
+use goemo_stage::{InputSpec, Inputs, ParamError, StageContext, TypedStage};
 
 pub struct ThresholdsStage;
 
-impl Stage for ThresholdsStage {
+impl TypedStage for ThresholdsStage {
+    type Params = ThresholdParams;
+
     fn kind(&self) -> &'static str {
         "thresholds"
     }
@@ -78,10 +32,8 @@ impl Stage for ThresholdsStage {
         ];
         Inputs::Fixed(SPECS)
     }
-    fn resolve_params(&self, raw: &goemo_stage::RawParams) -> Result<serde_json::Value, ParamError> {
-        let v = resolve_typed::<ThresholdParams>(raw)?;
-        for key in ["global_threshold", "floor"] {
-            let x = v[key].as_f64().unwrap_or(-1.0);
+    fn validate(&self, p: &ThresholdParams) -> Result<(), ParamError> {
+        for (key, x) in [("global_threshold", p.global_threshold), ("floor", p.floor)] {
             if !(0.0..=1.0).contains(&x) {
                 return Err(ParamError::new(
                     key,
@@ -89,14 +41,13 @@ impl Stage for ThresholdsStage {
                 ));
             }
         }
-        if v["batch_size"].as_u64() == Some(0) {
+        if p.batch_size == 0 {
             return Err(ParamError::new("batch_size", "batch_size must be > 0"));
         }
-        Ok(v)
+        Ok(())
     }
 
-    fn run(&self, ctx: &StageContext<'_>) -> anyhow::Result<()> {
-        let p: ThresholdParams = ctx.params()?;
+    fn run(&self, ctx: &StageContext<'_>, p: ThresholdParams) -> anyhow::Result<()> {
         let split = crate::train::score_split(
             ctx.input("model")?,
             ctx.input("tokens")?,
@@ -106,7 +57,7 @@ impl Stage for ThresholdsStage {
         let (data, scores, truth) = (&split.data, &split.scores, &split.truth);
         let n = data.n_labels();
         let t = tune(scores, truth, &data.meta.label_names, &p);
-        goemo_fsio::write_json(&ctx.out_dir.join("thresholds.json"), &t)?;
+        goemo_fsio::write_json(&ctx.out_dir.join(THRESHOLDS_FILE), &t)?;
         let tuned = metrics::macro_f1(&metrics::counts(scores, truth, n, &t.thresholds));
         let at_global = metrics::macro_f1(&metrics::counts(
             scores,
@@ -126,29 +77,5 @@ impl Stage for ThresholdsStage {
             p.global_threshold
         );
         Ok(())
-    }
-}
-
-pub fn tune(scores: &[f32], truth: &[u8], labels: &[String], p: &ThresholdParams) -> Thresholds {
-    let n = labels.len();
-    let mut thresholds = vec![p.global_threshold; n];
-    let mut fallback = Vec::new();
-    if p.policy == Policy::Tuned {
-        for l in 0..n {
-            let positives = truth.chunks_exact(n).filter(|r| r[l] != 0).count();
-            if positives < p.min_positives {
-                fallback.push(labels[l].clone());
-                continue;
-            }
-            thresholds[l] = metrics::best_threshold(scores, truth, n, l).0.max(p.floor);
-        }
-    }
-    let c = metrics::counts(scores, truth, n, &thresholds);
-    Thresholds {
-        policy: p.policy,
-        labels: labels.to_vec(),
-        dev_f1: c.iter().map(|k| goemo_data::data::round6(k.f1())).collect(),
-        thresholds,
-        fallback,
     }
 }

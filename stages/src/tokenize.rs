@@ -2,11 +2,13 @@
 
 use goemo_data::data;
 use goemo_data::tokenize::{build, TokenizeParams};
-use goemo_stage::{resolve_typed, InputSpec, Inputs, ParamError, Stage, StageContext};
+use goemo_stage::{InputSpec, Inputs, ParamError, StageContext, TypedStage};
 
 pub struct TokenizeStage;
 
-impl Stage for TokenizeStage {
+impl TypedStage for TokenizeStage {
+    type Params = TokenizeParams;
+
     fn kind(&self) -> &'static str {
         "tokenize"
     }
@@ -27,20 +29,18 @@ impl Stage for TokenizeStage {
         ];
         Inputs::Fixed(SPECS)
     }
-    fn resolve_params(&self, raw: &goemo_stage::RawParams) -> Result<serde_json::Value, ParamError> {
-        let v = resolve_typed::<TokenizeParams>(raw)?;
-        let m = v["max_len"].as_u64().unwrap_or(0);
+    fn validate(&self, params: &TokenizeParams) -> Result<(), ParamError> {
+        let m = params.max_len;
         if !(3..=8192).contains(&m) {
             return Err(ParamError::new(
                 "max_len",
                 format!("max_len must be between 3 and 8192 tokens, got {m}"),
             ));
         }
-        Ok(v)
+        Ok(())
     }
 
-    fn run(&self, ctx: &StageContext<'_>) -> anyhow::Result<()> {
-        let params: TokenizeParams = ctx.params()?;
+    fn run(&self, ctx: &StageContext<'_>, params: TokenizeParams) -> anyhow::Result<()> {
         let (labels, rows) = data::read_dataset(ctx.input("dataset")?)?;
         let model = ctx.input("model")?;
         let started = std::time::Instant::now();

@@ -132,6 +132,15 @@ const SENTIMENT: &[(&str, &[&str])] = &[
 ];
 
 impl Taxonomy {
+    /// The name pipeline.yaml and summary.json give it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Taxonomy::Original => "original",
+            Taxonomy::Ekman => "ekman",
+            Taxonomy::Sentiment => "sentiment",
+        }
+    }
+
     /// The mapped label names and, for each original label, its mapped index.
     pub fn mapping(self, original: &[String]) -> anyhow::Result<(Vec<String>, Vec<u32>)> {
         let groups = match self {
@@ -161,8 +170,12 @@ impl Taxonomy {
 }
 
 /// Map a row's original labels to the union of their groups (sorted, unique).
+/// Labels without an entry in `index` are dropped (load checks every id against the label file).
 pub fn map_labels(labels: &[u32], index: &[u32]) -> Vec<u32> {
-    let mut out: Vec<u32> = labels.iter().map(|&l| index[l as usize]).collect();
+    let mut out: Vec<u32> = labels
+        .iter()
+        .filter_map(|&l| index.get(l as usize).copied())
+        .collect();
     out.sort_unstable();
     out.dedup();
     out
@@ -202,7 +215,7 @@ pub fn write_dataset(dir: &Path, labels: &[String], rows: &[Row]) -> anyhow::Res
 }
 
 pub fn read_dataset(dir: &Path) -> anyhow::Result<(Vec<String>, Vec<Row>)> {
-    let labels: Vec<String> = goemo_fsio::read_json(&dir.join(LABELS_FILE))?;
+    let names: Vec<String> = goemo_fsio::read_json(&dir.join(LABELS_FILE))?;
     let path = dir.join(DATASET_FILE);
     let file = std::fs::File::open(&path).with_context(|| format!("opening {}", path.display()))?;
     let df = IpcReader::new(file)
@@ -244,6 +257,14 @@ pub fn read_dataset(dir: &Path) -> anyhow::Result<(Vec<String>, Vec<Row>)> {
             .map_err(|_| bad("labels"))?
             .into_no_null_iter()
             .collect();
+        if let Some(l) = labels.iter().find(|&&l| l as usize >= names.len()) {
+            anyhow::bail!(
+                "{}: row `{}` has label index {l}, but {LABELS_FILE} names {} labels; re-run the load stage",
+                path.display(),
+                id.unwrap_or_default(),
+                names.len()
+            );
+        }
         rows.push(Row {
             id: id.unwrap_or_default().to_owned(),
             text: text.unwrap_or_default().to_owned(),
@@ -251,47 +272,79 @@ pub fn read_dataset(dir: &Path) -> anyhow::Result<(Vec<String>, Vec<Row>)> {
             split: split.and_then(Split::parse).ok_or_else(|| bad("split"))?,
         });
     }
-    Ok((labels, rows))
+    Ok((names, rows))
 }
 
-/// Counts a report shows: rows per split, examples per label, multi-label share.
+/// Counts a report shows for one split: examples per label, multi-label rows, rows. Fields in
+/// alphabetical order: summary.json's key order since it was first written through
+/// `serde_json::Value` (whose maps sort their keys).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
 pub struct SplitSummary {
-    pub rows: usize,
     pub examples_per_label: BTreeMap<String, usize>,
+    pub max_labels_per_row: usize,
     pub multi_label_rows: usize,
     pub multi_label_share: f64,
-    pub max_labels_per_row: usize,
+    pub rows: usize,
 }
 
-pub fn summarize(labels: &[String], rows: &[Row]) -> BTreeMap<String, SplitSummary> {
-    let mut out = BTreeMap::new();
-    for split in Split::ALL {
+/// One value per split, serialized as `{"dev": …, "test": …, "train": …}` (alphabetical).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct PerSplit<T> {
+    pub dev: T,
+    pub test: T,
+    pub train: T,
+}
+
+impl<T> PerSplit<T> {
+    pub fn get(&self, split: Split) -> &T {
+        match split {
+            Split::Train => &self.train,
+            Split::Dev => &self.dev,
+            Split::Test => &self.test,
+        }
+    }
+
+    /// Build one from a value per split.
+    pub fn from_fn(mut f: impl FnMut(Split) -> T) -> PerSplit<T> {
+        let train = f(Split::Train);
+        let dev = f(Split::Dev);
+        let test = f(Split::Test);
+        PerSplit { dev, test, train }
+    }
+
+    pub fn map<U>(&self, mut f: impl FnMut(&T) -> U) -> PerSplit<U> {
+        PerSplit::from_fn(|s| f(self.get(s)))
+    }
+}
+
+/// Per split: rows, examples per label and multi-label rows. `rows` must carry label indices
+/// below `labels.len()` (what [`read_dataset`] checks); others are not counted.
+pub fn summarize(labels: &[String], rows: &[Row]) -> PerSplit<SplitSummary> {
+    PerSplit::from_fn(|split| {
         let in_split: Vec<&Row> = rows.iter().filter(|r| r.split == split).collect();
-        let mut per_label: BTreeMap<String, usize> =
-            labels.iter().map(|l| (l.clone(), 0)).collect();
+        let mut counts = vec![0usize; labels.len()];
         for r in &in_split {
             for &l in &r.labels {
-                *per_label.get_mut(&labels[l as usize]).expect("valid label") += 1;
+                if let Some(c) = counts.get_mut(l as usize) {
+                    *c += 1;
+                }
             }
         }
         let multi = in_split.iter().filter(|r| r.labels.len() > 1).count();
-        out.insert(
-            split.name().to_owned(),
-            SplitSummary {
-                rows: in_split.len(),
-                examples_per_label: per_label,
-                multi_label_rows: multi,
-                multi_label_share: if in_split.is_empty() {
-                    0.0
-                } else {
-                    round6(multi as f64 / in_split.len() as f64)
-                },
-                max_labels_per_row: in_split.iter().map(|r| r.labels.len()).max().unwrap_or(0),
+        SplitSummary {
+            examples_per_label: labels.iter().cloned().zip(counts).collect(),
+            max_labels_per_row: in_split.iter().map(|r| r.labels.len()).max().unwrap_or(0),
+            multi_label_rows: multi,
+            multi_label_share: if in_split.is_empty() {
+                0.0
+            } else {
+                round6(multi as f64 / in_split.len() as f64)
             },
-        );
-    }
-    out
+            rows: in_split.len(),
+        }
+    })
 }
 
 pub fn round6(x: f64) -> f64 {

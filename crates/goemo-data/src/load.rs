@@ -16,12 +16,12 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
-use anyhow::Context;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 
 use crate::data::{self, map_labels, Row, Split, Taxonomy};
+use crate::summary::{write_summary, DatasetSummary, Rejected, RowCounts};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
@@ -164,28 +164,35 @@ pub fn write_outputs(
         std::fs::write(out_dir.join("rejects.jsonl"), text)?;
     }
     let splits = data::summarize(&names, &loaded.rows);
-    let mut rows: BTreeMap<String, usize> =
-        splits.iter().map(|(k, v)| (k.clone(), v.rows)).collect();
-    rows.insert("total".into(), loaded.rows.len());
-    let summary = serde_json::json!({
-        "source": params.source,
-        "taxonomy": params.taxonomy,
-        "labels": names,
-        "rows": rows,
-        "splits": splits,
-        "rejected": {"total": loaded.rejects.len(), "by_reason": by_reason},
-        "filtered": loaded.filtered,
-        "lines_read": loaded.files,
-    });
-    goemo_fsio::write_json(&out_dir.join("summary.json"), &summary)?;
+    let rows = RowCounts {
+        dev: splits.dev.rows,
+        test: splits.test.rows,
+        total: loaded.rows.len(),
+        train: splits.train.rows,
+    };
+    let summary = DatasetSummary {
+        filtered: loaded.filtered,
+        labels: names,
+        lines_read: loaded.files,
+        rejected: Rejected {
+            by_reason,
+            total: loaded.rejects.len(),
+        },
+        rows,
+        sample: None,
+        source: params.source,
+        splits,
+        taxonomy: params.taxonomy,
+    };
+    write_summary(out_dir, &summary)?;
     tracing::info!(
         "load: {} rows (train {}, dev {}, test {}), {} labels, {} rejected",
-        loaded.rows.len(),
-        rows.get("train").unwrap_or(&0),
-        rows.get("dev").unwrap_or(&0),
-        rows.get("test").unwrap_or(&0),
-        names.len(),
-        loaded.rejects.len()
+        summary.rows.total,
+        summary.rows.train,
+        summary.rows.dev,
+        summary.rows.test,
+        summary.labels.len(),
+        summary.rejected.total
     );
     Ok(())
 }
@@ -457,33 +464,8 @@ fn parse_raw(
         Some(Err(e)) => anyhow::bail!("{file}:1: cannot read the header: {e}"),
         None => anyhow::bail!("{file}: empty file (expected the raw GoEmotions header)"),
     };
-    let expected: Vec<&str> = RAW_HEADER
-        .iter()
-        .copied()
-        .chain(labels.iter().map(String::as_str))
-        .collect();
-    let found: Vec<String> = header
-        .iter()
-        .map(|f| String::from_utf8_lossy(f).trim().to_owned())
-        .collect();
-    if found != expected {
-        let first_diff = expected
-            .iter()
-            .zip(&found)
-            .position(|(e, f)| e != f)
-            .unwrap_or(expected.len().min(found.len()));
-        anyhow::bail!(
-            "{file}:1: not a raw GoEmotions header: column {} is `{}`, expected `{}` ({} columns found, {} expected: {}, then the {} labels in labels.txt order)\n  hint: these must be the goemotions_N.csv rater files; for train/dev/test .tsv files use `source: official`",
-            first_diff + 1,
-            found.get(first_diff).map(String::as_str).unwrap_or("(missing)"),
-            expected.get(first_diff).copied().unwrap_or("(nothing)"),
-            found.len(),
-            expected.len(),
-            RAW_HEADER.join(","),
-            labels.len()
-        );
-    }
-    let n_fields = expected.len();
+    check_raw_header(&header, file, labels)?;
+    let n_fields = RAW_HEADER.len() + labels.len();
     let mut lines = 1;
     for record in records {
         let record = match record {
@@ -505,84 +487,122 @@ fn parse_raw(
             .map(|p| p.line() as usize)
             .unwrap_or(lines + 1);
         lines = line;
-        let raw_line: Vec<u8> = record.iter().collect::<Vec<_>>().join(&b","[..]);
-        let mut reject = |kind: &str, reason: String| {
-            rejects.push(Reject::new(file, line, kind, reason, &raw_line))
-        };
-        if record.len() != n_fields {
-            reject(
+        let vote = if record.len() == n_fields {
+            parse_raw_record(&record, labels)
+        } else {
+            Err((
                 "wrong field count",
                 format!(
                     "expected {n_fields} comma-separated fields, found {}",
                     record.len()
                 ),
-            );
-            continue;
-        }
-        let fields: Vec<&str> = match record
-            .iter()
-            .map(std::str::from_utf8)
-            .collect::<Result<_, _>>()
-        {
-            Ok(f) => f,
-            Err(e) => {
-                reject("invalid UTF-8", format!("not valid UTF-8: {e}"));
-                continue;
-            }
+            ))
         };
-        let (text, id) = (fields[0], fields[1].trim());
-        if text.trim().is_empty() {
-            reject("empty text", "empty text".into());
-            continue;
-        }
-        if id.is_empty() {
-            reject("empty id", "empty comment id".into());
-            continue;
-        }
-        let unclear = match fields[8].trim().to_ascii_lowercase().as_str() {
-            "true" | "1" => true,
-            "false" | "0" => false,
-            other => {
-                reject(
-                    "bad example_very_unclear",
-                    format!("example_very_unclear is `{other}`, expected True/False"),
-                );
-                continue;
-            }
-        };
-        let mut votes = Vec::with_capacity(labels.len());
-        let mut bad = None;
-        for (k, cell) in fields[RAW_HEADER.len()..].iter().enumerate() {
-            match cell.trim() {
-                "1" => votes.push(1),
-                "0" => votes.push(0),
-                other => {
-                    bad = Some(format!(
-                        "label column `{}` is `{other}`, expected 0 or 1",
-                        labels[k]
-                    ));
-                    break;
+        match vote {
+            Ok(v) => {
+                let entry = comments.entry(v.id).or_insert_with(|| Votes {
+                    text: v.text,
+                    votes: vec![0; labels.len()],
+                    unclear: false,
+                });
+                entry.unclear |= v.unclear;
+                for (total, add) in entry.votes.iter_mut().zip(v.votes) {
+                    *total += add;
                 }
             }
-        }
-        if let Some(reason) = bad {
-            reject("bad label cell", reason);
-            continue;
-        }
-        let entry = comments.entry(id.to_owned()).or_insert_with(|| Votes {
-            text: text.to_owned(),
-            votes: vec![0; labels.len()],
-            unclear: false,
-        });
-        entry.unclear |= unclear;
-        for (v, add) in entry.votes.iter_mut().zip(votes) {
-            *v += add;
+            Err((kind, reason)) => {
+                let raw_line: Vec<u8> = record.iter().collect::<Vec<_>>().join(&b","[..]);
+                rejects.push(Reject::new(file, line, kind, reason, &raw_line));
+            }
         }
     }
     Ok(lines)
 }
 
-/// For stages downstream: the dataset folder's summary.
-pub fn read_summary(dir: &Path) -> anyhow::Result<serde_json::Value> {
-    goemo_fsio::read_json(&dir.join("summary.json")).context("the load stage's summary.json")
+/// The raw files' header: [`RAW_HEADER`], then the label names in labels.txt order.
+fn check_raw_header(header: &csv::ByteRecord, file: &str, labels: &[String]) -> anyhow::Result<()> {
+    let expected: Vec<&str> = RAW_HEADER
+        .iter()
+        .copied()
+        .chain(labels.iter().map(String::as_str))
+        .collect();
+    let found: Vec<String> = header
+        .iter()
+        .map(|f| String::from_utf8_lossy(f).trim().to_owned())
+        .collect();
+    if found == expected {
+        return Ok(());
+    }
+    let first_diff = expected
+        .iter()
+        .zip(&found)
+        .position(|(e, f)| e != f)
+        .unwrap_or(expected.len().min(found.len()));
+    anyhow::bail!(
+        "{file}:1: not a raw GoEmotions header: column {} is `{}`, expected `{}` ({} columns found, {} expected: {}, then the {} labels in labels.txt order)\n  hint: these must be the goemotions_N.csv rater files; for train/dev/test .tsv files use `source: official`",
+        first_diff + 1,
+        found.get(first_diff).map(String::as_str).unwrap_or("(missing)"),
+        expected.get(first_diff).copied().unwrap_or("(nothing)"),
+        found.len(),
+        expected.len(),
+        RAW_HEADER.join(","),
+        labels.len()
+    )
+}
+
+/// One rater's row of a raw file.
+struct RawVote {
+    id: String,
+    text: String,
+    unclear: bool,
+    votes: Vec<u32>,
+}
+
+/// A raw row with the right field count, or the reject's (kind, reason).
+fn parse_raw_record(
+    record: &csv::ByteRecord,
+    labels: &[String],
+) -> Result<RawVote, (&'static str, String)> {
+    let fields: Vec<&str> = record
+        .iter()
+        .map(std::str::from_utf8)
+        .collect::<Result<_, _>>()
+        .map_err(|e| ("invalid UTF-8", format!("not valid UTF-8: {e}")))?;
+    let field = |i: usize| fields.get(i).copied().unwrap_or_default();
+    let (text, id) = (field(0), field(1).trim());
+    if text.trim().is_empty() {
+        return Err(("empty text", "empty text".into()));
+    }
+    if id.is_empty() {
+        return Err(("empty id", "empty comment id".into()));
+    }
+    let unclear = match field(8).trim().to_ascii_lowercase().as_str() {
+        "true" | "1" => true,
+        "false" | "0" => false,
+        other => {
+            return Err((
+                "bad example_very_unclear",
+                format!("example_very_unclear is `{other}`, expected True/False"),
+            ))
+        }
+    };
+    let cells = fields.get(RAW_HEADER.len()..).unwrap_or_default();
+    let votes = cells
+        .iter()
+        .zip(labels)
+        .map(|(cell, label)| match cell.trim() {
+            "1" => Ok(1),
+            "0" => Ok(0),
+            other => Err((
+                "bad label cell",
+                format!("label column `{label}` is `{other}`, expected 0 or 1"),
+            )),
+        })
+        .collect::<Result<Vec<u32>, _>>()?;
+    Ok(RawVote {
+        id: id.to_owned(),
+        text: text.to_owned(),
+        unclear,
+        votes,
+    })
 }

@@ -57,7 +57,7 @@ pub fn build(
         .iter()
         .map(|f| model.join(f))
         .find(|p| p.exists())
-        .expect("load_tokenizer found one");
+        .ok_or_else(|| anyhow::anyhow!("{}: no tokenizer.json or vocab.txt", model.display()))?;
     let tokenizer = load_tokenizer(model, max_len)?;
     let meta = TokensMeta {
         label_names: labels,

@@ -215,14 +215,22 @@ impl TokenizedData {
         let offsets: Vec<usize> = get("offsets")?
             .data()
             .chunks_exact(8)
-            .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")) as usize)
-            .collect();
+            .map(|c| <[u8; 8]>::try_from(c).map(|b| u64::from_le_bytes(b) as usize))
+            .collect::<Result<_, _>>()
+            .with_context(|| format!("{}: tensor `offsets`", path.display()))?;
         let labels = get("labels")?.data().to_vec();
         let splits: Vec<Split> = get("split")?
             .data()
             .iter()
-            .map(|&b| Split::ALL[b.min(2) as usize])
-            .collect();
+            .map(|&b| {
+                Split::ALL.get(b as usize).copied().ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "{}: split byte {b} is not 0 (train), 1 (dev) or 2 (test)",
+                        path.display()
+                    )
+                })
+            })
+            .collect::<anyhow::Result<_>>()?;
         let row_ids: Vec<String> = std::fs::read_to_string(dir.join(ROW_IDS_FILE))?
             .lines()
             .map(str::to_owned)
@@ -231,7 +239,8 @@ impl TokenizedData {
         if offsets.len() != n + 1
             || labels.len() != n * meta.label_names.len()
             || row_ids.len() != n
-            || offsets[n] != ids.len()
+            || offsets.last() != Some(&ids.len())
+            || offsets.windows(2).any(|w| w[0] > w[1])
         {
             anyhow::bail!("{}: tensors disagree in length; re-run the tokenize stage (`goemo run --from tokenize`)", path.display());
         }

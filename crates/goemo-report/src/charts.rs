@@ -1,5 +1,7 @@
 //! Charts drawn with plotters, as PNG files or SVG strings, shared by the `plot` stage (files)
-//! and the `report` stage (SVG inlined into one self-contained HTML page).
+//! and the `report` stage (SVG inlined into one self-contained HTML page): `f1_scores_barplot`
+//! (labels sorted by F1, tuned thresholds beside 0.5), `training_curves` (loss per step, dev
+//! macro-F1 per epoch) and `pr_curves` (precision–recall per label, tuned threshold marked).
 //!
 //! The font is embedded (DejaVu Sans, assets/), so text renders on a bare machine with no
 //! system fonts.
@@ -9,6 +11,10 @@ use std::sync::Once;
 
 use plotters::coord::Shift;
 use plotters::prelude::*;
+
+use crate::evaluation::MetricsFile;
+use crate::metrics;
+use crate::ReportError;
 
 static FONT: &[u8] = include_bytes!("../../../assets/DejaVuSans.ttf");
 static REGISTER: Once = Once::new();
@@ -50,16 +56,148 @@ pub struct PrCurves<'a> {
     pub operating: &'a [(f64, f64, f32)],
 }
 
-type R = anyhow::Result<()>;
+type R = Result<(), ReportError>;
 
-fn err<E: std::fmt::Debug>(e: E) -> anyhow::Error {
-    anyhow::anyhow!("drawing a chart: {e:?}")
+fn err<E: std::fmt::Debug>(e: E) -> ReportError {
+    ReportError::Chart(format!("{e:?}"))
+}
+
+/// The training curves' size in pixels.
+pub const CURVES_SIZE: (u32, u32) = (1100, 420);
+/// The precision–recall grid's size in pixels.
+pub const PR_SIZE: (u32, u32) = (1400, 860);
+
+/// What the charts are drawn from: evaluation's metrics and test scores, the training log.
+pub struct ChartData {
+    pub labels: Vec<String>,
+    pub f1_tuned: Vec<f64>,
+    pub f1_05: Vec<f64>,
+    /// Per label: (recall, precision, threshold) at its tuned threshold.
+    pub operating: Vec<(f64, f64, f32)>,
+    /// Per label: (recall, precision) points.
+    pub pr: Vec<Vec<(f64, f64)>>,
+    /// (step, loss)
+    pub loss: Vec<(f64, f64)>,
+    /// (epoch, dev macro-F1)
+    pub dev_f1: Vec<(f64, f64)>,
+}
+
+impl ChartData {
+    /// From metrics.json, the test scores and truth (rows × labels) and the training log's
+    /// (step, loss) and (epoch, dev macro-F1) points.
+    pub fn new(
+        m: &MetricsFile,
+        (scores, truth): (&[f32], &[u8]),
+        loss: Vec<(f64, f64)>,
+        dev_f1: Vec<(f64, f64)>,
+    ) -> Result<ChartData, ReportError> {
+        let n = m.labels.len();
+        if scores.len() != truth.len() || scores.len() != m.test_rows * n {
+            return Err(ReportError::Mismatch(format!(
+                "the test scores hold {} values for {} test rows × {n} labels in metrics.json; re-run evaluate",
+                scores.len(),
+                m.test_rows
+            )));
+        }
+        let (mut f1_tuned, mut f1_05, mut operating) = (vec![], vec![], vec![]);
+        for l in &m.labels {
+            let t = m.policies.tuned.label("tuned", l)?;
+            f1_tuned.push(t.f1);
+            f1_05.push(m.policies.at_05.label("0.5", l)?.f1);
+            operating.push((t.recall, t.precision, t.threshold as f32));
+        }
+        let pr = (0..n)
+            .map(|l| {
+                metrics::pr_curve(scores, truth, n, l)
+                    .into_iter()
+                    .map(|(_, p, r)| (r, p))
+                    .collect()
+            })
+            .collect();
+        Ok(ChartData {
+            labels: m.labels.clone(),
+            f1_tuned,
+            f1_05,
+            operating,
+            pr,
+            loss,
+            dev_f1,
+        })
+    }
+
+    pub fn bars(&self) -> F1Bars<'_> {
+        F1Bars {
+            labels: &self.labels,
+            tuned: &self.f1_tuned,
+            fixed: &self.f1_05,
+            fixed_name: "0.5",
+        }
+    }
+    pub fn curves(&self) -> Curves<'_> {
+        Curves {
+            loss: &self.loss,
+            dev_f1: &self.dev_f1,
+        }
+    }
+    pub fn pr_curves(&self) -> PrCurves<'_> {
+        PrCurves {
+            labels: &self.labels,
+            curves: &self.pr,
+            operating: &self.operating,
+        }
+    }
+    /// The bar plot's size: `width`, and a height that follows the number of labels.
+    pub fn bar_size(&self, width: u32) -> (u32, u32) {
+        (width, 120 + 26 * self.labels.len() as u32)
+    }
+
+    /// `f1_scores_barplot.png`, `training_curves.png` and `pr_curves.png` into `dir`.
+    pub fn write_png(&self, dir: &Path, bar_width: u32) -> R {
+        png(
+            &dir.join("f1_scores_barplot.png"),
+            self.bar_size(bar_width),
+            |a| f1_bars(a, &self.bars()),
+        )?;
+        png(&dir.join("training_curves.png"), CURVES_SIZE, |a| {
+            training_curves(a, &self.curves())
+        })?;
+        png(&dir.join("pr_curves.png"), PR_SIZE, |a| {
+            pr_curves(a, &self.pr_curves())
+        })
+    }
+
+    /// The same three charts as `.svg` files.
+    pub fn write_svg(&self, dir: &Path, bar_width: u32) -> R {
+        let write = |name: &str, text: String| {
+            let path = dir.join(name);
+            std::fs::write(&path, text).map_err(|source| ReportError::Write { path, source })
+        };
+        write(
+            "f1_scores_barplot.svg",
+            svg(self.bar_size(bar_width), |a| f1_bars(a, &self.bars()))?,
+        )?;
+        write(
+            "training_curves.svg",
+            svg(CURVES_SIZE, |a| training_curves(a, &self.curves()))?,
+        )?;
+        write(
+            "pr_curves.svg",
+            svg(PR_SIZE, |a| pr_curves(a, &self.pr_curves()))?,
+        )
+    }
 }
 
 pub fn f1_bars<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, d: &F1Bars<'_>) -> R {
     register_font();
-    area.fill(&WHITE).map_err(err)?;
     let n = d.labels.len();
+    if d.tuned.len() != n || d.fixed.len() != n {
+        return Err(ReportError::Mismatch(format!(
+            "F1 bars: {n} labels but {} tuned and {} fixed values",
+            d.tuned.len(),
+            d.fixed.len()
+        )));
+    }
+    area.fill(&WHITE).map_err(err)?;
     let mut order: Vec<usize> = (0..n).collect();
     order.sort_by(|&a, &b| d.tuned[b].total_cmp(&d.tuned[a]).then(a.cmp(&b)));
     // Three segments per label (tuned bar, fixed bar, gap); the best label at the top.
@@ -193,12 +331,10 @@ pub fn pr_curves<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, d: &PrCurves
             (10, 8),
         )
         .map_err(err)?;
-    for (i, cell) in body.split_evenly((rows, cols)).iter().enumerate() {
-        if i >= d.labels.len() {
-            break;
-        }
+    let labels = d.labels.iter().zip(d.curves).zip(d.operating);
+    for (cell, ((label, curve), &(r, p, _))) in body.split_evenly((rows, cols)).iter().zip(labels) {
         let mut c = ChartBuilder::on(cell)
-            .caption(&d.labels[i], (FAMILY, 13))
+            .caption(label, (FAMILY, 13))
             .margin(4)
             .x_label_area_size(16)
             .y_label_area_size(24)
@@ -210,12 +346,8 @@ pub fn pr_curves<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, d: &PrCurves
             .label_style((FAMILY, 9))
             .draw()
             .map_err(err)?;
-        c.draw_series(LineSeries::new(
-            d.curves[i].iter().copied(),
-            BLUE.stroke_width(1),
-        ))
-        .map_err(err)?;
-        let (r, p, _) = d.operating[i];
+        c.draw_series(LineSeries::new(curve.iter().copied(), BLUE.stroke_width(1)))
+            .map_err(err)?;
         c.draw_series(std::iter::once(Circle::new((r, p), 3, ORANGE.filled())))
             .map_err(err)?;
     }
@@ -236,7 +368,7 @@ pub fn png(
 pub fn svg(
     size: (u32, u32),
     f: impl FnOnce(&DrawingArea<SVGBackend<'_>, Shift>) -> R,
-) -> anyhow::Result<String> {
+) -> Result<String, ReportError> {
     let mut out = String::new();
     {
         let area = SVGBackend::with_string(&mut out, size).into_drawing_area();

@@ -24,6 +24,11 @@ impl Counts {
     }
 }
 
+/// Six decimals: how every figure is written into goemo's result files.
+pub fn round6(x: f64) -> f64 {
+    (x * 1e6).round() / 1e6
+}
+
 pub fn ratio(num: u64, den: u64) -> f64 {
     if den == 0 {
         0.0
@@ -323,7 +328,7 @@ mod tests {
     fn fixture() -> serde_json::Value {
         let path = concat!(
             env!("CARGO_MANIFEST_DIR"),
-            "/../tests/fixtures/sklearn_metrics.json"
+            "/../../tests/fixtures/sklearn_metrics.json"
         );
         serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
     }
