@@ -354,7 +354,7 @@ fn assert_kill_and_resume_is_exact(p: &TrainParams, kill_at: usize, checkpoint_a
             &TrainEnv {
                 device: &Device::Cpu,
                 work_dir: work,
-                check: check,
+                check,
                 interactive: false,
             },
             Instant::now(),

@@ -98,7 +98,7 @@ fn bench_tokenize(model: &std::path::Path) -> anyhow::Result<()> {
 fn bench_train(which: &str, model: &std::path::Path) -> anyhow::Result<()> {
     let threads = rayon::current_num_threads();
     let (labels, rows) = read_split(Split::Train)?;
-    let data = goemo_data::tokenize::build(&rows, labels, &model, 128)?;
+    let data = goemo_data::tokenize::build(&rows, labels, model, 128)?;
     let batches: Vec<Vec<usize>> = serde_json::from_slice(&std::fs::read(env_path(
         "BENCH_BATCHES",
         "bench-results/bench_batches.json",
@@ -170,7 +170,7 @@ fn bench_train(which: &str, model: &std::path::Path) -> anyhow::Result<()> {
 fn bench_infer(which: &str, model: &std::path::Path, padded: bool) -> anyhow::Result<()> {
     let threads = rayon::current_num_threads();
     let (labels, rows) = read_split(Split::Dev)?;
-    let data = goemo_data::tokenize::build(&rows, labels, &model, 128)?;
+    let data = goemo_data::tokenize::build(&rows, labels, model, 128)?;
     let (cfg, pretrained) = model_config(which, model)?;
     let params = Params::init(&cfg, 28, 0, &Device::Cpu)?;
     if pretrained {
