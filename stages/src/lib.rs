@@ -11,9 +11,12 @@ pub mod predict;
 pub mod report;
 pub mod runtime;
 pub mod sample;
+pub mod scoring;
 pub mod thresholds;
 pub mod tokenize;
-pub mod train;
+pub mod trainer;
+/// The trainer's former name, for the stages that still import scoring from it.
+pub use trainer as train;
 
 use std::sync::Arc;
 
@@ -25,7 +28,7 @@ pub fn registry() -> Registry {
         Arc::new(load::LoadStage),
         Arc::new(sample::SampleStage),
         Arc::new(tokenize::TokenizeStage),
-        Arc::new(train::TrainStage),
+        Arc::new(trainer::TrainStage),
         Arc::new(thresholds::ThresholdsStage),
         Arc::new(evaluate::EvaluateStage),
         Arc::new(report::ReportStage),

@@ -6,7 +6,7 @@ use std::time::Instant;
 use candle_core::{Device, Tensor};
 use goemo_data::tokens::TokenizedData;
 use goemo_nn::model::{self, Arch, Classifier, EncoderConfig, ModelDir, Params};
-use goemo_stages::train::{self, bce_with_logits, TrainParams};
+use goemo_stages::trainer::{self as train, bce_with_logits, TrainEnv, TrainParams};
 use goemo_testing::{
     check_finite_differences, max_abs_diff, real_tokens, tiny_config, write_tiny_model,
 };
@@ -38,7 +38,7 @@ fn every_parameter_receives_a_nonzero_gradient() {
         let p = tiny_params(arch, 0.0, 1);
         let rows: Vec<usize> = (0..32).collect();
         let (_, grads) = train::loss_and_grads(&p, &data, &rows, None, None, &Device::Cpu).unwrap();
-        for (name, g) in p.names.iter().zip(&grads) {
+        for (name, g) in p.names.iter().zip(grads.leaves()) {
             // Embedding rows of tokens absent from the batch are legitimately zero: check the
             // tensor as a whole, and every element of everything else.
             let nonzero = g.iter().any(|&x| x != 0.0);
@@ -88,10 +88,12 @@ fn loss_decreases_over_a_few_dozen_steps() {
             &quick(2),
             &data,
             tiny_params(arch, 0.1, 3),
-            &Device::Cpu,
-            work.path(),
-            &no_check,
-            false,
+            &TrainEnv {
+                device: &Device::Cpu,
+                work_dir: work.path(),
+                check: &no_check,
+                interactive: false,
+            },
             Instant::now(),
         )
         .unwrap();
@@ -126,10 +128,12 @@ fn gradient_accumulation_4x8_matches_1x32() {
             &p,
             &data,
             tiny_params(Arch::Bert, 0.0, 4),
-            &Device::Cpu,
-            work.path(),
-            &no_check,
-            false,
+            &TrainEnv {
+                device: &Device::Cpu,
+                work_dir: work.path(),
+                check: &no_check,
+                interactive: false,
+            },
             Instant::now(),
         )
         .unwrap();
@@ -232,7 +236,18 @@ fn export_bytes(data: &TokenizedData, arch: Arch, seed: u64) -> (Vec<u8>, tempfi
     let md = ModelDir::open(&dir.path().join("base")).unwrap();
     let work = dir.path().join("work");
     std::fs::create_dir_all(&work).unwrap();
-    let out = train::train(&quick(1), data, &md, &Device::Cpu, &work, &no_check, false).unwrap();
+    let out = train::train(
+        &quick(1),
+        data,
+        &md,
+        &TrainEnv {
+            device: &Device::Cpu,
+            work_dir: &work,
+            check: &no_check,
+            interactive: false,
+        },
+    )
+    .unwrap();
     model::export(
         &dir.path().join("export"),
         &md.cfg,
@@ -290,6 +305,7 @@ fn export_round_trip_gives_the_same_logits() {
             &Device::Cpu,
         )
         .unwrap();
+        let exported = goemo_nn::params::Encoder::from_named(&c.cfg, 28, &exported).unwrap();
         let after =
             train::predict_scores(&c.cfg, &exported, &data, &rows, 5, &Device::Cpu).unwrap();
         let max = max_abs_diff(&before, &after);
@@ -335,10 +351,12 @@ fn assert_kill_and_resume_is_exact(p: &TrainParams, kill_at: usize, checkpoint_a
             p,
             &data,
             tiny_params(Arch::Bert, 0.1, 7),
-            &Device::Cpu,
-            work,
-            check,
-            false,
+            &TrainEnv {
+                device: &Device::Cpu,
+                work_dir: work,
+                check,
+                interactive: false,
+            },
             Instant::now(),
         )
     };
@@ -480,7 +498,18 @@ fn minilm_real_weights_smoke_test() {
         log_every: 1000,
         ..Default::default()
     };
-    let out = train::train(&p, &data, &md, &Device::Cpu, work.path(), &no_check, false).unwrap();
+    let out = train::train(
+        &p,
+        &data,
+        &md,
+        &TrainEnv {
+            device: &Device::Cpu,
+            work_dir: work.path(),
+            check: &no_check,
+            interactive: false,
+        },
+    )
+    .unwrap();
     let steps = &out.log.steps;
     assert_eq!(steps.len(), 24);
     let first: f64 = steps[..4].iter().map(|s| s.loss).sum::<f64>() / 4.0;
@@ -509,7 +538,11 @@ fn packed_gradients_match_autograd_on_minilm() {
         (loss - want_loss).abs() < 1e-5,
         "loss {loss} vs autograd {want_loss}"
     );
-    for (name, (g, w)) in params.names.iter().zip(got.iter().zip(&want)) {
+    for (name, (g, w)) in params
+        .names
+        .iter()
+        .zip(got.leaves().into_iter().zip(want.leaves()))
+    {
         let scale = w.iter().fold(0f32, |m, v| m.max(v.abs()));
         let diff = max_abs_diff(g, w);
         assert!(

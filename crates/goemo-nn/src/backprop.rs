@@ -20,17 +20,18 @@
 //! Tests check loss and gradients against `train::loss_and_grads_autograd` on tiny BERT and
 //! DistilBERT models (dropout off), and against finite differences with dropout on.
 
-use std::collections::HashMap;
-
 use candle_core::Storage;
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 
+use crate::config::{Activation, EncoderConfig};
 use crate::infer::{
-    check_rows, dot, embed, erf_rational, exp_approx, lane_sum, matmul, packed_tokens, Operand,
+    activate, check_rows, dot, embed, erf_rational, exp_approx, lane_sum, matmul, normalise,
+    packed_tokens, Operand, SQRT_TWO_OVER_PI,
 };
-use crate::model::{Activation, Arch, LayerNames, Params};
+use crate::model::Params;
+use crate::params::{Dense, Encoder, Layer, LayerNorm};
 
 /// Rows per partial sum in the column reductions: fixed, so the summation order (and so the
 /// bits) do not depend on the number of threads.
@@ -51,107 +52,6 @@ fn add_column_sums(dst: &mut [f32], x: &[f32]) {
         .collect();
     for p in partials {
         dst.iter_mut().zip(&p).for_each(|(d, v)| *d += v);
-    }
-}
-
-/// Indices (into `Params`) of a dense layer's weight (out × in) and bias.
-#[derive(Clone, Copy)]
-struct DenseIdx {
-    weight: usize,
-    bias: usize,
-    inputs: usize,
-    outputs: usize,
-}
-
-#[derive(Clone, Copy)]
-struct NormIdx {
-    weight: usize,
-    bias: usize,
-}
-
-struct LayerIdx {
-    q: DenseIdx,
-    k: DenseIdx,
-    v: DenseIdx,
-    attn_out: DenseIdx,
-    attn_norm: NormIdx,
-    ffn_in: DenseIdx,
-    ffn_out: DenseIdx,
-    ffn_norm: NormIdx,
-}
-
-/// Where each part of the model sits in the parameter list.
-struct Layout {
-    word: usize,
-    position: usize,
-    token_type: Option<usize>,
-    embed_norm: NormIdx,
-    layers: Vec<LayerIdx>,
-    pool: DenseIdx,
-    classifier: DenseIdx,
-}
-
-impl Layout {
-    fn new(params: &Params) -> anyhow::Result<Layout> {
-        let index: HashMap<&str, usize> = params
-            .names
-            .iter()
-            .enumerate()
-            .map(|(i, n)| (n.as_str(), i))
-            .collect();
-        let find = |name: String| -> anyhow::Result<usize> {
-            index
-                .get(name.as_str())
-                .copied()
-                .ok_or_else(|| anyhow::anyhow!("the model has no parameter `{name}`"))
-        };
-        let dense = |name: &str| -> anyhow::Result<DenseIdx> {
-            let weight = find(format!("{name}.weight"))?;
-            let (outputs, inputs) = params.vars[weight].dims2()?;
-            Ok(DenseIdx {
-                weight,
-                bias: find(format!("{name}.bias"))?,
-                inputs,
-                outputs,
-            })
-        };
-        let norm = |name: &str| -> anyhow::Result<NormIdx> {
-            Ok(NormIdx {
-                weight: find(format!("{name}.weight"))?,
-                bias: find(format!("{name}.bias"))?,
-            })
-        };
-        let cfg = &params.cfg;
-        let pre = cfg.prefix();
-        let layers = (0..cfg.layers)
-            .map(|l| {
-                let n = LayerNames::new(cfg, l);
-                Ok(LayerIdx {
-                    q: dense(&n.q)?,
-                    k: dense(&n.k)?,
-                    v: dense(&n.v)?,
-                    attn_out: dense(&n.attn_out)?,
-                    attn_norm: norm(&n.attn_norm)?,
-                    ffn_in: dense(&n.ffn_in)?,
-                    ffn_out: dense(&n.ffn_out)?,
-                    ffn_norm: norm(&n.ffn_norm)?,
-                })
-            })
-            .collect::<anyhow::Result<Vec<_>>>()?;
-        Ok(Layout {
-            word: find(format!("{pre}.embeddings.word_embeddings.weight"))?,
-            position: find(format!("{pre}.embeddings.position_embeddings.weight"))?,
-            token_type: match cfg.arch {
-                Arch::Bert => Some(find(format!(
-                    "{pre}.embeddings.token_type_embeddings.weight"
-                ))?),
-                Arch::DistilBert => None,
-            },
-            embed_norm: norm(&format!("{pre}.embeddings.LayerNorm"))?,
-            layers,
-            pool: dense(cfg.pool_layer())?,
-            classifier: dense("classifier")?,
-        })
     }
 }
 
@@ -212,24 +112,20 @@ struct NormSaved {
 }
 
 /// LayerNorm of the rows of `z` (width h) into a new buffer; keeps what the backward needs.
-fn norm_forward(z: &[f32], gamma: &[f32], beta: &[f32], eps: f32) -> (Vec<f32>, NormSaved) {
+fn norm_forward(z: &[f32], n: &LayerNorm<&[f32]>, eps: f32) -> (Vec<f32>, NormSaved) {
+    let (gamma, beta) = (n.weight, n.bias);
     let h = gamma.len();
     let rows = z.len() / h;
-    let mut normalised = vec![0f32; z.len()];
+    let mut normalised = z.to_vec();
     let mut inv_std = vec![0f32; rows];
     let mut y = vec![0f32; z.len()];
     normalised
         .par_chunks_mut(h)
         .zip(y.par_chunks_mut(h))
         .zip(inv_std.par_iter_mut())
-        .zip(z.par_chunks(h))
-        .for_each(|(((xhat, y), inv), z)| {
-            let mean = lane_sum(z) / h as f32;
-            xhat.iter_mut().zip(z).for_each(|(x, z)| *x = z - mean);
-            let var = dot(xhat, xhat) / h as f32;
-            *inv = 1.0 / (var + eps).sqrt();
-            for (((x, y), g), b) in xhat.iter_mut().zip(y.iter_mut()).zip(gamma).zip(beta) {
-                *x *= *inv;
+        .for_each(|((xhat, y), inv)| {
+            *inv = normalise(xhat, eps);
+            for ((x, y), (g, b)) in xhat.iter().zip(y.iter_mut()).zip(gamma.iter().zip(beta)) {
                 *y = *x * g + b;
             }
         });
@@ -247,10 +143,11 @@ fn norm_forward(z: &[f32], gamma: &[f32], beta: &[f32], eps: f32) -> (Vec<f32>, 
 fn norm_backward(
     d: &mut [f32],
     saved: &NormSaved,
-    gamma: &[f32],
-    d_gamma: &mut [f32],
-    d_beta: &mut [f32],
+    n: &LayerNorm<&[f32]>,
+    grad: &mut LayerNorm<Vec<f32>>,
 ) {
+    let gamma = n.weight;
+    let (d_gamma, d_beta) = (&mut grad.weight, &mut grad.bias);
     let h = gamma.len();
     let partials: Vec<(Vec<f32>, Vec<f32>)> = d
         .par_chunks(REDUCE_ROWS * h)
@@ -285,20 +182,12 @@ fn norm_backward(
 }
 
 const FRAC_1_SQRT_2PI: f32 = 0.398_942_3;
-const SQRT_TWO_OVER_PI: f32 = 0.797_884_6;
 
-/// The activation of `pre` (the formulas of `infer::activate`).
+/// The activation of `pre` (`infer::activate`, into a new buffer: the backward pass needs
+/// `pre`).
 fn activation_forward(pre: &[f32], a: Activation) -> Vec<f32> {
     let mut out = pre.to_vec();
-    out.par_chunks_mut(4096).for_each(|c| match a {
-        Activation::GeluErf => c.iter_mut().for_each(|v| {
-            *v = (erf_rational(*v * std::f32::consts::FRAC_1_SQRT_2) + 1.0) * 0.5 * *v
-        }),
-        Activation::GeluTanh => c.iter_mut().for_each(|v| {
-            *v = 0.5 * *v * (1.0 + (SQRT_TWO_OVER_PI * *v * (1.0 + 0.044715 * *v * *v)).tanh())
-        }),
-        Activation::Relu => c.iter_mut().for_each(|v| *v = v.max(0.0)),
-    });
+    activate(&mut out, a);
     out
 }
 
@@ -380,114 +269,108 @@ impl Packing {
 }
 
 /// The parameters as host slices, borrowed from the candle variables without copying.
-struct Weights<'a> {
-    slices: Vec<&'a [f32]>,
+type Weights<'a> = Encoder<&'a [f32]>;
+
+/// Gradients, one buffer per parameter.
+pub type Grads = Encoder<Vec<f32>>;
+
+/// y = x·Wᵀ + b for `x` of rows × inputs.
+fn dense_forward(d: &Dense<&[f32]>, x: &[f32]) -> Vec<f32> {
+    let (inputs, outputs) = dense_dims(d);
+    let rows = x.len() / inputs;
+    let mut y = Vec::with_capacity(rows * outputs);
+    for _ in 0..rows {
+        y.extend_from_slice(d.bias);
+    }
+    matmul(
+        &mut y,
+        rows,
+        outputs,
+        inputs,
+        Operand::plain(x, inputs),
+        Operand::transposed(d.weight, inputs),
+        true,
+    );
+    y
 }
 
-impl Weights<'_> {
-    fn dense_forward(&self, d: DenseIdx, x: &[f32]) -> Vec<f32> {
-        let rows = x.len() / d.inputs;
-        let bias = self.slices[d.bias];
-        let mut y = Vec::with_capacity(rows * d.outputs);
-        for _ in 0..rows {
-            y.extend_from_slice(bias);
-        }
+/// (inputs, outputs) of a dense layer, from its weight (out × in) and bias (out).
+fn dense_dims(d: &Dense<&[f32]>) -> (usize, usize) {
+    let outputs = d.bias.len().max(1);
+    (d.weight.len() / outputs, outputs)
+}
+
+/// For y = x·Wᵀ + b: adds ∂L/∂W and ∂L/∂b to `grad`, and writes (or, with `add_dx`, adds)
+/// ∂L/∂x into `dx` when given.
+fn dense_backward(
+    d: &Dense<&[f32]>,
+    grad: &mut Dense<Vec<f32>>,
+    dy: &[f32],
+    x: &[f32],
+    dx: Option<&mut [f32]>,
+    add_dx: bool,
+) {
+    let (inputs, outputs) = dense_dims(d);
+    let rows = dy.len() / outputs;
+    matmul(
+        &mut grad.weight,
+        outputs,
+        inputs,
+        rows,
+        Operand::transposed(dy, outputs),
+        Operand::plain(x, inputs),
+        true,
+    );
+    add_column_sums(&mut grad.bias, dy);
+    if let Some(dx) = dx {
         matmul(
-            &mut y,
+            dx,
             rows,
-            d.outputs,
-            d.inputs,
-            Operand::plain(x, d.inputs),
-            Operand::transposed(self.slices[d.weight], d.inputs),
-            true,
+            inputs,
+            outputs,
+            Operand::plain(dy, outputs),
+            Operand::plain(d.weight, inputs),
+            add_dx,
         );
-        y
     }
+}
 
-    /// For y = x·Wᵀ + b: adds ∂L/∂W and ∂L/∂b to `grads`, and writes (or, with `add_dx`, adds)
-    /// ∂L/∂x into `dx` when given.
-    fn dense_backward(
+/// How both halves of an encoder layer end (the attention output and the feed-forward
+/// output): out = LN(dropout(dense(x)) + residual).
+struct ResidualNorm<'w, 'a> {
+    dense: &'w Dense<&'a [f32]>,
+    norm: &'w LayerNorm<&'a [f32]>,
+}
+
+impl ResidualNorm<'_, '_> {
+    fn forward(
         &self,
-        d: DenseIdx,
-        grads: &mut [Vec<f32>],
-        dy: &[f32],
-        x: &[f32],
-        dx: Option<&mut [f32]>,
-        add_dx: bool,
-    ) {
-        let rows = dy.len() / d.outputs;
-        matmul(
-            &mut grads[d.weight],
-            d.outputs,
-            d.inputs,
-            rows,
-            Operand::transposed(dy, d.outputs),
-            Operand::plain(x, d.inputs),
-            true,
-        );
-        add_column_sums(&mut grads[d.bias], dy);
-        if let Some(dx) = dx {
-            matmul(
-                dx,
-                rows,
-                d.inputs,
-                d.outputs,
-                Operand::plain(dy, d.outputs),
-                Operand::plain(self.slices[d.weight], d.inputs),
-                add_dx,
-            );
-        }
-    }
-
-    fn norm_forward(&self, n: NormIdx, z: &[f32], eps: f32) -> (Vec<f32>, NormSaved) {
-        norm_forward(z, self.slices[n.weight], self.slices[n.bias], eps)
-    }
-
-    fn norm_backward(&self, n: NormIdx, grads: &mut [Vec<f32>], d: &mut [f32], saved: &NormSaved) {
-        let (mut dg, mut db) = (
-            std::mem::take(&mut grads[n.weight]),
-            std::mem::take(&mut grads[n.bias]),
-        );
-        norm_backward(d, saved, self.slices[n.weight], &mut dg, &mut db);
-        grads[n.weight] = dg;
-        grads[n.bias] = db;
-    }
-
-    /// out = LN(dropout(dense(x)) + residual): how both halves of an encoder layer end (the
-    /// attention output and the feed-forward output).
-    fn residual_norm_forward(
-        &self,
-        dense: DenseIdx,
-        norm: NormIdx,
         x: &[f32],
         residual: &[f32],
         drop: Option<Dropout>,
         eps: f32,
     ) -> (Vec<f32>, NormSaved) {
-        let mut z = self.dense_forward(dense, x);
+        let mut z = dense_forward(self.dense, x);
         Dropout::apply(drop, &mut z, 0);
         z.par_iter_mut().zip(residual).for_each(|(z, r)| *z += r);
-        self.norm_forward(norm, &z, eps)
+        norm_forward(&z, self.norm, eps)
     }
 
-    /// The backward pass of `residual_norm_forward`: from ∂L/∂out, (∂L/∂residual, ∂L/∂x), with
-    /// the dense layer's and the LayerNorm's gradients added to `grads`.
-    #[allow(clippy::too_many_arguments)]
-    fn residual_norm_backward(
+    /// From ∂L/∂out, (∂L/∂residual, ∂L/∂x), with the dense layer's and the LayerNorm's
+    /// gradients added to `grad`.
+    fn backward(
         &self,
-        dense: DenseIdx,
-        norm: NormIdx,
-        grads: &mut [Vec<f32>],
+        grad: (&mut Dense<Vec<f32>>, &mut LayerNorm<Vec<f32>>),
         mut d_out: Vec<f32>,
         x: &[f32],
         saved: &NormSaved,
         drop: Option<Dropout>,
     ) -> (Vec<f32>, Vec<f32>) {
-        self.norm_backward(norm, grads, &mut d_out, saved);
+        norm_backward(&mut d_out, saved, self.norm, grad.1);
         let d_residual = d_out.clone();
         Dropout::apply(drop, &mut d_out, 0);
         let mut dx = vec![0f32; x.len()];
-        self.dense_backward(dense, grads, &d_out, x, Some(&mut dx), false);
+        dense_backward(self.dense, grad.0, &d_out, x, Some(&mut dx), false);
         (d_residual, dx)
     }
 }
@@ -618,16 +501,16 @@ fn attention_backward(
     (dq, dk, dv)
 }
 
-/// Forward and backward for one micro-batch on the CPU: (mean loss, gradients in parameter
-/// order), the contract of `train::loss_and_grads`. `targets` is rows × labels of 0/1;
-/// `pos_weight` one weight per label; `rng: Some` turns dropout on.
+/// Forward and backward for one micro-batch on the CPU: (mean loss, gradients), the contract
+/// of `train::loss_and_grads`. `targets` is rows × labels of 0/1; `pos_weight` one weight per
+/// label; `rng: Some` turns dropout on.
 pub fn loss_and_grads(
     params: &Params,
     rows: &[&[u32]],
     targets: &[f32],
     pos_weight: Option<&[f32]>,
     rng: Option<&mut ChaCha8Rng>,
-) -> anyhow::Result<(f64, Vec<Vec<f32>>)> {
+) -> anyhow::Result<(f64, Grads)> {
     let s = step(params, rows, targets, pos_weight, rng)?;
     Ok((s.loss, s.grads))
 }
@@ -636,26 +519,24 @@ pub fn loss_and_grads(
 /// forward/backward split).
 pub struct Step {
     pub loss: f64,
-    pub grads: Vec<Vec<f32>>,
+    pub grads: Grads,
     pub forward_secs: f64,
     pub backward_secs: f64,
 }
 
-/// `loss_and_grads` with the forward and backward passes timed.
+/// `loss_and_grads` with the forward and backward passes timed: [`forward`], [`bce_loss`],
+/// [`backward`].
 pub fn step(
     params: &Params,
     rows: &[&[u32]],
     targets: &[f32],
     pos_weight: Option<&[f32]>,
-    mut rng: Option<&mut ChaCha8Rng>,
+    rng: Option<&mut ChaCha8Rng>,
 ) -> anyhow::Result<Step> {
     let started = std::time::Instant::now();
     let cfg = &params.cfg;
-    let layout = Layout::new(params)?;
-    let labels = layout.classifier.outputs;
-    let (h, heads) = (cfg.hidden, cfg.heads);
-    let eps = cfg.layer_norm_eps as f32;
     anyhow::ensure!(!rows.is_empty(), "an empty batch");
+    let labels = params.num_labels;
     anyhow::ensure!(
         targets.len() == rows.len() * labels,
         "targets: {} values for {} rows of {labels} labels",
@@ -663,66 +544,82 @@ pub fn step(
         rows.len()
     );
     check_rows(rows, cfg.max_positions, cfg.vocab_size)?;
-    let guards: Vec<_> = params.vars.iter().map(|v| v.storage_and_layout()).collect();
-    let slices = guards
-        .iter()
-        .map(|(storage, layout)| match &**storage {
-            Storage::Cpu(cpu) => {
-                let all = cpu.as_slice::<f32>()?;
-                anyhow::ensure!(layout.is_contiguous(), "a parameter is not contiguous");
-                Ok(&all[layout.start_offset()..][..layout.shape().elem_count()])
-            }
-            _ => anyhow::bail!("the packed trainer runs on the CPU only"),
-        })
-        .collect::<anyhow::Result<Vec<&[f32]>>>()?;
-    let w = Weights { slices };
-    let pack = Packing::new(rows, heads);
+    let guards = params.tree.map_each(|v| v.storage_and_layout());
+    let w: Weights<'_> = guards.map(|name, (storage, layout)| match &**storage {
+        Storage::Cpu(cpu) => {
+            let all = cpu.as_slice::<f32>()?;
+            anyhow::ensure!(
+                layout.is_contiguous(),
+                "parameter `{name}` is not contiguous"
+            );
+            Ok(&all[layout.start_offset()..][..layout.shape().elem_count()])
+        }
+        _ => anyhow::bail!("the packed trainer runs on the CPU only"),
+    })?;
+    let fwd = forward(cfg, &w, rows, rng);
+    let (loss, d_logits) = bce_loss(&fwd.logits, targets, pos_weight, labels);
+    let forward_secs = started.elapsed().as_secs_f64();
+    let grads = backward(cfg, &w, fwd, &d_logits);
+    // The read guards behind the weight slices are released here, before the optimizer
+    // writes the parameters.
+    Ok(Step {
+        loss,
+        grads,
+        forward_secs,
+        backward_secs: started.elapsed().as_secs_f64() - forward_secs,
+    })
+}
+
+/// What the forward pass keeps for the backward pass, and the logits.
+pub struct Forward {
+    pack: Packing,
+    tokens: Vec<(usize, u32)>,
+    embed_norm: NormSaved,
+    embed_drop: Option<Dropout>,
+    layers: Vec<LayerSaved>,
+    /// The last hidden states' length (tokens × hidden).
+    hidden_len: usize,
+    cls: Vec<f32>,
+    /// After the head's first layer and its activation, before dropout.
+    pooled: Vec<f32>,
+    pooled_dropped: Vec<f32>,
+    head_drop: Option<Dropout>,
+    /// rows × labels.
+    pub logits: Vec<f32>,
+}
+
+/// The forward pass over packed rows (checked by the caller), drawing one dropout seed per
+/// site from `rng` in a fixed order when training.
+fn forward(
+    cfg: &EncoderConfig,
+    w: &Weights<'_>,
+    rows: &[&[u32]],
+    mut rng: Option<&mut ChaCha8Rng>,
+) -> Forward {
+    let h = cfg.hidden;
+    let eps = cfg.layer_norm_eps as f32;
+    let pack = Packing::new(rows, cfg.heads);
     let tokens = packed_tokens(rows);
 
     // Embeddings: word + position (+ token type 0), LayerNorm, dropout.
+    let e = &w.embeddings;
     let embedded = embed(
         &tokens,
-        w.slices[layout.word],
-        w.slices[layout.position],
-        layout.token_type.map(|i| &w.slices[i][..h]),
+        e.word,
+        e.position,
+        e.token_type.map(|t| &t[..h]),
         h,
     );
-    let (mut x, embed_norm) = w.norm_forward(layout.embed_norm, &embedded, eps);
+    let (mut x, embed_norm) = norm_forward(&embedded, &e.norm, eps);
     drop(embedded);
     let embed_drop = Dropout::draw(cfg.hidden_dropout, &mut rng);
     Dropout::apply(embed_drop, &mut x, 0);
 
-    let mut saved = Vec::with_capacity(layout.layers.len());
-    for li in &layout.layers {
-        let q = w.dense_forward(li.q, &x);
-        let k = w.dense_forward(li.k, &x);
-        let v = w.dense_forward(li.v, &x);
-        let drop_probs = Dropout::draw(cfg.attention_dropout, &mut rng);
-        let (ctx, probs) = attention_forward(&q, &k, &v, &pack, heads, drop_probs);
-        let drop_attn = Dropout::draw(cfg.hidden_dropout, &mut rng);
-        let (y1, attn_norm) =
-            w.residual_norm_forward(li.attn_out, li.attn_norm, &ctx, &x, drop_attn, eps);
-        let ffn_pre = w.dense_forward(li.ffn_in, &y1);
-        let ffn_act = activation_forward(&ffn_pre, cfg.activation);
-        let drop_ffn = Dropout::draw(cfg.hidden_dropout, &mut rng);
-        let (out, ffn_norm) =
-            w.residual_norm_forward(li.ffn_out, li.ffn_norm, &ffn_act, &y1, drop_ffn, eps);
-        saved.push(LayerSaved {
-            input: std::mem::replace(&mut x, out),
-            q,
-            k,
-            v,
-            probs,
-            ctx,
-            attn_norm,
-            attn_norm_out: y1,
-            ffn_pre,
-            ffn_act,
-            ffn_norm,
-            drop_probs,
-            drop_attn,
-            drop_ffn,
-        });
+    let mut layers = Vec::with_capacity(w.layers.len());
+    for layer in &w.layers {
+        let (out, saved) = layer_forward(cfg, layer, x, &pack, &mut rng);
+        layers.push(saved);
+        x = out;
     }
 
     // Head: [CLS] → pooler (tanh) or pre_classifier (ReLU) → dropout → classifier.
@@ -730,18 +627,86 @@ pub fn step(
         .iter()
         .flat_map(|&s| x[s * h..(s + 1) * h].iter().copied())
         .collect();
-    let mut pooled = w.dense_forward(layout.pool, &cls);
-    match cfg.arch {
-        Arch::Bert => pooled.iter_mut().for_each(|v| *v = v.tanh()),
-        Arch::DistilBert => pooled.iter_mut().for_each(|v| *v = v.max(0.0)),
-    }
+    let hidden_len = x.len();
+    drop(x);
+    let mut pooled = dense_forward(&w.pool, &cls);
+    pooled
+        .iter_mut()
+        .for_each(|v| *v = cfg.arch.pool_activation(*v));
     let head_drop = Dropout::draw(cfg.classifier_dropout, &mut rng);
     let mut pooled_dropped = pooled.clone();
     Dropout::apply(head_drop, &mut pooled_dropped, 0);
-    let logits = w.dense_forward(layout.classifier, &pooled_dropped);
+    let logits = dense_forward(&w.classifier, &pooled_dropped);
+    Forward {
+        pack,
+        tokens,
+        embed_norm,
+        embed_drop,
+        layers,
+        hidden_len,
+        cls,
+        pooled,
+        pooled_dropped,
+        head_drop,
+        logits,
+    }
+}
 
-    // BCE with logits, mean over rows × labels: ℓ = (1 − y)·z + w_y·softplus(−z) with
-    // w_y = 1 + (pos_weight − 1)·y; ∂ℓ/∂z = (1 − y) − w_y·σ(−z).
+/// One encoder layer: (its output, what its backward pass needs).
+fn layer_forward(
+    cfg: &EncoderConfig,
+    layer: &Layer<&[f32]>,
+    x: Vec<f32>,
+    pack: &Packing,
+    rng: &mut Option<&mut ChaCha8Rng>,
+) -> (Vec<f32>, LayerSaved) {
+    let eps = cfg.layer_norm_eps as f32;
+    let q = dense_forward(&layer.query, &x);
+    let k = dense_forward(&layer.key, &x);
+    let v = dense_forward(&layer.value, &x);
+    let drop_probs = Dropout::draw(cfg.attention_dropout, rng);
+    let (ctx, probs) = attention_forward(&q, &k, &v, pack, cfg.heads, drop_probs);
+    let drop_attn = Dropout::draw(cfg.hidden_dropout, rng);
+    let attn = ResidualNorm {
+        dense: &layer.attn_out,
+        norm: &layer.attn_norm,
+    };
+    let (y1, attn_norm) = attn.forward(&ctx, &x, drop_attn, eps);
+    let ffn_pre = dense_forward(&layer.ffn_in, &y1);
+    let ffn_act = activation_forward(&ffn_pre, cfg.activation);
+    let drop_ffn = Dropout::draw(cfg.hidden_dropout, rng);
+    let ffn = ResidualNorm {
+        dense: &layer.ffn_out,
+        norm: &layer.ffn_norm,
+    };
+    let (out, ffn_norm) = ffn.forward(&ffn_act, &y1, drop_ffn, eps);
+    let saved = LayerSaved {
+        input: x,
+        q,
+        k,
+        v,
+        probs,
+        ctx,
+        attn_norm,
+        attn_norm_out: y1,
+        ffn_pre,
+        ffn_act,
+        ffn_norm,
+        drop_probs,
+        drop_attn,
+        drop_ffn,
+    };
+    (out, saved)
+}
+
+/// BCE with logits, mean over rows × labels: (loss, ∂loss/∂logits). ℓ = (1 − y)·z +
+/// w_y·softplus(−z) with w_y = 1 + (pos_weight − 1)·y; ∂ℓ/∂z = (1 − y) − w_y·σ(−z).
+fn bce_loss(
+    logits: &[f32],
+    targets: &[f32],
+    pos_weight: Option<&[f32]>,
+    labels: usize,
+) -> (f64, Vec<f32>) {
     let n = logits.len() as f64;
     let mut loss = 0f64;
     let mut d_logits = vec![0f32; logits.len()];
@@ -753,119 +718,148 @@ pub fn step(
         let sig_neg = 1.0 / (1.0 + z.exp());
         d_logits[i] = (((1.0 - y) - wy * sig_neg) as f64 / n) as f32;
     }
-    let loss = loss / n;
+    (loss / n, d_logits)
+}
 
-    let forward_secs = started.elapsed().as_secs_f64();
-    let mut grads: Vec<Vec<f32>> = params
-        .vars
-        .iter()
-        .map(|v| vec![0f32; v.elem_count()])
-        .collect();
-    let mut d_pooled = vec![0f32; pooled.len()];
-    w.dense_backward(
-        layout.classifier,
-        &mut grads,
-        &d_logits,
-        &pooled_dropped,
-        Some(&mut d_pooled),
-        false,
-    );
-    Dropout::apply(head_drop, &mut d_pooled, 0);
-    match cfg.arch {
-        Arch::Bert => d_pooled
-            .iter_mut()
-            .zip(&pooled)
-            .for_each(|(d, p)| *d *= 1.0 - p * p),
-        Arch::DistilBert => d_pooled
-            .iter_mut()
-            .zip(&pooled)
-            .for_each(|(d, p)| *d = if *p > 0.0 { *d } else { 0.0 }),
-    }
-    let mut d_cls = vec![0f32; cls.len()];
-    w.dense_backward(
-        layout.pool,
-        &mut grads,
-        &d_pooled,
-        &cls,
-        Some(&mut d_cls),
-        false,
-    );
-    let mut dx = vec![0f32; x.len()];
-    for (r, &s) in pack.start[..rows.len()].iter().enumerate() {
-        dx[s * h..(s + 1) * h].copy_from_slice(&d_cls[r * h..(r + 1) * h]);
-    }
-    drop(x);
-
-    for (li, s) in layout.layers.iter().zip(saved).rev() {
-        // out = LN2(dropout(ffn_out(act(ffn_in(y1)))) + y1)
-        let (mut d_y1, mut d_act) = w.residual_norm_backward(
-            li.ffn_out,
-            li.ffn_norm,
-            &mut grads,
-            dx,
-            &s.ffn_act,
-            &s.ffn_norm,
-            s.drop_ffn,
-        );
-        activation_backward(&mut d_act, &s.ffn_pre, cfg.activation);
-        w.dense_backward(
-            li.ffn_in,
-            &mut grads,
-            &d_act,
-            &s.attn_norm_out,
-            Some(&mut d_y1),
-            true,
-        );
-        drop(d_act);
-        // y1 = LN1(dropout(attn_out(ctx)) + input)
-        let (mut d_input, d_ctx) = w.residual_norm_backward(
-            li.attn_out,
-            li.attn_norm,
-            &mut grads,
-            d_y1,
-            &s.ctx,
-            &s.attn_norm,
-            s.drop_attn,
-        );
-        let (dq, dk, dv) = attention_backward(&d_ctx, &s, &pack, heads);
-        for (d, dy) in [(li.q, &dq), (li.k, &dk), (li.v, &dv)] {
-            w.dense_backward(d, &mut grads, dy, &s.input, Some(&mut d_input), true);
-        }
-        dx = d_input;
+/// The backward pass: every parameter's gradient from ∂loss/∂logits.
+fn backward(cfg: &EncoderConfig, w: &Weights<'_>, fwd: Forward, d_logits: &[f32]) -> Grads {
+    let mut grads: Grads = w.map_each(|s| vec![0f32; s.len()]);
+    let mut dx = head_backward(cfg, w, &mut grads, &fwd, d_logits);
+    let Forward {
+        pack,
+        tokens,
+        embed_norm,
+        embed_drop,
+        layers,
+        ..
+    } = fwd;
+    for ((layer, grad), saved) in w.layers.iter().zip(&mut grads.layers).zip(layers).rev() {
+        dx = layer_backward(cfg, layer, grad, dx, saved, &pack);
     }
 
     // Embeddings: the dropout mask, LayerNorm, then scatter into the tables (in token order,
     // so repeated ids sum in a fixed order).
+    let h = cfg.hidden;
+    let e = &mut grads.embeddings;
     Dropout::apply(embed_drop, &mut dx, 0);
-    w.norm_backward(layout.embed_norm, &mut grads, &mut dx, &embed_norm);
+    norm_backward(&mut dx, &embed_norm, &w.embeddings.norm, &mut e.norm);
     for (d, &(t, id)) in dx.chunks_exact(h).zip(&tokens) {
-        grads[layout.word][id as usize * h..][..h]
+        e.word[id as usize * h..][..h]
             .iter_mut()
             .zip(d)
             .for_each(|(g, v)| *g += v);
-        grads[layout.position][t * h..][..h]
+        e.position[t * h..][..h]
             .iter_mut()
             .zip(d)
             .for_each(|(g, v)| *g += v);
     }
-    if let Some(tt) = layout.token_type {
-        add_column_sums(&mut grads[tt][..h], &dx);
+    if let Some(tt) = e.token_type.as_mut() {
+        add_column_sums(&mut tt[..h], &dx);
     }
-    // The read guards behind the weight slices are released here, before the optimizer
-    // writes the parameters.
-    Ok(Step {
-        loss,
-        grads,
-        forward_secs,
-        backward_secs: started.elapsed().as_secs_f64() - forward_secs,
-    })
+    grads
+}
+
+/// Classifier, dropout, the head's activation and first layer, backwards: ∂L/∂(last hidden
+/// states), non-zero only at each row's [CLS] token.
+fn head_backward(
+    cfg: &EncoderConfig,
+    w: &Weights<'_>,
+    grads: &mut Grads,
+    fwd: &Forward,
+    d_logits: &[f32],
+) -> Vec<f32> {
+    let h = cfg.hidden;
+    let mut d_pooled = vec![0f32; fwd.pooled.len()];
+    dense_backward(
+        &w.classifier,
+        &mut grads.classifier,
+        d_logits,
+        &fwd.pooled_dropped,
+        Some(&mut d_pooled),
+        false,
+    );
+    Dropout::apply(fwd.head_drop, &mut d_pooled, 0);
+    d_pooled
+        .iter_mut()
+        .zip(&fwd.pooled)
+        .for_each(|(d, &p)| cfg.arch.pool_backward(d, p));
+    let mut d_cls = vec![0f32; fwd.cls.len()];
+    dense_backward(
+        &w.pool,
+        &mut grads.pool,
+        &d_pooled,
+        &fwd.cls,
+        Some(&mut d_cls),
+        false,
+    );
+    let mut dx = vec![0f32; fwd.hidden_len];
+    let rows = fwd.pack.rows();
+    for (r, &s) in fwd.pack.start[..rows].iter().enumerate() {
+        dx[s * h..(s + 1) * h].copy_from_slice(&d_cls[r * h..(r + 1) * h]);
+    }
+    dx
+}
+
+/// One encoder layer backwards: ∂L/∂input from ∂L/∂output, its gradients added to `grad`.
+fn layer_backward(
+    cfg: &EncoderConfig,
+    layer: &Layer<&[f32]>,
+    grad: &mut Layer<Vec<f32>>,
+    dx: Vec<f32>,
+    s: LayerSaved,
+    pack: &Packing,
+) -> Vec<f32> {
+    // out = LN2(dropout(ffn_out(act(ffn_in(y1)))) + y1)
+    let ffn = ResidualNorm {
+        dense: &layer.ffn_out,
+        norm: &layer.ffn_norm,
+    };
+    let (mut d_y1, mut d_act) = ffn.backward(
+        (&mut grad.ffn_out, &mut grad.ffn_norm),
+        dx,
+        &s.ffn_act,
+        &s.ffn_norm,
+        s.drop_ffn,
+    );
+    activation_backward(&mut d_act, &s.ffn_pre, cfg.activation);
+    dense_backward(
+        &layer.ffn_in,
+        &mut grad.ffn_in,
+        &d_act,
+        &s.attn_norm_out,
+        Some(&mut d_y1),
+        true,
+    );
+    drop(d_act);
+    // y1 = LN1(dropout(attn_out(ctx)) + input)
+    let attn = ResidualNorm {
+        dense: &layer.attn_out,
+        norm: &layer.attn_norm,
+    };
+    let (mut d_input, d_ctx) = attn.backward(
+        (&mut grad.attn_out, &mut grad.attn_norm),
+        d_y1,
+        &s.ctx,
+        &s.attn_norm,
+        s.drop_attn,
+    );
+    let (dq, dk, dv) = attention_backward(&d_ctx, &s, pack, cfg.heads);
+    for (d, g, dy) in [
+        (&layer.query, &mut grad.query, &dq),
+        (&layer.key, &mut grad.key, &dk),
+        (&layer.value, &mut grad.value, &dv),
+    ] {
+        dense_backward(d, g, dy, &s.input, Some(&mut d_input), true);
+    }
+    d_input
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Arch;
     use crate::loss::bce_with_logits;
-    use crate::model::{forward, Batch, EncoderConfig};
+    use crate::model::{forward, Batch};
     use crate::test_support::{
         check_finite_differences, max_abs_diff, random_token_rows, tiny_config,
     };
@@ -941,7 +935,7 @@ mod tests {
                     (loss - want_loss).abs() < 1e-5 * want_loss.abs().max(1.0),
                     "{what}: loss {loss} vs {want_loss}"
                 );
-                for (name, (g, w)) in params.names.iter().zip(got.iter().zip(&want)) {
+                for (name, (g, w)) in params.names.iter().zip(got.leaves().into_iter().zip(&want)) {
                     let scale = w.iter().fold(0f32, |m, v| m.max(v.abs()));
                     assert!(scale > 0.0, "{what}: {name} has no reference gradient");
                     let diff = max_abs_diff(g, w);

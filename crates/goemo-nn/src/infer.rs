@@ -15,13 +15,12 @@
 //!
 //! Tests check its logits against `model::forward` on tiny random BERT and DistilBERT models.
 
-use std::collections::HashMap;
-
 use candle_core::Tensor;
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-use crate::model::{Activation, Arch, EncoderConfig};
+use crate::config::{Activation, Arch, EncoderConfig};
+use crate::params;
 
 /// A matrix operand of `matmul`: its buffer and the strides of its rows and columns.
 #[derive(Clone, Copy)]
@@ -147,14 +146,11 @@ struct Dense {
 }
 
 impl Dense {
-    fn load(p: &HashMap<String, Tensor>, name: &str) -> anyhow::Result<Dense> {
-        let w = tensor(p, &format!("{name}.weight"))?;
-        let (outputs, inputs) = w.dims2()?;
+    fn load(d: &params::Dense<Tensor>) -> anyhow::Result<Dense> {
+        let (outputs, inputs) = d.weight.dims2()?;
         Ok(Dense {
-            weight: w.flatten_all()?.to_vec1()?,
-            bias: tensor(p, &format!("{name}.bias"))?
-                .flatten_all()?
-                .to_vec1()?,
+            weight: d.weight.flatten_all()?.to_vec1()?,
+            bias: d.bias.flatten_all()?.to_vec1()?,
             inputs,
             outputs,
         })
@@ -202,27 +198,37 @@ struct Norm {
 }
 
 impl Norm {
-    fn load(p: &HashMap<String, Tensor>, name: &str, eps: f64) -> anyhow::Result<Norm> {
+    fn load(n: &params::LayerNorm<Tensor>, eps: f64) -> anyhow::Result<Norm> {
         Ok(Norm {
-            weight: tensor(p, &format!("{name}.weight"))?.to_vec1()?,
-            bias: tensor(p, &format!("{name}.bias"))?.to_vec1()?,
+            weight: n.weight.to_vec1()?,
+            bias: n.bias.to_vec1()?,
             eps: eps as f32,
         })
     }
 
-    /// LayerNorm of every row of `x`, in place; the same formula as `model::layer_norm`.
+    /// LayerNorm of every row of `x`, in place.
     fn apply(&self, x: &mut [f32]) {
         let h = self.weight.len();
         x.par_chunks_mut(h).for_each(|row| {
-            let mean = lane_sum(row) / h as f32;
-            row.iter_mut().for_each(|v| *v -= mean);
-            let var = dot(row, row) / h as f32;
-            let inv = 1.0 / (var + self.eps).sqrt();
+            normalise(row, self.eps);
             for ((v, w), b) in row.iter_mut().zip(&self.weight).zip(&self.bias) {
-                *v = *v * inv * w + b;
+                *v = *v * w + b;
             }
         });
     }
+}
+
+/// A row normalised in place to x̂ = (x − mean)/σ, σ = √(var + eps); returns 1/σ. LayerNorm's
+/// formula (`model::layer_norm`'s, in a fixed summation order) for the packed encoder and the
+/// packed trainer alike; the scale and shift follow.
+pub(crate) fn normalise(row: &mut [f32], eps: f32) -> f32 {
+    let h = row.len();
+    let mean = lane_sum(row) / h as f32;
+    row.iter_mut().for_each(|v| *v -= mean);
+    let var = dot(row, row) / h as f32;
+    let inv = 1.0 / (var + eps).sqrt();
+    row.iter_mut().for_each(|v| *v *= inv);
+    inv
 }
 
 struct Layer {
@@ -254,24 +260,19 @@ pub struct PackedEncoder {
     classifier: Dense,
 }
 
-fn tensor<'a>(p: &'a HashMap<String, Tensor>, name: &str) -> anyhow::Result<&'a Tensor> {
-    p.get(name)
-        .ok_or_else(|| anyhow::anyhow!("the model has no tensor `{name}`"))
-}
-
 impl PackedEncoder {
-    /// Copy the weights (HF names, as `model::param_specs` lists them) into the packed layout.
-    pub fn new(cfg: &EncoderConfig, p: &HashMap<String, Tensor>) -> anyhow::Result<PackedEncoder> {
-        let pre = cfg.prefix();
+    /// Copy the weights into the packed layout.
+    pub fn new(cfg: &EncoderConfig, p: &params::Encoder<Tensor>) -> anyhow::Result<PackedEncoder> {
         let eps = cfg.layer_norm_eps;
         let scale = 1.0 / ((cfg.hidden / cfg.heads) as f32).sqrt();
-        let layers = (0..cfg.layers)
-            .map(|l| {
-                let n = crate::model::LayerNames::new(cfg, l);
+        let layers = p
+            .layers
+            .iter()
+            .map(|layer| {
                 let (mut q, k, v) = (
-                    Dense::load(p, &n.q)?,
-                    Dense::load(p, &n.k)?,
-                    Dense::load(p, &n.v)?,
+                    Dense::load(&layer.query)?,
+                    Dense::load(&layer.key)?,
+                    Dense::load(&layer.value)?,
                 );
                 q.weight.iter_mut().for_each(|w| *w *= scale);
                 q.bias.iter_mut().for_each(|b| *b *= scale);
@@ -283,17 +284,15 @@ impl PackedEncoder {
                 };
                 Ok(Layer {
                     qkv,
-                    attn_out: Dense::load(p, &n.attn_out)?,
-                    attn_norm: Norm::load(p, &n.attn_norm, eps)?,
-                    ffn_in: Dense::load(p, &n.ffn_in)?,
-                    ffn_out: Dense::load(p, &n.ffn_out)?,
-                    ffn_norm: Norm::load(p, &n.ffn_norm, eps)?,
+                    attn_out: Dense::load(&layer.attn_out)?,
+                    attn_norm: Norm::load(&layer.attn_norm, eps)?,
+                    ffn_in: Dense::load(&layer.ffn_in)?,
+                    ffn_out: Dense::load(&layer.ffn_out)?,
+                    ffn_norm: Norm::load(&layer.ffn_norm, eps)?,
                 })
             })
             .collect::<anyhow::Result<Vec<_>>>()?;
-        let vec = |name: String| -> anyhow::Result<Vec<f32>> {
-            Ok(tensor(p, &name)?.flatten_all()?.to_vec1()?)
-        };
+        let e = &p.embeddings;
         Ok(PackedEncoder {
             arch: cfg.arch,
             hidden: cfg.hidden,
@@ -301,20 +300,16 @@ impl PackedEncoder {
             activation: cfg.activation,
             vocab: cfg.vocab_size,
             max_positions: cfg.max_positions,
-            word: vec(format!("{pre}.embeddings.word_embeddings.weight"))?,
-            position: vec(format!("{pre}.embeddings.position_embeddings.weight"))?,
-            token_type: match cfg.arch {
-                Arch::Bert => Some(
-                    tensor(p, &format!("{pre}.embeddings.token_type_embeddings.weight"))?
-                        .get(0)?
-                        .to_vec1()?,
-                ),
-                Arch::DistilBert => None,
+            word: e.word.flatten_all()?.to_vec1()?,
+            position: e.position.flatten_all()?.to_vec1()?,
+            token_type: match &e.token_type {
+                Some(t) => Some(t.get(0)?.to_vec1()?),
+                None => None,
             },
-            embed_norm: Norm::load(p, &format!("{pre}.embeddings.LayerNorm"), eps)?,
+            embed_norm: Norm::load(&e.norm, eps)?,
             layers,
-            pool: Dense::load(p, cfg.pool_layer())?,
-            classifier: Dense::load(p, "classifier")?,
+            pool: Dense::load(&p.pool)?,
+            classifier: Dense::load(&p.classifier)?,
         })
     }
 
@@ -364,10 +359,9 @@ impl PackedEncoder {
         }
         let mut pooled = Vec::new();
         self.pool.apply(&x, &mut pooled);
-        match self.arch {
-            Arch::Bert => pooled.iter_mut().for_each(|v| *v = v.tanh()),
-            Arch::DistilBert => pooled.iter_mut().for_each(|v| *v = v.max(0.0)),
-        }
+        pooled
+            .iter_mut()
+            .for_each(|v| *v = self.arch.pool_activation(*v));
         let mut logits = Vec::new();
         self.classifier.apply(&pooled, &mut logits);
         Ok(logits)
@@ -557,9 +551,12 @@ pub(crate) fn erf_rational(x: f32) -> f32 {
     numerator / denominator
 }
 
+/// √(2/π), in the tanh form of GELU.
+pub(crate) const SQRT_TWO_OVER_PI: f32 = 0.797_884_6;
+
 /// The activation in place: the formulas candle's ops use, with erf and tanh's GELU as there.
-fn activate(x: &mut [f32], a: Activation) {
-    const SQRT_TWO_OVER_PI: f32 = 0.797_884_6;
+/// The packed encoder's and the packed trainer's forward pass.
+pub(crate) fn activate(x: &mut [f32], a: Activation) {
     x.par_chunks_mut(4096).for_each(|c| match a {
         Activation::GeluErf => c.iter_mut().for_each(|v| {
             *v = (erf_rational(*v * std::f32::consts::FRAC_1_SQRT_2) + 1.0) * 0.5 * *v
@@ -850,9 +847,14 @@ mod tests {
             let err = packed.logits(&[&[101, 102], row]).unwrap_err().to_string();
             assert!(err.contains(want), "{err}");
         }
-        let mut weights = params.detached();
-        weights.remove("classifier.bias");
-        let err = PackedEncoder::new(&cfg, &weights)
+        // Weights by name (what a checkpoint holds) without one: refused, naming it.
+        let mut named: std::collections::HashMap<String, Tensor> = params
+            .detached()
+            .named()
+            .map(|(n, t)| (n, t.clone()))
+            .collect();
+        named.remove("classifier.bias");
+        let err = crate::params::Encoder::from_named(&cfg, 28, &named)
             .err()
             .unwrap()
             .to_string();

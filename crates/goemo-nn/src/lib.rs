@@ -1,20 +1,38 @@
 //! Transformer encoders (BERT, DistilBERT) for multi-label classification, on the CPU without a
 //! framework's autograd, and through candle as the reference.
 //!
-//! - [`model`]: the HF `config.json` ([`model::EncoderConfig`]), the parameters, weight
-//!   import/export in the HF checkpoint layout, candle's padded forward (the reference, and the
-//!   CUDA path) and the [`model::Classifier`] that scores text.
+//! - [`config`]: the HF `config.json` ([`config::EncoderConfig`]) and model folders.
+//! - [`params`]: the parameters as one typed tree ([`params::Encoder`]) whose leaves are
+//!   candle variables, tensors, packed weights, gradients or optimizer moments; HF's tensor
+//!   names come from it alone.
+//! - [`model`]: the candle parameters, weight import/export in the HF checkpoint layout and
+//!   candle's padded forward (the reference, and the CUDA path).
 //! - [`infer`]: the packed encoder: rows concatenated without padding, products through gemm in
 //!   a fixed summation order, so the same weights give the same bits on any x86-64 with FMA.
+//! - [`classifier`]: a fine-tuned model loaded for scoring text.
 //! - [`backprop`]: the packed trainer's forward and backward passes over the same kernels.
+//! - [`optim`]: AdamW over the parameter tree.
 //! - [`loss`]: binary cross-entropy on logits.
 //!
 //! Knows nothing of pipelines, stages or datasets: callers pass token ids and labels.
 
 pub mod backprop;
+pub mod classifier;
+pub mod config;
 pub mod infer;
 pub mod loss;
 pub mod model;
+pub mod optim;
+pub mod params;
 
 #[cfg(any(test, feature = "test-support"))]
 pub mod test_support;
+
+/// What goes wrong between the parameter tree and the tensors given to it.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("the model has no tensor `{name}`")]
+    MissingTensor { name: String },
+    #[error("two parameter trees of different shapes (architecture or layer count)")]
+    TreeShape,
+}

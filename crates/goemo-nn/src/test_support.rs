@@ -2,15 +2,15 @@
 //! under `cfg(test)` or the `test-support` feature, never into a release).
 
 /// config.json of a tiny random model: BERT or DistilBERT shaped, the MiniLM vocabulary.
-pub fn tiny_config(arch: crate::model::Arch, dropout: f64) -> serde_json::Value {
+pub fn tiny_config(arch: crate::config::Arch, dropout: f64) -> serde_json::Value {
     match arch {
-        crate::model::Arch::Bert => serde_json::json!({
+        crate::config::Arch::Bert => serde_json::json!({
             "model_type": "bert", "vocab_size": 30522, "hidden_size": 16, "num_hidden_layers": 2,
             "num_attention_heads": 2, "intermediate_size": 32, "max_position_embeddings": 128,
             "type_vocab_size": 2, "hidden_dropout_prob": dropout, "attention_probs_dropout_prob": dropout,
             "hidden_act": "gelu", "layer_norm_eps": 1e-12, "initializer_range": 0.02, "pad_token_id": 0
         }),
-        crate::model::Arch::DistilBert => serde_json::json!({
+        crate::config::Arch::DistilBert => serde_json::json!({
             "model_type": "distilbert", "vocab_size": 30522, "dim": 16, "n_layers": 2, "n_heads": 2,
             "hidden_dim": 32, "max_position_embeddings": 128, "dropout": dropout, "attention_dropout": dropout,
             "seq_classif_dropout": dropout, "activation": "gelu", "initializer_range": 0.02, "pad_token_id": 0
@@ -53,11 +53,12 @@ pub fn random_token_rows(n: usize, max_len: usize, seed: u64) -> Vec<Vec<u32>> {
 /// back as it was.
 pub fn check_finite_differences(
     params: &crate::model::Params,
-    grads: &[Vec<f32>],
+    grads: &crate::params::Encoder<Vec<f32>>,
     loss_at: impl Fn(&crate::model::Params) -> f64,
     skip: impl Fn(&str) -> bool,
     what: &str,
 ) -> usize {
+    let grads = grads.leaves();
     let mut checked = 0;
     for (k, name) in params.names.iter().enumerate() {
         if skip(name) {

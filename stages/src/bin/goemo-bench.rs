@@ -64,141 +64,145 @@ fn main() -> anyhow::Result<()> {
     goemo_stages::runtime::tune_allocator();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let model = env_path("MODEL_DIR", "models/all-MiniLM-L6-v2");
-    let threads = rayon::current_num_threads();
+    let which = args.get(1).map(String::as_str).unwrap_or("minilm");
     match args.first().map(String::as_str) {
-        Some("tokenize") => {
-            let (_, rows) = read_split(Split::Train)?;
-            let texts: Vec<&str> = rows.iter().map(|r| r.text.as_str()).collect();
-            let mut best = f64::INFINITY;
-            let mut tokens = 0;
-            for run in 0..3 {
-                let t = Instant::now();
-                let enc = goemo_data::tokenize::tokenize_all(&model, 128, &texts)?;
-                let dt = t.elapsed().as_secs_f64();
-                tokens = enc.iter().map(|e| e.0.len()).sum::<usize>();
-                println!("run {run}: {dt:.3}s {:.0} texts/s", texts.len() as f64 / dt);
-                best = best.min(dt);
-            }
-            println!("RESULT tokenize threads={threads} texts={} best_s={best:.3} texts_per_s={:.0} tokens_per_s={:.0}", texts.len(), texts.len() as f64 / best, tokens as f64 / best);
-        }
-        Some("train") => {
-            let which = args.get(1).map(String::as_str).unwrap_or("minilm");
-            let (labels, rows) = read_split(Split::Train)?;
-            let data = goemo_data::tokenize::build(&rows, labels, &model, 128)?;
-            let batches: Vec<Vec<usize>> = serde_json::from_slice(&std::fs::read(env_path(
-                "BENCH_BATCHES",
-                "bench-results/bench_batches.json",
-            ))?)?;
-            let (cfg, pretrained) = model_config(which, &model)?;
-            let params = Params::init(&cfg, 28, 0, &Device::Cpu)?;
-            if pretrained {
-                params.load_backbone(&model.join("model.safetensors"))?;
-            }
-            let p = TrainParams {
-                lr: 5e-5,
-                ..Default::default()
-            };
-            let mut opt = AdamW::new(&params, &p);
-            // BENCH_AUTOGRAD=1: candle's autograd over padded batches instead of the packed
-            // trainer, to compare the two in one build.
-            let autograd = std::env::var_os("BENCH_AUTOGRAD").is_some();
-            let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(0);
-            let (mut tsum, mut fb, mut o, mut ex, mut toks) = (0.0, 0.0, 0.0, 0usize, 0usize);
-            // The packed trainer times its forward and backward passes; autograd's are one call.
-            let (mut fwd_sum, mut bwd_sum) = (0.0, 0.0);
-            for (step, b) in batches.iter().take(35).enumerate() {
-                let t = Instant::now();
-                let (loss, grads, split) = if autograd {
-                    let (loss, grads) = train::loss_and_grads_autograd(
-                        &params,
-                        &data,
-                        b,
-                        None,
-                        Some(&mut rng),
-                        &Device::Cpu,
-                    )?;
-                    (loss, grads, None)
-                } else {
-                    let (seqs, targets) = train::packed_batch(&data, b);
-                    let s = goemo_nn::backprop::step(
-                        &params,
-                        &seqs,
-                        &targets,
-                        None,
-                        Some(&mut rng),
-                    )?;
-                    (s.loss, s.grads, Some((s.forward_secs, s.backward_secs)))
-                };
-                let t1 = Instant::now();
-                opt.step(&params, &grads, 5e-5)?;
-                let (f, s) = ((t1 - t).as_secs_f64(), t1.elapsed().as_secs_f64());
-                let len = b.iter().map(|&i| data.row(i).len()).max().unwrap_or(0);
-                let (fwd, bwd) = split.unwrap_or((f64::NAN, f64::NAN));
-                println!(
-                    "step {step} L={len} loss={loss:.4} {:.3}s fwd+bwd={f:.3} (fwd={fwd:.3} bwd={bwd:.3}) opt={s:.3}",
-                    f + s
-                );
-                if step >= 5 {
-                    tsum += f + s;
-                    fb += f;
-                    fwd_sum += fwd;
-                    bwd_sum += bwd;
-                    o += s;
-                    ex += b.len();
-                    toks += b.len() * len;
-                }
-            }
-            let n = batches.len().min(35).saturating_sub(5).max(1) as f64;
-            println!(
-                "RESULT train model={which} path={} threads={threads} steps={n} secs={tsum:.2} ex_per_s={:.2} padded_tok_per_s={:.0} s_per_step={:.3} peak_rss_mib={:.0} split_s_per_step fwd_bwd={:.3} fwd={:.3} bwd={:.3} opt={:.3}",
-                if autograd { "autograd" } else { "packed" },
-                ex as f64 / tsum, toks as f64 / tsum, tsum / n, peak_rss_mib(), fb / n, fwd_sum / n, bwd_sum / n, o / n
-            );
-        }
-        Some("infer") => {
-            let which = args.get(1).map(String::as_str).unwrap_or("minilm");
-            let (labels, rows) = read_split(Split::Dev)?;
-            let data = goemo_data::tokenize::build(&rows, labels, &model, 128)?;
-            let (cfg, pretrained) = model_config(which, &model)?;
-            let params = Params::init(&cfg, 28, 0, &Device::Cpu)?;
-            if pretrained {
-                params.load_backbone(&model.join("model.safetensors"))?;
-            }
-            let weights = params.detached();
-            // `--padded`: the candle forward training uses, on padded batches (the path
-            // thresholds, evaluate and predict took before the packed encoder).
-            let padded = args.iter().any(|a| a == "--padded");
-            // Built only for the packed path, so `--padded`'s peak memory is that path's own.
-            let packed = if padded {
-                None
-            } else {
-                Some(goemo_nn::infer::PackedEncoder::new(&cfg, &weights)?)
-            };
-            let score = |chunk: &[usize]| -> anyhow::Result<Vec<f32>> {
-                match &packed {
-                    Some(packed) => {
-                        packed.scores(&chunk.iter().map(|&i| data.row(i)).collect::<Vec<_>>())
-                    }
-                    None => train::predict_scores(&cfg, &weights, &data, chunk, 64, &Device::Cpu),
-                }
-            };
-            let all: Vec<usize> = (0..data.len()).collect();
-            score(&all[..64])?;
-            let t = Instant::now();
-            // In file order, like the reference (no length sorting across batches).
-            let mut checksum = 0.0f64;
-            for chunk in all.chunks(64) {
-                checksum += score(chunk)?.iter().map(|&x| x as f64).sum::<f64>();
-            }
-            let dt = t.elapsed().as_secs_f64();
-            // Real (non-padding) tokens, [CLS] and [SEP] included: the same count for any
-            // runner of these texts, so tokens/s compares across them.
-            let tokens = data.offsets[data.len()];
-            println!("RESULT infer model={which} path={} threads={threads} n={} tokens={tokens} secs={dt:.2} ex_per_s={:.1} nonpad_tok_per_s={:.0} peak_rss_mib={:.0} checksum={checksum:.2}", if padded { "padded" } else { "packed" }, data.len(), data.len() as f64 / dt, tokens as f64 / dt, peak_rss_mib());
-        }
+        Some("tokenize") => bench_tokenize(&model),
+        Some("train") => bench_train(which, &model),
+        Some("infer") => bench_infer(which, &model, args.iter().any(|a| a == "--padded")),
         _ => anyhow::bail!(
             "usage: goemo-bench tokenize | train minilm|distilbert | infer minilm|distilbert [--padded]"
         ),
     }
+}
+
+/// 43,410 train texts, best of 3.
+fn bench_tokenize(model: &std::path::Path) -> anyhow::Result<()> {
+    let threads = rayon::current_num_threads();
+    let (_, rows) = read_split(Split::Train)?;
+    let texts: Vec<&str> = rows.iter().map(|r| r.text.as_str()).collect();
+    let mut best = f64::INFINITY;
+    let mut tokens = 0;
+    for run in 0..3 {
+        let t = Instant::now();
+        let enc = goemo_data::tokenize::tokenize_all(model, 128, &texts)?;
+        let dt = t.elapsed().as_secs_f64();
+        tokens = enc.iter().map(|e| e.0.len()).sum::<usize>();
+        println!("run {run}: {dt:.3}s {:.0} texts/s", texts.len() as f64 / dt);
+        best = best.min(dt);
+    }
+    println!("RESULT tokenize threads={threads} texts={} best_s={best:.3} texts_per_s={:.0} tokens_per_s={:.0}", texts.len(), texts.len() as f64 / best, tokens as f64 / best);
+    Ok(())
+}
+
+/// 30 timed optimizer steps after 5 warm-up ones, on the batches of BENCH_BATCHES.
+fn bench_train(which: &str, model: &std::path::Path) -> anyhow::Result<()> {
+    let threads = rayon::current_num_threads();
+    let (labels, rows) = read_split(Split::Train)?;
+    let data = goemo_data::tokenize::build(&rows, labels, model, 128)?;
+    let batches: Vec<Vec<usize>> = serde_json::from_slice(&std::fs::read(env_path(
+        "BENCH_BATCHES",
+        "bench-results/bench_batches.json",
+    ))?)?;
+    let (cfg, pretrained) = model_config(which, model)?;
+    let params = Params::init(&cfg, 28, 0, &Device::Cpu)?;
+    if pretrained {
+        params.load_backbone(&model.join("model.safetensors"))?;
+    }
+    let p = TrainParams {
+        lr: 5e-5,
+        ..Default::default()
+    };
+    let mut opt = AdamW::new(&params, p.adamw());
+    // BENCH_AUTOGRAD=1: candle's autograd over padded batches instead of the packed
+    // trainer, to compare the two in one build.
+    let autograd = std::env::var_os("BENCH_AUTOGRAD").is_some();
+    let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(0);
+    let (mut tsum, mut fb, mut o, mut ex, mut toks) = (0.0, 0.0, 0.0, 0usize, 0usize);
+    // The packed trainer times its forward and backward passes; autograd's are one call.
+    let (mut fwd_sum, mut bwd_sum) = (0.0, 0.0);
+    for (step, b) in batches.iter().take(35).enumerate() {
+        let t = Instant::now();
+        let (loss, grads, split) = if autograd {
+            let (loss, grads) = train::loss_and_grads_autograd(
+                &params,
+                &data,
+                b,
+                None,
+                Some(&mut rng),
+                &Device::Cpu,
+            )?;
+            (loss, grads, None)
+        } else {
+            let (seqs, targets) = train::packed_batch(&data, b);
+            let s = goemo_nn::backprop::step(&params, &seqs, &targets, None, Some(&mut rng))?;
+            (s.loss, s.grads, Some((s.forward_secs, s.backward_secs)))
+        };
+        let t1 = Instant::now();
+        opt.step(&params, &grads, 5e-5)?;
+        let (f, s) = ((t1 - t).as_secs_f64(), t1.elapsed().as_secs_f64());
+        let len = b.iter().map(|&i| data.row(i).len()).max().unwrap_or(0);
+        let (fwd, bwd) = split.unwrap_or((f64::NAN, f64::NAN));
+        println!(
+                "step {step} L={len} loss={loss:.4} {:.3}s fwd+bwd={f:.3} (fwd={fwd:.3} bwd={bwd:.3}) opt={s:.3}",
+                f + s
+            );
+        if step >= 5 {
+            tsum += f + s;
+            fb += f;
+            fwd_sum += fwd;
+            bwd_sum += bwd;
+            o += s;
+            ex += b.len();
+            toks += b.len() * len;
+        }
+    }
+    let n = batches.len().min(35).saturating_sub(5).max(1) as f64;
+    println!(
+            "RESULT train model={which} path={} threads={threads} steps={n} secs={tsum:.2} ex_per_s={:.2} padded_tok_per_s={:.0} s_per_step={:.3} peak_rss_mib={:.0} split_s_per_step fwd_bwd={:.3} fwd={:.3} bwd={:.3} opt={:.3}",
+            if autograd { "autograd" } else { "packed" },
+            ex as f64 / tsum, toks as f64 / tsum, tsum / n, peak_rss_mib(), fb / n, fwd_sum / n, bwd_sum / n, o / n
+        );
+    Ok(())
+}
+
+/// The dev split in file order, batches of 64; `padded`: candle's padded forward instead of
+/// the packed encoder.
+fn bench_infer(which: &str, model: &std::path::Path, padded: bool) -> anyhow::Result<()> {
+    let threads = rayon::current_num_threads();
+    let (labels, rows) = read_split(Split::Dev)?;
+    let data = goemo_data::tokenize::build(&rows, labels, model, 128)?;
+    let (cfg, pretrained) = model_config(which, model)?;
+    let params = Params::init(&cfg, 28, 0, &Device::Cpu)?;
+    if pretrained {
+        params.load_backbone(&model.join("model.safetensors"))?;
+    }
+    let weights = params.detached();
+    // `--padded`: the candle forward training uses, on padded batches (the path
+    // thresholds, evaluate and predict took before the packed encoder).
+    // Built only for the packed path, so `--padded`'s peak memory is that path's own.
+    let packed = if padded {
+        None
+    } else {
+        Some(goemo_nn::infer::PackedEncoder::new(&cfg, &weights)?)
+    };
+    let score = |chunk: &[usize]| -> anyhow::Result<Vec<f32>> {
+        match &packed {
+            Some(packed) => packed.scores(&chunk.iter().map(|&i| data.row(i)).collect::<Vec<_>>()),
+            None => train::predict_scores(&cfg, &weights, &data, chunk, 64, &Device::Cpu),
+        }
+    };
+    let all: Vec<usize> = (0..data.len()).collect();
+    score(&all[..64])?;
+    let t = Instant::now();
+    // In file order, like the reference (no length sorting across batches).
+    let mut checksum = 0.0f64;
+    for chunk in all.chunks(64) {
+        checksum += score(chunk)?.iter().map(|&x| x as f64).sum::<f64>();
+    }
+    let dt = t.elapsed().as_secs_f64();
+    // Real (non-padding) tokens, [CLS] and [SEP] included: the same count for any
+    // runner of these texts, so tokens/s compares across them.
+    let tokens = data.offsets[data.len()];
+    println!("RESULT infer model={which} path={} threads={threads} n={} tokens={tokens} secs={dt:.2} ex_per_s={:.1} nonpad_tok_per_s={:.0} peak_rss_mib={:.0} checksum={checksum:.2}", if padded { "padded" } else { "packed" }, data.len(), data.len() as f64 / dt, tokens as f64 / dt, peak_rss_mib());
     Ok(())
 }

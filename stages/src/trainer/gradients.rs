@@ -1,0 +1,57 @@
+//! One micro-batch's loss and gradients: goemo-nn's packed trainer on the CPU, candle's
+//! autograd over the padded forward elsewhere (and as the reference in tests).
+
+use candle_core::{Device, Tensor};
+use rand_chacha::ChaCha8Rng;
+
+use goemo_data::tokens::TokenizedData;
+use goemo_nn::backprop::Grads;
+use goemo_nn::loss::bce_with_logits;
+use goemo_nn::model::{self, Params};
+
+use super::batching::{make_batch, packed_batch};
+
+/// Forward + backward for one micro-batch: (loss, gradients on host in parameter order). On
+/// the CPU the packed trainer (`backprop`) computes them; elsewhere candle's autograd.
+pub fn loss_and_grads(
+    params: &Params,
+    data: &TokenizedData,
+    rows: &[usize],
+    pos_weight: Option<&Tensor>,
+    rng: Option<&mut ChaCha8Rng>,
+    device: &Device,
+) -> anyhow::Result<(f64, Grads)> {
+    if !device.is_cpu() {
+        return loss_and_grads_autograd(params, data, rows, pos_weight, rng, device);
+    }
+    let (seqs, targets) = packed_batch(data, rows);
+    let pos_weight = pos_weight.map(|w| w.to_vec1::<f32>()).transpose()?;
+    goemo_nn::backprop::loss_and_grads(params, &seqs, &targets, pos_weight.as_deref(), rng)
+}
+
+/// `loss_and_grads` by candle's autograd over the padded `model::forward`: the reference the
+/// packed trainer is tested against, and the path on CUDA.
+pub fn loss_and_grads_autograd(
+    params: &Params,
+    data: &TokenizedData,
+    rows: &[usize],
+    pos_weight: Option<&Tensor>,
+    rng: Option<&mut ChaCha8Rng>,
+    device: &Device,
+) -> anyhow::Result<(f64, Grads)> {
+    let (batch, targets) = make_batch(data, rows, device)?;
+    let logits = model::forward(&params.cfg, &params.tensors(), &batch, rng)?;
+    let loss = bce_with_logits(&logits, &targets, pos_weight)?;
+    let mut grads = loss.backward()?;
+    let loss_value = loss.to_scalar::<f32>()? as f64;
+    // Peak memory: free the forward graph's activations, and each gradient tensor once it is
+    // copied out, so the gradients never exist twice in full.
+    drop((loss, logits));
+    let host = params.tree.map(|_, v| -> anyhow::Result<Vec<f32>> {
+        Ok(match grads.remove(v.as_tensor()) {
+            Some(g) => g.flatten_all()?.to_vec1::<f32>()?,
+            None => vec![0.0; v.elem_count()],
+        })
+    })?;
+    Ok((loss_value, host))
+}

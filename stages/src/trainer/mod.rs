@@ -1,0 +1,368 @@
+//! `train`: fine-tune a BERT/DistilBERT encoder with a multi-label head.
+//!
+//! - Loss: BCE-with-logits in the stable form `(1−y)·x + w·(log(1+e^−|x|) + max(−x, 0))` with
+//!   `w = 1 + (pos_weight − 1)·y`, in f32, mean over labels and batch.
+//! - AdamW (no decay on biases and LayerNorm weights), linear warmup then linear decay, clipping
+//!   by global norm, `grad_accum` micro-batches per step scaled to match one larger batch. The
+//!   optimizer runs on host memory in one pass per parameter (rayon over parameters).
+//! - Batches: length-bucketed shuffling (seeded shuffle, then sort by length within chunks of
+//!   `bucket_batches` batches, then shuffle the batches), padded to the longest row of each.
+//! - Dev macro-F1 (threshold 0.5) after each epoch; the best epoch's weights are exported;
+//!   optional early stopping.
+//! - Reproducible: every random draw comes from ChaCha8 seeded by (`seed`, epoch), and the
+//!   arithmetic is fixed (infer::K_BLOCK), so the same config and data give byte-identical
+//!   weights on any x86-64 with FMA and any thread count. A checkpoint (weights,
+//!   optimizer moments, step, log, best epoch) is written to the work folder after each epoch
+//!   and every 10 minutes inside one (with the batch position and the dropout RNG's stream
+//!   position); batch order is a function of (seed, epoch), so resuming from it finishes with
+//!   the same weights as a run that was never stopped.
+
+//!
+//! The parts, the way llm.c splits GPT-2's trainer: [`batching`] (what a step trains on),
+//! [`gradients`] (forward, loss and backward of a micro-batch, over goemo-nn's packed
+//! trainer), the optimizer (goemo-nn's AdamW over the parameter tree), [`schedule`] (the
+//! learning rate), [`checkpoint`] (kill and resume), [`run`] (the loop that ties them), and this
+//! module: the stage, its params and the log it writes. Scoring lives in `crate::scoring`.
+
+pub mod batching;
+pub mod checkpoint;
+pub mod gradients;
+pub mod run;
+pub mod schedule;
+
+use std::path::Path;
+use std::time::Instant;
+
+use candle_core::Device;
+use serde::{Deserialize, Serialize};
+
+use goemo_data::tokens::TokenizedData;
+use goemo_nn::model::{self, ModelDir, NamedTensors, Params};
+use goemo_nn::optim::AdamWConfig;
+use goemo_stage::{InputSpec, Inputs, ParamError, StageContext, TypedStage};
+
+pub use batching::{auto_pos_weight, epoch_batches, make_batch, packed_batch};
+pub use goemo_nn::loss::bce_with_logits;
+pub use goemo_nn::optim::AdamW;
+pub use gradients::{loss_and_grads, loss_and_grads_autograd};
+pub use run::train_params;
+pub use schedule::lr_at;
+// Scoring moved to crate::scoring; these names stay here for the stages that import them from
+// the trainer until they switch.
+pub use crate::scoring::{
+    predict_scores, score_split, scores_by_length, select_device, DeviceChoice, SplitScores,
+};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum PosWeight {
+    /// `none` or `auto`.
+    Mode(PosWeightMode),
+    /// One weight per label.
+    List(Vec<f64>),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PosWeightMode {
+    None,
+    Auto,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainParams {
+    pub epochs: usize,
+    pub batch_size: usize,
+    /// Micro-batches per optimizer step.
+    pub grad_accum: usize,
+    pub lr: f64,
+    /// The new head's (pooler or pre_classifier, and classifier) learning rate as a multiple
+    /// of `lr`.
+    pub head_lr_scale: f64,
+    pub weight_decay: f64,
+    pub betas: [f64; 2],
+    pub eps: f64,
+    /// Share of the steps spent warming the learning rate up from 0.
+    pub warmup_fraction: f64,
+    /// Clip gradients to this global norm; 0 turns clipping off.
+    pub max_grad_norm: f64,
+    pub pos_weight: PosWeight,
+    /// Upper bound for `pos_weight: auto` (uncapped weights have sent runs to NaN).
+    pub pos_weight_cap: f64,
+    pub seed: u64,
+    /// Stop when dev macro-F1 has not improved for this many epochs (0: never).
+    pub patience: usize,
+    /// Length bucketing: rows are sorted by length within chunks of this many batches.
+    pub bucket_batches: usize,
+    /// Stop after this many optimizer steps (0: no limit); for smoke tests.
+    pub max_steps: usize,
+    pub device: DeviceChoice,
+    /// Log a line every this many steps when there is no progress bar.
+    pub log_every: usize,
+    /// Also checkpoint inside an epoch once this many seconds have passed since the last one,
+    /// so a kill costs at most this much work (an epoch of the full data is hours on 2 cores).
+    /// Not a param: it changes no output, so it stays out of the stage's key.
+    #[serde(skip)]
+    pub checkpoint_every_secs: f64,
+}
+
+impl TrainParams {
+    /// The optimizer's part of the params.
+    pub fn adamw(&self) -> AdamWConfig {
+        AdamWConfig {
+            betas: self.betas,
+            eps: self.eps,
+            weight_decay: self.weight_decay,
+            head_lr_scale: self.head_lr_scale,
+        }
+    }
+}
+
+impl Default for TrainParams {
+    fn default() -> Self {
+        TrainParams {
+            epochs: 3,
+            batch_size: 32,
+            grad_accum: 1,
+            lr: 1e-4,
+            // The new head learns 30× faster than the backbone: at 1× all-MiniLM-L6-v2 sat at
+            // the label priors for the first ~1,500 steps (its pooler passes on a tiny,
+            // nearly constant signal), README "Training".
+            head_lr_scale: 30.0,
+            weight_decay: 0.01,
+            betas: [0.9, 0.999],
+            eps: 1e-8,
+            warmup_fraction: 0.1,
+            max_grad_norm: 1.0,
+            pos_weight: PosWeight::Mode(PosWeightMode::None),
+            pos_weight_cap: 10.0,
+            seed: 42,
+            patience: 0,
+            bucket_batches: 50,
+            max_steps: 0,
+            device: DeviceChoice::Auto,
+            log_every: 100,
+            checkpoint_every_secs: 600.0,
+        }
+    }
+}
+
+pub struct TrainStage;
+
+impl TypedStage for TrainStage {
+    type Params = TrainParams;
+
+    fn kind(&self) -> &'static str {
+        "train"
+    }
+    fn version(&self) -> u32 {
+        // 2: on the CPU, gradients from the packed trainer (backprop.rs) with hashed dropout
+        // masks, and dev scores from the packed encoder: same model, different bits. 3: matrix
+        // products summed in fixed blocks of the inner dimension (infer::K_BLOCK), so the bits
+        // no longer depend on the L1 cache gemm detects; and the checkpoint's floats read back
+        // exactly, so a resumed run's train_log.json is the uninterrupted one's.
+        3
+    }
+    fn summary(&self) -> &'static str {
+        "fine-tune a BERT/DistilBERT encoder with a multi-label head (candle); exports an HF model folder"
+    }
+    fn inputs(&self) -> Inputs {
+        const SPECS: &[InputSpec] = &[
+            InputSpec::stage("tokens", "tokenized rows from tokenize", &["tokenize"]),
+            InputSpec::path(
+                "model",
+                "the backbone: an HF folder (config.json, model.safetensors, tokenizer.json)",
+            ),
+        ];
+        Inputs::Fixed(SPECS)
+    }
+    fn validate(&self, p: &TrainParams) -> Result<(), ParamError> {
+        let positive = |name: &str, x: f64| {
+            if x > 0.0 {
+                Ok(())
+            } else {
+                Err(ParamError::new(
+                    name,
+                    format!("{name} must be > 0, got {x}"),
+                ))
+            }
+        };
+        positive("epochs", p.epochs as f64)?;
+        positive("batch_size", p.batch_size as f64)?;
+        positive("grad_accum", p.grad_accum as f64)?;
+        positive("lr", p.lr)?;
+        positive("head_lr_scale", p.head_lr_scale)?;
+        positive("eps", p.eps)?;
+        positive("pos_weight_cap", p.pos_weight_cap)?;
+        positive("bucket_batches", p.bucket_batches as f64)?;
+        if !(0.0..1.0).contains(&p.warmup_fraction) {
+            return Err(ParamError::new(
+                "warmup_fraction",
+                format!(
+                    "warmup_fraction must be in [0, 1), got {}",
+                    p.warmup_fraction
+                ),
+            ));
+        }
+        if p.betas.iter().any(|b| !(0.0..1.0).contains(b)) {
+            return Err(ParamError::new(
+                "betas",
+                format!("betas must be in [0, 1), got {:?}", p.betas),
+            ));
+        }
+        if let PosWeight::List(l) = &p.pos_weight {
+            if l.iter().any(|w| !(*w > 0.0 && w.is_finite())) {
+                return Err(ParamError::new(
+                    "pos_weight",
+                    "pos_weight: every weight in the list must be a positive number",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn run(&self, ctx: &StageContext<'_>, mut params: TrainParams) -> anyhow::Result<()> {
+        if let Some(secs) = checkpoint_interval_from_env()? {
+            params.checkpoint_every_secs = secs;
+        }
+        let data = TokenizedData::read(ctx.input("tokens")?)?;
+        let model_dir = ModelDir::open(ctx.input("model")?)?;
+        let device = select_device(params.device)?;
+        let check = || ctx.check_cancelled();
+        let env = TrainEnv {
+            device: &device,
+            work_dir: ctx.work_dir,
+            check: &check,
+            interactive: ctx.interactive,
+        };
+        let outcome = train(&params, &data, &model_dir, &env)?;
+        let export_dir = ctx.out_dir.join("model");
+        let tensors: NamedTensors = outcome.best_weights;
+        model::export(
+            &export_dir,
+            &model_dir.cfg,
+            &tensors,
+            &data.meta.label_names,
+            &model_dir.dir,
+        )?;
+        goemo_fsio::write_json(&ctx.out_dir.join("train_log.json"), &outcome.log)?;
+        goemo_fsio::write_json(
+            &ctx.volatile_dir.join("train_metrics.json"),
+            &outcome.metrics,
+        )?;
+        Ok(())
+    }
+}
+
+/// Checkpoints inside an epoch at most this many seconds apart, when a machine may be taken
+/// away sooner than the default 10 minutes (spot instances, tests). Not a param: it changes no
+/// output, so it stays out of the stage's key.
+pub const CHECKPOINT_ENV: &str = "GOEMO_CHECKPOINT_EVERY_SECS";
+
+fn checkpoint_interval_from_env() -> anyhow::Result<Option<f64>> {
+    let Ok(text) = std::env::var(CHECKPOINT_ENV) else {
+        return Ok(None);
+    };
+    match text.trim().parse::<f64>() {
+        Ok(secs) if secs.is_finite() && secs >= 0.0 => Ok(Some(secs)),
+        _ => anyhow::bail!(
+            "{CHECKPOINT_ENV}={text:?} is not a number of seconds\n  hint: e.g. {CHECKPOINT_ENV}=60, or unset it for the default (600)"
+        ),
+    }
+}
+
+/// One optimizer step's record (HF Trainer's log history).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepLog {
+    pub step: usize,
+    pub epoch: f64,
+    pub loss: f64,
+    pub learning_rate: f64,
+    pub grad_norm: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EpochLog {
+    pub epoch: usize,
+    pub train_loss: f64,
+    pub dev_loss: f64,
+    pub dev_macro_f1: f64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct TrainLog {
+    pub steps: Vec<StepLog>,
+    pub epochs: Vec<EpochLog>,
+    pub best_epoch: usize,
+    pub best_dev_macro_f1: f64,
+    pub stopped_early: bool,
+    pub total_steps: usize,
+    pub pos_weight: Option<Vec<f64>>,
+}
+
+pub struct TrainOutcome {
+    pub log: TrainLog,
+    pub best_weights: NamedTensors,
+    pub metrics: serde_json::Value,
+}
+
+/// Where and how a training run runs: not params (they change no result).
+pub struct TrainEnv<'a> {
+    pub device: &'a Device,
+    /// The stage's work folder: the checkpoint lives there.
+    pub work_dir: &'a Path,
+    /// Polled between steps (Ctrl-C).
+    pub check: &'a dyn Fn() -> anyhow::Result<()>,
+    /// Show a progress bar (a terminal) rather than log lines.
+    pub interactive: bool,
+}
+
+/// Fine-tune the model in `model_dir` on `data`: its backbone loaded, a new head, the loop.
+pub fn train(
+    p: &TrainParams,
+    data: &TokenizedData,
+    model_dir: &ModelDir,
+    env: &TrainEnv<'_>,
+) -> anyhow::Result<TrainOutcome> {
+    let cfg = &model_dir.cfg;
+    validate_against_model(data, model_dir)?;
+    let started = Instant::now();
+    let params = Params::init(cfg, data.n_labels(), p.seed, env.device)?;
+    let report = params.load_backbone(&model_dir.weights)?;
+    tracing::info!(
+        "train: {} ({} parameters); {} tensors from {}, new: {}",
+        cfg.architecture_name(),
+        params.total(),
+        report.loaded,
+        model_dir.weights.display(),
+        if report.new_params.is_empty() {
+            "none".to_owned()
+        } else {
+            report.new_params.join(", ")
+        }
+    );
+    train_params(p, data, params, env, started)
+}
+
+/// Check the tokens fit the model: ids within its vocabulary, lengths within its positions.
+pub fn validate_against_model(data: &TokenizedData, model_dir: &ModelDir) -> anyhow::Result<()> {
+    let cfg = &model_dir.cfg;
+    let max_id = data.ids.iter().copied().max().unwrap_or(0) as usize;
+    if max_id >= cfg.vocab_size || data.meta.vocab_size > cfg.vocab_size {
+        anyhow::bail!(
+            "{}: the tokenizer has {} tokens (ids up to {max_id}) but config.json says vocab_size {}\n  hint: tokenizer and model come from different checkpoints; tokenize with the model's own tokenizer.json",
+            model_dir.dir.join("tokenizer.json").display(),
+            data.meta.vocab_size,
+            cfg.vocab_size
+        );
+    }
+    let longest = (0..data.len())
+        .map(|i| data.offsets[i + 1] - data.offsets[i])
+        .max()
+        .unwrap_or(0);
+    if longest > cfg.max_positions {
+        anyhow::bail!("tokenized rows reach {longest} tokens but the model has {} positions; lower the tokenize stage's max_len", cfg.max_positions);
+    }
+    Ok(())
+}

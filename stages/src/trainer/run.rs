@@ -1,0 +1,562 @@
+//! The training loop: epochs of micro-batches, gradient accumulation, clipping, the optimizer
+//! step, the per-epoch dev evaluation and the checkpoints. [`Run`] holds the state a
+//! checkpoint saves; each part of a step is one method.
+
+use std::time::Instant;
+
+use candle_core::Tensor;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
+
+use goemo_data::data::Split;
+use goemo_data::tokens::TokenizedData;
+use goemo_nn::backprop::Grads;
+use goemo_nn::model::{NamedTensors, Params};
+use goemo_nn::optim::AdamW;
+use goemo_report::metrics;
+
+use super::batching::{auto_pos_weight, epoch_batches, first_ids, mix};
+use super::checkpoint::{load_checkpoint, save_checkpoint, CheckpointState, EpochPosition, Tally};
+use super::gradients::loss_and_grads;
+use super::schedule::lr_at;
+use super::{
+    EpochLog, PosWeight, PosWeightMode, StepLog, TrainEnv, TrainLog, TrainOutcome, TrainParams,
+};
+use crate::scoring::predict_scores;
+
+/// Train `params` on `data`'s train rows, resuming from a checkpoint in the work folder when
+/// there is one. `started` is when the stage began (for the metrics' runtime).
+pub fn train_params(
+    p: &TrainParams,
+    data: &TokenizedData,
+    params: Params,
+    env: &TrainEnv<'_>,
+    started: Instant,
+) -> anyhow::Result<TrainOutcome> {
+    let mut run = Run::new(p, data, params, env, started)?;
+    for epoch in run.start_epoch..p.epochs {
+        if run.log.stopped_early || (p.max_steps > 0 && run.step >= p.max_steps) {
+            break;
+        }
+        // A run cut short by max_steps ends here, without an end-of-epoch checkpoint.
+        if run.epoch(epoch)? {
+            break;
+        }
+        run.checkpoint(epoch + 1, (0, 0, 0.0))?;
+    }
+    run.finish()
+}
+
+/// One training run's state.
+struct Run<'a> {
+    p: &'a TrainParams,
+    data: &'a TokenizedData,
+    env: &'a TrainEnv<'a>,
+    params: Params,
+    train_rows: Vec<usize>,
+    dev_rows: Vec<usize>,
+    pos_weight: Option<Tensor>,
+    steps_per_epoch: usize,
+    total_steps: usize,
+    warmup: usize,
+    opt: AdamW,
+    log: TrainLog,
+    /// The best epoch's weights.
+    best: NamedTensors,
+    best_f1: f64,
+    epochs_since_best: usize,
+    step: usize,
+    start_epoch: usize,
+    /// Where a mid-epoch checkpoint left the first epoch to run.
+    resume_in_epoch: Option<EpochPosition>,
+    clock: Clock,
+}
+
+/// Time and work, of this process and of those before it (a resumed run).
+struct Clock {
+    started: Instant,
+    train_started: Instant,
+    last_checkpoint: Instant,
+    before_this_process: Tally,
+    /// This process's work; its clock times are filled in by `so_far`.
+    this_process: Tally,
+}
+
+impl Clock {
+    fn so_far(&self) -> Tally {
+        self.before_this_process
+            + Tally {
+                runtime_secs: self.started.elapsed().as_secs_f64(),
+                train_secs: self.train_started.elapsed().as_secs_f64(),
+                ..self.this_process
+            }
+    }
+
+    fn examples_per_sec(&self) -> f64 {
+        self.this_process.examples as f64 / self.train_started.elapsed().as_secs_f64()
+    }
+}
+
+/// Micro-batches gathered for one optimizer step.
+#[derive(Default)]
+struct Accumulated {
+    grads: Option<Grads>,
+    loss: f64,
+    /// The first rows of the step's first batch, for error messages.
+    first_rows: Vec<String>,
+    batches: usize,
+}
+
+impl<'a> Run<'a> {
+    fn new(
+        p: &'a TrainParams,
+        data: &'a TokenizedData,
+        params: Params,
+        env: &'a TrainEnv<'a>,
+        started: Instant,
+    ) -> anyhow::Result<Run<'a>> {
+        let train_rows = data.rows_in(Split::Train);
+        let dev_rows = data.rows_in(Split::Dev);
+        if train_rows.is_empty() {
+            anyhow::bail!("no train rows: check the load and sample stages");
+        }
+        let pos_weight_values: Option<Vec<f64>> = match &p.pos_weight {
+            PosWeight::Mode(PosWeightMode::None) => None,
+            PosWeight::Mode(PosWeightMode::Auto) => {
+                Some(auto_pos_weight(data, &train_rows, p.pos_weight_cap))
+            }
+            PosWeight::List(l) if l.len() == data.n_labels() => Some(l.clone()),
+            PosWeight::List(l) => anyhow::bail!(
+                "pos_weight lists {} weights but the data has {} labels",
+                l.len(),
+                data.n_labels()
+            ),
+        };
+        let pos_weight = pos_weight_values
+            .as_ref()
+            .map(|w| {
+                Tensor::from_vec(
+                    w.iter().map(|&x| x as f32).collect::<Vec<_>>(),
+                    w.len(),
+                    env.device,
+                )
+            })
+            .transpose()?;
+        let batches_per_epoch = train_rows.len().div_ceil(p.batch_size);
+        let steps_per_epoch = batches_per_epoch.div_ceil(p.grad_accum);
+        let mut total_steps = steps_per_epoch * p.epochs;
+        if p.max_steps > 0 {
+            total_steps = total_steps.min(p.max_steps);
+        }
+        let warmup = (p.warmup_fraction * total_steps as f64).round() as usize;
+        let opt = AdamW::new(&params, p.adamw());
+        let log = TrainLog {
+            total_steps,
+            pos_weight: pos_weight_values,
+            ..Default::default()
+        };
+        let best = params.snapshot()?;
+        let mut run = Run {
+            p,
+            data,
+            env,
+            params,
+            train_rows,
+            dev_rows,
+            pos_weight,
+            steps_per_epoch,
+            total_steps,
+            warmup,
+            opt,
+            log,
+            best,
+            best_f1: f64::NEG_INFINITY,
+            epochs_since_best: 0,
+            step: 0,
+            start_epoch: 0,
+            resume_in_epoch: None,
+            clock: Clock {
+                started,
+                train_started: Instant::now(),
+                last_checkpoint: Instant::now(),
+                before_this_process: Tally::default(),
+                this_process: Tally::default(),
+            },
+        };
+        run.resume()?;
+        Ok(run)
+    }
+
+    /// Pick up from the work folder's checkpoint, if there is one.
+    fn resume(&mut self) -> anyhow::Result<()> {
+        let work_dir = self.env.work_dir;
+        let Some((state, saved_best)) = load_checkpoint(work_dir, &self.params, &mut self.opt)?
+        else {
+            return Ok(());
+        };
+        tracing::info!(
+            "train: resuming at epoch {}, batch {} (step {}) from the checkpoint in {}",
+            state.epochs_done + 1,
+            state.batches_done,
+            state.step,
+            work_dir.display()
+        );
+        self.start_epoch = state.epochs_done;
+        if state.batches_done > 0 {
+            self.resume_in_epoch = Some((
+                state.batches_done,
+                state.dropout_rng_word_pos,
+                state.epoch_loss_sum,
+            ));
+        }
+        self.step = state.step;
+        self.clock.before_this_process = state.so_far;
+        self.log = state.log;
+        self.epochs_since_best = state.epochs_since_best;
+        self.best_f1 = if self.log.epochs.is_empty() {
+            f64::NEG_INFINITY
+        } else {
+            self.log.best_dev_macro_f1
+        };
+        self.best = saved_best;
+        self.clock.train_started = Instant::now();
+        self.clock.last_checkpoint = Instant::now();
+        Ok(())
+    }
+
+    /// One epoch (or what is left of it after a resume), its dev evaluation included. Returns
+    /// whether `max_steps` was reached.
+    fn epoch(&mut self, epoch: usize) -> anyhow::Result<bool> {
+        let p = self.p;
+        let batches = epoch_batches(
+            self.data,
+            &self.train_rows,
+            p.batch_size,
+            p.bucket_batches,
+            p.seed,
+            epoch,
+        );
+        let mut rng = ChaCha8Rng::seed_from_u64(mix(p.seed, epoch as u64, 2));
+        let bar = progress_bar(self.env.interactive, self.steps_per_epoch, epoch, p.epochs);
+        let (mut epoch_loss, mut seen, mut skip) = (0f64, 0usize, 0usize);
+        if let Some((done, word_pos, loss_sum)) = self.resume_in_epoch.take() {
+            skip = done;
+            rng.set_word_pos(word_pos);
+            epoch_loss = loss_sum;
+            seen = done;
+            if let Some(bar) = &bar {
+                bar.set_position((done / p.grad_accum) as u64);
+                // The jump is not progress made now: rate and ETA start from here.
+                bar.reset_eta();
+            }
+        }
+        let mut acc = Accumulated::default();
+        let epoch_started = Instant::now();
+        let mut reached_max_steps = false;
+        for (bi, rows) in batches.iter().enumerate().skip(skip) {
+            (self.env.check)()?;
+            let loss = self.micro_batch(rows, &mut rng, &mut acc, (epoch, bi))?;
+            epoch_loss += loss;
+            seen += 1;
+            let last = bi + 1 == batches.len();
+            if acc.batches < p.grad_accum && !last {
+                continue;
+            }
+            let (entry, norm) = self.optimizer_step(&mut acc, epoch, bi, batches.len())?;
+            if let Some(bar) = &bar {
+                bar.set_message(format!(
+                    "loss {:.4}  {:.1} ex/s",
+                    entry.loss,
+                    self.clock.examples_per_sec()
+                ));
+                bar.inc(1);
+            } else if self.step.is_multiple_of(p.log_every.max(1)) {
+                // From the batches this process ran: a resumed epoch skipped the ones before.
+                let ran = (bi + 1 - skip) as f64;
+                let left = (batches.len() - bi - 1) as f64;
+                let eta = epoch_started.elapsed().as_secs_f64() / ran * left;
+                tracing::info!(
+                    "epoch {}/{} step {}/{}: loss {:.4}, lr {:.2e}, grad norm {:.3}, {:.1} ex/s, epoch ETA {:.0}s",
+                    epoch + 1, p.epochs, self.step, self.total_steps, entry.loss, entry.learning_rate, norm, self.clock.examples_per_sec(), eta
+                );
+            }
+            self.log.steps.push(entry);
+            if p.max_steps > 0 && self.step >= p.max_steps {
+                reached_max_steps = true;
+                break;
+            }
+            let due = self.clock.last_checkpoint.elapsed().as_secs_f64() >= p.checkpoint_every_secs;
+            if !last && due {
+                self.checkpoint(epoch, (bi + 1, rng.get_word_pos(), epoch_loss))?;
+            }
+        }
+        if let Some(bar) = &bar {
+            bar.finish_and_clear();
+        }
+        self.finish_epoch(epoch, epoch_loss / seen.max(1) as f64)?;
+        Ok(reached_max_steps)
+    }
+
+    /// Loss and gradients of one micro-batch, added to `acc` (scaled to a mean over the
+    /// step's micro-batches). Returns the batch's loss.
+    fn micro_batch(
+        &mut self,
+        rows: &[usize],
+        rng: &mut ChaCha8Rng,
+        acc: &mut Accumulated,
+        (epoch, bi): (usize, usize),
+    ) -> anyhow::Result<f64> {
+        let (p, data) = (self.p, self.data);
+        let t0 = Instant::now();
+        let (loss, grads) = loss_and_grads(
+            &self.params,
+            data,
+            rows,
+            self.pos_weight.as_ref(),
+            Some(rng),
+            self.env.device,
+        )?;
+        self.clock.this_process.fwd_bwd_secs += t0.elapsed().as_secs_f64();
+        if !loss.is_finite() {
+            anyhow::bail!(
+                "loss is {loss} at epoch {}, step {} (batch {} of the epoch); first rows of the batch: {}\n  hint: lower lr, cap pos_weight (pos_weight_cap), or check those rows",
+                epoch + 1, self.step + 1, bi + 1, first_ids(data, rows)
+            );
+        }
+        let scale = 1.0 / p.grad_accum as f32;
+        if let Some(sum) = acc.grads.as_mut() {
+            sum.leaves_mut()
+                .into_par_iter()
+                .zip(grads.leaves())
+                .for_each(|(a, g)| a.iter_mut().zip(g).for_each(|(a, g)| *a += g * scale));
+        } else {
+            acc.grads = Some(grads.map_each(|g| g.iter().map(|x| x * scale).collect()));
+        }
+        acc.loss += loss / p.grad_accum as f64;
+        if acc.first_rows.is_empty() {
+            acc.first_rows.push(first_ids(data, rows));
+        }
+        acc.batches += 1;
+        let tally = &mut self.clock.this_process;
+        tally.examples += rows.len();
+        tally.tokens += rows
+            .iter()
+            .map(|&i| data.offsets[i + 1] - data.offsets[i])
+            .sum::<usize>();
+        Ok(loss)
+    }
+
+    /// Clip the accumulated gradients and update the parameters: the step's log entry and
+    /// its gradient norm (before clipping).
+    fn optimizer_step(
+        &mut self,
+        acc: &mut Accumulated,
+        epoch: usize,
+        bi: usize,
+        batches: usize,
+    ) -> anyhow::Result<(StepLog, f64)> {
+        let p = self.p;
+        let Some(mut grads) = acc.grads.take() else {
+            anyhow::bail!("no gradients accumulated at step {}", self.step + 1);
+        };
+        if acc.batches < p.grad_accum {
+            // A short final accumulation: rescale to a mean over the micro-batches it had.
+            let fix = p.grad_accum as f32 / acc.batches as f32;
+            grads
+                .leaves_mut()
+                .into_par_iter()
+                .for_each(|g| g.iter_mut().for_each(|x| *x *= fix));
+            acc.loss *= p.grad_accum as f64 / acc.batches as f64;
+        }
+        let norm = grads
+            .leaves()
+            .par_iter()
+            .map(|g| g.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>())
+            .collect::<Vec<f64>>()
+            .iter()
+            .sum::<f64>()
+            .sqrt();
+        if !norm.is_finite() {
+            anyhow::bail!(
+                "gradient norm is {norm} at epoch {}, step {}; first rows of the batch: {}\n  hint: lower lr or cap pos_weight",
+                epoch + 1, self.step + 1, acc.first_rows.join(", ")
+            );
+        }
+        if p.max_grad_norm > 0.0 && norm > p.max_grad_norm {
+            let c = (p.max_grad_norm / (norm + 1e-6)) as f32;
+            grads
+                .leaves_mut()
+                .into_par_iter()
+                .for_each(|g| g.iter_mut().for_each(|x| *x *= c));
+        }
+        let lr = lr_at(self.step, self.total_steps, self.warmup, p.lr);
+        let t1 = Instant::now();
+        self.opt.step(&self.params, &grads, lr)?;
+        self.clock.this_process.opt_secs += t1.elapsed().as_secs_f64();
+        self.step += 1;
+        let entry = StepLog {
+            step: self.step,
+            epoch: goemo_data::data::round6(epoch as f64 + (bi + 1) as f64 / batches as f64),
+            loss: goemo_data::data::round6(acc.loss),
+            learning_rate: lr,
+            grad_norm: goemo_data::data::round6(norm),
+        };
+        *acc = Accumulated::default();
+        Ok((entry, norm))
+    }
+
+    /// Save the checkpoint: `epochs_done` whole epochs and `position` inside the next.
+    fn checkpoint(&mut self, epochs_done: usize, position: EpochPosition) -> anyhow::Result<()> {
+        let state = CheckpointState::new(
+            epochs_done,
+            position,
+            self.step,
+            &self.opt,
+            &self.log,
+            self.epochs_since_best,
+            self.clock.so_far(),
+        );
+        save_checkpoint(
+            self.env.work_dir,
+            &self.params,
+            &self.opt,
+            &self.best,
+            &state,
+        )?;
+        self.clock.last_checkpoint = Instant::now();
+        Ok(())
+    }
+
+    /// Dev macro-F1 and loss (threshold 0.5) after an epoch; keep the best epoch's weights;
+    /// early stopping.
+    fn finish_epoch(&mut self, epoch: usize, train_loss: f64) -> anyhow::Result<()> {
+        let (dev_f1, dev_loss) = self.evaluate_dev()?;
+        self.log.epochs.push(EpochLog {
+            epoch: epoch + 1,
+            train_loss: goemo_data::data::round6(train_loss),
+            dev_loss: goemo_data::data::round6(dev_loss),
+            dev_macro_f1: goemo_data::data::round6(dev_f1),
+        });
+        tracing::info!(
+            "epoch {}: train loss {:.4}, dev loss {:.4}, dev macro-F1 {:.4} (threshold 0.5)",
+            epoch + 1,
+            train_loss,
+            dev_loss,
+            dev_f1
+        );
+        if dev_f1 > self.best_f1 || self.dev_rows.is_empty() {
+            self.best_f1 = dev_f1;
+            self.best = self.params.snapshot()?;
+            self.log.best_epoch = epoch + 1;
+            self.log.best_dev_macro_f1 = goemo_data::data::round6(dev_f1);
+            self.epochs_since_best = 0;
+        } else {
+            self.epochs_since_best += 1;
+            if self.p.patience > 0 && self.epochs_since_best >= self.p.patience {
+                tracing::info!(
+                    "early stopping: dev macro-F1 has not improved for {} epoch(s)",
+                    self.p.patience
+                );
+                self.log.stopped_early = true;
+            }
+        }
+        Ok(())
+    }
+
+    /// (macro-F1 at 0.5, mean BCE of the scores) on the dev rows; zeros without dev rows.
+    fn evaluate_dev(&self) -> anyhow::Result<(f64, f64)> {
+        let (data, dev_rows) = (self.data, &self.dev_rows);
+        if dev_rows.is_empty() {
+            return Ok((0.0, 0.0));
+        }
+        let weights = self.params.detached();
+        let scores = predict_scores(
+            &self.params.cfg,
+            &weights,
+            data,
+            dev_rows,
+            64,
+            self.env.device,
+        )?;
+        let truth: Vec<u8> = dev_rows
+            .iter()
+            .flat_map(|&i| data.row_labels(i).to_vec())
+            .collect();
+        let c = metrics::counts(
+            &scores,
+            &truth,
+            data.n_labels(),
+            &vec![0.5; data.n_labels()],
+        );
+        let loss = scores
+            .iter()
+            .zip(&truth)
+            .map(|(&s, &y)| {
+                let s = (s as f64).clamp(1e-7, 1.0 - 1e-7);
+                if y == 1 {
+                    -s.ln()
+                } else {
+                    -(1.0 - s).ln()
+                }
+            })
+            .sum::<f64>()
+            / scores.len().max(1) as f64;
+        Ok((metrics::macro_f1(&c), loss))
+    }
+
+    /// The outcome over every process that trained this model (when it was stopped and
+    /// resumed).
+    fn finish(self) -> anyhow::Result<TrainOutcome> {
+        let total = self.clock.so_far();
+        let log = self.log;
+        let train_secs = total.train_secs.max(1e-9);
+        tracing::info!(
+            "train: best epoch {} (dev macro-F1 {:.4} at 0.5); {} steps in {:.0}s",
+            log.best_epoch,
+            log.best_dev_macro_f1,
+            self.step,
+            total.runtime_secs
+        );
+        let metrics = serde_json::json!({
+            "train_runtime": total.runtime_secs,
+            "train_samples": total.examples,
+            "train_samples_per_second": total.examples as f64 / train_secs,
+            "train_tokens_per_second": total.tokens as f64 / train_secs,
+            "train_steps_per_second": log.steps.len() as f64 / train_secs,
+            "forward_backward_seconds": total.fwd_bwd_secs,
+            "optimizer_seconds": total.opt_secs,
+            "train_loss": log.epochs.last().map(|e| e.train_loss),
+            "epoch": log.epochs.len(),
+            "best_epoch": log.best_epoch,
+            "eval_macro_f1": log.best_dev_macro_f1,
+            "threads": rayon::current_num_threads(),
+            "device": format!("{:?}", self.env.device),
+        });
+        Ok(TrainOutcome {
+            log,
+            best_weights: self.best,
+            metrics,
+        })
+    }
+}
+
+fn progress_bar(
+    interactive: bool,
+    steps: usize,
+    epoch: usize,
+    epochs: usize,
+) -> Option<indicatif::ProgressBar> {
+    if !interactive {
+        return None;
+    }
+    let bar = indicatif::ProgressBar::new(steps as u64);
+    let style = indicatif::ProgressStyle::with_template(
+        "epoch {prefix} [{bar:30}] {pos}/{len} steps  {msg}  ETA {eta}",
+    )
+    .map(|s| s.progress_chars("=> "))
+    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
+    bar.set_style(style);
+    bar.set_prefix(format!("{}/{}", epoch + 1, epochs));
+    Some(bar)
+}
