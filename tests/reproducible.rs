@@ -154,7 +154,7 @@ fn train_killed_mid_epoch_and_resumed_writes_the_same_bytes() {
     // The same project elsewhere, checkpointing after every step, SIGKILLed in epoch 2.
     let (_b_base, resumed) = project_at(1);
     let mut child = goemo(&resumed, &["run", "--until", "train"], 2)
-        .env(goemo_stages::train::CHECKPOINT_ENV, "0")
+        .env(goemo_stages::trainer::CHECKPOINT_ENV, "0")
         .process_group(0)
         .spawn()
         .unwrap();

@@ -49,7 +49,7 @@ impl TypedStage for EvaluateStage {
 
     fn run(&self, ctx: &StageContext<'_>, p: EvaluateParams) -> anyhow::Result<()> {
         let t: Thresholds = goemo_fsio::read_json(&ctx.input("thresholds")?.join(THRESHOLDS_FILE))?;
-        let split = crate::train::score_split(
+        let split = crate::scoring::score_split(
             ctx.input("model")?,
             ctx.input("tokens")?,
             Split::Test,

@@ -15,8 +15,6 @@ pub mod scoring;
 pub mod thresholds;
 pub mod tokenize;
 pub mod trainer;
-/// The trainer's former name, for the stages that still import scoring from it.
-pub use trainer as train;
 
 use std::sync::Arc;
 

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use crate::train::TrainLog;
+use crate::trainer::TrainLog;
 use goemo_report::charts::ChartData;
 use goemo_report::evaluation::{read_scores, MetricsFile, METRICS_FILE, SCORES_FILE};
 use goemo_stage::{InputSpec, Inputs, ParamError, StageContext, TypedStage};

@@ -103,7 +103,7 @@ pub fn predict(
     opts: &PredictOptions,
     out: &mut dyn Write,
 ) -> anyhow::Result<PredictStats> {
-    let device = crate::train::select_device(crate::train::DeviceChoice::Auto)?;
+    let device = crate::scoring::select_device(crate::scoring::DeviceChoice::Auto)?;
     let classifier = Classifier::load(&opts.model, &device)?;
     let n = classifier.labels.len();
     let thresholds: Vec<f32> = match (

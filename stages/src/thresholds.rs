@@ -48,7 +48,7 @@ impl TypedStage for ThresholdsStage {
     }
 
     fn run(&self, ctx: &StageContext<'_>, p: ThresholdParams) -> anyhow::Result<()> {
-        let split = crate::train::score_split(
+        let split = crate::scoring::score_split(
             ctx.input("model")?,
             ctx.input("tokens")?,
             Split::Dev,

@@ -13,7 +13,7 @@ use std::time::Instant;
 use candle_core::Device;
 use goemo_data::data::{Row, Split};
 use goemo_nn::model::{EncoderConfig, ModelDir, Params};
-use goemo_stages::train::{self, AdamW, TrainParams};
+use goemo_stages::trainer::{self as train, AdamW, TrainParams};
 
 fn env_path(key: &str, default: &str) -> PathBuf {
     std::env::var_os(key)
