@@ -7,9 +7,9 @@ use super::args::{DagArgs, DagFormat};
 pub fn dag(args: DagArgs) -> anyhow::Result<ExitCode> {
     let p = super::load(&args.pipeline, &[])?;
     let text = match args.format {
-        DagFormat::Text => goemo_engine::dag::text(&p),
-        DagFormat::Dot => goemo_engine::dag::dot(&p),
-        DagFormat::Mermaid => goemo_engine::dag::mermaid(&p),
+        DagFormat::Text => goemo_engine::render::text(&p),
+        DagFormat::Dot => goemo_engine::render::dot(&p),
+        DagFormat::Mermaid => goemo_engine::render::mermaid(&p),
     };
     print!("{text}");
     Ok(ExitCode::SUCCESS)

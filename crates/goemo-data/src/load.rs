@@ -23,13 +23,7 @@ use serde::{Deserialize, Serialize};
 use crate::data::{self, map_labels, Row, Split, Taxonomy};
 use crate::summary::{write_summary, DatasetSummary, Rejected, RowCounts};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum Source {
-    #[default]
-    Official,
-    Raw,
-}
+pub use crate::summary::Source;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]

@@ -10,10 +10,18 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use crate::data::{PerSplit, SplitSummary, Taxonomy};
-use crate::load::Source;
 use crate::DataError;
 
 pub const SUMMARY_FILE: &str = "summary.json";
+
+/// Where load read the rows: the official splits or the raw rater files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Source {
+    #[default]
+    Official,
+    Raw,
+}
 
 /// Rows kept per split, and in all.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -14,6 +14,7 @@ use goemo_stage::{RunRecord, StageContext, StageRecord};
 use crate::cache::{Cache, EntryManifest, Lookup};
 use crate::error::ConfigError;
 pub use crate::events::{EngineEvent, Outcome, Reporter, StageResult};
+pub use crate::fingerprint::short;
 use crate::fingerprint::{self, Fingerprint, InputHash, StaleReason};
 use crate::hashing::{ContentHasher, FileDigest, TreeDigest};
 use crate::lockfile::{LockFile, LockedStage, LOCK_VERSION};
@@ -500,10 +501,6 @@ pub fn join_reasons(reasons: &[StaleReason]) -> String {
         .map(ToString::to_string)
         .collect::<Vec<_>>()
         .join("; ")
-}
-
-pub fn short(key: &str) -> &str {
-    &key[..key.len().min(12)]
 }
 
 impl<'a, 'p> Run<'a, 'p> {

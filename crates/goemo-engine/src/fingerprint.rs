@@ -250,6 +250,10 @@ pub fn describe_file_changes(
         .join(", ")
 }
 
+pub fn short(key: &str) -> &str {
+    &key[..key.len().min(12)]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

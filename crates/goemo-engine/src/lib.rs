@@ -26,5 +26,7 @@ pub mod hashing;
 pub mod lockfile;
 pub mod pipeline;
 pub mod publish;
+pub mod render;
+pub mod reserved;
 pub mod runlock;
 mod scheduler;

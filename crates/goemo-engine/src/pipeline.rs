@@ -643,10 +643,10 @@ fn bad_publish_target(target: &str) -> Option<&'static str> {
     if let Some(why) = bad_relative_path(target) {
         return Some(why);
     }
-    if target == crate::publish::STATE_FILE {
+    if target == crate::reserved::STATE_FILE {
         return Some("is goemo's own record of what it published");
     }
-    if target.split('/').any(crate::publish::is_leftover_name) {
+    if target.split('/').any(crate::reserved::is_leftover_name) {
         return Some("has the form of goemo's temp names, which a run removes");
     }
     None

@@ -16,10 +16,7 @@ use serde::{Deserialize, Serialize};
 use crate::cache::{Cache, EntryManifest};
 use crate::pipeline::StageDef;
 
-/// Which entry each target came from; a target may not take this name.
-pub const STATE_FILE: &str = ".goemo-published.json";
-
-const TEMP_MARKERS: [&str; 2] = [".goemo-tmp.", ".goemo-old."];
+pub use crate::reserved::{is_leftover_name, STATE_FILE};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 struct Published {
@@ -83,19 +80,6 @@ pub fn publish(
         crate::cache::write_file_atomic(&state_path, &bytes)?;
     }
     Ok(())
-}
-
-/// `.NAME.goemo-tmp.PID` or `.NAME.goemo-old.PID`: what a publish writes beside its target.
-pub fn is_leftover_name(name: &str) -> bool {
-    let Some(rest) = name.strip_prefix('.') else {
-        return false;
-    };
-    TEMP_MARKERS.iter().any(|marker| {
-        rest.rfind(marker).is_some_and(|pos| {
-            let pid = &rest[pos + marker.len()..];
-            pos > 0 && !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit())
-        })
-    })
 }
 
 /// Remove the temp copies that a killed or failed publish left anywhere under `outputs/`.

@@ -143,7 +143,7 @@ impl<'g> Scheduler<'g> {
             let (outcome, note) = match &slot.state {
                 State::Done(m, o) => (
                     *o,
-                    format!("{} {}", crate::engine::short(&m.key), slot.note)
+                    format!("{} {}", crate::fingerprint::short(&m.key), slot.note)
                         .trim()
                         .to_owned(),
                 ),
