@@ -193,6 +193,82 @@ fn default_dag_end_to_end_with_a_tiny_model() {
     );
 
     predict_checks(&p);
+    experiment_checks(&p);
+}
+
+/// An experiment on the real stages: its metrics reach `exp show`, and `plots diff` draws it
+/// beside the baseline.
+fn experiment_checks(p: &Project) {
+    let lock = p.read("pipeline.lock");
+    let r = p.goemo(&[
+        "exp",
+        "run",
+        "--name",
+        "pol",
+        "--set",
+        "thresholds.policy=global",
+    ]);
+    assert_eq!(r.code, 0, "{}", r.all());
+    // The `run --set thresholds.policy=global` above built these keys: nothing runs again.
+    assert!(r.stdout.contains("all from the cache"), "{}", r.stdout);
+    assert_eq!(
+        p.read("pipeline.lock"),
+        lock,
+        "an experiment never writes pipeline.lock"
+    );
+    let r = p.goemo(&["exp", "show", "--json"]);
+    assert_eq!(r.code, 0, "{}", r.all());
+    let rows: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    let rows = rows.as_array().unwrap();
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    assert_eq!(rows[1]["name"], "pol");
+    assert_eq!(rows[1]["params"]["thresholds.policy"], "global");
+    assert_eq!(rows[0]["params"]["thresholds.policy"], "tuned");
+    for row in rows {
+        for m in [
+            "thresholds.dev_macro_f1",
+            "train.dev_macro_f1",
+            "evaluate.test_macro_f1_tuned",
+            "evaluate.test_macro_f1_tuned_ci_lo",
+            "evaluate.test_macro_f1_at05",
+            "evaluate.test_macro_f1_at03",
+            "evaluate.test_micro_f1_tuned",
+        ] {
+            let v = row["metrics"][m]
+                .as_f64()
+                .unwrap_or_else(|| panic!("{m}: {row}"));
+            assert!((0.0..=1.0).contains(&v), "{m} = {v}");
+        }
+    }
+    // Same model, so the same train figures; the global policy's dev F1 is its own.
+    assert_eq!(
+        rows[0]["metrics"]["train.dev_macro_f1"],
+        rows[1]["metrics"]["train.dev_macro_f1"]
+    );
+    let overall: serde_json::Value =
+        serde_json::from_str(&p.read("experiments/pol/outputs/overall_metrics.json")).unwrap();
+    assert_eq!(
+        rows[1]["metrics"]["evaluate.test_macro_f1_tuned"],
+        overall["eval_macro_f1"]
+    );
+    let r = p.goemo(&["plots", "diff", "baseline", "pol", "--out", "cmp"]);
+    assert_eq!(r.code, 0, "{}", r.all());
+    for f in ["f1.png", "f1.svg", "curves.png", "curves.svg"] {
+        let path = p.file(&format!("cmp/baseline-vs-pol_{f}"));
+        assert!(
+            std::fs::metadata(&path).unwrap().len() > 1000,
+            "{}",
+            path.display()
+        );
+    }
+    assert!(p.read("cmp/baseline-vs-pol_f1.svg").contains("pol"));
+    let r = p.goemo(&["exp", "show", "--best-by", "evaluate.test_macro_f1_tuned"]);
+    assert_eq!(r.code, 2, "{}", r.all());
+    assert!(
+        r.stderr.contains("chosen on dev, never on test"),
+        "{}",
+        r.stderr
+    );
 }
 
 fn predict_checks(p: &Project) {

@@ -52,7 +52,13 @@ pub enum Command {
         after_help = "Examples:\n  goemo dag\n  goemo dag --format dot | dot -Tpng > dag.png\n  goemo dag --format mermaid"
     )]
     Dag(DagArgs),
-    /// Remove cache entries that pipeline.lock does not reference.
+    /// Experiments and sweeps that never touch the baseline; compare, apply, remove them.
+    #[command(subcommand)]
+    Exp(ExpCommand),
+    /// Charts that compare runs (experiments, or `baseline`).
+    #[command(subcommand)]
+    Plots(PlotsCommand),
+    /// Remove cache entries that neither pipeline.lock nor any experiment references.
     #[command(after_help = "Example:\n  goemo gc --dry-run\n  goemo gc")]
     Gc(GcArgs),
     /// Classify texts with a fine-tuned model (default: outputs/model) and its thresholds.
@@ -171,4 +177,145 @@ pub enum DagFormat {
     Text,
     Dot,
     Mermaid,
+}
+
+#[derive(Subcommand)]
+pub enum ExpCommand {
+    /// Run the pipeline with overrides (one experiment, or a sweep's members) into
+    /// experiments/NAME/; pipeline.lock and outputs/ are not touched.
+    #[command(
+        after_help = "Examples:\n  goemo exp run --set train.lr=3e-5                      one experiment\n  goemo exp run --name lr --set train.lr=3e-5,1e-4,3e-4   a grid: lr-1, lr-2, lr-3\n  goemo exp run --set train.lr=1e-4,3e-4 --set train.pos_weight=none,auto --jobs 2\n  goemo exp run --set train.pos_weight=[1,2,3],auto        brackets keep a list one value\n  goemo exp run --random 8 --seed 1 --set train.lr=log(1e-5,1e-3) --set train.epochs=int(2,4)\n  goemo exp run --sweep sweeps/lr.yaml                    the same, declared in a file\n\nUpstream stages that members share run once. Rerunning the same command resumes a killed\nsweep: finished stages come from the cache, a killed train from its checkpoint."
+    )]
+    Run(ExpRunArgs),
+    /// One row per experiment: the params that differ, and the metrics; the best on dev marked.
+    #[command(
+        after_help = "Examples:\n  goemo exp show\n  goemo exp show --sort evaluate.test_macro_f1_tuned --sweep lr\n  goemo exp show --filter train.pos_weight=auto --md\n  goemo exp show --json | jq '.[0]'"
+    )]
+    Show(ExpShowArgs),
+    /// Params and metrics of two runs side by side, with deltas (B − A).
+    #[command(
+        after_help = "Examples:\n  goemo exp diff lr-2              lr-2 against the baseline\n  goemo exp diff lr-1 lr-2         lr-2 against lr-1"
+    )]
+    Diff(ExpDiffArgs),
+    /// Make an experiment the baseline: its params into pipeline.yaml, its lock, its outputs.
+    Apply(ExpApplyArgs),
+    /// Remove experiments (their records and outputs; cache entries go at the next `goemo gc`).
+    Remove(ExpRemoveArgs),
+}
+
+#[derive(clap::Args)]
+pub struct ExpRunArgs {
+    #[command(flatten)]
+    pub pipeline: PipelineArg,
+    /// STAGE.PARAM=VALUE, or VALUE,VALUE,… for a grid, or range(A,B) / log(A,B) / int(A,B)
+    /// with --random. Repeatable.
+    #[arg(long = "set", value_name = "STAGE.PARAM=VALUES")]
+    pub set: Vec<String>,
+    /// The experiment's name (a sweep's members are NAME-1, NAME-2, …) [default: from a hash of
+    /// the overrides, so the same command finds the same experiments].
+    #[arg(long)]
+    pub name: Option<String>,
+    /// A YAML file with a `sweep:` block (see `goemo exp run --help`); --set flags add to it.
+    #[arg(long, value_name = "FILE")]
+    pub sweep: Option<PathBuf>,
+    /// Sample N members instead of the grid.
+    #[arg(long, value_name = "N")]
+    pub random: Option<usize>,
+    /// The seed of --random's draws.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Members to run at once (their stages share one thread pool) [default: CPU count].
+    #[arg(long, short = 'j')]
+    pub jobs: Option<usize>,
+    /// Check every member's params and print the members; run nothing.
+    #[arg(long, short = 'n')]
+    pub dry_run: bool,
+}
+
+#[derive(clap::Args)]
+pub struct ExpShowArgs {
+    #[command(flatten)]
+    pub pipeline: PipelineArg,
+    /// Sort by this column (a metric, a param, `name` or `wall`); metrics sort best first.
+    #[arg(long)]
+    pub sort: Option<String>,
+    /// Ascending instead.
+    #[arg(long)]
+    pub asc: bool,
+    /// Only the members of this sweep.
+    #[arg(long)]
+    pub sweep: Option<String>,
+    /// Only rows whose param or status has this value: `train.lr=3e-5`, `status=failed`.
+    #[arg(long, value_name = "COLUMN=VALUE")]
+    pub filter: Vec<String>,
+    /// The metric that picks the best experiment: a dev metric, never a test one.
+    #[arg(long, default_value = "thresholds.dev_macro_f1")]
+    pub best_by: String,
+    /// Every metric the stages report, not the default columns.
+    #[arg(long)]
+    pub all_metrics: bool,
+    /// Leave out the baseline row (pipeline.lock).
+    #[arg(long)]
+    pub no_baseline: bool,
+    /// JSON: one object per row, every param and metric.
+    #[arg(long, conflicts_with_all = ["csv", "md"])]
+    pub json: bool,
+    #[arg(long, conflicts_with = "md")]
+    pub csv: bool,
+    /// A Markdown table (for a README or a pull request).
+    #[arg(long)]
+    pub md: bool,
+}
+
+#[derive(clap::Args)]
+pub struct ExpDiffArgs {
+    #[command(flatten)]
+    pub pipeline: PipelineArg,
+    /// With B: the run compared against (`baseline` is pipeline.lock); alone: the experiment
+    /// compared against the baseline.
+    pub a: String,
+    /// The other run; deltas are B − A.
+    pub b: Option<String>,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(clap::Args)]
+pub struct ExpApplyArgs {
+    #[command(flatten)]
+    pub pipeline: PipelineArg,
+    pub name: String,
+}
+
+#[derive(clap::Args)]
+pub struct ExpRemoveArgs {
+    #[command(flatten)]
+    pub pipeline: PipelineArg,
+    /// Experiment names.
+    pub names: Vec<String>,
+    /// Every member of this sweep.
+    #[arg(long)]
+    pub sweep: Option<String>,
+}
+
+#[derive(Subcommand)]
+pub enum PlotsCommand {
+    /// Per-label F1 of several runs in one chart, and their training curves overlaid (PNG, SVG).
+    #[command(after_help = "Example:\n  goemo plots diff baseline lr-1 lr-2 --out plots/")]
+    Diff(PlotsDiffArgs),
+}
+
+#[derive(clap::Args)]
+pub struct PlotsDiffArgs {
+    #[command(flatten)]
+    pub pipeline: PipelineArg,
+    /// Experiment names, or `baseline`.
+    #[arg(required = true, num_args = 1..)]
+    pub runs: Vec<String>,
+    /// The folder to write into [default: experiments/_compare].
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// The threshold policy of the F1 bars: tuned, 0.5 or 0.3.
+    #[arg(long, default_value = "tuned")]
+    pub policy: String,
 }

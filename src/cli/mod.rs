@@ -3,7 +3,9 @@
 
 mod args;
 mod dag;
+mod exp;
 mod gc;
+mod plots;
 mod predict;
 mod run;
 pub mod shell;
@@ -20,6 +22,8 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Run(args) => run::run(args, cli.quiet),
         Command::Status(args) => status::status(args),
         Command::Dag(args) => dag::dag(args),
+        Command::Exp(cmd) => exp::dispatch(cmd),
+        Command::Plots(cmd) => plots::dispatch(cmd),
         Command::Gc(args) => gc::gc(args),
         Command::Predict(args) => predict::predict(args),
         Command::FetchData(args) => {

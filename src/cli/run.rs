@@ -39,7 +39,7 @@ pub fn run(args: RunArgs, quiet: bool) -> anyhow::Result<ExitCode> {
         verify: args.verify,
         locked: args.locked,
     };
-    let report = engine.run(&opts, &Shell)?;
+    let report = engine.run(&opts, &Shell::default())?;
     if report.interrupted {
         print_summary(&report.results);
         return Err(Interrupted.into());
@@ -73,7 +73,7 @@ pub fn run(args: RunArgs, quiet: bool) -> anyhow::Result<ExitCode> {
 
 /// Ctrl-C, SIGTERM and SIGHUP (ctrlc's `termination` feature) ask running stages to stop; the
 /// run then exits 130 with nothing half-written. A second signal leaves at once.
-fn install_interrupt_handler() -> anyhow::Result<()> {
+pub(super) fn install_interrupt_handler() -> anyhow::Result<()> {
     ctrlc::set_handler(|| {
         if INTERRUPTED.swap(true, Ordering::SeqCst) {
             // Second signal: leave now, taking the commands' process groups along; temp

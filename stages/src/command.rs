@@ -28,6 +28,27 @@ pub struct CommandParams {
 
 pub struct CommandStage;
 
+fn flatten_numbers(prefix: &str, v: &serde_json::Value, out: &mut BTreeMap<String, f64>) {
+    match v {
+        serde_json::Value::Number(n) => {
+            if let Some(x) = n.as_f64() {
+                out.insert(prefix.to_owned(), x);
+            }
+        }
+        serde_json::Value::Object(m) => {
+            for (k, v) in m {
+                let name = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
+                flatten_numbers(&name, v, out);
+            }
+        }
+        _ => {}
+    }
+}
+
 impl TypedStage for CommandStage {
     type Params = CommandParams;
 
@@ -51,6 +72,19 @@ impl TypedStage for CommandStage {
             ));
         }
         Ok(())
+    }
+
+    /// A command's figures, as DVC reads them: the numbers in `$GOEMO_OUT/metrics.json`, if it
+    /// wrote one (nested objects as dotted names).
+    fn metrics(&self, out_dir: &std::path::Path) -> anyhow::Result<BTreeMap<String, f64>> {
+        let path = out_dir.join("metrics.json");
+        if !path.exists() {
+            return Ok(BTreeMap::new());
+        }
+        let v: serde_json::Value = goemo_fsio::read_json(&path)?;
+        let mut out = BTreeMap::new();
+        flatten_numbers("", &v, &mut out);
+        Ok(out)
     }
 
     fn run(&self, ctx: &StageContext<'_>, params: CommandParams) -> anyhow::Result<()> {

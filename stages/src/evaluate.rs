@@ -4,6 +4,8 @@
 //! per-label ROC-AUC and average precision; and a seeded bootstrap 95% interval of macro-F1.
 //! An adapter over [`goemo_report::evaluation`], which owns metrics.json's types.
 
+use std::collections::BTreeMap;
+
 use goemo_data::data::Split;
 use goemo_report::evaluation::{evaluate, write_scores, METRICS_FILE, SCORES_FILE};
 pub use goemo_report::evaluation::{EvaluateParams, MetricsFile};
@@ -45,6 +47,26 @@ impl TypedStage for EvaluateStage {
             return Err(ParamError::new("batch_size", "batch_size must be > 0"));
         }
         Ok(())
+    }
+
+    /// Test-split figures for `goemo exp show`: macro-F1 at each policy (tuned with its
+    /// bootstrap 95% interval), micro-F1 tuned, macro ROC AUC.
+    fn metrics(&self, out_dir: &std::path::Path) -> anyhow::Result<BTreeMap<String, f64>> {
+        let m: goemo_report::evaluation::MetricsFile =
+            goemo_fsio::read_json(&out_dir.join(METRICS_FILE))?;
+        let ci = m.bootstrap.macro_f1_95ci.tuned;
+        let mut out = BTreeMap::from([
+            ("test_macro_f1_tuned".to_owned(), m.policies.tuned.macro_.f1),
+            ("test_macro_f1_tuned_ci_lo".to_owned(), ci[0]),
+            ("test_macro_f1_tuned_ci_hi".to_owned(), ci[1]),
+            ("test_macro_f1_at05".to_owned(), m.policies.at_05.macro_.f1),
+            ("test_macro_f1_at03".to_owned(), m.policies.at_03.macro_.f1),
+            ("test_micro_f1_tuned".to_owned(), m.policies.tuned.micro.f1),
+        ]);
+        if let Some(auc) = m.macro_roc_auc {
+            out.insert("test_macro_roc_auc".to_owned(), auc);
+        }
+        Ok(out)
     }
 
     fn run(&self, ctx: &StageContext<'_>, p: EvaluateParams) -> anyhow::Result<()> {

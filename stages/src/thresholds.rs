@@ -1,6 +1,8 @@
 //! `thresholds`: per-label decision thresholds tuned on the dev split (never on test), an
 //! adapter over [`goemo_report::thresholds`] (which says how they are chosen).
 
+use std::collections::BTreeMap;
+
 use goemo_data::data::Split;
 use goemo_report::metrics;
 use goemo_report::thresholds::{tune, THRESHOLDS_FILE};
@@ -45,6 +47,19 @@ impl TypedStage for ThresholdsStage {
             return Err(ParamError::new("batch_size", "batch_size must be > 0"));
         }
         Ok(())
+    }
+
+    /// The dev split's macro-F1 at the chosen thresholds: what experiments are compared on
+    /// (the test split is never used to choose).
+    fn metrics(&self, out_dir: &std::path::Path) -> anyhow::Result<BTreeMap<String, f64>> {
+        let t: goemo_report::thresholds::Thresholds =
+            goemo_fsio::read_json(&out_dir.join(THRESHOLDS_FILE))?;
+        let n = t.dev_f1.len().max(1) as f64;
+        let macro_f1 = t.dev_f1.iter().sum::<f64>() / n;
+        Ok(BTreeMap::from([(
+            "dev_macro_f1".to_owned(),
+            (macro_f1 * 1e6).round() / 1e6,
+        )]))
     }
 
     fn run(&self, ctx: &StageContext<'_>, p: ThresholdParams) -> anyhow::Result<()> {

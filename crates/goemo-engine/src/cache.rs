@@ -10,7 +10,9 @@
 //!   entries/<key>/COMPLETE       written last; holds the outputs hash
 //!   tmp/<key>.<pid>.<n>/         an entry being written
 //!   work/<key>/                  a stage's scratch that survives a killed attempt (checkpoints)
-//!   run.lock                     held by the running `goemo run`
+//!   locks/<key>.lock             held while a run builds <key> (see `entrylock`)
+//!   gc.lock                      shared by runs, exclusive for `goemo gc`
+//!   run.lock                     held by the running `goemo run` (it owns outputs/, pipeline.lock)
 //! ```
 //!
 //! Commit order: the stage writes into `tmp/`; the engine hashes its outputs, writes the
@@ -26,6 +28,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
 
+use crate::entrylock::{key_of, EntryLock};
 use crate::fingerprint::Fingerprint;
 use crate::hashing::{hash_file_contents, list_files, rel_string, tree_hash, FileDigest};
 
@@ -337,21 +340,48 @@ impl Cache {
     }
 
     /// Stop the process groups of `command` stages that a killed run left running, recorded in
-    /// their work folders (only call while holding the run lock).
+    /// their work folders. A work folder whose key a live build holds is that build's: skipped.
     pub fn stop_leftover_commands(&self) -> anyhow::Result<()> {
         if let Ok(rd) = std::fs::read_dir(self.root.join("work")) {
             for e in rd.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                let Some(_held) = EntryLock::try_acquire(&self.root, key_of(&name)) else {
+                    continue;
+                };
                 goemo_stage::process::stop_leftover_group(&e.path())?;
             }
         }
         Ok(())
     }
 
-    /// Remove abandoned temp folders (only call while holding the run lock).
+    /// Remove the temp folders that killed or failed runs abandoned; a folder whose key a live
+    /// build holds (another run in this project) is left alone.
     pub fn clean_tmp(&self) {
         if let Ok(rd) = std::fs::read_dir(self.root.join("tmp")) {
             for e in rd.flatten() {
-                let _ = std::fs::remove_dir_all(e.path());
+                let name = e.file_name().to_string_lossy().into_owned();
+                if let Some(_held) = EntryLock::try_acquire(&self.root, key_of(&name)) {
+                    let _ = std::fs::remove_dir_all(e.path());
+                }
+            }
+        }
+    }
+
+    /// Remove the build-lock files of keys not in `keep` that no live build holds.
+    fn clean_locks(&self, keep: &HashSet<String>) {
+        let Ok(rd) = std::fs::read_dir(self.root.join("locks")) else {
+            return;
+        };
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Some(key) = name.strip_suffix(".lock") else {
+                continue;
+            };
+            if keep.contains(key) {
+                continue;
+            }
+            if let Some(_held) = EntryLock::try_acquire(&self.root, key) {
+                let _ = std::fs::remove_file(e.path());
             }
         }
     }
@@ -390,6 +420,7 @@ impl Cache {
         }
         bytes += dir_size(&self.root.join("tmp"));
         self.clean_tmp();
+        self.clean_locks(keep);
         Ok((removed, bytes))
     }
 }

@@ -12,6 +12,7 @@ use anyhow::Context;
 use goemo_stage::{RunRecord, StageContext, StageRecord};
 
 use crate::cache::{Cache, EntryManifest, Lookup};
+use crate::entrylock::{EntryLock, GcLock};
 use crate::error::ConfigError;
 pub use crate::events::{EngineEvent, Outcome, Reporter, StageResult};
 pub use crate::fingerprint::short;
@@ -19,6 +20,7 @@ use crate::fingerprint::{self, Fingerprint, InputHash, StaleReason};
 use crate::hashing::{ContentHasher, FileDigest, TreeDigest};
 use crate::lockfile::{LockFile, LockedStage, LOCK_VERSION};
 use crate::pipeline::Pipeline;
+pub use crate::publish::PublishMode;
 use crate::scheduler::{Scheduler, Selection, State};
 
 /// Set by the Ctrl-C handler; stages poll it through their context.
@@ -29,8 +31,10 @@ pub struct Engine<'p> {
     pub cache: Cache,
     pub hasher: ContentHasher,
     pub lock: LockFile,
+    /// Where `run` writes the lock (pipeline.lock, or an experiment's own copy).
     pub lock_path: PathBuf,
     pub outputs_dir: PathBuf,
+    pub publish_mode: PublishMode,
     externals: Mutex<HashMap<PathBuf, Arc<TreeDigest>>>,
 }
 
@@ -69,12 +73,30 @@ pub struct RunReport {
     pub interrupted: bool,
     /// Under --locked: each way the results differ from pipeline.lock.
     pub drift: Vec<String>,
+    /// The stages with outputs (pipeline position, entry), in pipeline order.
+    pub done: Vec<(usize, Arc<EntryManifest>)>,
 }
 
 /// A ready stage that has to run: its assessment and why.
 struct ToRun {
     assessment: Box<Assessment>,
     why: String,
+    /// The entry was missing when assessed: if another run commits it meanwhile, take that one
+    /// (false when forced, or when the entry on disk was found damaged).
+    take_if_built_meanwhile: bool,
+}
+
+/// A stage's cache entry, as a run may use it.
+enum Entry {
+    Usable(Arc<EntryManifest>),
+    Missing,
+    Damaged,
+}
+
+/// What running a stage came to: built here, or built by another run while this one waited.
+enum Built {
+    Here(EntryManifest),
+    Elsewhere(EntryManifest, f64),
 }
 
 /// One `goemo run` in progress: the engine, its options, the slots, and what it found.
@@ -87,7 +109,7 @@ struct Run<'a, 'p> {
     missing_upstream: Vec<String>,
 }
 
-type Finished = (usize, anyhow::Result<EntryManifest>, f64);
+type Finished = (usize, anyhow::Result<Built>, f64);
 
 impl<'p> Engine<'p> {
     pub fn new(pipeline: &'p Pipeline, use_stat_cache: bool) -> anyhow::Result<Self> {
@@ -101,8 +123,20 @@ impl<'p> Engine<'p> {
             lock: LockFile::read(&lock_path)?,
             lock_path,
             outputs_dir: root.join("outputs"),
+            publish_mode: PublishMode::Copy,
             externals: Mutex::default(),
         })
+    }
+
+    /// An engine for an experiment: stale reasons are still against pipeline.lock, but the run
+    /// writes its lock and published files into `dir` (hard links into the cache), never
+    /// pipeline.lock or outputs/.
+    pub fn for_experiment(pipeline: &'p Pipeline, dir: &Path) -> anyhow::Result<Self> {
+        let mut engine = Engine::new(pipeline, true)?;
+        engine.lock_path = dir.join(crate::experiment::LOCK_FILE);
+        engine.outputs_dir = dir.join("outputs");
+        engine.publish_mode = PublishMode::Link;
+        Ok(engine)
     }
 
     fn external(&self, stage: &str, role: &str, path: &Path) -> anyhow::Result<Arc<TreeDigest>> {
@@ -258,6 +292,14 @@ impl<'p> Engine<'p> {
         for i in (0..p.stages.len()).filter(|&i| run.sched.slots[i].needed) {
             self.hash_inputs(i)?;
         }
+        // Shared with other runs; `goemo gc` waits for it.
+        let _gc_guard = if opts.dry_run {
+            None
+        } else {
+            Some(GcLock::for_run(&self.cache.root, &|| {
+                reporter.event(EngineEvent::WaitingForGc)
+            })?)
+        };
         if !opts.dry_run {
             // Commands a killed run left running would write into what this run builds.
             self.cache.stop_leftover_commands()?;
@@ -277,10 +319,16 @@ impl<'p> Engine<'p> {
             .into());
         }
         let results = run.sched.results(&|i| p.stages[i].name.clone());
+        let done = run.sched.done();
         if !opts.dry_run {
-            let done = run.sched.done();
             for (i, m) in &done {
-                crate::publish::publish(&self.outputs_dir, &self.cache, &p.stages[*i], m)?;
+                crate::publish::publish(
+                    &self.outputs_dir,
+                    &self.cache,
+                    &p.stages[*i],
+                    m,
+                    self.publish_mode,
+                )?;
             }
             if !opts.locked {
                 self.write_lock(&done)?;
@@ -291,6 +339,7 @@ impl<'p> Engine<'p> {
             results,
             interrupted: INTERRUPTED.load(Ordering::Relaxed),
             drift: run.drift,
+            done,
         })
     }
 
@@ -380,7 +429,26 @@ impl<'p> Engine<'p> {
         RunRecord { stages }
     }
 
-    /// Run one stage into a pending entry and commit it.
+    /// Build stage `i`'s entry under its build lock: when another run committed the same key
+    /// while this one waited for the lock, take that entry instead of building it again.
+    fn build(
+        &self,
+        i: usize,
+        a: Assessment,
+        record: RunRecord,
+        take_if_built_meanwhile: bool,
+    ) -> anyhow::Result<Built> {
+        let started = Instant::now();
+        let _held = EntryLock::acquire(&self.cache.root, &a.key, &|| {})?;
+        if take_if_built_meanwhile {
+            if let Lookup::Hit(m) = self.cache.lookup(&a.key) {
+                return Ok(Built::Elsewhere(*m, started.elapsed().as_secs_f64()));
+            }
+        }
+        self.execute(i, a, record).map(Built::Here)
+    }
+
+    /// Run one stage into a pending entry and commit it (the caller holds its build lock).
     fn execute(&self, i: usize, a: Assessment, record: RunRecord) -> anyhow::Result<EntryManifest> {
         let p = self.pipeline;
         let def = &p.stages[i];
@@ -533,9 +601,10 @@ impl<'a, 'p> Run<'a, 'p> {
                 let record = engine.run_record(i, &self.sched);
                 self.sched.start(i, next.why);
                 let tx = tx.clone();
+                let take = next.take_if_built_meanwhile;
                 scope.spawn(move || {
                     let started = Instant::now();
-                    let result = engine.execute(i, *next.assessment, record);
+                    let result = engine.build(i, *next.assessment, record, take);
                     let _ = tx.send((i, result, started.elapsed().as_secs_f64()));
                 });
             }
@@ -579,7 +648,11 @@ impl<'a, 'p> Run<'a, 'p> {
                 .settle(i, State::Failed("differs from pipeline.lock".into()));
             return Ok(None);
         }
-        let hit = self.usable_hit(i, &mut a)?;
+        let (hit, damaged) = match self.usable_hit(i, &mut a) {
+            Entry::Usable(m) => (Some(m), false),
+            Entry::Missing => (None, false),
+            Entry::Damaged => (None, true),
+        };
         let slot = &self.sched.slots[i];
         // Taken from the cache under --locked: its outputs must still be the locked ones.
         if let (true, Some(m), None) = (opts.locked, &hit, slot.forced) {
@@ -608,7 +681,12 @@ impl<'a, 'p> Run<'a, 'p> {
                     None => join_reasons(&a.reasons),
                 };
                 if !opts.dry_run {
-                    return Ok(Some(ToRun { assessment: a, why }));
+                    let take_if_built_meanwhile = force.is_none() && !damaged;
+                    return Ok(Some(ToRun {
+                        assessment: a,
+                        why,
+                        take_if_built_meanwhile,
+                    }));
                 }
                 self.plan(name, Outcome::WouldRun, Some(&why));
                 self.sched.slots[i].note = why;
@@ -618,37 +696,34 @@ impl<'a, 'p> Run<'a, 'p> {
         }
     }
 
-    /// The cache entry for `a`'s key when it can be used as it is; a damaged one (or, with
-    /// --verify, one whose files differ from its manifest) is removed so the stage rebuilds.
-    fn usable_hit(
-        &mut self,
-        i: usize,
-        a: &mut Assessment,
-    ) -> anyhow::Result<Option<Arc<EntryManifest>>> {
+    /// The cache entry for `a`'s key when it can be used as it is. A damaged one (or, with
+    /// --verify, one whose files differ from its manifest) is reported; the rebuilt entry
+    /// replaces it.
+    fn usable_hit(&mut self, i: usize, a: &mut Assessment) -> Entry {
         let (engine, opts) = (self.engine, self.opts);
         let name = engine.pipeline.stages[i].name.as_str();
         let damaged = match std::mem::replace(&mut a.lookup, Lookup::Missing) {
-            Lookup::Missing => return Ok(None),
+            Lookup::Missing => return Entry::Missing,
             Lookup::Hit(m) if opts.verify && !opts.dry_run => {
                 let bad = engine.cache.verify(&m);
                 if bad.is_empty() {
-                    return Ok(Some(Arc::new(*m)));
+                    return Entry::Usable(Arc::new(*m));
                 }
                 bad.join("; ")
             }
-            Lookup::Hit(m) => return Ok(Some(Arc::new(*m))),
+            Lookup::Hit(m) => return Entry::Usable(Arc::new(*m)),
             Lookup::Corrupt(why) => why,
         };
         if !opts.dry_run {
+            // Replaced when the rebuilt entry commits, under the key's build lock.
             self.reporter.event(EngineEvent::EntryDamaged {
                 stage: name,
                 key: short(&a.key),
                 why: &damaged,
             });
-            engine.cache.remove(&a.key)?;
         }
         self.sched.slots[i].note = format!("rebuilt: {damaged}");
-        Ok(None)
+        Entry::Damaged
     }
 
     /// A selected stage taken from the cache: the lock's own key, or a run-cache restore.
@@ -693,7 +768,16 @@ impl<'a, 'p> Run<'a, 'p> {
         let name = engine.pipeline.stages[i].name.as_str();
         self.sched.slots[i].wall_s = wall_s;
         let state = match result {
-            Ok(m) => {
+            Ok(Built::Elsewhere(m, waited_s)) => {
+                self.sched.slots[i].note =
+                    format!("built meanwhile by another run (waited {waited_s:.1}s)");
+                self.reporter.event(EngineEvent::BuiltElsewhere {
+                    stage: name,
+                    waited_s,
+                });
+                State::Done(Arc::new(m), Outcome::Restored)
+            }
+            Ok(Built::Here(m)) => {
                 if let (true, Some(l)) = (self.opts.locked, engine.lock.get(name)) {
                     if l.outputs_hash != m.outputs_hash {
                         self.drift.push(format!(

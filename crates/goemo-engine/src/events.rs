@@ -49,7 +49,9 @@ pub enum EngineEvent<'a> {
         outcome: Outcome,
         why: Option<&'a str>,
     },
-    /// A cache entry is damaged; it is removed and the stage rebuilt.
+    /// `goemo gc` holds the cache; the run waits for it to finish.
+    WaitingForGc,
+    /// A cache entry is damaged; the stage is rebuilt and the new entry replaces it.
     EntryDamaged {
         stage: &'a str,
         key: &'a str,
@@ -57,6 +59,9 @@ pub enum EngineEvent<'a> {
     },
     /// A stage started running, and why it had to.
     Started { stage: &'a str, why: &'a str },
+    /// Another run (a sweep's other member, another `goemo exp run`) built the same key while
+    /// this one waited for it; the entry is taken as it is.
+    BuiltElsewhere { stage: &'a str, waited_s: f64 },
     /// A stage ran and its entry is committed.
     Finished { stage: &'a str, wall_s: f64 },
     /// A stage failed (not sent for one cancelled by an interrupt); `detail` is its error.

@@ -18,9 +18,12 @@
 
 pub mod cache;
 pub mod dag;
+pub mod edit;
 pub mod engine;
+pub mod entrylock;
 pub mod error;
 pub mod events;
+pub mod experiment;
 pub mod fingerprint;
 pub mod hashing;
 pub mod lockfile;
@@ -30,3 +33,4 @@ pub mod render;
 pub mod reserved;
 pub mod runlock;
 mod scheduler;
+pub mod sweep;

@@ -193,6 +193,15 @@ pub fn load(
     parse(&text, file, &root, overrides, registry)
 }
 
+/// [`load`] for text that is not on disk yet (an edit about to be written to `file`).
+pub fn load_text(text: &str, file: &Path, registry: &Registry) -> Result<Pipeline, ConfigError> {
+    let root = match file.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    parse(text, file, &root, &[], registry)
+}
+
 /// Where the first byte that is not UTF-8 is, as a line and column a person can go to.
 fn not_utf8(file: &Path, bytes: &[u8], e: &std::str::Utf8Error) -> ConfigError {
     let offset = e.valid_up_to();

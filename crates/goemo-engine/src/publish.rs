@@ -18,6 +18,17 @@ use crate::pipeline::StageDef;
 
 pub use crate::reserved::{is_leftover_name, STATE_FILE};
 
+/// How published files are made from cache entries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PublishMode {
+    /// outputs/: real copies, so editing one never touches the cache.
+    Copy,
+    /// An experiment's outputs: hard links into the cache (a sweep of 100 members would
+    /// otherwise hold 100 copies of its models); copies where links cannot be made (another
+    /// file system). `goemo exp apply` publishes copies into outputs/.
+    Link,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 struct Published {
     key: String,
@@ -31,6 +42,7 @@ pub fn publish(
     cache: &Cache,
     def: &StageDef,
     manifest: &EntryManifest,
+    mode: PublishMode,
 ) -> anyhow::Result<()> {
     if def.publish.is_empty() {
         return Ok(());
@@ -60,7 +72,7 @@ pub fn publish(
                 def.name, p.from, p.to, def.name
             );
         }
-        replace_with_copy(&src, &dest)
+        replace_with_copy(&src, &dest, mode)
             .with_context(|| format!("publishing {} to {}", p.from, dest.display()))?;
         state.insert(
             p.to.clone(),
@@ -142,7 +154,7 @@ fn refuse_symlinks(outputs: &Path, target: &str) -> anyhow::Result<()> {
 
 /// Copy `src` (file or folder) to a temp name beside `dest`, then swap it in. On failure the temp
 /// copy is removed and `dest` is left as it was.
-fn replace_with_copy(src: &Path, dest: &Path) -> anyhow::Result<()> {
+fn replace_with_copy(src: &Path, dest: &Path, mode: PublishMode) -> anyhow::Result<()> {
     let parent = dest.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
     let name = dest
@@ -152,7 +164,7 @@ fn replace_with_copy(src: &Path, dest: &Path) -> anyhow::Result<()> {
     let pid = std::process::id();
     let tmp: PathBuf = parent.join(format!(".{name}.goemo-tmp.{pid}"));
     let _ = remove_any(&tmp);
-    if let Err(e) = copy_any(src, &tmp) {
+    if let Err(e) = copy_any(src, &tmp, mode) {
         let _ = remove_any(&tmp);
         return Err(e.into());
     }
@@ -183,15 +195,18 @@ fn replace_with_copy(src: &Path, dest: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Copy a file or folder, each file and folder synced to disk before the swap makes it visible.
-fn copy_any(src: &Path, dest: &Path) -> std::io::Result<()> {
+/// Copy (or link) a file or folder, each file and folder synced to disk before the swap makes
+/// it visible.
+fn copy_any(src: &Path, dest: &Path, mode: PublishMode) -> std::io::Result<()> {
     if src.is_dir() {
         std::fs::create_dir_all(dest)?;
         for e in std::fs::read_dir(src)? {
             let e = e?;
-            copy_any(&e.path(), &dest.join(e.file_name()))?;
+            copy_any(&e.path(), &dest.join(e.file_name()), mode)?;
         }
         crate::cache::sync_dir(dest);
+        Ok(())
+    } else if mode == PublishMode::Link && std::fs::hard_link(src, dest).is_ok() {
         Ok(())
     } else {
         std::fs::copy(src, dest)?;
@@ -236,7 +251,7 @@ mod tests {
         let dest = outputs.join("model");
         std::fs::create_dir_all(&dest).unwrap();
         std::fs::write(dest.join("a.txt"), "old").unwrap();
-        assert!(replace_with_copy(&src, &dest).is_err());
+        assert!(replace_with_copy(&src, &dest, PublishMode::Copy).is_err());
         let left: Vec<String> = std::fs::read_dir(&outputs)
             .unwrap()
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
@@ -245,7 +260,7 @@ mod tests {
         assert_eq!(std::fs::read_to_string(dest.join("a.txt")).unwrap(), "old");
         // Without the broken file the swap goes through and leaves nothing beside it.
         std::fs::remove_file(src.join("z")).unwrap();
-        replace_with_copy(&src, &dest).unwrap();
+        replace_with_copy(&src, &dest, PublishMode::Copy).unwrap();
         assert_eq!(std::fs::read_to_string(dest.join("a.txt")).unwrap(), "new");
         assert_eq!(std::fs::read_dir(&outputs).unwrap().count(), 1);
     }

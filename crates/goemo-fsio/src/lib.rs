@@ -33,7 +33,11 @@ pub enum FsError {
 /// sees half a file.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
-    let dir = path.parent().unwrap_or(Path::new("."));
+    // A bare file name (`pipeline.yaml`) has the empty path as its parent: the current folder.
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
     // A temp file is created owner-only (0600); results are ordinary files that others on the
     // machine may read (0644, less the umask), like any file a tool writes.
     let mut builder = tempfile::Builder::new();

@@ -18,9 +18,9 @@ use crate::ReportError;
 
 static FONT: &[u8] = include_bytes!("../../../assets/DejaVuSans.ttf");
 static REGISTER: Once = Once::new();
-const FAMILY: &str = "sans-serif";
+pub(crate) const FAMILY: &str = "sans-serif";
 
-fn register_font() {
+pub(crate) fn register_font() {
     REGISTER.call_once(|| {
         let registered = plotters::style::register_font(FAMILY, FontStyle::Normal, FONT);
         assert!(
@@ -58,7 +58,7 @@ pub struct PrCurves<'a> {
 
 type R = Result<(), ReportError>;
 
-fn err<E: std::fmt::Debug>(e: E) -> ReportError {
+pub(crate) fn err<E: std::fmt::Debug>(e: E) -> ReportError {
     ReportError::Chart(format!("{e:?}"))
 }
 

@@ -21,6 +21,17 @@ pub enum ReportError {
     },
     #[error("{}: {message}", path.display())]
     Scores { path: PathBuf, message: String },
+    /// A JSON file that does not parse as its type: serde's message names the missing or
+    /// mistyped key, this names the file.
+    #[error("parsing {}: {source}", path.display())]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    /// A file that parses but lacks what was asked of it (a policy, a label).
+    #[error("{}: {message}", path.display())]
+    Invalid { path: PathBuf, message: String },
     #[error("metrics.json has no `{0}` policy; re-run evaluate")]
     UnknownPolicy(String),
     #[error("metrics.json: policy `{policy}` has no figures for label `{label}`; re-run evaluate")]

@@ -7,12 +7,14 @@
 //! - [`evaluation`]: `metrics.json`'s types and how they are computed, the test scores file,
 //!   the classification report CSV and `overall_metrics.json`;
 //! - [`charts`]: plotters charts as PNG files or SVG strings;
+//! - [`compare`]: the same charts for several runs side by side (`goemo plots diff`);
 //! - [`page`]: the HTML and Markdown report.
 //!
 //! Every file type is a serde struct, so a renamed key is a compile or parse error, never a
 //! silent 0. Errors are [`ReportError`].
 
 pub mod charts;
+pub mod compare;
 mod error;
 pub mod evaluation;
 pub mod metrics;

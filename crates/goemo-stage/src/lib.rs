@@ -191,6 +191,12 @@ pub trait Stage: Send + Sync {
     /// is exactly what is hashed and recorded in pipeline.lock.
     fn resolve_params(&self, raw: &RawParams) -> Result<serde_json::Value, ParamError>;
     fn run(&self, ctx: &StageContext<'_>) -> anyhow::Result<()>;
+    /// The figures an experiment table shows for this stage's result (`dev_macro_f1` → 0.52),
+    /// read from its `out` folder. The names are stable: they are `goemo exp show` columns and
+    /// `--sort` keys, prefixed with the stage's name. Most stages have none.
+    fn metrics(&self, _out_dir: &Path) -> anyhow::Result<BTreeMap<String, f64>> {
+        Ok(BTreeMap::new())
+    }
 }
 
 /// A stage with typed params: what every goemo stage implements. The blanket [`Stage`] impl
@@ -213,6 +219,12 @@ pub trait TypedStage: Send + Sync {
         Ok(())
     }
     fn run(&self, ctx: &StageContext<'_>, params: Self::Params) -> anyhow::Result<()>;
+    /// The figures an experiment table shows for this stage's result (`dev_macro_f1` → 0.52),
+    /// read from its `out` folder. The names are stable: they are `goemo exp show` columns and
+    /// `--sort` keys, prefixed with the stage's name. Most stages have none.
+    fn metrics(&self, _out_dir: &Path) -> anyhow::Result<BTreeMap<String, f64>> {
+        Ok(BTreeMap::new())
+    }
 }
 
 impl<T: TypedStage> Stage for T {
@@ -240,6 +252,9 @@ impl<T: TypedStage> Stage for T {
     fn run(&self, ctx: &StageContext<'_>) -> anyhow::Result<()> {
         let params: T::Params = ctx.params()?;
         TypedStage::run(self, ctx, params)
+    }
+    fn metrics(&self, out_dir: &Path) -> anyhow::Result<BTreeMap<String, f64>> {
+        TypedStage::metrics(self, out_dir)
     }
 }
 

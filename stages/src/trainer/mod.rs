@@ -222,6 +222,15 @@ impl TypedStage for TrainStage {
         Ok(())
     }
 
+    /// The best epoch's dev macro-F1 (at 0.5, the early-stopping criterion) and which epoch.
+    fn metrics(&self, out_dir: &Path) -> anyhow::Result<std::collections::BTreeMap<String, f64>> {
+        let log: TrainLog = goemo_fsio::read_json(&out_dir.join("train_log.json"))?;
+        Ok(std::collections::BTreeMap::from([
+            ("dev_macro_f1".to_owned(), log.best_dev_macro_f1),
+            ("best_epoch".to_owned(), log.best_epoch as f64),
+        ]))
+    }
+
     fn run(&self, ctx: &StageContext<'_>, mut params: TrainParams) -> anyhow::Result<()> {
         if let Some(secs) = checkpoint_interval_from_env()? {
             params.checkpoint_every_secs = secs;
