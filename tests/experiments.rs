@@ -27,6 +27,20 @@ const PIPELINE: &str = r#"stages:
       out/metrics.json: metrics.json
 "#;
 
+/// A 4-member grid over fit, with prep changed for all of them.
+const GRID: &[&str] = &[
+    "exp",
+    "run",
+    "--name",
+    "g",
+    "--set",
+    "prep.vars.v=1",
+    "--set",
+    "fit.vars.lr=2,3",
+    "--set",
+    "fit.vars.depth=4,5",
+];
+
 fn max_concurrency(p: &Project) -> usize {
     std::fs::read_to_string(p.file("concurrency.log"))
         .unwrap_or_default()
@@ -55,20 +69,9 @@ fn a_grid_shares_upstream_runs_members_at_once_and_keeps_the_baseline() {
     assert_eq!(p.run_ok(&["run"]), ["fit-1-2", "prep"]);
     let before = baseline(&p);
     let _ = std::fs::remove_file(p.file("concurrency.log"));
-    let ran = p.run_ok(&[
-        "exp",
-        "run",
-        "--name",
-        "g",
-        "--set",
-        "fit.vars.lr=2,3",
-        "--set",
-        "fit.vars.depth=4,5",
-        "--jobs",
-        "2",
-    ]);
-    // prep's key is the baseline's: taken from the cache, never run per member.
-    assert_eq!(ran, ["fit-2-4", "fit-2-5", "fit-3-4", "fit-3-5"]);
+    let ran = p.run_ok(&[GRID, &["--jobs", "2"]].concat());
+    // prep (a new key, the same for every member) runs once, though two members start at once.
+    assert_eq!(ran, ["fit-2-4", "fit-2-5", "fit-3-4", "fit-3-5", "prep"]);
     assert_eq!(max_concurrency(&p), 2, "two members at once with --jobs 2");
     assert_eq!(
         baseline(&p),
@@ -76,6 +79,12 @@ fn a_grid_shares_upstream_runs_members_at_once_and_keeps_the_baseline() {
         "pipeline.lock, pipeline.yaml and outputs/ untouched"
     );
 
+    show_and_diff(&p);
+    gc_apply_remove(&p);
+}
+
+/// `exp show` (JSON, sorted, filtered, CSV, Markdown) and `exp diff` over the grid above.
+fn show_and_diff(p: &Project) {
     let r = p.goemo(&["exp", "show", "--json"]);
     assert_eq!(r.code, 0, "{}", r.all());
     let rows: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
@@ -103,7 +112,7 @@ fn a_grid_shares_upstream_runs_members_at_once_and_keeps_the_baseline() {
     assert_eq!(record["sweep"], "g");
     assert_eq!(
         record["set"],
-        serde_json::json!(["fit.vars.lr=3", "fit.vars.depth=4"])
+        serde_json::json!(["prep.vars.v=1", "fit.vars.lr=3", "fit.vars.depth=4"])
     );
     assert_eq!(record["stages"].as_array().unwrap().len(), 2);
 
@@ -120,10 +129,10 @@ fn a_grid_shares_upstream_runs_members_at_once_and_keeps_the_baseline() {
     let lines: Vec<&str> = r.stdout.lines().collect();
     assert_eq!(
         lines[0],
-        "experiment,best,status,fit.vars.depth,fit.vars.lr,fit.dev_score,fit.test_score,train_s"
+        "experiment,best,status,fit.vars.depth,fit.vars.lr,prep.vars.v,fit.dev_score,fit.test_score,train_s"
     );
-    assert!(lines[1].starts_with("g-2,,done,5,2,"), "{}", r.stdout);
-    assert!(lines[2].starts_with("g-1,,done,4,2,"), "{}", r.stdout);
+    assert!(lines[1].starts_with("g-2,,done,5,2,1,"), "{}", r.stdout);
+    assert!(lines[2].starts_with("g-1,,done,4,2,1,"), "{}", r.stdout);
     assert_eq!(lines.len(), 3);
     let r = p.goemo(&["exp", "show", "--md", "--no-baseline"]);
     assert!(
@@ -145,21 +154,15 @@ fn a_grid_shares_upstream_runs_members_at_once_and_keeps_the_baseline() {
         "{}",
         r.stdout
     );
+}
 
+/// gc keeps experiments' entries, apply makes one the baseline, remove and gc drop one.
+fn gc_apply_remove(p: &Project) {
     // gc keeps every experiment's entries: rerunning the sweep runs nothing.
     let r = p.goemo(&["gc"]);
     assert!(r.stdout.contains("removed 0 cache entries"), "{}", r.stdout);
     assert!(r.stdout.contains("and 4 experiment(s)"), "{}", r.stdout);
-    let ran = p.run_ok(&[
-        "exp",
-        "run",
-        "--name",
-        "g",
-        "--set",
-        "fit.vars.lr=2,3",
-        "--set",
-        "fit.vars.depth=4,5",
-    ]);
+    let ran = p.run_ok(GRID);
     assert!(ran.is_empty(), "{ran:?}");
 
     // Apply: its params into pipeline.yaml (the comment kept), its lock and outputs; all fresh.
@@ -182,6 +185,9 @@ fn a_grid_shares_upstream_runs_members_at_once_and_keeps_the_baseline() {
         p.read("outputs/metrics.json"),
         "{\"dev_score\": 3, \"test_score\": 5}\n"
     );
+    assert!(p
+        .read("pipeline.yaml")
+        .contains("echo data > $GOEMO_OUT/data'\n      vars:\n        v: 1\n  fit:"));
     let r = p.goemo(&["status"]);
     assert_eq!(r.stdout, "prep  fresh\nfit   fresh\n");
 
@@ -190,7 +196,8 @@ fn a_grid_shares_upstream_runs_members_at_once_and_keeps_the_baseline() {
     assert_eq!(r.code, 0, "{}", r.all());
     assert!(!p.file("experiments/g-1").exists());
     let r = p.goemo(&["gc"]);
-    assert!(r.stdout.contains("removed 2 cache entries"), "{}", r.stdout);
+    // The old baseline's prep and fit, and g-1's fit.
+    assert!(r.stdout.contains("removed 3 cache entries"), "{}", r.stdout);
 }
 
 #[test]

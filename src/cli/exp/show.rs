@@ -78,7 +78,9 @@ fn baseline_row(engine: &Engine<'_>, params: &BTreeSet<String>) -> Row {
             for part in parts {
                 v = v.get(part).unwrap_or(&Value::Null);
             }
-            values.insert(name.clone(), value_text(v));
+            if !v.is_null() {
+                values.insert(name.clone(), value_text(v));
+            }
         }
     }
     let train_s = engine
