@@ -39,7 +39,7 @@ pub fn run(args: RunArgs, quiet: bool) -> anyhow::Result<ExitCode> {
         verify: args.verify,
         locked: args.locked,
     };
-    let report = engine.run(&opts, &Shell::default())?;
+    let report = engine.run(&opts, &Shell)?;
     if report.interrupted {
         print_summary(&report.results);
         return Err(Interrupted.into());

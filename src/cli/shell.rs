@@ -22,53 +22,41 @@ pub fn init_logging(verbose: u8, quiet: bool) {
         .init();
 }
 
-/// Engine events as log lines on stderr; a dry run's plan on stdout. An experiment's lines
-/// start with its name, since a sweep's members run at once.
-#[derive(Default)]
-pub struct Shell {
-    pub prefix: String,
-}
-
-impl Shell {
-    pub fn for_experiment(name: &str) -> Shell {
-        Shell {
-            prefix: format!("[{name}] "),
-        }
-    }
-}
+/// Engine events as log lines on stderr; a dry run's plan on stdout. A sweep's members name
+/// themselves through a tracing span (`exp{name=lr-2}: running train: …`).
+pub struct Shell;
 
 impl Reporter for Shell {
     fn event(&self, event: EngineEvent<'_>) {
-        let p = &self.prefix;
         match event {
             EngineEvent::LeftoverRemoved { path } => {
-                tracing::info!("{p}removed {}, left by an interrupted publish", path.display())
+                tracing::info!("removed {}, left by an interrupted publish", path.display())
             }
             EngineEvent::Planned {
                 stage,
                 outcome,
                 why: Some(why),
-            } => println!("{p}{:<12} {stage}: {why}", outcome.label()),
+            } => println!("{:<12} {stage}: {why}", outcome.label()),
             EngineEvent::Planned {
                 stage,
                 outcome,
                 why: None,
-            } => println!("{p}{:<12} {stage}", outcome.label()),
+            } => println!("{:<12} {stage}", outcome.label()),
             EngineEvent::WaitingForGc => {
-                tracing::info!("{p}waiting for `goemo gc` to finish with the cache…")
+                tracing::info!("waiting for `goemo gc` to finish with the cache…")
             }
             EngineEvent::EntryDamaged { stage, key, why } => {
-                tracing::warn!("{p}stage {stage}: cache entry {key} is damaged ({why}); rebuilding")
+                tracing::warn!("stage {stage}: cache entry {key} is damaged ({why}); rebuilding")
             }
-            EngineEvent::Started { stage, why } => tracing::info!("{p}running {stage}: {why}"),
+            EngineEvent::Started { stage, why } => tracing::info!("running {stage}: {why}"),
             EngineEvent::BuiltElsewhere { stage, waited_s } => tracing::info!(
-                "{p}{stage}: built meanwhile by another run; taken from the cache (waited {waited_s:.1}s)"
+                "{stage}: built meanwhile by another run; taken from the cache (waited {waited_s:.1}s)"
             ),
             EngineEvent::Finished { stage, wall_s } => {
-                tracing::info!("{p}{stage} done in {wall_s:.2}s")
+                tracing::info!("{stage} done in {wall_s:.2}s")
             }
             EngineEvent::Failed { stage, detail } => {
-                tracing::error!("{p}stage {stage} failed: {detail}")
+                tracing::error!("stage {stage} failed: {detail}")
             }
         }
     }

@@ -602,7 +602,10 @@ impl<'a, 'p> Run<'a, 'p> {
                 self.sched.start(i, next.why);
                 let tx = tx.clone();
                 let take = next.take_if_built_meanwhile;
+                // A stage's own log lines carry the caller's span (an experiment's name).
+                let span = tracing::Span::current();
                 scope.spawn(move || {
+                    let _in_span = span.enter();
                     let started = Instant::now();
                     let result = engine.build(i, *next.assessment, record, take);
                     let _ = tx.send((i, result, started.elapsed().as_secs_f64()));

@@ -19,14 +19,12 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::Context;
 use goemo_stage::Registry;
 use serde::{Deserialize, Serialize};
 
-use crate::cache::EntryManifest;
 use crate::engine::{Engine, Outcome, Reporter, RunOptions, RunReport, StageResult};
 use crate::error::ConfigError;
 use crate::pipeline::{self, Pipeline};
@@ -87,14 +85,6 @@ impl ExperimentRecord {
     /// Every cache key it references (what `goemo gc` keeps).
     pub fn keys(&self) -> impl Iterator<Item = &str> {
         self.stages.iter().map(|s| s.key.as_str())
-    }
-
-    /// The wall time of stage `name`'s entry.
-    pub fn stage_wall(&self, name: &str) -> Option<f64> {
-        self.stages
-            .iter()
-            .find(|s| s.name == name)
-            .map(|s| s.wall_s)
     }
 }
 
@@ -259,6 +249,8 @@ pub fn run_all(
                 let i = next.fetch_add(1, Ordering::SeqCst);
                 let Some(p) = planned.get(i) else { return };
                 let rep = reporter(&p.name);
+                // Log lines of the member's stages say which member they come from.
+                let _in_span = tracing::info_span!("exp", name = %p.name).entered();
                 let result = run_member(ctx, p, rep.as_ref());
                 results.lock().expect("poisoned").push((i, result));
             });
@@ -435,13 +427,4 @@ pub fn git_commit(root: &Path) -> Option<String> {
     let dirty =
         git(&["status", "--porcelain", "--untracked-files=no"]).is_some_and(|s| !s.is_empty());
     Some(if dirty { format!("{head}+dirty") } else { head })
-}
-
-/// Entries (by stage name) of a finished run, for callers that need the manifests.
-pub fn manifests(report: &RunReport, pipeline: &Pipeline) -> Vec<(String, Arc<EntryManifest>)> {
-    report
-        .done
-        .iter()
-        .map(|(i, m)| (pipeline.stages[*i].name.clone(), m.clone()))
-        .collect()
 }

@@ -22,7 +22,6 @@
 //! Sampled floats are rounded to three significant digits, so member params (and their stage
 //! keys) read as `lr: 3.16e-5`, and a rerun of the same command draws the same members.
 
-use std::collections::BTreeMap;
 use std::path::Path;
 
 use serde::Deserialize;
@@ -405,8 +404,9 @@ pub fn default_name(prefix: &str, spec: &SweepSpec) -> String {
     format!("{prefix}-{}", &hash[..8])
 }
 
-/// The overridden params of each member by name, for tables (`train.lr` → `3e-5`).
-pub fn member_params(member: &Member) -> BTreeMap<String, String> {
+/// A member's overrides by name (`train.lr` → `3e-5`).
+#[cfg(test)]
+fn member_params(member: &Member) -> std::collections::BTreeMap<String, String> {
     member
         .set
         .iter()

@@ -65,7 +65,7 @@ pub fn apply(args: ExpApplyArgs) -> anyhow::Result<ExitCode> {
             jobs: 1,
             ..RunOptions::default()
         },
-        &Shell::default(),
+        &Shell,
     )?;
     print_summary(&report.results);
     println!(

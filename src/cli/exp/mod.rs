@@ -98,9 +98,8 @@ fn run(args: ExpRunArgs) -> anyhow::Result<ExitCode> {
         jobs,
         git_commit: experiment::git_commit(&root),
     };
-    let results = experiment::run_all(&ctx, &planned, &|name| {
-        Box::new(Shell::for_experiment(name))
-    });
+    // Each member's lines carry its name through a tracing span (`exp{name=lr-2}: …`).
+    let results = experiment::run_all(&ctx, &planned, &|_| Box::new(Shell));
     print_results(&results)
 }
 
