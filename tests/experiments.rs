@@ -213,7 +213,13 @@ fn a_sweep_killed_with_sigkill_resumes_without_redoing_finished_members() {
         "--jobs",
         "1",
     ];
-    let mut child = p.command(&args).env("SLEEP", "1.5").spawn().unwrap();
+    let mut child = p
+        .command(&args)
+        .env("SLEEP", "1.5")
+        .stderr(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
     // Kill once the first member is recorded and the second is training.
     while !(p.file("experiments/k-1/experiment.json").exists()
