@@ -14,8 +14,8 @@ use tokio::sync::Semaphore;
 use crate::error::RemoteError;
 use crate::store::{Created, Remote};
 use crate::transfer::{
-    move_all, upload, Ctx, EntryReport, Item, Options, Outcome, Progress, Report, VolatileRecord,
-    Wanted,
+    move_all, upload, Ctx, EntryReport, Item, ObjectGates, Options, Outcome, Progress, Report,
+    VolatileRecord, Wanted,
 };
 
 /// Push the entries `wanted` names from `cache` to `remote`. An error is returned only when
@@ -31,10 +31,11 @@ pub fn push(
     let _gc = gc_lock(cache, progress)?;
     let start = Instant::now();
     let sem = Semaphore::new(opts.jobs.max(1));
+    let gates = ObjectGates::default();
     let mut entries = remote.runtime.block_on(
         futures::stream::iter(wanted.iter().enumerate())
             .map(|(i, w)| {
-                let sem = &sem;
+                let (sem, gates) = (&sem, &gates);
                 async move {
                     let ctx = Ctx {
                         stage: &w.stage,
@@ -42,9 +43,10 @@ pub fn push(
                         progress,
                     };
                     let mut report = EntryReport::new(w);
-                    report.outcome = push_entry(remote, cache, opts, sem, &ctx, &mut report)
-                        .await
-                        .unwrap_or_else(Outcome::Failed);
+                    report.outcome =
+                        push_entry(remote, cache, opts, (sem, gates), &ctx, &mut report)
+                            .await
+                            .unwrap_or_else(Outcome::Failed);
                     progress(Progress::Entry(&report));
                     (i, report)
                 }
@@ -93,7 +95,7 @@ async fn push_entry(
     remote: &Remote,
     cache: &Cache,
     opts: &Options,
-    sem: &Semaphore,
+    (sem, gates): (&Semaphore, &ObjectGates),
     ctx: &Ctx<'_>,
     report: &mut EntryReport,
 ) -> Result<Outcome, RemoteError> {
@@ -140,7 +142,7 @@ async fn push_entry(
     }));
     report.files = items.len();
     move_all(&items, sem, ctx, report, |item| {
-        upload(remote, item, opts.part_size, ctx)
+        upload(remote, item, opts.part_size, gates, ctx)
     })
     .await?;
     if !volatile.files.is_empty() {

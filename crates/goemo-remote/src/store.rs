@@ -86,9 +86,21 @@ impl Remote {
         self.runtime.block_on(async {
             match self.store.head(&self.path(rel)).await {
                 Ok(_) | Err(object_store::Error::NotFound { .. }) => Ok(()),
-                Err(e) => Err(self.error("reaching", rel, &e)),
+                Err(e) => Err(self.unreachable(rel, &e)),
             }
         })
+    }
+
+    /// The probe's error, with the likely fix when S3 had no credentials to use.
+    fn unreachable(&self, rel: &str, e: &object_store::Error) -> RemoteError {
+        let mut err = self.error("reaching", rel, e);
+        let s3 = matches!(self.url.location, Location::S3 { .. });
+        if let (true, false, RemoteError::Store { hint, .. }) =
+            (s3, aws_credentials_set(), &mut err)
+        {
+            *hint = "no AWS credentials are set in the environment, so the EC2/ECS instance metadata service was asked: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_WEB_IDENTITY_TOKEN_FILE and AWS_ROLE_ARN)".into();
+        }
+        err
     }
 
     pub(crate) fn error(
@@ -175,6 +187,18 @@ fn open_s3(url: &RemoteUrl, bucket: &str) -> Result<object_store::aws::AmazonS3,
     b.with_retry(retry)
         .build()
         .map_err(|e| store_error(url.shown(), "opening", "the bucket", &e))
+}
+
+/// Whether the environment names credentials (static keys, web identity or a container's).
+fn aws_credentials_set() -> bool {
+    [
+        "AWS_ACCESS_KEY_ID",
+        "AWS_WEB_IDENTITY_TOKEN_FILE",
+        "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+        "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+    ]
+    .iter()
+    .any(|v| std::env::var_os(v).is_some_and(|x| !x.is_empty()))
 }
 
 /// `http://127.0.0.1:9000`, `http://localhost:…`, `http://[::1]:…`: plain HTTP is allowed

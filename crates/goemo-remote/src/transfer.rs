@@ -1,9 +1,10 @@
 //! What push and pull share: the options, the progress events, the per-entry report, and the
 //! transfer of one file (uploaded in parts when large, hashed on the way either way).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::{Read, Write};
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -129,6 +130,18 @@ impl Item {
     }
 }
 
+/// One gate per object hash within a push: of two entries holding the same file, the second
+/// waits for the first's upload and then finds the object there, instead of sending it again.
+#[derive(Default)]
+pub(crate) struct ObjectGates(Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>);
+
+impl ObjectGates {
+    fn gate(&self, hash: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut gates = self.0.lock().expect("poisoned");
+        gates.entry(hash.to_owned()).or_default().clone()
+    }
+}
+
 /// Upload `item` unless an object of its size is there already; `Ok(true)` when it moved.
 /// The bytes are hashed as they are read: a local file that no longer matches its digest is
 /// an error and nothing is uploaded under its name.
@@ -136,9 +149,12 @@ pub(crate) async fn upload(
     remote: &Remote,
     item: &Item,
     part_size: usize,
+    gates: &ObjectGates,
     ctx: &Ctx<'_>,
 ) -> Result<bool, RemoteError> {
     let object = item.object();
+    let gate = gates.gate(&item.digest.blake3);
+    let _only_one_upload_of_this_object = gate.lock().await;
     if remote.size_of(&object).await? == Some(item.digest.size) {
         return Ok(false);
     }
