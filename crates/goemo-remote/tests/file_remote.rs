@@ -523,3 +523,36 @@ fn a_pull_waits_for_the_key_s_build_lock() {
         assert!(matches!(report.entries[0].outcome, Outcome::Pulled));
     });
 }
+
+#[test]
+fn a_damaged_local_entry_is_replaced_by_a_verified_pull() {
+    let (a, b, r) = (
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+    );
+    let files: &[(&str, &[u8])] = &[("out/x", b"good"), ("volatile/v", b"v")];
+    let k = entry(&Cache::new(a.path()), "eval", files);
+    let remote = remote_at(r.path());
+    let want = [wanted("eval", &k)];
+    goemo_remote::push(&remote, &Cache::new(a.path()), &want, &opts(), &no_progress).unwrap();
+    // B holds the same key, damaged: its COMPLETE marker is gone (an interrupted commit).
+    let cache_b = Cache::new(b.path());
+    entry(&cache_b, "eval", files);
+    std::fs::remove_file(cache_b.entry_dir(&k).join("COMPLETE")).unwrap();
+    assert!(matches!(cache_b.lookup(&k), Lookup::Corrupt(_)));
+    let pulled = goemo_remote::pull(&remote, &cache_b, &want, &opts(), &no_progress).unwrap();
+    assert!(
+        matches!(pulled.entries[0].outcome, Outcome::Pulled),
+        "{:?}",
+        pulled.entries[0].outcome
+    );
+    let Lookup::Hit(m) = cache_b.lookup(&k) else {
+        panic!("replaced")
+    };
+    assert!(cache_b.verify(&m).is_empty());
+    assert_eq!(
+        std::fs::read(cache_b.entry_dir(&k).join("out/x")).unwrap(),
+        b"good"
+    );
+}
