@@ -407,3 +407,55 @@ fn a_bad_remote_is_a_clear_error_and_leaves_the_local_cache_alone() {
     assert_eq!(snapshot(&a.file("cache")), before);
     assert!(!missing.exists());
 }
+
+/// One stage with a 48 MB output: a push of it takes long enough to be killed midway.
+const BIG: &str = r#"stages:
+  big:
+    kind: command
+    params:
+      cmd: 'head -c 48000000 /dev/urandom > $GOEMO_OUT/weights.bin; echo small > $GOEMO_OUT/config.json'
+"#;
+
+#[test]
+fn a_push_killed_at_any_moment_leaves_no_entry_a_reader_uses() {
+    let r = tempfile::tempdir().unwrap();
+    let a = Project::new(BIG);
+    a.run_ok(&["run"]);
+    let key = locked_key(&a, "big");
+    let manifest = r.path().join(format!("entries/{key}.json"));
+    for delay_ms in [0u64, 10, 40, 120] {
+        let mut child = a
+            .command(&["push", "--remote", &url(r.path())])
+            .env_remove("GOEMO_REMOTE")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(delay_ms));
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        // Whatever was cut short, a reader either finds no entry or a complete, good one.
+        let b = Project::new(BIG);
+        std::fs::copy(a.file("pipeline.lock"), b.file("pipeline.lock")).unwrap();
+        let pull = goemo(&b, &["pull", "--remote", &url(r.path())], &[]);
+        if manifest.exists() {
+            assert_eq!(pull.code, 0, "killed after {delay_ms} ms:\n{}", pull.all());
+            assert_eq!(b.run_ok(&["run", "--locked"]), Vec::<String>::new());
+        } else {
+            assert_eq!(pull.code, 1, "killed after {delay_ms} ms:\n{}", pull.all());
+            assert!(pull.stdout.contains("not on the remote"), "{}", pull.stdout);
+            assert_eq!(entry_keys(&b), Vec::<String>::new());
+        }
+    }
+    // A push run to its end completes what the killed ones began.
+    ok(&a, &["push", "--remote", &url(r.path())], &[]);
+    assert!(manifest.exists());
+    let b = Project::new(BIG);
+    std::fs::copy(a.file("pipeline.lock"), b.file("pipeline.lock")).unwrap();
+    ok(&b, &["pull", "--remote", &url(r.path())], &[]);
+    assert_eq!(b.run_ok(&["run", "--locked"]), Vec::<String>::new());
+    assert_eq!(
+        std::fs::read(b.file("cache/entries").join(&key).join("out/weights.bin")).unwrap(),
+        std::fs::read(a.file("cache/entries").join(&key).join("out/weights.bin")).unwrap()
+    );
+}
