@@ -73,6 +73,29 @@ pub enum Command {
     FetchData(FetchDataArgs),
     /// List the stage kinds pipeline.yaml can use.
     Kinds,
+    /// Upload the cache entries pipeline.lock references (or the named stages') to the remote.
+    #[command(after_help = REMOTE_HELP)]
+    Push(RemoteArgs),
+    /// Download the cache entries pipeline.lock references (or the named stages'), verified.
+    #[command(after_help = REMOTE_HELP)]
+    Pull(RemoteArgs),
+}
+
+const REMOTE_HELP: &str = "Examples:\n  GOEMO_REMOTE=s3://my-bucket/goemo goemo push        every entry pipeline.lock references\n  goemo pull train tokenize                             those stages' locked entries\n  goemo pull --remote file:///mnt/shared/goemo-cache\n\nThe remote: --remote, else GOEMO_REMOTE, else `remote: URL` in goemo.yaml beside pipeline.yaml.\nS3 credentials, region and endpoint come from the AWS environment only (AWS_ACCESS_KEY_ID,\nAWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, AWS_REGION, AWS_ENDPOINT_URL for MinIO/Ceph/R2).\nExit codes: 0 ok, 1 an entry failed or was missing, 2 a bad remote URL or stage name.";
+
+#[derive(clap::Args)]
+pub struct RemoteArgs {
+    #[command(flatten)]
+    pub pipeline: PipelineArg,
+    /// Stages whose locked entries to move [default: every entry pipeline.lock references].
+    pub stages: Vec<String>,
+    /// The remote: s3://BUCKET/PREFIX or file:///ABSOLUTE/FOLDER [default: GOEMO_REMOTE, else
+    /// `remote:` in goemo.yaml].
+    #[arg(long, value_name = "URL")]
+    pub remote: Option<String>,
+    /// Files to transfer at once.
+    #[arg(long, short = 'j', default_value_t = 8)]
+    pub jobs: usize,
 }
 
 #[derive(clap::Args)]

@@ -7,6 +7,7 @@ mod exp;
 mod gc;
 mod plots;
 mod predict;
+mod remote;
 mod run;
 pub mod shell;
 mod status;
@@ -33,6 +34,8 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             println!("GoEmotions is in {} (sha256 verified)", args.dest.display());
             Ok(ExitCode::SUCCESS)
         }
+        Command::Push(args) => remote::push(args),
+        Command::Pull(args) => remote::pull(args),
         Command::Kinds => {
             for s in goemo_stages::registry().iter() {
                 println!("{:<12} v{}  {}", s.kind(), s.version(), s.summary());

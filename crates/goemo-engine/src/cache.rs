@@ -312,7 +312,21 @@ impl Cache {
                 .unwrap_or(0),
             provenance: Provenance::this_machine(),
         };
-        let mut bytes = serde_json::to_vec_pretty(&manifest)?;
+        self.install(pending, &manifest)?;
+        Ok(manifest)
+    }
+
+    /// The second half of [`Cache::commit`], for an entry whose `out/` the caller has already
+    /// checked against `manifest` (commit hashed it; `goemo pull` verified every downloaded
+    /// file's blake3 and size): write the manifest, fsync, rename into place, write COMPLETE.
+    pub fn install(&self, pending: PendingEntry, manifest: &EntryManifest) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            manifest.key == pending.key,
+            "installing entry {}: its manifest is for key {}",
+            pending.key,
+            manifest.key
+        );
+        let mut bytes = serde_json::to_vec_pretty(manifest)?;
         bytes.push(b'\n');
         let manifest_path = pending.dir.join(MANIFEST);
         std::fs::write(&manifest_path, bytes)
@@ -336,7 +350,7 @@ impl Cache {
         sync_dir(&dest);
         let _ = std::fs::remove_dir_all(self.work_dir(&pending.key));
         std::mem::forget(pending); // renamed away: nothing for Drop to clean
-        Ok(manifest)
+        Ok(())
     }
 
     /// Stop the process groups of `command` stages that a killed run left running, recorded in

@@ -1,0 +1,242 @@
+//! A [`Remote`]: an object store opened from a [`RemoteUrl`], the layout goemo keeps in it, and
+//! the few operations push and pull need, each turning a store error into a [`RemoteError`]
+//! that names the remote (without credentials) and the object.
+//!
+//! ```text
+//! <prefix>/objects/<blake3 hex>    a file's bytes, stored once whatever entries hold it
+//! <prefix>/volatile/<key>.json     an entry's volatile/ files (rel → blake3, size), optional
+//! <prefix>/entries/<key>.json      the entry's manifest.json: written last, its commit point
+//! ```
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
+use object_store::local::LocalFileSystem;
+use object_store::path::Path as ObjectPath;
+use object_store::{
+    ClientConfigKey, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, RetryConfig,
+};
+
+use crate::error::{store_error, RemoteError};
+use crate::location::{Location, RemoteUrl};
+
+/// An opened remote: a store, the prefix goemo writes under, and the runtime that drives the
+/// store's futures.
+pub struct Remote {
+    pub(crate) store: Arc<dyn ObjectStore>,
+    prefix: String,
+    url: RemoteUrl,
+    pub(crate) runtime: tokio::runtime::Runtime,
+}
+
+/// How a conditional create ended.
+pub(crate) enum Created {
+    Yes,
+    AlreadyThere,
+}
+
+impl Remote {
+    /// Open the remote `url` names. A folder must exist (a typo, or a network mount that is not
+    /// mounted, must not quietly fill the local disk); an S3 store reads its credentials, region
+    /// and endpoint from the standard AWS environment only.
+    pub fn open(url: &RemoteUrl) -> Result<Remote, RemoteError> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .map_err(|e| RemoteError::Store {
+                url: url.shown().to_owned(),
+                op: "starting the I/O runtime for",
+                object: "the remote".into(),
+                detail: e.to_string(),
+                hint: "the system is out of threads or memory".into(),
+            })?;
+        let (store, prefix): (Arc<dyn ObjectStore>, String) = match &url.location {
+            Location::Folder(dir) => (Arc::new(open_folder(url, dir)?), String::new()),
+            Location::S3 { bucket, prefix } => (Arc::new(open_s3(url, bucket)?), prefix.clone()),
+        };
+        Ok(Remote {
+            store,
+            prefix,
+            url: url.clone(),
+            runtime,
+        })
+    }
+
+    /// The remote's URL as messages show it (no credentials).
+    pub fn url(&self) -> &str {
+        self.url.shown()
+    }
+
+    /// Where `rel` (`entries/<key>.json`, `objects/<hash>`) lives in the store.
+    pub(crate) fn path(&self, rel: &str) -> ObjectPath {
+        if self.prefix.is_empty() {
+            ObjectPath::from(rel)
+        } else {
+            ObjectPath::from(format!("{}/{rel}", self.prefix))
+        }
+    }
+
+    /// Fail early, with one clear message, when the remote cannot be reached or refuses the
+    /// credentials: a missing object is fine, anything else is an error.
+    pub fn probe(&self) -> Result<(), RemoteError> {
+        let rel = "entries/goemo-probe.json";
+        self.runtime.block_on(async {
+            match self.store.head(&self.path(rel)).await {
+                Ok(_) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+                Err(e) => Err(self.unreachable(rel, &e)),
+            }
+        })
+    }
+
+    /// The probe's error, with the likely fix when S3 had no credentials to use.
+    fn unreachable(&self, rel: &str, e: &object_store::Error) -> RemoteError {
+        let mut err = self.error("reaching", rel, e);
+        let s3 = matches!(self.url.location, Location::S3 { .. });
+        if let (true, false, RemoteError::Store { hint, .. }) =
+            (s3, aws_credentials_set(), &mut err)
+        {
+            *hint = "no AWS credentials are set in the environment, so the EC2/ECS instance metadata service was asked: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_WEB_IDENTITY_TOKEN_FILE and AWS_ROLE_ARN)".into();
+        }
+        err
+    }
+
+    pub(crate) fn error(
+        &self,
+        op: &'static str,
+        rel: &str,
+        e: &object_store::Error,
+    ) -> RemoteError {
+        store_error(self.url(), op, rel, e)
+    }
+
+    /// The bytes of a small object (a manifest, a record); `None` when it does not exist.
+    pub(crate) async fn get_small(&self, rel: &str) -> Result<Option<Bytes>, RemoteError> {
+        let got = match self.store.get(&self.path(rel)).await {
+            Ok(got) => got,
+            Err(object_store::Error::NotFound { .. }) => return Ok(None),
+            Err(e) => return Err(self.error("reading", rel, &e)),
+        };
+        got.bytes()
+            .await
+            .map(Some)
+            .map_err(|e| self.error("reading", rel, &e))
+    }
+
+    /// The object's size, or `None` when it does not exist.
+    pub(crate) async fn size_of(&self, rel: &str) -> Result<Option<u64>, RemoteError> {
+        match self.store.head(&self.path(rel)).await {
+            Ok(meta) => Ok(Some(meta.size)),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(self.error("checking", rel, &e)),
+        }
+    }
+
+    /// Create `rel` only if nobody has (`If-None-Match: *` on S3, a hard link on a folder).
+    pub(crate) async fn create(&self, rel: &str, bytes: Vec<u8>) -> Result<Created, RemoteError> {
+        let opts = PutOptions::from(PutMode::Create);
+        match self
+            .store
+            .put_opts(&self.path(rel), PutPayload::from(bytes), opts)
+            .await
+        {
+            Ok(_) => Ok(Created::Yes),
+            Err(object_store::Error::AlreadyExists { .. })
+            | Err(object_store::Error::Precondition { .. }) => Ok(Created::AlreadyThere),
+            Err(e) => Err(self.error("creating", rel, &e)),
+        }
+    }
+}
+
+fn open_folder(url: &RemoteUrl, dir: &std::path::Path) -> Result<LocalFileSystem, RemoteError> {
+    if !dir.is_dir() {
+        return Err(RemoteError::BadUrl {
+            origin: "remote".into(),
+            shown: url.shown().to_owned(),
+            why: "is not an existing folder".into(),
+            hint: format!(
+                "create it (mkdir -p {}) or, for a network folder, mount it first",
+                dir.display()
+            ),
+        });
+    }
+    LocalFileSystem::new_with_prefix(dir)
+        .map_err(|e| store_error(url.shown(), "opening", "the folder", &e))
+}
+
+fn open_s3(url: &RemoteUrl, bucket: &str) -> Result<object_store::aws::AmazonS3, RemoteError> {
+    // Credentials, region and endpoint from AWS_* variables (AWS_ENDPOINT_URL or AWS_ENDPOINT
+    // for an S3-compatible server); web identity and instance metadata when those are unset.
+    let mut b = AmazonS3Builder::from_env().with_bucket_name(bucket);
+    let endpoint = b.get_config_value(&AmazonS3ConfigKey::Endpoint);
+    if endpoint.as_deref().is_some_and(is_loopback_http) {
+        b = b.with_allow_http(true);
+    }
+    let connect_timeout = AmazonS3ConfigKey::Client(ClientConfigKey::ConnectTimeout);
+    if b.get_config_value(&connect_timeout).is_none() {
+        b = b.with_config(connect_timeout, "5s");
+    }
+    // A wrong endpoint fails within seconds, not after the default three minutes of retries.
+    let retry = RetryConfig {
+        max_retries: 3,
+        retry_timeout: Duration::from_secs(30),
+        ..Default::default()
+    };
+    b.with_retry(retry)
+        .build()
+        .map_err(|e| store_error(url.shown(), "opening", "the bucket", &e))
+}
+
+/// Whether the environment names credentials (static keys, web identity or a container's).
+fn aws_credentials_set() -> bool {
+    [
+        "AWS_ACCESS_KEY_ID",
+        "AWS_WEB_IDENTITY_TOKEN_FILE",
+        "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+        "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+    ]
+    .iter()
+    .any(|v| std::env::var_os(v).is_some_and(|x| !x.is_empty()))
+}
+
+/// `http://127.0.0.1:9000`, `http://localhost:…`, `http://[::1]:…`: plain HTTP is allowed
+/// only to this machine (AWS_ALLOW_HTTP=true allows it elsewhere).
+fn is_loopback_http(endpoint: &str) -> bool {
+    let Ok(u) = url::Url::parse(endpoint) else {
+        return false;
+    };
+    u.scheme() == "http"
+        && match u.host() {
+            Some(url::Host::Domain(d)) => d == "localhost",
+            Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+            Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+            None => false,
+        }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plain_http_only_to_this_machine() {
+        assert!(is_loopback_http("http://127.0.0.1:9000"));
+        assert!(is_loopback_http("http://localhost:9000/"));
+        assert!(is_loopback_http("http://[::1]:9000"));
+        assert!(!is_loopback_http("http://minio.internal:9000"));
+        assert!(!is_loopback_http("https://127.0.0.1:9000"));
+    }
+
+    #[test]
+    fn a_missing_folder_is_refused_with_the_fix() {
+        let d = tempfile::tempdir().unwrap();
+        let gone = d.path().join("nope");
+        let url = RemoteUrl::parse(&format!("file://{}", gone.display()), "x").unwrap();
+        let e = Remote::open(&url).err().unwrap().to_string();
+        assert!(e.contains("is not an existing folder"), "{e}");
+        assert!(e.contains(&format!("mkdir -p {}", gone.display())), "{e}");
+        assert!(!gone.exists());
+    }
+}
