@@ -459,3 +459,43 @@ fn a_push_killed_at_any_moment_leaves_no_entry_a_reader_uses() {
         std::fs::read(a.file("cache/entries").join(&key).join("out/weights.bin")).unwrap()
     );
 }
+
+/// `goemo run --remote read-write` pushes what it built; a fresh clone's plain `goemo run
+/// --locked` (a remote configured: read by default) pulls what it lacks, layer by layer, and
+/// runs nothing; `--remote off` ignores the remote.
+#[test]
+fn run_reads_and_writes_the_shared_cache() {
+    let remote = tempfile::tempdir().unwrap();
+    let env = [("GOEMO_REMOTE", url(remote.path()))];
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let a = project();
+    ok(&a, &["run", "--remote", "read-write"], &env);
+    assert_eq!(a.ran(), ["fit", "prep"]);
+    assert!(remote
+        .path()
+        .join("entries")
+        .join(format!("{}.json", locked_key(&a, "fit")))
+        .is_file());
+
+    let b = clone_of(&a);
+    let r = ok(&b, &["run", "--locked"], &env);
+    assert!(
+        b.ran().is_empty(),
+        "nothing runs: {:?}\n{}",
+        b.ran(),
+        r.all()
+    );
+    assert!(
+        r.stderr.contains("fit: pulled from the shared cache"),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(b.read("outputs/model"), a.read("outputs/model"));
+
+    let c = clone_of(&a);
+    ok(&c, &["run", "--remote", "off"], &env);
+    assert_eq!(c.ran(), ["fit", "prep"], "--remote off builds everything");
+    let r = goemo(&c, &["run", "--remote", "read"], &[]);
+    assert_eq!(r.code, 2, "{}", r.all());
+    assert!(r.stderr.contains("--remote"), "{}", r.stderr);
+}

@@ -132,6 +132,18 @@ pub struct RunArgs {
     /// Fail at once if another goemo run holds the project, instead of waiting.
     #[arg(long)]
     pub no_wait: bool,
+    /// The shared cache (GOEMO_REMOTE, or `remote:` in goemo.yaml): `read` pulls the entries
+    /// this run needs and lacks before running; `read-write` also pushes what it built
+    /// [default: read when a remote is configured, else off].
+    #[arg(long, value_enum, value_name = "MODE")]
+    pub remote: Option<RemoteMode>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum RemoteMode {
+    Off,
+    Read,
+    ReadWrite,
 }
 
 #[derive(clap::Args)]

@@ -9,6 +9,7 @@ mod plots;
 mod predict;
 mod remote;
 mod run;
+mod run_remote;
 pub mod shell;
 mod status;
 

@@ -22,6 +22,14 @@ pub fn run(args: RunArgs, quiet: bool) -> anyhow::Result<ExitCode> {
             &|line| eprintln!("{line}"),
         )?)
     };
+    let remote = if args.dry_run {
+        None
+    } else {
+        super::run_remote::open(&p, args.remote)?
+    };
+    if let Some((r, _)) = &remote {
+        super::run_remote::pull_missing(&p, r)?;
+    }
     let engine = Engine::new(&p, !args.verify)?;
     install_interrupt_handler()?;
     let jobs = args.jobs.unwrap_or_else(|| {
@@ -50,6 +58,9 @@ pub fn run(args: RunArgs, quiet: bool) -> anyhow::Result<ExitCode> {
     }
     if !opts.dry_run && !quiet {
         print_summary(&report.results);
+    }
+    if let Some((r, super::args::RemoteMode::ReadWrite)) = &remote {
+        super::run_remote::push_done(&p, r, &report)?;
     }
     let failed: Vec<&str> = report
         .results

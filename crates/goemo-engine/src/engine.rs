@@ -276,6 +276,25 @@ impl<'p> Engine<'p> {
         Ok(rows)
     }
 
+    /// Stages whose key is known (every upstream's outputs are) but whose entry is not usable
+    /// here: what a remote cache could supply before the run. Stages below one of them are not
+    /// listed, since their keys depend on its outputs; calling again after fetching some finds
+    /// the next layer.
+    pub fn missing_entries(&self) -> anyhow::Result<Vec<(String, String)>> {
+        let n = self.pipeline.stages.len();
+        let mut known: Vec<Option<Arc<EntryManifest>>> = vec![None; n];
+        let mut missing = Vec::new();
+        for i in 0..n {
+            if let Assessed::Known(a) = self.assess(i, &|u| known[u].clone())? {
+                match a.lookup {
+                    Lookup::Hit(m) => known[i] = Some(Arc::new(*m)),
+                    _ => missing.push((self.pipeline.stages[i].name.clone(), a.key)),
+                }
+            }
+        }
+        Ok(missing)
+    }
+
     /// `goemo run`: plan, run what must run (up to `jobs` at once), publish, write the lock.
     pub fn run(&self, opts: &RunOptions, reporter: &dyn Reporter) -> anyhow::Result<RunReport> {
         let p = self.pipeline;
