@@ -133,7 +133,7 @@ impl<'p> Engine<'p> {
     /// pipeline.lock or outputs/.
     pub fn for_experiment(pipeline: &'p Pipeline, dir: &Path) -> anyhow::Result<Self> {
         let mut engine = Engine::new(pipeline, true)?;
-        engine.lock_path = dir.join(crate::experiment::LOCK_FILE);
+        engine.lock_path = dir.join(crate::reserved::EXPERIMENT_LOCK);
         engine.outputs_dir = dir.join("outputs");
         engine.publish_mode = PublishMode::Link;
         Ok(engine)

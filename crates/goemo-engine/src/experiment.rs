@@ -32,7 +32,7 @@ use crate::sweep::Member;
 
 pub const DIR: &str = "experiments";
 pub const RECORD_FILE: &str = "experiment.json";
-pub const LOCK_FILE: &str = "pipeline.lock";
+pub use crate::reserved::EXPERIMENT_LOCK as LOCK_FILE;
 /// The name that means pipeline.lock and outputs/ in `exp diff` and `plots diff`.
 pub const BASELINE: &str = "baseline";
 

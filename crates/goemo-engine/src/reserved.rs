@@ -18,3 +18,7 @@ pub fn is_leftover_name(name: &str) -> bool {
         })
     })
 }
+
+/// An experiment's own lock file, in `experiments/<name>/` (written by the engine, read by
+/// `exp apply` and `exp diff`).
+pub const EXPERIMENT_LOCK: &str = "pipeline.lock";
