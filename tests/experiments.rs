@@ -367,3 +367,59 @@ fn random_search_and_sweep_files_name_members_stably() {
     assert_eq!(a.stdout.lines().count(), 3);
     assert!(a.stdout.starts_with("sweep-"), "{}", a.stdout);
 }
+
+/// Two workers (`--shard 0/2`, `--shard 1/2`, as a Slurm array or an Indexed Job runs them)
+/// started at once split a 4-member sweep: every member recorded once, the shared upstream
+/// built once; a bad shard is exit 2.
+#[test]
+fn shards_split_a_sweep_between_workers() {
+    let p = Project::new(PIPELINE);
+    let spawn = |shard: &str| {
+        p.command(&[GRID, &["--shard", shard]].concat())
+            .env_remove("SLURM_ARRAY_TASK_ID")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let (a, b) = (spawn("0/2"), spawn("1/2"));
+    let (a, b) = (a.wait_with_output().unwrap(), b.wait_with_output().unwrap());
+    for o in [&a, &b] {
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    assert!(
+        String::from_utf8_lossy(&a.stdout).contains("g-1 ")
+            && String::from_utf8_lossy(&a.stdout).contains("g-3 ")
+    );
+    assert!(
+        String::from_utf8_lossy(&b.stdout).contains("g-2 ")
+            && String::from_utf8_lossy(&b.stdout).contains("g-4 ")
+    );
+    assert_eq!(
+        p.ran(),
+        ["fit-2-4", "fit-2-5", "fit-3-4", "fit-3-5", "prep"]
+    );
+    let r = p.goemo(&["exp", "show", "--json", "--no-baseline"]);
+    let rows: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(rows.as_array().unwrap().len(), 4);
+    // Slurm's variables pick the shard when no flag does (ids counted from the array's first).
+    let r = p
+        .command(&[GRID, &["--dry-run"]].concat())
+        .env("SLURM_ARRAY_TASK_ID", "4")
+        .env("SLURM_ARRAY_TASK_MIN", "1")
+        .env("SLURM_ARRAY_TASK_COUNT", "4")
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&r.stdout),
+        "g-4  prep.vars.v=1 fit.vars.lr=3 fit.vars.depth=5\n"
+    );
+    assert!(String::from_utf8_lossy(&r.stderr).contains("shard 3/4: 1 member(s)"));
+    let r = p.goemo(&[GRID, &["--shard", "2/2"]].concat());
+    assert_eq!(r.code, 2, "{}", r.all());
+    assert!(
+        r.stderr.contains("--shard 2/2: I must be below N"),
+        "{}",
+        r.stderr
+    );
+}

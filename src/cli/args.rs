@@ -265,6 +265,11 @@ pub struct ExpRunArgs {
     /// Check every member's params and print the members; run nothing.
     #[arg(long, short = 'n')]
     pub dry_run: bool,
+    /// Run only members I, I+N, I+2N, … (0-based) of the sweep: one worker of N (a Slurm array
+    /// task, a Kubernetes Indexed Job pod) [default: SLURM_ARRAY_TASK_ID/SLURM_ARRAY_TASK_COUNT
+    /// when Slurm sets them, else every member].
+    #[arg(long, value_name = "I/N")]
+    pub shard: Option<String>,
 }
 
 #[derive(clap::Args)]

@@ -25,6 +25,48 @@ pub fn dispatch(cmd: ExpCommand) -> anyhow::Result<ExitCode> {
     }
 }
 
+/// `--shard I/N`, else Slurm's array task id and count; `None`: every member.
+fn shard(
+    flag: Option<&str>,
+    file: &std::path::Path,
+) -> Result<Option<(usize, usize)>, ConfigError> {
+    let (text, origin) = match flag {
+        Some(t) => (t.to_owned(), "--shard"),
+        None => match (
+            std::env::var("SLURM_ARRAY_TASK_ID"),
+            std::env::var("SLURM_ARRAY_TASK_COUNT"),
+        ) {
+            (Ok(id), Ok(count)) => {
+                // Array ids need not start at 0 (`--array=1-4`): count from the first.
+                let min: usize = std::env::var("SLURM_ARRAY_TASK_MIN")
+                    .ok()
+                    .and_then(|m| m.parse().ok())
+                    .unwrap_or(0);
+                let id: usize = id.parse().unwrap_or(usize::MAX);
+                (
+                    format!("{}/{count}", id.saturating_sub(min)),
+                    "SLURM_ARRAY_TASK_ID/COUNT",
+                )
+            }
+            _ => return Ok(None),
+        },
+    };
+    let bad = |why: &str| {
+        ConfigError::new(file, format!("{origin} {text}: {why}")).hint(
+            "give the worker's index and the number of workers, e.g. --shard 0/4 … --shard 3/4",
+        )
+    };
+    let (i, n) = text.split_once('/').ok_or_else(|| bad("expected I/N"))?;
+    let (i, n): (usize, usize) = match (i.trim().parse(), n.trim().parse()) {
+        (Ok(i), Ok(n)) => (i, n),
+        _ => return Err(bad("I and N must be whole numbers")),
+    };
+    if n == 0 || i >= n {
+        return Err(bad("I must be below N, and N above 0"));
+    }
+    Ok(Some((i, n)))
+}
+
 /// The sweep the flags (and `--sweep FILE`) describe, and its name if one was given.
 fn spec(args: &ExpRunArgs) -> Result<(Option<String>, SweepSpec), ConfigError> {
     let file = &args.pipeline.pipeline;
@@ -69,7 +111,20 @@ fn run(args: ExpRunArgs) -> anyhow::Result<ExitCode> {
         )
     };
     let registry = goemo_stages::registry();
-    let planned = experiment::plan(&file, &registry, named)?;
+    let mut planned = experiment::plan(&file, &registry, named)?;
+    if let Some((index, count)) = shard(args.shard.as_deref(), &file)? {
+        // Every member was checked above; this worker runs its share.
+        planned = planned
+            .into_iter()
+            .enumerate()
+            .filter(|(i, _)| i % count == index)
+            .map(|(_, p)| p)
+            .collect();
+        eprintln!("shard {index}/{count}: {} member(s)", planned.len());
+        if planned.is_empty() {
+            return Ok(ExitCode::SUCCESS);
+        }
+    }
     if args.dry_run {
         for p in &planned {
             println!("{}  {}", p.name, p.member.set.join(" "));
