@@ -18,11 +18,18 @@ if ! command -v slurmctld >/dev/null || ! command -v munged >/dev/null; then
 fi
 
 work="$(mktemp -d)"
-pids=()
 stop() {
-    for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-    for f in "$work"/*.pid; do [ -f "$f" ] && kill "$(cat "$f")" 2>/dev/null || true; done
-    sleep 1
+    local daemons=()
+    for f in "$work"/*.pid; do [ -f "$f" ] && daemons+=("$(cat "$f")"); done
+    for pid in "${daemons[@]}"; do kill "$pid" 2>/dev/null || true; done
+    # Wait for them to go (10 s at most), then make sure.
+    for _ in $(seq 50); do
+        alive=0
+        for pid in "${daemons[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
+        [ "$alive" = 0 ] && break
+        sleep 0.2
+    done
+    for pid in "${daemons[@]}"; do kill -9 "$pid" 2>/dev/null || true; done
     rm -rf "$work"
 }
 trap stop EXIT
