@@ -499,3 +499,57 @@ fn run_reads_and_writes_the_shared_cache() {
     assert_eq!(r.code, 2, "{}", r.all());
     assert!(r.stderr.contains("--remote"), "{}", r.stderr);
 }
+
+/// A sweep run with `--remote read-write` pushes its members' entries and records; a third
+/// folder's `goemo exp pull` then lists every member in `exp show`, and `run --remote read`
+/// with a member's params (applied) pulls instead of building.
+#[test]
+fn experiment_records_travel_through_the_remote() {
+    let remote = tempfile::tempdir().unwrap();
+    let env = [("GOEMO_REMOTE", url(remote.path()))];
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let a = project();
+    ok(&a, &["run"], &[]);
+    let sweep = [
+        "exp",
+        "run",
+        "--name",
+        "w",
+        "--set",
+        "fit.vars.x=1,2",
+        "--remote",
+        "read-write",
+    ];
+    let r = ok(&a, &sweep, &env);
+    assert!(
+        r.stderr.contains("pushed 2 experiment record(s)"),
+        "{}",
+        r.stderr
+    );
+
+    let c = clone_of(&a);
+    let r = ok(&c, &["exp", "pull"], &env);
+    assert!(
+        r.stdout.contains("pulled 2 experiment record(s)"),
+        "{}",
+        r.stdout
+    );
+    let r = ok(&c, &["exp", "show", "--json", "--no-baseline"], &[]);
+    let rows: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    let names: Vec<&str> = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["w-1", "w-2"]);
+    assert_eq!(rows[1]["params"]["fit.vars.x"], "2");
+    assert_eq!(
+        c.read("experiments/w-2/pipeline.lock"),
+        a.read("experiments/w-2/pipeline.lock")
+    );
+    // The member's entries are on the remote: running its params pulls them, builds nothing.
+    let _ = std::fs::remove_file(c.file("ran.log"));
+    ok(&c, &["run", "--set", "fit.vars.x=2"], &env);
+    assert!(c.ran().is_empty(), "{:?}", c.ran());
+}

@@ -236,6 +236,19 @@ pub enum ExpCommand {
     Apply(ExpApplyArgs),
     /// Remove experiments (their records and outputs; cache entries go at the next `goemo gc`).
     Remove(ExpRemoveArgs),
+    /// Upload experiments' records and cache entries to the shared cache (default: all here).
+    Push(ExpSyncArgs),
+    /// Download the records of experiments run elsewhere (default: all on the remote), so
+    /// `exp show` lists them; their entries come with `goemo pull` or `run --remote`.
+    Pull(ExpSyncArgs),
+}
+
+#[derive(clap::Args)]
+pub struct ExpSyncArgs {
+    #[command(flatten)]
+    pub pipeline: PipelineArg,
+    /// Experiment names.
+    pub names: Vec<String>,
 }
 
 #[derive(clap::Args)]
@@ -270,6 +283,10 @@ pub struct ExpRunArgs {
     /// when Slurm sets them, else every member].
     #[arg(long, value_name = "I/N")]
     pub shard: Option<String>,
+    /// `read-write`: push each member's entries and record to the shared cache afterwards, so
+    /// `goemo exp pull` + `exp show` on any machine lists them [default: off].
+    #[arg(long, value_enum, value_name = "MODE")]
+    pub remote: Option<RemoteMode>,
 }
 
 #[derive(clap::Args)]

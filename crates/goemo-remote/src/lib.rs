@@ -23,6 +23,7 @@ pub mod error;
 pub mod location;
 pub mod pull;
 pub mod push;
+pub mod records;
 pub mod store;
 pub mod transfer;
 

@@ -4,6 +4,7 @@
 
 mod apply;
 mod show;
+mod sync;
 
 use std::process::ExitCode;
 
@@ -12,7 +13,7 @@ use goemo_engine::error::{ConfigError, Interrupted};
 use goemo_engine::experiment::{self, ExpContext, Status};
 use goemo_engine::sweep::{self, SweepSpec};
 
-use super::args::{ExpCommand, ExpRunArgs};
+use super::args::{ExpCommand, ExpRunArgs, RemoteMode};
 use super::shell::Shell;
 
 pub fn dispatch(cmd: ExpCommand) -> anyhow::Result<ExitCode> {
@@ -22,6 +23,8 @@ pub fn dispatch(cmd: ExpCommand) -> anyhow::Result<ExitCode> {
         ExpCommand::Diff(args) => show::diff(args),
         ExpCommand::Apply(args) => apply::apply(args),
         ExpCommand::Remove(args) => apply::remove(args),
+        ExpCommand::Push(args) => sync::push(args),
+        ExpCommand::Pull(args) => sync::pull(args),
     }
 }
 
@@ -132,6 +135,13 @@ fn run(args: ExpRunArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     let root = planned[0].pipeline.root.clone();
+    // A remote that cannot be used fails before anything runs.
+    let remote = match args.remote {
+        Some(RemoteMode::ReadWrite) => {
+            super::run_remote::open(&planned[0].pipeline, args.remote)?.map(|(r, _)| r)
+        }
+        _ => None,
+    };
     experiment::clean_leftovers(&root);
     super::run::install_interrupt_handler()?;
     let jobs = args.jobs.unwrap_or_else(|| {
@@ -155,6 +165,22 @@ fn run(args: ExpRunArgs) -> anyhow::Result<ExitCode> {
     };
     // Each member's lines carry its name through a tracing span (`exp{name=lr-2}: …`).
     let results = experiment::run_all(&ctx, &planned, &|_| Box::new(Shell));
+    if let Some(remote) = &remote {
+        let done: Vec<String> = results
+            .iter()
+            .filter(|r| {
+                r.record
+                    .as_ref()
+                    .is_some_and(|rec| rec.status == Status::Done)
+            })
+            .map(|r| r.name.clone())
+            .collect();
+        let n = sync::push_names(&planned[0].pipeline, remote, &done)?;
+        eprintln!(
+            "pushed {n} experiment record(s) and their entries to {}",
+            remote.url()
+        );
+    }
     print_results(&results)
 }
 
