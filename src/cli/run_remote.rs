@@ -8,7 +8,7 @@ use goemo_engine::cache::Cache;
 use goemo_engine::engine::{Engine, RunReport};
 use goemo_engine::error::ConfigError;
 use goemo_engine::pipeline::Pipeline;
-use goemo_remote::{Options, Outcome, Progress, Remote, Wanted};
+use goemo_remote::{Options, Outcome, Progress, Remote, RemoteError, Wanted};
 
 use super::args::RemoteMode;
 
@@ -18,16 +18,15 @@ pub fn open(
     p: &Pipeline,
     mode: Option<RemoteMode>,
 ) -> anyhow::Result<Option<(Remote, RemoteMode)>> {
-    let configured =
-        std::env::var_os("GOEMO_REMOTE").is_some() || p.root.join("goemo.yaml").is_file();
-    let mode = match mode {
-        Some(RemoteMode::Off) => return Ok(None),
-        Some(m) => m,
-        None if configured => RemoteMode::Read,
-        None => return Ok(None),
-    };
-    let remote = goemo_remote::resolve(&p.root, None).and_then(|url| Remote::open(&url));
-    match remote {
+    if mode == Some(RemoteMode::Off) {
+        return Ok(None);
+    }
+    let url = goemo_remote::resolve(&p.root, None);
+    if mode.is_none() && matches!(url, Err(RemoteError::NotConfigured { .. })) {
+        return Ok(None);
+    }
+    let mode = mode.unwrap_or(RemoteMode::Read);
+    match url.and_then(|url| Remote::open(&url)) {
         Ok(r) => Ok(Some((r, mode))),
         Err(e) => Err(ConfigError::new(&p.file, format!("--remote: {e}"))
             .hint("set GOEMO_REMOTE or `remote:` in goemo.yaml, or run with --remote off")

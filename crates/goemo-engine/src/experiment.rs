@@ -378,15 +378,9 @@ fn overridden_params(pipeline: &Pipeline, member: &Member) -> BTreeMap<String, s
         let Some((name, _)) = set.split_once('=') else {
             continue;
         };
-        let mut parts = name.split('.');
-        let Some(def) = parts.next().and_then(|s| pipeline.get(s)) else {
-            continue;
-        };
-        let mut v = &def.params;
-        for part in parts {
-            v = v.get(part).unwrap_or(&serde_json::Value::Null);
+        if let Some(v) = pipeline.param(name) {
+            out.insert(name.to_owned(), v.clone());
         }
-        out.insert(name.to_owned(), v.clone());
     }
     out
 }

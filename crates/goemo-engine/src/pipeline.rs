@@ -86,6 +86,15 @@ impl Pipeline {
         })
     }
 
+    /// The resolved value of a dotted param (`train.lr`, `fit.vars.x`): `None` when no stage
+    /// has that name, `Null` when its params hold no such key.
+    pub fn param(&self, dotted: &str) -> Option<&serde_json::Value> {
+        static NULL: serde_json::Value = serde_json::Value::Null;
+        let mut parts = dotted.split('.');
+        let def = self.get(parts.next()?)?;
+        Some(parts.fold(&def.params, |v, part| v.get(part).unwrap_or(&NULL)))
+    }
+
     pub fn names(&self) -> Vec<&str> {
         self.stages.iter().map(|s| s.name.as_str()).collect()
     }

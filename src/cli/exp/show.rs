@@ -72,15 +72,8 @@ fn baseline_row(engine: &Engine<'_>, params: &BTreeSet<String>) -> Row {
     let p = engine.pipeline;
     let mut values = BTreeMap::new();
     for name in params {
-        let mut parts = name.split('.');
-        if let Some(def) = parts.next().and_then(|s| p.get(s)) {
-            let mut v = &def.params;
-            for part in parts {
-                v = v.get(part).unwrap_or(&Value::Null);
-            }
-            if !v.is_null() {
-                values.insert(name.clone(), value_text(v));
-            }
+        if let Some(v) = p.param(name).filter(|v| !v.is_null()) {
+            values.insert(name.clone(), value_text(v));
         }
     }
     let train_s = engine
