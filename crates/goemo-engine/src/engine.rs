@@ -248,26 +248,44 @@ impl<'p> Engine<'p> {
         })))
     }
 
-    /// `goemo status`: each stage fresh or stale and why, without running anything.
-    pub fn status(&self) -> anyhow::Result<Vec<(String, bool, String)>> {
+    /// Every stage's assessment in pipeline order, each cached upstream's outputs giving its
+    /// downstream keys: what `status` and `missing_entries` read.
+    fn assess_all(&self) -> anyhow::Result<Vec<Assessed>> {
         let n = self.pipeline.stages.len();
         let mut known: Vec<Option<Arc<EntryManifest>>> = vec![None; n];
-        let mut rows = Vec::new();
+        let mut all = Vec::with_capacity(n);
         for i in 0..n {
-            let name = self.pipeline.stages[i].name.clone();
-            match self.assess(i, &|u| known[u].clone())? {
+            let a = self.assess(i, &|u| known[u].clone())?;
+            if let Assessed::Known(a) = &a {
+                if let Lookup::Hit(m) = &a.lookup {
+                    known[i] = Some(Arc::new((**m).clone()));
+                }
+            }
+            all.push(a);
+        }
+        Ok(all)
+    }
+
+    /// `goemo status`: each stage fresh or stale and why, without running anything.
+    pub fn status(&self) -> anyhow::Result<Vec<(String, bool, String)>> {
+        let mut rows = Vec::new();
+        for (def, assessed) in self.pipeline.stages.iter().zip(self.assess_all()?) {
+            let name = def.name.clone();
+            match assessed {
                 Assessed::Blocked(reason) => rows.push((name, false, reason.to_string())),
                 Assessed::Known(a) => {
                     let reasons = join_reasons(&a.reasons);
                     match a.lookup {
-                        Lookup::Hit(m) => {
-                            known[i] = Some(Arc::new(*m));
-                            if a.reasons.is_empty() {
-                                rows.push((name, true, "fresh".into()));
-                            } else {
-                                rows.push((name, false, format!("{reasons} (in the cache: `goemo run` restores it without running)")));
-                            }
+                        Lookup::Hit(_) if a.reasons.is_empty() => {
+                            rows.push((name, true, "fresh".into()))
                         }
+                        Lookup::Hit(_) => rows.push((
+                            name,
+                            false,
+                            format!(
+                                "{reasons} (in the cache: `goemo run` restores it without running)"
+                            ),
+                        )),
                         _ => rows.push((name, false, reasons)),
                     }
                 }
@@ -281,14 +299,11 @@ impl<'p> Engine<'p> {
     /// listed, since their keys depend on its outputs; calling again after fetching some finds
     /// the next layer.
     pub fn missing_entries(&self) -> anyhow::Result<Vec<(String, String)>> {
-        let n = self.pipeline.stages.len();
-        let mut known: Vec<Option<Arc<EntryManifest>>> = vec![None; n];
         let mut missing = Vec::new();
-        for i in 0..n {
-            if let Assessed::Known(a) = self.assess(i, &|u| known[u].clone())? {
-                match a.lookup {
-                    Lookup::Hit(m) => known[i] = Some(Arc::new(*m)),
-                    _ => missing.push((self.pipeline.stages[i].name.clone(), a.key)),
+        for (def, assessed) in self.pipeline.stages.iter().zip(self.assess_all()?) {
+            if let Assessed::Known(a) = assessed {
+                if !matches!(a.lookup, Lookup::Hit(_)) {
+                    missing.push((def.name.clone(), a.key));
                 }
             }
         }
