@@ -353,51 +353,64 @@ impl Cache {
         Ok(())
     }
 
-    /// Stop the process groups of `command` stages that a killed run left running, recorded in
-    /// their work folders. A work folder whose key a live build holds is that build's: skipped.
-    pub fn stop_leftover_commands(&self) -> anyhow::Result<()> {
-        if let Ok(rd) = std::fs::read_dir(self.root.join("work")) {
-            for e in rd.flatten() {
-                let name = e.file_name().to_string_lossy().into_owned();
-                let Some(_held) = EntryLock::try_acquire(&self.root, key_of(&name)) else {
-                    continue;
-                };
-                goemo_stage::process::stop_leftover_group(&e.path())?;
+    /// Call `f` with each item of `cache/<sub>/` whose key no live build holds, while holding
+    /// that key's build lock (so no run starts building it meanwhile). `key` maps an item's
+    /// name to its key; items it rejects are skipped.
+    fn for_each_unheld<E>(
+        &self,
+        sub: &str,
+        key: fn(&str) -> Option<&str>,
+        mut f: impl FnMut(&Path, &str) -> Result<(), E>,
+    ) -> Result<(), E> {
+        let Ok(rd) = std::fs::read_dir(self.root.join(sub)) else {
+            return Ok(());
+        };
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Some(k) = key(&name) else { continue };
+            if let Some(_held) = EntryLock::try_acquire(&self.root, k) {
+                f(&e.path(), k)?;
             }
         }
         Ok(())
     }
 
+    /// Stop the process groups of `command` stages that a killed run left running, recorded in
+    /// their work folders. A work folder whose key a live build holds is that build's: skipped.
+    pub fn stop_leftover_commands(&self) -> anyhow::Result<()> {
+        self.for_each_unheld(
+            "work",
+            |n| Some(key_of(n)),
+            |path, _| goemo_stage::process::stop_leftover_group(path),
+        )
+    }
+
     /// Remove the temp folders that killed or failed runs abandoned; a folder whose key a live
     /// build holds (another run in this project) is left alone.
     pub fn clean_tmp(&self) {
-        if let Ok(rd) = std::fs::read_dir(self.root.join("tmp")) {
-            for e in rd.flatten() {
-                let name = e.file_name().to_string_lossy().into_owned();
-                if let Some(_held) = EntryLock::try_acquire(&self.root, key_of(&name)) {
-                    let _ = std::fs::remove_dir_all(e.path());
-                }
-            }
-        }
+        // One folder that will not go does not stop the others (the next run tries again).
+        let _ = self.for_each_unheld(
+            "tmp",
+            |n| Some(key_of(n)),
+            |path, _| {
+                let _ = std::fs::remove_dir_all(path);
+                Ok::<(), ()>(())
+            },
+        );
     }
 
     /// Remove the build-lock files of keys not in `keep` that no live build holds.
     fn clean_locks(&self, keep: &HashSet<String>) {
-        let Ok(rd) = std::fs::read_dir(self.root.join("locks")) else {
-            return;
-        };
-        for e in rd.flatten() {
-            let name = e.file_name().to_string_lossy().into_owned();
-            let Some(key) = name.strip_suffix(".lock") else {
-                continue;
-            };
-            if keep.contains(key) {
-                continue;
-            }
-            if let Some(_held) = EntryLock::try_acquire(&self.root, key) {
-                let _ = std::fs::remove_file(e.path());
-            }
-        }
+        let _ = self.for_each_unheld(
+            "locks",
+            |n| n.strip_suffix(".lock"),
+            |path, key| {
+                if !keep.contains(key) {
+                    let _ = std::fs::remove_file(path);
+                }
+                Ok::<(), ()>(())
+            },
+        );
     }
 
     /// Keys of all entries on disk.
