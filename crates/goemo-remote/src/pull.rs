@@ -5,9 +5,6 @@
 //! match is the entry installed (fsync, rename, COMPLETE written last). A damaged object, an
 //! interrupted pull or a killed process leaves nothing under `cache/entries/`.
 
-use std::time::Instant;
-
-use futures::StreamExt;
 use goemo_engine::cache::{Cache, Lookup};
 use goemo_engine::entrylock::EntryLock;
 use tokio::sync::Semaphore;
@@ -15,8 +12,8 @@ use tokio::sync::Semaphore;
 use crate::error::RemoteError;
 use crate::store::Remote;
 use crate::transfer::{
-    check_files, check_manifest, download, move_all, Ctx, EntryReport, Item, Options, Outcome,
-    Progress, Report, VolatileRecord, Wanted,
+    check_files, check_manifest, download, each_entry, move_all, Ctx, EntryReport, Item, Options,
+    Outcome, Progress, Report, VolatileRecord, Wanted,
 };
 
 /// Pull the entries `wanted` names from `remote` into `cache`. An error is returned only when
@@ -28,35 +25,14 @@ pub fn pull(
     opts: &Options,
     progress: &dyn Fn(Progress<'_>),
 ) -> Result<Report, RemoteError> {
-    remote.probe()?;
-    let _gc = crate::push::gc_lock(cache, progress)?;
-    let start = Instant::now();
-    let sem = Semaphore::new(opts.jobs.max(1));
-    let mut entries = remote.runtime.block_on(
-        futures::stream::iter(wanted.iter().enumerate())
-            .map(|(i, w)| {
-                let sem = &sem;
-                async move {
-                    let ctx = Ctx {
-                        stage: &w.stage,
-                        key: &w.key,
-                        progress,
-                    };
-                    let mut report = EntryReport::new(w);
-                    let outcome = pull_entry(remote, cache, sem, &ctx, &mut report).await;
-                    report.outcome = outcome.unwrap_or_else(Outcome::Failed);
-                    progress(Progress::Entry(&report));
-                    (i, report)
-                }
-            })
-            .buffer_unordered(opts.jobs.max(1))
-            .collect::<Vec<_>>(),
-    );
-    entries.sort_by_key(|(i, _)| *i);
-    Ok(Report {
-        entries: entries.into_iter().map(|(_, r)| r).collect(),
-        elapsed: start.elapsed(),
-    })
+    each_entry(
+        remote,
+        cache,
+        wanted,
+        opts,
+        progress,
+        async |sem, ctx, report| pull_entry(remote, cache, sem, ctx, report).await,
+    )
 }
 
 async fn pull_entry(

@@ -3,9 +3,6 @@
 //! manifest with a conditional create, so the manifest appears only once everything it names is
 //! there, and of two pushers of one key exactly one writes it.
 
-use std::time::Instant;
-
-use futures::StreamExt;
 use goemo_engine::cache::{Cache, EntryManifest, Lookup, MANIFEST};
 use goemo_engine::entrylock::GcLock;
 use goemo_engine::hashing::{hash_file_contents, list_files, rel_string, FileDigest};
@@ -14,8 +11,8 @@ use tokio::sync::Semaphore;
 use crate::error::RemoteError;
 use crate::store::{Created, Remote};
 use crate::transfer::{
-    move_all, upload, Ctx, EntryReport, Item, ObjectGates, Options, Outcome, Progress, Report,
-    VolatileRecord, Wanted,
+    each_entry, move_all, upload, Ctx, EntryReport, Item, ObjectGates, Options, Outcome, Progress,
+    Report, VolatileRecord, Wanted,
 };
 
 /// Push the entries `wanted` names from `cache` to `remote`. An error is returned only when
@@ -27,38 +24,15 @@ pub fn push(
     opts: &Options,
     progress: &dyn Fn(Progress<'_>),
 ) -> Result<Report, RemoteError> {
-    remote.probe()?;
-    let _gc = gc_lock(cache, progress)?;
-    let start = Instant::now();
-    let sem = Semaphore::new(opts.jobs.max(1));
     let gates = ObjectGates::default();
-    let mut entries = remote.runtime.block_on(
-        futures::stream::iter(wanted.iter().enumerate())
-            .map(|(i, w)| {
-                let (sem, gates) = (&sem, &gates);
-                async move {
-                    let ctx = Ctx {
-                        stage: &w.stage,
-                        key: &w.key,
-                        progress,
-                    };
-                    let mut report = EntryReport::new(w);
-                    report.outcome =
-                        push_entry(remote, cache, opts, (sem, gates), &ctx, &mut report)
-                            .await
-                            .unwrap_or_else(Outcome::Failed);
-                    progress(Progress::Entry(&report));
-                    (i, report)
-                }
-            })
-            .buffer_unordered(opts.jobs.max(1))
-            .collect::<Vec<_>>(),
-    );
-    entries.sort_by_key(|(i, _)| *i);
-    Ok(Report {
-        entries: entries.into_iter().map(|(_, r)| r).collect(),
-        elapsed: start.elapsed(),
-    })
+    each_entry(
+        remote,
+        cache,
+        wanted,
+        opts,
+        progress,
+        async |sem, ctx, report| push_entry(remote, cache, opts, (sem, &gates), ctx, report).await,
+    )
 }
 
 /// `cache/gc.lock`, shared: `goemo gc` does not remove an entry while it is pushed or pulled.

@@ -313,6 +313,50 @@ where
     first_error.map_or(Ok(()), Err)
 }
 
+/// The frame push and pull share: probe the remote, hold the cache's gc lock (shared), run
+/// `entry` for every wanted entry with up to `opts.jobs` transfers at once (one semaphore for
+/// all of them), report each as it ends, and return the reports in `wanted`'s order.
+pub(crate) fn each_entry<F>(
+    remote: &Remote,
+    cache: &goemo_engine::cache::Cache,
+    wanted: &[Wanted],
+    opts: &Options,
+    progress: &dyn Fn(Progress<'_>),
+    entry: F,
+) -> Result<Report, RemoteError>
+where
+    F: AsyncFn(&Semaphore, &Ctx<'_>, &mut EntryReport) -> Result<Outcome, RemoteError>,
+{
+    remote.probe()?;
+    let _gc = crate::push::gc_lock(cache, progress)?;
+    let start = std::time::Instant::now();
+    let sem = Semaphore::new(opts.jobs.max(1));
+    let (sem, entry) = (&sem, &entry);
+    let mut entries = remote.runtime.block_on(
+        futures::stream::iter(wanted.iter().enumerate())
+            .map(|(i, w)| async move {
+                let ctx = Ctx {
+                    stage: &w.stage,
+                    key: &w.key,
+                    progress,
+                };
+                let mut report = EntryReport::new(w);
+                report.outcome = entry(sem, &ctx, &mut report)
+                    .await
+                    .unwrap_or_else(Outcome::Failed);
+                progress(Progress::Entry(&report));
+                (i, report)
+            })
+            .buffer_unordered(opts.jobs.max(1))
+            .collect::<Vec<_>>(),
+    );
+    entries.sort_by_key(|(i, _)| *i);
+    Ok(Report {
+        entries: entries.into_iter().map(|(_, r)| r).collect(),
+        elapsed: start.elapsed(),
+    })
+}
+
 /// The entry being moved, for messages and progress.
 pub(crate) struct Ctx<'a> {
     pub stage: &'a str,
