@@ -7,34 +7,10 @@ use std::sync::{Barrier, Mutex};
 
 use goemo_engine::cache::{Cache, Lookup, MANIFEST};
 use goemo_engine::entrylock::EntryLock;
-use goemo_engine::fingerprint::{Fingerprint, FORMAT};
+mod common;
+
+use common::{entry, fingerprint};
 use goemo_remote::{Options, Outcome, Progress, Remote, RemoteUrl, Wanted};
-
-fn fingerprint(tag: &str) -> Fingerprint {
-    Fingerprint {
-        format: FORMAT,
-        kind: "command".into(),
-        version: 1,
-        params: serde_json::json!({ "cmd": tag }),
-        inputs: BTreeMap::new(),
-    }
-}
-
-/// Commit an entry for `tag` holding `files` (`out/…` or `volatile/…` → bytes); its key.
-fn entry(cache: &Cache, tag: &str, files: &[(&str, &[u8])]) -> String {
-    let fp = fingerprint(tag);
-    let key = fp.key();
-    let pending = cache.begin(&key).unwrap();
-    for (rel, bytes) in files {
-        let path = pending.dir.join(rel);
-        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-        std::fs::write(path, bytes).unwrap();
-    }
-    cache
-        .commit(pending, tag, fp, BTreeMap::new(), 0.5)
-        .unwrap();
-    key
-}
 
 fn remote_at(dir: &Path) -> Remote {
     let url = RemoteUrl::parse(&format!("file://{}", dir.display()), "test").unwrap();

@@ -7,12 +7,13 @@
 //! One test function: the AWS settings live in the process environment (the store reads them
 //! from there, as in production), so the steps run in order.
 
-use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::process::{Child, Command, Stdio};
 
+mod common;
+
+use common::entry;
 use goemo_engine::cache::{Cache, Lookup};
-use goemo_engine::fingerprint::{Fingerprint, FORMAT};
 use goemo_remote::{Options, Outcome, Progress, Remote, RemoteUrl, Wanted};
 use object_store::{ObjectStore, ObjectStoreExt};
 
@@ -72,27 +73,6 @@ fn server() -> Option<(String, Option<Moto>)> {
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
     panic!("moto_server did not answer on port {port} within 15 s");
-}
-
-fn entry(cache: &Cache, tag: &str, files: &[(&str, &[u8])]) -> String {
-    let fp = Fingerprint {
-        format: FORMAT,
-        kind: "command".into(),
-        version: 1,
-        params: serde_json::json!({ "cmd": tag }),
-        inputs: BTreeMap::new(),
-    };
-    let key = fp.key();
-    let pending = cache.begin(&key).unwrap();
-    for (rel, bytes) in files {
-        let path = pending.dir.join(rel);
-        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-        std::fs::write(path, bytes).unwrap();
-    }
-    cache
-        .commit(pending, tag, fp, BTreeMap::new(), 0.1)
-        .unwrap();
-    key
 }
 
 fn no_progress(_: Progress<'_>) {}
