@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The S3 remote against a real S3 protocol server on loopback: moto's (moto[server] from PyPI;
 # installed here when missing). Starts the server on a free port, creates the bucket
-# goemo-cache, runs the S3 test with GOEMO_TEST_S3_ENDPOINT pointing at it, and stops the
-# server whatever happens. Any access key and secret work against moto.
+# goemo-cache, runs the S3 tests with GOEMO_TEST_S3_ENDPOINT pointing at it (the remote crate's
+# push/pull test, and four sweep workers sharing only the server), and stops the server
+# whatever happens. Any access key and secret work against moto.
 #
 #   scripts/test_remote_s3.sh            # extra args go to cargo test
 #
@@ -43,3 +44,6 @@ curl -fsS "$endpoint/goemo-cache" >/dev/null || {
 GOEMO_TEST_S3_ENDPOINT="$endpoint" AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing \
     AWS_REGION=us-east-1 \
     nice -n 19 cargo test --release -p goemo-remote --test s3_moto "$@" -- --nocapture
+# Four workers with their own folders, sharing only the S3 server (leases, pulls, records).
+GOEMO_TEST_S3_ENDPOINT="$endpoint" \
+    nice -n 19 cargo test --release -p goemo --test remote "$@" -- --nocapture four_workers_sharing_only_an_s3_remote

@@ -3,8 +3,9 @@
 # slurm-wlm and munge from Debian when missing (needs root), starts munged, slurmctld and slurmd
 # on localhost with state under a temporary folder, submits deploy/slurm/sweep.sbatch as
 # `sbatch --array=0-3 --wait` over a 4-member sweep of cheap command stages, checks that every
-# member is recorded once and the shared upstream stage ran once, and stops the daemons
-# whatever happens.
+# member is recorded once and the shared upstream stage ran once, that a shared cache (a
+# folder remote) lets another folder list all four members, and stops the daemons whatever
+# happens.
 #
 #   scripts/test_slurm.sh [path/to/goemo]
 set -euo pipefail
@@ -103,6 +104,10 @@ sweep:
     fit.vars.lr: [1, 2, 3, 4]
 EOF
 cd "$project"
+# A shared cache too: the tasks claim keys with leases on it and push members' entries and
+# records, so a folder that ran nothing lists every member after `exp pull`.
+mkdir -p "$work/remote"
+export GOEMO_REMOTE="file://$work/remote"
 # One CPU and 1 GiB a task here (the file asks 2 and 8G, for training), so tasks run side by side.
 GOEMO="$goemo" sbatch --array=0-3 --cpus-per-task=1 --mem=1G --wait --quiet \
     deploy/slurm/sweep.sbatch sweeps/s.yaml
@@ -114,6 +119,16 @@ cat slurm-*.log | grep -E "shard|done" || true
 [ "$members" = "s-1 s-2 s-3 s-4" ] && [ "$preps" = 1 ] && [ "$fits" = 4 ] || {
     echo "FAILED: expected members s-1..s-4 done, prep once, fit 4 times" >&2
     cat slurm-*.log >&2
+    exit 1
+}
+mkdir -p "$work/viewer"
+cp pipeline.yaml "$work/viewer/"
+(cd "$work/viewer" && "$goemo" exp pull >/dev/null)
+listed=$(cd "$work/viewer" && "$goemo" exp show --json --no-baseline | python3 -c 'import json,sys; print(" ".join(sorted(r["name"] for r in json.load(sys.stdin) if r["status"] == "done" and r["metrics"])))')
+leases=$(find "$work/remote/leases" -type f 2>/dev/null | wc -l)
+echo "another folder lists: $listed; leases left: $leases"
+[ "$listed" = "s-1 s-2 s-3 s-4" ] && [ "$leases" = 0 ] || {
+    echo "FAILED: expected s-1..s-4 with metrics listed after exp pull, and no lease left" >&2
     exit 1
 }
 echo "slurm sweep ok"

@@ -553,3 +553,283 @@ fn experiment_records_travel_through_the_remote() {
     ok(&c, &["run", "--set", "fit.vars.x=2"], &env);
     assert!(c.ran().is_empty(), "{:?}", c.ran());
 }
+
+/// prep (slow, logs to a file outside every project) → fit (a member's metrics), for workers
+/// that share nothing but the remote.
+fn worker_pipeline(log: &Path) -> String {
+    format!(
+        r#"stages:
+  prep:
+    kind: command
+    params:
+      cmd: 'echo prep >> {log}; sleep 2; echo data > $GOEMO_OUT/data'
+  fit:
+    kind: command
+    deps: {{prep: prep}}
+    params:
+      cmd: 'echo fit-$GOEMO_VAR_LR >> {log}; echo "{{\"dev_score\": $GOEMO_VAR_LR}}" > $GOEMO_OUT/metrics.json'
+      vars: {{lr: 0}}
+"#,
+        log = log.display()
+    )
+}
+
+fn worker(pipeline: &str) -> Project {
+    let p = Project::new(pipeline);
+    p.write(
+        "sweeps/s.yaml",
+        "sweep:\n  name: s\n  set:\n    prep.vars.v: 1\n    fit.vars.lr: [1, 2, 3, 4]\n",
+    );
+    p
+}
+
+fn lines_of(path: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    v.sort();
+    v
+}
+
+/// Four workers, each in its own folder with its own empty cache, sharing only the remote,
+/// run a 4-member sweep as shards 0/4..3/4 at once: the upstream stage is built by one of them
+/// (its lease makes the others wait, then pull it), every member's stage runs once, and a
+/// fifth folder's `exp pull` + `exp show` lists all four members with metrics.
+fn fleet_sweep(env: &[(&str, &str)]) {
+    let logs = tempfile::tempdir().unwrap();
+    let log = logs.path().join("ran.log");
+    let pipeline = worker_pipeline(&log);
+    let workers: Vec<Project> = (0..4).map(|_| worker(&pipeline)).collect();
+    let children: Vec<_> = workers
+        .iter()
+        .enumerate()
+        .map(|(i, w)| {
+            let shard = format!("{i}/4");
+            let mut c = w.command(&[
+                "exp",
+                "run",
+                "--sweep",
+                "sweeps/s.yaml",
+                "--shard",
+                &shard,
+                "--remote",
+                "read-write",
+            ]);
+            c.envs(env.iter().copied())
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped());
+            c.spawn().expect("spawn a worker")
+        })
+        .collect();
+    let runs: Vec<Run> = children
+        .into_iter()
+        .map(|c| c.wait_with_output().unwrap().into())
+        .collect();
+    for (i, r) in runs.iter().enumerate() {
+        assert_eq!(r.code, 0, "worker {i}:\n{}", r.all());
+    }
+    assert_eq!(
+        lines_of(&log),
+        ["fit-1", "fit-2", "fit-3", "fit-4", "prep"],
+        "prep once across the fleet, each member's fit once"
+    );
+    let pulled = runs
+        .iter()
+        .filter(|r| r.stderr.contains("prep: built by another worker; pulled"))
+        .count();
+    assert_eq!(pulled, 3, "three workers waited for prep and pulled it");
+    assert!(
+        runs.iter().any(|r| r
+            .stderr
+            .contains("is building it (its lease is on the shared cache)")),
+        "a waiter says whom it waits for"
+    );
+
+    let viewer = worker(&pipeline);
+    ok(&viewer, &["exp", "pull"], env);
+    let r = ok(&viewer, &["exp", "show", "--json", "--no-baseline"], &[]);
+    let rows: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    let seen: Vec<(String, String, f64)> = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["name"].as_str().unwrap().to_owned(),
+                r["status"].as_str().unwrap().to_owned(),
+                r["metrics"]["fit.dev_score"].as_f64().unwrap_or(f64::NAN),
+            )
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            ("s-1".into(), "done".into(), 1.0),
+            ("s-2".into(), "done".into(), 2.0),
+            ("s-3".into(), "done".into(), 3.0),
+            ("s-4".into(), "done".into(), 4.0),
+        ],
+        "{}",
+        r.stdout
+    );
+}
+
+#[test]
+fn four_workers_sharing_only_a_folder_remote_build_the_upstream_once() {
+    let remote = tempfile::tempdir().unwrap();
+    let env = [("GOEMO_REMOTE", url(remote.path()))];
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    fleet_sweep(&env);
+    assert_eq!(
+        count_files(&remote.path().join("leases")),
+        0,
+        "no lease left"
+    );
+}
+
+/// The same fleet against an S3 server: scripts/test_remote_s3.sh starts moto on loopback and
+/// runs this with `GOEMO_TEST_S3_ENDPOINT` set (and `.ci/run` runs that script).
+#[test]
+fn four_workers_sharing_only_an_s3_remote_build_the_upstream_once() {
+    let Ok(endpoint) = std::env::var("GOEMO_TEST_S3_ENDPOINT") else {
+        eprintln!("skipped: GOEMO_TEST_S3_ENDPOINT is not set (scripts/test_remote_s3.sh sets it)");
+        return;
+    };
+    let prefix = format!(
+        "s3://goemo-cache/fleet-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    );
+    fleet_sweep(&[
+        ("GOEMO_REMOTE", &prefix),
+        ("AWS_ENDPOINT_URL", &endpoint),
+        ("AWS_ACCESS_KEY_ID", "testing"),
+        ("AWS_SECRET_ACCESS_KEY", "testing"),
+        ("AWS_REGION", "us-east-1"),
+    ]);
+}
+
+/// A worker SIGKILLed while it holds a lease stops renewing it; another worker waits one
+/// time-to-live, says whose lease it takes over, builds the entry and shares it.
+#[test]
+fn a_dead_workers_lease_is_taken_over() {
+    let remote = tempfile::tempdir().unwrap();
+    let marks = tempfile::tempdir().unwrap();
+    let mark = marks.path().join("first-started");
+    // The first build blocks (until killed); any later one is quick. Same command, same key.
+    let pipeline = format!(
+        "stages:\n  prep:\n    kind: command\n    params:\n      cmd: 'if [ -e {m} ]; then echo prep >> ran.log; else touch {m}; sleep 60; fi; echo x > $GOEMO_OUT/x'\n",
+        m = mark.display()
+    );
+    let env = [
+        ("GOEMO_REMOTE", url(remote.path())),
+        ("GOEMO_LEASE_TTL_SECS", "1".to_owned()),
+    ];
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let a = Project::new(&pipeline);
+    let mut first = a.command(&["run", "--remote", "read-write"]);
+    first
+        .envs(env.iter().copied())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    let mut first = first.spawn().unwrap();
+    let leases = remote.path().join("leases");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !(mark.exists() && count_files(&leases) == 1) {
+        assert!(std::time::Instant::now() < deadline, "no lease appeared");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    first.kill().unwrap();
+    first.wait().unwrap();
+    // Its command lives on in its own process group; stop it too.
+    let _ = Command::new("pkill")
+        .args(["-f", &mark.display().to_string()])
+        .status();
+
+    let b = Project::new(&pipeline);
+    let started = std::time::Instant::now();
+    let r = ok(&b, &["run", "--remote", "read-write"], &env);
+    assert!(r.stderr.contains("was not renewed in time"), "{}", r.stderr);
+    assert_eq!(b.ran(), ["prep"]);
+    assert!(
+        started.elapsed().as_secs_f64() < 15.0,
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(count_files(&leases), 0, "the lease is let go");
+    assert_eq!(count_files(&remote.path().join("entries")), 1);
+}
+
+/// Under --locked, an entry pulled from the remote whose outputs differ from pipeline.lock's
+/// is drift, and the message says which machine made it and which this one is.
+#[test]
+fn a_locked_run_names_the_machine_a_pulled_entry_came_from() {
+    let remote = tempfile::tempdir().unwrap();
+    let env = [("GOEMO_REMOTE", url(remote.path()))];
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let a = project();
+    ok(&a, &["run", "--remote", "read-write"], &env);
+    // The remote copy of fit was made on "another machine": same key, other outputs.
+    let key = locked_key(&a, "fit");
+    let manifest = remote.path().join(format!("entries/{key}.json"));
+    let mut m: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&manifest).unwrap()).unwrap();
+    m["provenance"] = serde_json::json!({
+        "goemo_version": "0.0.9", "arch": "aarch64", "os": "macos",
+        "cpu_features": [], "threads": 10
+    });
+    let other = serde_json::json!({"blake3": blake3_hex(b"other\n"), "size": 6});
+    std::fs::write(
+        remote
+            .path()
+            .join(format!("objects/{}", blake3_hex(b"other\n"))),
+        "other\n",
+    )
+    .unwrap();
+    m["outputs"]["copy"] = other;
+    let outputs: std::collections::BTreeMap<String, goemo_engine::hashing::FileDigest> =
+        serde_json::from_value(m["outputs"].clone()).unwrap();
+    m["outputs_hash"] = goemo_engine::hashing::tree_hash(&outputs).into();
+    std::fs::write(&manifest, serde_json::to_vec_pretty(&m).unwrap()).unwrap();
+
+    let b = clone_of(&a);
+    let r = goemo(&b, &["run", "--locked"], &env);
+    assert_ne!(r.code, 0, "{}", r.all());
+    assert!(b.ran().is_empty(), "{:?}", b.ran());
+    assert!(
+        r.stderr
+            .contains("fit: cached outputs differ from pipeline.lock")
+            && r.stderr
+                .contains("made on: aarch64 macos, 10 threads, goemo 0.0.9")
+            && r.stderr.contains("this machine: x86_64 linux"),
+        "{}",
+        r.stderr
+    );
+}
+
+/// `run --only fit` in a fresh clone: fit's upstream is not selected and missing here; it is
+/// pulled (not refused as "no cached result"), and so is fit itself.
+#[test]
+fn an_unselected_upstream_missing_here_is_pulled() {
+    let remote = tempfile::tempdir().unwrap();
+    let env = [("GOEMO_REMOTE", url(remote.path()))];
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let a = project();
+    ok(&a, &["run", "--remote", "read-write"], &env);
+    let b = clone_of(&a);
+    let r = goemo(&b, &["run", "--only", "fit"], &[]);
+    assert_eq!(r.code, 2, "without a remote it is refused:\n{}", r.all());
+    let r = ok(&b, &["run", "--only", "fit"], &env);
+    assert!(b.ran().is_empty(), "{:?}\n{}", b.ran(), r.all());
+    assert!(
+        r.stdout.contains("prep") && r.stdout.contains("pulled from the shared cache"),
+        "{}",
+        r.stdout
+    );
+    assert_eq!(b.read("outputs/model"), a.read("outputs/model"));
+}

@@ -132,8 +132,9 @@ pub struct RunArgs {
     /// Fail at once if another goemo run holds the project, instead of waiting.
     #[arg(long)]
     pub no_wait: bool,
-    /// The shared cache (GOEMO_REMOTE, or `remote:` in goemo.yaml): `read` pulls the entries
-    /// this run needs and lacks before running; `read-write` also pushes what it built
+    /// The shared cache (GOEMO_REMOTE, or `remote:` in goemo.yaml): `read` pulls a stage's
+    /// entry, verified, instead of building it when the remote has it; `read-write` also claims
+    /// each key it must build with a lease (other workers wait for it) and pushes what it built
     /// [default: read when a remote is configured, else off].
     #[arg(long, value_enum, value_name = "MODE")]
     pub remote: Option<RemoteMode>,
@@ -283,8 +284,11 @@ pub struct ExpRunArgs {
     /// when Slurm sets them, else every member].
     #[arg(long, value_name = "I/N")]
     pub shard: Option<String>,
-    /// `read-write`: push each member's entries and record to the shared cache afterwards, so
-    /// `goemo exp pull` + `exp show` on any machine lists them [default: off].
+    /// The shared cache, as for `goemo run`: `read` pulls an entry a member would build;
+    /// `read-write` also claims each key with a lease (workers elsewhere wait for it instead of
+    /// building it too), pushes entries as they are built, and pushes each member's record, so
+    /// `goemo exp pull` + `exp show` on any machine lists them [default: read when a remote is
+    /// configured, else off].
     #[arg(long, value_enum, value_name = "MODE")]
     pub remote: Option<RemoteMode>,
 }

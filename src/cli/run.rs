@@ -27,10 +27,11 @@ pub fn run(args: RunArgs, quiet: bool) -> anyhow::Result<ExitCode> {
     } else {
         super::run_remote::open(&p, args.remote)?
     };
-    if let Some((r, _)) = &remote {
-        super::run_remote::pull_missing(&p, r)?;
+    let shared = remote.map(|(r, mode)| (super::run_remote::shared(r, mode), mode));
+    let mut engine = Engine::new(&p, !args.verify)?;
+    if let Some((s, _)) = &shared {
+        engine.shared = Some(s);
     }
-    let engine = Engine::new(&p, !args.verify)?;
     install_interrupt_handler()?;
     let jobs = args.jobs.unwrap_or_else(|| {
         std::thread::available_parallelism()
@@ -59,8 +60,17 @@ pub fn run(args: RunArgs, quiet: bool) -> anyhow::Result<ExitCode> {
     if !opts.dry_run && !quiet {
         print_summary(&report.results);
     }
-    if let Some((r, super::args::RemoteMode::ReadWrite)) = &remote {
-        super::run_remote::push_done(&p, r, &report)?;
+    if let Some((s, super::args::RemoteMode::ReadWrite)) = &shared {
+        super::run_remote::push_done(&p, s.remote(), &report)?;
+        let unshared = s.unshared();
+        if !unshared.is_empty() {
+            eprintln!(
+                "error: built here but not shared with {}:\n  {}",
+                s.remote().url(),
+                unshared.join("\n  ")
+            );
+            return Ok(ExitCode::FAILURE);
+        }
     }
     let failed: Vec<&str> = report
         .results

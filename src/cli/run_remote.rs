@@ -1,14 +1,13 @@
-//! `goemo run --remote read|read-write`: before the run, pull from the shared cache the entries
-//! the run needs and lacks (layer by layer: a pulled entry's outputs give its downstream keys);
-//! after it, push what the run built (read-write). The engine itself never talks to a remote.
-
-use std::collections::HashSet;
+//! `goemo run --remote read|read-write`: the remote as the engine's shared cache
+//! ([`goemo_remote::RemoteCache`]): a stage's entry is pulled when the stage would be built,
+//! and read-write, claimed with a lease and pushed as it is built. The engine itself never
+//! talks to a remote.
 
 use goemo_engine::cache::Cache;
-use goemo_engine::engine::{Engine, RunReport};
+use goemo_engine::engine::RunReport;
 use goemo_engine::error::ConfigError;
 use goemo_engine::pipeline::Pipeline;
-use goemo_remote::{Options, Outcome, Progress, Remote, RemoteError, Wanted};
+use goemo_remote::{Notice, Options, Outcome, Remote, RemoteCache, RemoteError, Wanted};
 
 use super::args::RemoteMode;
 
@@ -34,47 +33,29 @@ pub fn open(
     }
 }
 
-fn quiet(p: Progress<'_>) {
-    if let Progress::Entry(e) = p {
-        if let Outcome::Pulled = e.outcome {
-            tracing::info!(
-                "{}: pulled from the shared cache ({} files, verified)",
-                e.stage,
-                e.files
-            );
-        } else if let Outcome::Failed(err) = &e.outcome {
-            tracing::warn!("{}: not pulled ({err}); it will be built here", e.stage);
+/// The remote as the run's shared cache: entries are pulled when a stage would be built and,
+/// read-write, claimed with a lease and pushed as they are built. Notices go to the log.
+pub fn shared(remote: Remote, mode: RemoteMode) -> RemoteCache {
+    RemoteCache::new(remote, mode == RemoteMode::ReadWrite, Box::new(notice))
+}
+
+fn notice(n: Notice<'_>) {
+    match n {
+        Notice::Waiting { stage, holder } => tracing::info!(
+            "{stage}: {holder} is building it (its lease is on the shared cache); waiting for its entry"
+        ),
+        Notice::TakenOver { stage, holder } => tracing::warn!(
+            "{stage}: the lease of {holder} was not renewed in time (the worker died?); building it here"
+        ),
+        Notice::Trouble { stage, detail } => tracing::warn!("{stage}: shared cache: {detail}"),
+        Notice::Pushed { stage, files } => {
+            tracing::info!("{stage}: pushed to the shared cache ({files} files)")
         }
     }
 }
 
-/// Pull what the run lacks, until nothing more can come from the remote.
-pub fn pull_missing(p: &Pipeline, remote: &Remote) -> anyhow::Result<usize> {
-    let mut tried = HashSet::new();
-    let mut pulled = 0;
-    for _ in 0..p.stages.len() {
-        let engine = Engine::new(p, true)?;
-        let wanted: Vec<Wanted> = engine
-            .missing_entries()?
-            .into_iter()
-            .filter(|(_, key)| tried.insert(key.clone()))
-            .map(|(stage, key)| Wanted { stage, key })
-            .collect();
-        if wanted.is_empty() {
-            break;
-        }
-        let report =
-            goemo_remote::pull(remote, &engine.cache, &wanted, &Options::default(), &quiet)?;
-        let now = report.count(|o| matches!(o, Outcome::Pulled));
-        if now == 0 {
-            break;
-        }
-        pulled += now;
-    }
-    Ok(pulled)
-}
-
-/// Push every entry the run built or took (the remote skips what it has).
+/// Push every entry the run built or took (the remote skips what it has): entries built
+/// before the remote was configured, or taken from the local cache, are shared too.
 pub fn push_done(p: &Pipeline, remote: &Remote, report: &RunReport) -> anyhow::Result<()> {
     let wanted: Vec<Wanted> = report
         .done

@@ -22,6 +22,7 @@ use crate::lockfile::{LockFile, LockedStage, LOCK_VERSION};
 use crate::pipeline::Pipeline;
 pub use crate::publish::PublishMode;
 use crate::scheduler::{Scheduler, Selection, State};
+use crate::shared::{Fetched, SharedCache};
 
 /// Set by the Ctrl-C handler; stages poll it through their context.
 pub static INTERRUPTED: AtomicBool = AtomicBool::new(false);
@@ -35,6 +36,9 @@ pub struct Engine<'p> {
     pub lock_path: PathBuf,
     pub outputs_dir: PathBuf,
     pub publish_mode: PublishMode,
+    /// Asked for an entry before a stage is built, and handed each entry built (see
+    /// [`crate::shared`]); none by default.
+    pub shared: Option<&'p dyn SharedCache>,
     externals: Mutex<HashMap<PathBuf, Arc<TreeDigest>>>,
 }
 
@@ -93,10 +97,12 @@ enum Entry {
     Damaged,
 }
 
-/// What running a stage came to: built here, or built by another run while this one waited.
+/// What running a stage came to: built here, built by another run while this one waited, or
+/// pulled from the shared cache (after waiting that long for another worker).
 enum Built {
     Here(EntryManifest),
     Elsewhere(EntryManifest, f64),
+    Pulled(EntryManifest, f64),
 }
 
 /// One `goemo run` in progress: the engine, its options, the slots, and what it found.
@@ -124,6 +130,7 @@ impl<'p> Engine<'p> {
             lock_path,
             outputs_dir: root.join("outputs"),
             publish_mode: PublishMode::Copy,
+            shared: None,
             externals: Mutex::default(),
         })
     }
@@ -474,12 +481,53 @@ impl<'p> Engine<'p> {
     ) -> anyhow::Result<Built> {
         let started = Instant::now();
         let _held = EntryLock::acquire(&self.cache.root, &a.key, &|| {})?;
-        if take_if_built_meanwhile {
-            if let Lookup::Hit(m) = self.cache.lookup(&a.key) {
-                return Ok(Built::Elsewhere(*m, started.elapsed().as_secs_f64()));
+        let name = self.pipeline.stages[i].name.as_str();
+        if !take_if_built_meanwhile {
+            // Forced, or the local entry is damaged: build it here, and share the result.
+            let m = self.execute(i, a, record)?;
+            if let Some(shared) = self.shared {
+                shared.built(name, &m.key, &self.cache);
             }
+            return Ok(Built::Here(m));
         }
-        self.execute(i, a, record).map(Built::Here)
+        if let Lookup::Hit(m) = self.cache.lookup(&a.key) {
+            return Ok(Built::Elsewhere(*m, started.elapsed().as_secs_f64()));
+        }
+        let Some(shared) = self.shared else {
+            return self.execute(i, a, record).map(Built::Here);
+        };
+        let claim = match shared.fetch(name, &a.key, &self.cache, &INTERRUPTED) {
+            Fetched::Pulled { waited_s } => match self.cache.lookup(&a.key) {
+                Lookup::Hit(m) => return Ok(Built::Pulled(*m, waited_s)),
+                _ => None,
+            },
+            Fetched::Build { claim } => claim,
+        };
+        let m = self.execute(i, a, record)?;
+        shared.built(name, &m.key, &self.cache);
+        drop(claim);
+        Ok(Built::Here(m))
+    }
+
+    /// An upstream stage a run needs but does not select (`--from`, `--only`), missing here:
+    /// pulled from the shared cache when it has it.
+    fn fetch_unselected(&self, i: usize, key: &str) -> anyhow::Result<Option<EntryManifest>> {
+        let Some(shared) = self.shared else {
+            return Ok(None);
+        };
+        let _held = EntryLock::acquire(&self.cache.root, key, &|| {})?;
+        if let Lookup::Hit(m) = self.cache.lookup(key) {
+            return Ok(Some(*m));
+        }
+        let name = self.pipeline.stages[i].name.as_str();
+        match shared.fetch(name, key, &self.cache, &INTERRUPTED) {
+            // Not built here: the claim (if any) is dropped at once, so others do not wait.
+            Fetched::Build { .. } => Ok(None),
+            Fetched::Pulled { .. } => match self.cache.lookup(key) {
+                Lookup::Hit(m) => Ok(Some(*m)),
+                _ => Ok(None),
+            },
+        }
     }
 
     /// Run one stage into a pending entry and commit it (the caller holds its build lock).
@@ -696,6 +744,18 @@ impl<'a, 'p> Run<'a, 'p> {
             self.drift.extend(engine.cached_drift(name, m));
         }
         if !slot.selected {
+            let pulled = match (&hit, opts.dry_run) {
+                (None, false) => engine.fetch_unselected(i, &a.key)?.map(Arc::new),
+                _ => None,
+            };
+            if let Some(m) = pulled {
+                if opts.locked {
+                    self.drift.extend(engine.cached_drift(name, &m));
+                }
+                self.sched.slots[i].note = "pulled from the shared cache".into();
+                self.sched.settle(i, State::Done(m, Outcome::Pulled));
+                return Ok(None);
+            }
             match hit {
                 Some(m) => self.sched.settle(i, State::Done(m, Outcome::Cached)),
                 None => {
@@ -812,7 +872,27 @@ impl<'a, 'p> Run<'a, 'p> {
                     stage: name,
                     waited_s,
                 });
+                if self.opts.locked {
+                    self.drift.extend(engine.cached_drift(name, &m));
+                }
                 State::Done(Arc::new(m), Outcome::Restored)
+            }
+            Ok(Built::Pulled(m, waited_s)) => {
+                self.sched.slots[i].note = if waited_s >= 0.05 {
+                    format!("pulled from the shared cache, built by another worker (waited {waited_s:.1}s)")
+                } else {
+                    "pulled from the shared cache".into()
+                };
+                self.reporter.event(EngineEvent::Pulled {
+                    stage: name,
+                    waited_s,
+                });
+                // Made on another machine: under --locked its outputs must be the locked ones,
+                // and a difference names where it was made.
+                if self.opts.locked {
+                    self.drift.extend(engine.cached_drift(name, &m));
+                }
+                State::Done(Arc::new(m), Outcome::Pulled)
             }
             Ok(Built::Here(m)) => {
                 if let (true, Some(l)) = (self.opts.locked, engine.lock.get(name)) {

@@ -11,6 +11,8 @@ pub enum Outcome {
     Cached,
     /// A different key than pipeline.lock, found in the cache (the run-cache).
     Restored,
+    /// Missing here, taken from the shared cache (another machine or worker built it).
+    Pulled,
     Ran,
     Failed,
     Skipped,
@@ -22,6 +24,7 @@ impl Outcome {
         match self {
             Outcome::Cached => "cached",
             Outcome::Restored => "restored",
+            Outcome::Pulled => "pulled",
             Outcome::Ran => "ran",
             Outcome::Failed => "FAILED",
             Outcome::Skipped => "skipped",
@@ -62,6 +65,9 @@ pub enum EngineEvent<'a> {
     /// Another run (a sweep's other member, another `goemo exp run`) built the same key while
     /// this one waited for it; the entry is taken as it is.
     BuiltElsewhere { stage: &'a str, waited_s: f64 },
+    /// The stage's entry was pulled from the shared cache instead of built (after waiting
+    /// `waited_s` for the worker that built it).
+    Pulled { stage: &'a str, waited_s: f64 },
     /// A stage ran and its entry is committed.
     Finished { stage: &'a str, wall_s: f64 },
     /// A stage failed (not sent for one cancelled by an interrupt); `detail` is its error.

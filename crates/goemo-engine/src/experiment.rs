@@ -183,6 +183,8 @@ pub struct ExpContext<'a> {
     /// Members at once.
     pub jobs: usize,
     pub git_commit: Option<String>,
+    /// The shared cache members fetch from and share with (see [`crate::shared`]).
+    pub shared: Option<&'a dyn crate::shared::SharedCache>,
 }
 
 /// One member to run: its name and overrides, and its pipeline (already loaded, so every
@@ -268,7 +270,8 @@ fn run_member(ctx: &ExpContext<'_>, p: &Planned, reporter: &dyn Reporter) -> Mem
     let report = std::fs::create_dir_all(&exp_dir)
         .with_context(|| format!("creating {}", exp_dir.display()))
         .and_then(|()| Engine::for_experiment(&p.pipeline, &exp_dir))
-        .and_then(|engine| {
+        .and_then(|mut engine| {
+            engine.shared = ctx.shared;
             let opts = RunOptions {
                 jobs: 1,
                 ..RunOptions::default()

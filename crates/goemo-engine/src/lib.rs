@@ -33,4 +33,5 @@ pub mod render;
 pub mod reserved;
 pub mod runlock;
 mod scheduler;
+pub mod shared;
 pub mod sweep;

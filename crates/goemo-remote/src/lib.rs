@@ -13,6 +13,8 @@
 //! `manifest.json`, uploaded last with a conditional create, so a reader never sees half an
 //! entry and two pushers of one key leave one good entry. A pull checks every file's size and
 //! blake3 against the manifest before the entry is committed locally ([`pull`]).
+//! `leases/<key>.json`, created with a conditional put, says which worker is building a key
+//! ([`lease`]); [`RemoteCache`] is how a run uses all this, stage by stage.
 //!
 //! **May depend on:** `goemo-engine` (the cache, its locks and manifests),
 //! `object_store` and what it needs (tokio, futures, bytes, url). **May not depend on:** any ML
@@ -20,10 +22,12 @@
 
 pub mod config;
 pub mod error;
+pub mod lease;
 pub mod location;
 pub mod pull;
 pub mod push;
 pub mod records;
+pub mod shared;
 pub mod store;
 pub mod transfer;
 
@@ -32,6 +36,7 @@ pub use error::RemoteError;
 pub use location::RemoteUrl;
 pub use pull::pull;
 pub use push::push;
+pub use shared::{Notice, RemoteCache};
 pub use store::Remote;
 pub use transfer::{EntryReport, Options, Outcome, Progress, Report, Wanted};
 

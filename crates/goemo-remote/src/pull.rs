@@ -31,8 +31,27 @@ pub fn pull(
         wanted,
         opts,
         progress,
-        async |sem, ctx, report| pull_entry(remote, cache, sem, ctx, report).await,
+        async |sem, ctx, report| pull_entry(remote, cache, sem, ctx, report, false).await,
     )
+}
+
+/// [`pull`] for one entry whose build lock the caller already holds (a run about to build the
+/// stage asks the shared cache first).
+pub(crate) fn pull_held(
+    remote: &Remote,
+    cache: &Cache,
+    wanted: &Wanted,
+    opts: &Options,
+) -> Result<EntryReport, RemoteError> {
+    let mut report = each_entry(
+        remote,
+        cache,
+        std::slice::from_ref(wanted),
+        opts,
+        &|_| {},
+        async |sem, ctx, report| pull_entry(remote, cache, sem, ctx, report, true).await,
+    )?;
+    Ok(report.entries.remove(0))
 }
 
 async fn pull_entry(
@@ -41,6 +60,7 @@ async fn pull_entry(
     sem: &Semaphore,
     ctx: &Ctx<'_>,
     report: &mut EntryReport,
+    lock_held: bool,
 ) -> Result<Outcome, RemoteError> {
     if !crate::is_key(ctx.key) {
         return Ok(Outcome::Missing(format!(
@@ -51,7 +71,10 @@ async fn pull_entry(
     if let Lookup::Hit(_) = cache.lookup(ctx.key) {
         return Ok(Outcome::AlreadyThere);
     }
-    let _building = lock_entry(cache, ctx).await?;
+    let _building = match lock_held {
+        true => None,
+        false => Some(lock_entry(cache, ctx).await?),
+    };
     // Another run or pull may have committed it while this one waited.
     if let Lookup::Hit(_) = cache.lookup(ctx.key) {
         return Ok(Outcome::AlreadyThere);

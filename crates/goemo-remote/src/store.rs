@@ -150,6 +150,37 @@ impl Remote {
     }
 }
 
+impl Remote {
+    /// Write `rel` whatever is there (a lease's renewal).
+    pub(crate) async fn overwrite(&self, rel: &str, bytes: Vec<u8>) -> Result<(), RemoteError> {
+        self.store
+            .put(&self.path(rel), PutPayload::from(bytes))
+            .await
+            .map(|_| ())
+            .map_err(|e| self.error("writing", rel, &e))
+    }
+
+    /// Remove `rel`; one already gone is fine.
+    pub(crate) async fn delete(&self, rel: &str) -> Result<(), RemoteError> {
+        match self.store.delete(&self.path(rel)).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(self.error("deleting", rel, &e)),
+        }
+    }
+
+    /// What identifies this version of `rel` (its e-tag, else its modification time and
+    /// size), or `None` when it does not exist: a lease that keeps one version is not renewed.
+    pub(crate) async fn version_of(&self, rel: &str) -> Result<Option<String>, RemoteError> {
+        match self.store.head(&self.path(rel)).await {
+            Ok(meta) => Ok(Some(meta.e_tag.unwrap_or_else(|| {
+                format!("{}/{}", meta.last_modified.timestamp_micros(), meta.size)
+            }))),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(self.error("checking", rel, &e)),
+        }
+    }
+}
+
 fn open_folder(url: &RemoteUrl, dir: &std::path::Path) -> Result<LocalFileSystem, RemoteError> {
     if !dir.is_dir() {
         return Err(RemoteError::BadUrl {

@@ -136,12 +136,8 @@ fn run(args: ExpRunArgs) -> anyhow::Result<ExitCode> {
     }
     let root = planned[0].pipeline.root.clone();
     // A remote that cannot be used fails before anything runs.
-    let remote = match args.remote {
-        Some(RemoteMode::ReadWrite) => {
-            super::run_remote::open(&planned[0].pipeline, args.remote)?.map(|(r, _)| r)
-        }
-        _ => None,
-    };
+    let shared = super::run_remote::open(&planned[0].pipeline, args.remote)?
+        .map(|(r, mode)| (super::run_remote::shared(r, mode), mode));
     experiment::clean_leftovers(&root);
     super::run::install_interrupt_handler()?;
     let jobs = args.jobs.unwrap_or_else(|| {
@@ -162,10 +158,14 @@ fn run(args: ExpRunArgs) -> anyhow::Result<ExitCode> {
         sweep: sweep_name,
         jobs,
         git_commit: experiment::git_commit(&root),
+        shared: shared
+            .as_ref()
+            .map(|(s, _)| s as &dyn goemo_engine::shared::SharedCache),
     };
     // Each member's lines carry its name through a tracing span (`exp{name=lr-2}: …`).
     let results = experiment::run_all(&ctx, &planned, &|_| Box::new(Shell));
-    if let Some(remote) = &remote {
+    if let Some((s, RemoteMode::ReadWrite)) = &shared {
+        let remote = s.remote();
         let done: Vec<String> = results
             .iter()
             .filter(|r| {
