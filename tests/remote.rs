@@ -689,29 +689,51 @@ fn four_workers_sharing_only_a_folder_remote_build_the_upstream_once() {
     );
 }
 
-/// The same fleet against an S3 server: scripts/test_remote_s3.sh starts moto on loopback and
-/// runs this with `GOEMO_TEST_S3_ENDPOINT` set (and `.ci/run` runs that script).
+/// Against a real store's protocol: `scripts/test_remote_stores.sh` starts moto (S3) and
+/// Azurite (Azure Blob Storage) on loopback and runs this once per store with
+/// `GOEMO_TEST_REMOTE` set to a bucket URL and the store's variables in the environment
+/// (`.ci/run` runs that script). A fresh clone pulls what another pushed and runs nothing; then
+/// the four-worker fleet, under a prefix of its own.
 #[test]
-fn four_workers_sharing_only_an_s3_remote_build_the_upstream_once() {
-    let Ok(endpoint) = std::env::var("GOEMO_TEST_S3_ENDPOINT") else {
-        eprintln!("skipped: GOEMO_TEST_S3_ENDPOINT is not set (scripts/test_remote_s3.sh sets it)");
+fn a_real_store_shares_entries_and_a_fleet() {
+    let Ok(base) = std::env::var("GOEMO_TEST_REMOTE") else {
+        eprintln!("skipped: GOEMO_TEST_REMOTE is not set (scripts/test_remote_stores.sh sets it)");
         return;
     };
-    let prefix = format!(
-        "s3://goemo-cache/fleet-{}-{}",
+    let unique = format!(
+        "{}-{}",
         std::process::id(),
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap()
             .as_nanos()
     );
-    fleet_sweep(&[
-        ("GOEMO_REMOTE", &prefix),
-        ("AWS_ENDPOINT_URL", &endpoint),
-        ("AWS_ACCESS_KEY_ID", "testing"),
-        ("AWS_SECRET_ACCESS_KEY", "testing"),
-        ("AWS_REGION", "us-east-1"),
-    ]);
+    // The store's own variables (AWS_*, AZURE_*, AZURITE_*) come from the environment, as for
+    // a user.
+    let pass = |url: &str| -> Vec<(String, String)> {
+        let mut v: Vec<(String, String)> = std::env::vars()
+            .filter(|(k, _)| {
+                ["AWS_", "AZURE_", "AZURITE_"]
+                    .iter()
+                    .any(|p| k.starts_with(p))
+            })
+            .collect();
+        v.push(("GOEMO_REMOTE".into(), url.to_owned()));
+        v
+    };
+    let env = pass(&format!("{base}/clone-{unique}"));
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let a = project();
+    ok(&a, &["run", "--remote", "read-write"], &env);
+    let b = clone_of(&a);
+    let r = ok(&b, &["run", "--locked"], &env);
+    assert!(b.ran().is_empty(), "{:?}\n{}", b.ran(), r.all());
+    assert_eq!(b.read("outputs/model"), a.read("outputs/model"));
+    assert_eq!(b.read("outputs/report.html"), a.read("outputs/report.html"));
+
+    let env = pass(&format!("{base}/fleet-{unique}"));
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    fleet_sweep(&env);
 }
 
 /// A worker SIGKILLed while it holds a lease stops renewing it; another worker waits one
@@ -832,4 +854,57 @@ fn an_unselected_upstream_missing_here_is_pulled() {
         r.stdout
     );
     assert_eq!(b.read("outputs/model"), a.read("outputs/model"));
+}
+
+/// An HTTP server holding a copy of a remote (here python's http.server over a folder remote)
+/// is a read-only remote: a fresh clone pulls everything from it, verified; pushing to it, or
+/// `run --remote read-write`, is refused with the reason.
+#[test]
+fn an_http_mirror_is_a_read_only_remote() {
+    let remote = tempfile::tempdir().unwrap();
+    let a = project();
+    let _ = a.run_ok(&["run"]);
+    ok(&a, &["push"], &[("GOEMO_REMOTE", &url(remote.path()))]);
+    let port = closed_port();
+    let mut server = Command::new("python3")
+        .args([
+            "-m",
+            "http.server",
+            "--bind",
+            "127.0.0.1",
+            &port.to_string(),
+        ])
+        .current_dir(remote.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("python3 -m http.server");
+    let mirror = format!("http://127.0.0.1:{port}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "http.server did not start"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let env = [("GOEMO_REMOTE", mirror.as_str())];
+    let b = clone_of(&a);
+    let r = goemo(&b, &["run", "--locked"], &env);
+    let push = goemo(&b, &["push"], &env);
+    let rw = goemo(&b, &["run", "--remote", "read-write"], &env);
+    let _ = server.kill();
+    let _ = server.wait();
+    assert_eq!(r.code, 0, "{}", r.all());
+    assert!(b.ran().is_empty(), "{:?}\n{}", b.ran(), r.all());
+    assert_eq!(b.read("outputs/model"), a.read("outputs/model"));
+    assert_ne!(push.code, 0, "{}", push.all());
+    assert!(
+        push.stderr
+            .contains(&format!("remote {mirror} is read-only")),
+        "{}",
+        push.stderr
+    );
+    assert_eq!(rw.code, 2, "{}", rw.all());
+    assert!(rw.stderr.contains("is read-only"), "{}", rw.stderr);
 }

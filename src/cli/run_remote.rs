@@ -26,6 +26,12 @@ pub fn open(
     }
     let mode = mode.unwrap_or(RemoteMode::Read);
     match url.and_then(|url| Remote::open(&url)) {
+        Ok(r) if mode == RemoteMode::ReadWrite && !r.writable() => Err(ConfigError::new(
+            &p.file,
+            format!("--remote read-write: {}", r.read_only_error()),
+        )
+        .hint("use --remote read with this remote")
+        .into()),
         Ok(r) => Ok(Some((r, mode))),
         Err(e) => Err(ConfigError::new(&p.file, format!("--remote: {e}"))
             .hint("set GOEMO_REMOTE or `remote:` in goemo.yaml, or run with --remote off")

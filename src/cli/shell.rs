@@ -52,7 +52,7 @@ impl Reporter for Shell {
             EngineEvent::BuiltElsewhere { stage, waited_s } => tracing::info!(
                 "{stage}: built meanwhile by another run; taken from the cache (waited {waited_s:.1}s)"
             ),
-            EngineEvent::Pulled { stage, waited_s } if waited_s >= 0.05 => tracing::info!(
+            EngineEvent::Pulled { stage, waited_s } if waited_s > 0.0 => tracing::info!(
                 "{stage}: built by another worker; pulled from the shared cache, verified (waited {waited_s:.1}s)"
             ),
             EngineEvent::Pulled { stage, .. } => {

@@ -878,7 +878,7 @@ impl<'a, 'p> Run<'a, 'p> {
                 State::Done(Arc::new(m), Outcome::Restored)
             }
             Ok(Built::Pulled(m, waited_s)) => {
-                self.sched.slots[i].note = if waited_s >= 0.05 {
+                self.sched.slots[i].note = if waited_s > 0.0 {
                     format!("pulled from the shared cache, built by another worker (waited {waited_s:.1}s)")
                 } else {
                     "pulled from the shared cache".into()

@@ -13,7 +13,7 @@ use crate::cache::Cache;
 /// What the shared cache did with a key the local cache lacks.
 pub enum Fetched {
     /// The entry is now in the local cache, verified; `waited_s` is how long another worker's
-    /// build of it was waited for (0 when it was already there).
+    /// build of it was waited for (0 when it was on the shared cache already).
     Pulled { waited_s: f64 },
     /// Build it here. `claim`, when set, tells other workers this one is building the key
     /// (a lease); it is dropped once [`SharedCache::built`] has shared the entry, or the build

@@ -13,6 +13,15 @@ pub const SECRET_VARS: &[&str] = &[
     "AWS_SESSION_TOKEN",
     "AWS_ACCESS_KEY_ID",
     "AWS_SECURITY_TOKEN",
+    "GOOGLE_SERVICE_ACCOUNT_KEY",
+    "AZURE_STORAGE_ACCOUNT_KEY",
+    "AZURE_STORAGE_ACCESS_KEY",
+    "AZURE_STORAGE_MASTER_KEY",
+    "AZURE_STORAGE_SAS_KEY",
+    "AZURE_STORAGE_SAS_TOKEN",
+    "AZURE_STORAGE_TOKEN",
+    "AZURE_CLIENT_SECRET",
+    "AZURE_STORAGE_CLIENT_SECRET",
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -76,6 +85,12 @@ pub enum RemoteError {
         why: String,
     },
 
+    /// A push, or `--remote read-write`, to a remote that cannot take one.
+    #[error(
+        "remote {url} is read-only: HTTP has no conditional create for an entry's commit point\n  hint: pull from it (`goemo pull`, `goemo run --remote read`), and push to the store it mirrors (s3://, gs://, az:// or file://)"
+    )]
+    ReadOnly { url: String },
+
     /// A local file goemo could not read or write.
     #[error("stage {stage}, entry {key}: {}: {detail}\n  hint: {hint}", path.display())]
     Local {
@@ -110,12 +125,21 @@ pub(crate) fn store_error(
 ) -> RemoteError {
     let hint = match e {
         object_store::Error::PermissionDenied { .. } | object_store::Error::Unauthenticated { .. } => {
-            "check the credentials in the environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN) and that they may read and write the bucket"
+            match url.split("://").next() {
+                Some("gs") => "check the credentials in the environment (GOOGLE_APPLICATION_CREDENTIALS or GOOGLE_SERVICE_ACCOUNT) and that they may read and write the bucket",
+                Some("az") => "check the credentials in the environment (AZURE_STORAGE_ACCOUNT_NAME with AZURE_STORAGE_ACCOUNT_KEY, a SAS token, or a service principal) and that they may read and write the container",
+                _ => "check the credentials in the environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN) and that they may read and write the bucket",
+            }
         }
         object_store::Error::NotFound { .. } => {
             "the object is missing on the remote: push the entry again from a machine that has it"
         }
-        _ => "check the remote URL and endpoint (AWS_ENDPOINT_URL for an S3-compatible server), that the server is reachable, and the credentials",
+        _ => match url.split("://").next() {
+            Some("gs") => "check the bucket name, that storage.googleapis.com (or GOOGLE_BASE_URL) is reachable, and the credentials",
+            Some("az") => "check AZURE_STORAGE_ACCOUNT_NAME and the container name, that the account's endpoint (or AZURE_STORAGE_ENDPOINT) is reachable, and the credentials",
+            Some("http" | "https") => "check the URL and that the server is reachable",
+            _ => "check the remote URL and endpoint (AWS_ENDPOINT_URL for an S3-compatible server), that the server is reachable, and the credentials",
+        },
     };
     RemoteError::Store {
         url: url.to_owned(),

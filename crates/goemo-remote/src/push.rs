@@ -24,6 +24,9 @@ pub fn push(
     opts: &Options,
     progress: &dyn Fn(Progress<'_>),
 ) -> Result<Report, RemoteError> {
+    if !remote.writable() {
+        return Err(remote.read_only_error());
+    }
     let gates = ObjectGates::default();
     each_entry(
         remote,

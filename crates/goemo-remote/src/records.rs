@@ -16,6 +16,9 @@ impl Remote {
     /// Upload experiment `name`'s record files (`(file name, bytes)`), the lock first and the
     /// record last, so a listed record always has its lock.
     pub fn put_record(&self, name: &str, files: &[(&str, Vec<u8>)]) -> Result<(), RemoteError> {
+        if !self.writable() {
+            return Err(self.read_only_error());
+        }
         self.runtime.block_on(async {
             for (file, bytes) in files {
                 let rel = format!("experiments/{name}/{file}");

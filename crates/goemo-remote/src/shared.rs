@@ -100,17 +100,25 @@ impl RemoteCache {
 impl SharedCache for RemoteCache {
     fn fetch(&self, stage: &str, key: &str, cache: &Cache, cancel: &AtomicBool) -> Fetched {
         let started = Instant::now();
-        let waited = || started.elapsed().as_secs_f64();
         let build = |claim: Option<Lease>| Fetched::Build {
             claim: claim.map(|l| Box::new(l) as Box<dyn Send>),
         };
         // The lease version last seen, and since when (this machine's clock).
         let mut seen: Option<(String, Instant)> = None;
         let mut told_waiting = false;
+        // Time spent waiting for another worker's build (none when the entry was there).
+        let waited = |told_waiting: bool| match told_waiting {
+            true => started.elapsed().as_secs_f64(),
+            false => 0.0,
+        };
         let mut poll = self.times.poll.min(Duration::from_millis(250));
         loop {
             match self.try_pull(stage, key, cache) {
-                Some(true) => return Fetched::Pulled { waited_s: waited() },
+                Some(true) => {
+                    return Fetched::Pulled {
+                        waited_s: waited(told_waiting),
+                    }
+                }
                 Some(false) => {}
                 None => return build(None),
             }
@@ -122,7 +130,9 @@ impl SharedCache for RemoteCache {
                     // The holder before may have pushed and let go between the pull and the
                     // claim: look once more before building.
                     return match self.try_pull(stage, key, cache) {
-                        Some(true) => Fetched::Pulled { waited_s: waited() },
+                        Some(true) => Fetched::Pulled {
+                            waited_s: waited(told_waiting),
+                        },
                         _ => build(Some(lease)),
                     };
                 }

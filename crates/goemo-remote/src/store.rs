@@ -13,10 +13,14 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
+use object_store::azure::{AzureConfigKey, MicrosoftAzureBuilder};
+use object_store::gcp::{GoogleCloudStorageBuilder, GoogleConfigKey};
+use object_store::http::HttpBuilder;
 use object_store::local::LocalFileSystem;
 use object_store::path::Path as ObjectPath;
 use object_store::{
-    ClientConfigKey, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, RetryConfig,
+    ClientConfigKey, ClientOptions, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload,
+    RetryConfig,
 };
 
 use crate::error::{store_error, RemoteError};
@@ -56,6 +60,11 @@ impl Remote {
         let (store, prefix): (Arc<dyn ObjectStore>, String) = match &url.location {
             Location::Folder(dir) => (Arc::new(open_folder(url, dir)?), String::new()),
             Location::S3 { bucket, prefix } => (Arc::new(open_s3(url, bucket)?), prefix.clone()),
+            Location::Gcs { bucket, prefix } => (Arc::new(open_gcs(url, bucket)?), prefix.clone()),
+            Location::Azure { container, prefix } => {
+                (Arc::new(open_azure(url, container)?), prefix.clone())
+            }
+            Location::Http { base } => (Arc::new(open_http(url, base)?), String::new()),
         };
         Ok(Remote {
             store,
@@ -68,6 +77,18 @@ impl Remote {
     /// The remote's URL as messages show it (no credentials).
     pub fn url(&self) -> &str {
         self.url.shown()
+    }
+
+    /// Whether entries can be pushed here (an HTTP mirror is read-only).
+    pub fn writable(&self) -> bool {
+        self.url.location.writable()
+    }
+
+    /// The error for a push (or `--remote read-write`) to a read-only remote.
+    pub fn read_only_error(&self) -> RemoteError {
+        RemoteError::ReadOnly {
+            url: self.url().to_owned(),
+        }
     }
 
     /// Where `rel` (`entries/<key>.json`, `objects/<hash>`) lives in the store.
@@ -94,11 +115,13 @@ impl Remote {
     /// The probe's error, with the likely fix when S3 had no credentials to use.
     fn unreachable(&self, rel: &str, e: &object_store::Error) -> RemoteError {
         let mut err = self.error("reaching", rel, e);
-        let s3 = matches!(self.url.location, Location::S3 { .. });
-        if let (true, false, RemoteError::Store { hint, .. }) =
-            (s3, aws_credentials_set(), &mut err)
-        {
-            *hint = "no AWS credentials are set in the environment, so the EC2/ECS instance metadata service was asked: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_WEB_IDENTITY_TOKEN_FILE and AWS_ROLE_ARN)".into();
+        let missing = match self.url.location {
+            Location::S3 { .. } if !aws_credentials_set() => Some("no AWS credentials are set in the environment, so the EC2/ECS instance metadata service was asked: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_WEB_IDENTITY_TOKEN_FILE and AWS_ROLE_ARN)"),
+            Location::Gcs { .. } if !any_set(GCS_CREDENTIAL_VARS) => Some("no Google credentials are set in the environment, so the GCE metadata service was asked: set GOOGLE_APPLICATION_CREDENTIALS (or GOOGLE_SERVICE_ACCOUNT) to a service account file"),
+            _ => None,
+        };
+        if let (Some(why), RemoteError::Store { hint, .. }) = (missing, &mut err) {
+            *hint = why.into();
         }
         err
     }
@@ -209,27 +232,91 @@ fn open_s3(url: &RemoteUrl, bucket: &str) -> Result<object_store::aws::AmazonS3,
     if b.get_config_value(&connect_timeout).is_none() {
         b = b.with_config(connect_timeout, "5s");
     }
-    // A wrong endpoint fails within seconds, not after the default three minutes of retries.
-    let retry = RetryConfig {
-        max_retries: 3,
-        retry_timeout: Duration::from_secs(30),
-        ..Default::default()
-    };
-    b.with_retry(retry)
+    b.with_retry(retry())
         .build()
         .map_err(|e| store_error(url.shown(), "opening", "the bucket", &e))
 }
 
 /// Whether the environment names credentials (static keys, web identity or a container's).
 fn aws_credentials_set() -> bool {
-    [
+    any_set(&[
         "AWS_ACCESS_KEY_ID",
         "AWS_WEB_IDENTITY_TOKEN_FILE",
         "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
         "AWS_CONTAINER_CREDENTIALS_FULL_URI",
-    ]
-    .iter()
-    .any(|v| std::env::var_os(v).is_some_and(|x| !x.is_empty()))
+    ])
+}
+
+const GCS_CREDENTIAL_VARS: &[&str] = &[
+    "GOOGLE_APPLICATION_CREDENTIALS",
+    "GOOGLE_SERVICE_ACCOUNT",
+    "GOOGLE_SERVICE_ACCOUNT_PATH",
+    "GOOGLE_SERVICE_ACCOUNT_KEY",
+    "SERVICE_ACCOUNT",
+];
+
+fn any_set(vars: &[&str]) -> bool {
+    vars.iter()
+        .any(|v| std::env::var_os(v).is_some_and(|x| !x.is_empty()))
+}
+
+/// Retries that give up within seconds on a wrong endpoint, not after three minutes.
+fn retry() -> RetryConfig {
+    RetryConfig {
+        max_retries: 3,
+        retry_timeout: Duration::from_secs(30),
+        ..Default::default()
+    }
+}
+
+/// A five-second connect timeout; plain HTTP only when `http_ok` (a loopback endpoint).
+fn client(http_ok: bool) -> ClientOptions {
+    ClientOptions::new()
+        .with_connect_timeout(Duration::from_secs(5))
+        .with_allow_http(http_ok)
+}
+
+fn open_gcs(
+    url: &RemoteUrl,
+    bucket: &str,
+) -> Result<object_store::gcp::GoogleCloudStorage, RemoteError> {
+    // Credentials from GOOGLE_APPLICATION_CREDENTIALS / GOOGLE_SERVICE_ACCOUNT(_KEY), else the
+    // metadata service; GOOGLE_BASE_URL for an emulator.
+    let b = GoogleCloudStorageBuilder::from_env().with_bucket_name(bucket);
+    let http_ok = b
+        .get_config_value(&GoogleConfigKey::BaseUrl)
+        .as_deref()
+        .is_some_and(is_loopback_http);
+    b.with_retry(retry())
+        .with_client_options(client(http_ok))
+        .build()
+        .map_err(|e| store_error(url.shown(), "opening", "the bucket", &e))
+}
+
+fn open_azure(
+    url: &RemoteUrl,
+    container: &str,
+) -> Result<object_store::azure::MicrosoftAzure, RemoteError> {
+    // Account, key, SAS or service principal from AZURE_STORAGE_* / AZURE_* (workload identity
+    // and managed identity too); AZURE_STORAGE_USE_EMULATOR=true for Azurite.
+    let b = MicrosoftAzureBuilder::from_env().with_container_name(container);
+    let http_ok = b
+        .get_config_value(&AzureConfigKey::Endpoint)
+        .as_deref()
+        .is_some_and(is_loopback_http);
+    b.with_retry(retry())
+        .with_client_options(client(http_ok))
+        .build()
+        .map_err(|e| store_error(url.shown(), "opening", "the container", &e))
+}
+
+fn open_http(url: &RemoteUrl, base: &str) -> Result<object_store::http::HttpStore, RemoteError> {
+    HttpBuilder::new()
+        .with_url(base)
+        .with_retry(retry())
+        .with_client_options(client(is_loopback_http(base)))
+        .build()
+        .map_err(|e| store_error(url.shown(), "opening", "the server", &e))
 }
 
 /// `http://127.0.0.1:9000`, `http://localhost:…`, `http://[::1]:…`: plain HTTP is allowed

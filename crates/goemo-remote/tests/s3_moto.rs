@@ -1,5 +1,5 @@
 //! push and pull against a real S3 protocol server: moto's (`pip install 'moto[server]'`) on
-//! loopback. `scripts/test_remote_s3.sh` installs moto, starts the server, creates the bucket,
+//! loopback. `scripts/test_remote_stores.sh` installs moto, starts the server, creates the bucket,
 //! runs this test with `GOEMO_TEST_S3_ENDPOINT` set and stops the server. Without that
 //! variable the test starts `moto_server` itself; only when moto is not installed at all does
 //! it skip, saying so loudly.
@@ -89,7 +89,7 @@ fn s3_remote_against_moto() {
     let Some((endpoint, _moto)) = server() else {
         eprintln!(
             "\n\n######## SKIPPED s3_remote_against_moto: moto_server is not installed ########\n\
-             ######## run scripts/test_remote_s3.sh (it installs moto[server])        ########\n"
+             ######## run scripts/test_remote_stores.sh (it installs moto[server])        ########\n"
         );
         return;
     };
