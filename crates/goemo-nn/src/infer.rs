@@ -20,7 +20,30 @@ use gemm::Parallelism;
 use rayon::prelude::*;
 
 use crate::config::{Activation, Arch, EncoderConfig};
+use crate::int8::{Kernel, QuantizedWeight};
 use crate::params;
+
+/// The arithmetic of the encoder's matrix products when scoring.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// f32 operands and sums (the reference; training's own arithmetic).
+    #[default]
+    F32,
+    /// The encoder layers' weights int8 per output channel, activations u8 per row, exact i32
+    /// sums ([`crate::int8`]); embeddings, LayerNorm, attention, the pooler and the classifier
+    /// stay f32.
+    Int8,
+}
+
+impl Precision {
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::F32 => "f32",
+            Precision::Int8 => "int8",
+        }
+    }
+}
 
 /// A matrix operand of `matmul`: its buffer and the strides of its rows and columns.
 #[derive(Clone, Copy)]
@@ -143,6 +166,8 @@ struct Dense {
     bias: Vec<f32>,
     inputs: usize,
     outputs: usize,
+    /// The weight quantized, when the products run in int8 (with the kernel they use).
+    int8: Option<(QuantizedWeight, Kernel)>,
 }
 
 impl Dense {
@@ -153,7 +178,19 @@ impl Dense {
             bias: d.bias.flatten_all()?.to_vec1()?,
             inputs,
             outputs,
+            int8: None,
         })
+    }
+
+    /// Run this layer's products in `precision` from now on.
+    fn quantize(mut self, precision: Precision) -> Dense {
+        if precision == Precision::Int8 {
+            let q = QuantizedWeight::new(&self.weight, self.outputs, self.inputs);
+            self.int8 = Some((q, Kernel::detect()));
+            // The f32 copy is not read again: give its memory back.
+            self.weight = Vec::new();
+        }
+        self
     }
 
     /// `out` = `x` · weightᵀ + bias, for `x` of `rows` × inputs.
@@ -179,6 +216,9 @@ impl Dense {
         let rows = x.len() / self.inputs;
         assert_eq!(x.len(), rows * self.inputs, "input width");
         assert_eq!(dst.len(), rows * self.outputs, "output size");
+        if let Some((q, kernel)) = &self.int8 {
+            return q.accumulate(x, dst, *kernel);
+        }
         matmul(
             dst,
             rows,
@@ -261,8 +301,17 @@ pub struct PackedEncoder {
 }
 
 impl PackedEncoder {
-    /// Copy the weights into the packed layout.
+    /// Copy the weights into the packed layout (f32 products).
     pub fn new(cfg: &EncoderConfig, p: &params::Encoder<Tensor>) -> anyhow::Result<PackedEncoder> {
+        PackedEncoder::with_precision(cfg, p, Precision::F32)
+    }
+
+    /// Copy the weights into the packed layout, the encoder layers' products in `precision`.
+    pub fn with_precision(
+        cfg: &EncoderConfig,
+        p: &params::Encoder<Tensor>,
+        precision: Precision,
+    ) -> anyhow::Result<PackedEncoder> {
         let eps = cfg.layer_norm_eps;
         let scale = 1.0 / ((cfg.hidden / cfg.heads) as f32).sqrt();
         let layers = p
@@ -281,13 +330,14 @@ impl PackedEncoder {
                     bias: [q.bias, k.bias, v.bias].concat(),
                     inputs: cfg.hidden,
                     outputs: 3 * cfg.hidden,
+                    int8: None,
                 };
                 Ok(Layer {
-                    qkv,
-                    attn_out: Dense::load(&layer.attn_out)?,
+                    qkv: qkv.quantize(precision),
+                    attn_out: Dense::load(&layer.attn_out)?.quantize(precision),
                     attn_norm: Norm::load(&layer.attn_norm, eps)?,
-                    ffn_in: Dense::load(&layer.ffn_in)?,
-                    ffn_out: Dense::load(&layer.ffn_out)?,
+                    ffn_in: Dense::load(&layer.ffn_in)?.quantize(precision),
+                    ffn_out: Dense::load(&layer.ffn_out)?.quantize(precision),
                     ffn_norm: Norm::load(&layer.ffn_norm, eps)?,
                 })
             })

@@ -20,6 +20,7 @@ pub mod backprop;
 pub mod classifier;
 pub mod config;
 pub mod infer;
+pub mod int8;
 pub mod loss;
 pub mod model;
 pub mod optim;

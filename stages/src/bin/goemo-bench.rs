@@ -68,9 +68,19 @@ fn main() -> anyhow::Result<()> {
     match args.first().map(String::as_str) {
         Some("tokenize") => bench_tokenize(&model),
         Some("train") => bench_train(which, &model),
-        Some("infer") => bench_infer(which, &model, args.iter().any(|a| a == "--padded")),
+        Some("infer") => {
+            let precision = match args.iter().position(|a| a == "--precision") {
+                None => goemo_nn::infer::Precision::F32,
+                Some(i) => match args.get(i + 1).map(String::as_str) {
+                    Some("f32") => goemo_nn::infer::Precision::F32,
+                    Some("int8") => goemo_nn::infer::Precision::Int8,
+                    other => anyhow::bail!("--precision {other:?}: use f32 or int8"),
+                },
+            };
+            bench_infer(which, &model, args.iter().any(|a| a == "--padded"), precision)
+        }
         _ => anyhow::bail!(
-            "usage: goemo-bench tokenize | train minilm|distilbert | infer minilm|distilbert [--padded]"
+            "usage: goemo-bench tokenize | train minilm|distilbert | infer minilm|distilbert [--padded | --precision f32|int8]"
         ),
     }
 }
@@ -167,7 +177,12 @@ fn bench_train(which: &str, model: &std::path::Path) -> anyhow::Result<()> {
 
 /// The dev split in file order, batches of 64; `padded`: candle's padded forward instead of
 /// the packed encoder.
-fn bench_infer(which: &str, model: &std::path::Path, padded: bool) -> anyhow::Result<()> {
+fn bench_infer(
+    which: &str,
+    model: &std::path::Path,
+    padded: bool,
+    precision: goemo_nn::infer::Precision,
+) -> anyhow::Result<()> {
     let threads = rayon::current_num_threads();
     let (labels, rows) = read_split(Split::Dev)?;
     let data = goemo_data::tokenize::build(&rows, labels, model, 128)?;
@@ -183,7 +198,9 @@ fn bench_infer(which: &str, model: &std::path::Path, padded: bool) -> anyhow::Re
     let packed = if padded {
         None
     } else {
-        Some(goemo_nn::infer::PackedEncoder::new(&cfg, &weights)?)
+        Some(goemo_nn::infer::PackedEncoder::with_precision(
+            &cfg, &weights, precision,
+        )?)
     };
     let score = |chunk: &[usize]| -> anyhow::Result<Vec<f32>> {
         match &packed {
@@ -203,6 +220,6 @@ fn bench_infer(which: &str, model: &std::path::Path, padded: bool) -> anyhow::Re
     // Real (non-padding) tokens, [CLS] and [SEP] included: the same count for any
     // runner of these texts, so tokens/s compares across them.
     let tokens = data.offsets[data.len()];
-    println!("RESULT infer model={which} path={} threads={threads} n={} tokens={tokens} secs={dt:.2} ex_per_s={:.1} nonpad_tok_per_s={:.0} peak_rss_mib={:.0} checksum={checksum:.2}", if padded { "padded" } else { "packed" }, data.len(), data.len() as f64 / dt, tokens as f64 / dt, peak_rss_mib());
+    println!("RESULT infer model={which} path={} precision={} threads={threads} n={} tokens={tokens} secs={dt:.2} ex_per_s={:.1} nonpad_tok_per_s={:.0} peak_rss_mib={:.0} checksum={checksum:.2}", if padded { "padded" } else { "packed" }, precision.name(), data.len(), data.len() as f64 / dt, tokens as f64 / dt, peak_rss_mib());
     Ok(())
 }

@@ -1,0 +1,441 @@
+//! Int8 matrix products for inference: weights quantized once per output channel (symmetric,
+//! int8), activations per row as they come (dynamic, u8 with a zero point of 128), products
+//! summed exactly in i32 and scaled back to f32.
+//!
+//! The kernel uses AVX-512 VNNI (`vpdpbusd`: 64 u8×i8 products summed into 16 i32 lanes per
+//! instruction) where the CPU has it, and a portable loop elsewhere. Integer sums are exact, so
+//! both give the same i32 and the same f32 after scaling: the output bytes do not depend on
+//! which path ran, nor on the thread count.
+//!
+//! Layout (the one VNNI reads): the weight matrix, (outputs, inputs) as HF stores it, is padded
+//! to a multiple of 16 outputs and 4 inputs and packed in blocks of 16 outputs; within a block,
+//! for each group of 4 inputs, 16 × 4 bytes: output j's 4 weights side by side.
+
+use rayon::prelude::*;
+
+/// Outputs per packed block: one 512-bit register of i32 sums.
+const LANES: usize = 16;
+/// Rows of the activation matrix one kernel call holds in registers.
+const ROW_TILE: usize = 8;
+/// Rows per parallel task.
+const ROWS_PER_TASK: usize = 64;
+
+/// Which kernel a product uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kernel {
+    /// AVX-512 VNNI (x86-64 with avx512f, avx512bw and avx512vnni).
+    Vnni,
+    /// Plain Rust, for any CPU.
+    Portable,
+}
+
+impl Kernel {
+    /// The fastest kernel this CPU runs.
+    pub fn detect() -> Kernel {
+        #[cfg(target_arch = "x86_64")]
+        if is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512bw")
+            && is_x86_feature_detected!("avx512vnni")
+        {
+            return Kernel::Vnni;
+        }
+        Kernel::Portable
+    }
+}
+
+/// A dense layer's weight, quantized and packed.
+pub struct QuantizedWeight {
+    outputs: usize,
+    inputs: usize,
+    /// `inputs` rounded up to a multiple of 4.
+    k4: usize,
+    /// Blocks of [`LANES`] outputs × `k4` inputs, as described in the module docs.
+    packed: Vec<i8>,
+    /// Per output: the scale that turns an int8 weight back into f32.
+    scales: Vec<f32>,
+    /// Per output: 128 × the sum of its int8 weights, what the activations' zero point adds.
+    zero_point_sums: Vec<i32>,
+}
+
+impl QuantizedWeight {
+    /// Quantize `weight` ((outputs, inputs) row-major): per output, scale = max |w| / 127.
+    pub fn new(weight: &[f32], outputs: usize, inputs: usize) -> QuantizedWeight {
+        assert_eq!(weight.len(), outputs * inputs, "weight size");
+        let k4 = inputs.div_ceil(4) * 4;
+        let blocks = outputs.div_ceil(LANES);
+        let mut packed = vec![0i8; blocks * LANES * k4];
+        let mut scales = vec![0f32; outputs];
+        let mut sums = vec![0i32; outputs];
+        for o in 0..outputs {
+            let row = &weight[o * inputs..][..inputs];
+            let max = row.iter().fold(0f32, |m, w| m.max(w.abs()));
+            let scale = if max > 0.0 { max / 127.0 } else { 1.0 };
+            scales[o] = scale;
+            let (block, lane) = (o / LANES, o % LANES);
+            for (k, &w) in row.iter().enumerate() {
+                let q = (w / scale).round().clamp(-127.0, 127.0) as i8;
+                sums[o] += q as i32;
+                packed[block * LANES * k4 + (k / 4) * LANES * 4 + lane * 4 + k % 4] = q;
+            }
+        }
+        QuantizedWeight {
+            outputs,
+            inputs,
+            k4,
+            packed,
+            scales,
+            zero_point_sums: sums.iter().map(|s| 128 * s).collect(),
+        }
+    }
+
+    pub fn outputs(&self) -> usize {
+        self.outputs
+    }
+
+    /// `dst` (rows × outputs) += `x` (rows × inputs) · weightᵀ, with `x` quantized per row.
+    pub fn accumulate(&self, x: &[f32], dst: &mut [f32], kernel: Kernel) {
+        let rows = x.len() / self.inputs.max(1);
+        assert_eq!(x.len(), rows * self.inputs, "input width");
+        assert_eq!(dst.len(), rows * self.outputs, "output size");
+        if rows == 0 || self.outputs == 0 {
+            return;
+        }
+        let (k, k4, n) = (self.inputs, self.k4, self.outputs);
+        dst.par_chunks_mut(ROWS_PER_TASK * n)
+            .zip(x.par_chunks(ROWS_PER_TASK * k))
+            .for_each(|(dst, x)| {
+                let m = x.len() / k;
+                let (qx, row_scales) = quantize_rows(x, k, k4, kernel);
+                let width = self.outputs.div_ceil(LANES) * LANES;
+                let mut acc = vec![0i32; m * width];
+                self.products(&qx, m, &mut acc, kernel);
+                for ((out, acc), &sx) in dst.chunks_mut(n).zip(acc.chunks(width)).zip(&row_scales) {
+                    self.scale_into(out, &acc[..n], sx, kernel);
+                }
+            });
+    }
+
+    /// `out[o]` += (acc[o] − zero point sum[o]) · (sx · scale[o]): one row back to f32. Both
+    /// kernels round the same way (a multiply, then an add; no fused multiply-add).
+    fn scale_into(&self, out: &mut [f32], acc: &[i32], sx: f32, kernel: Kernel) {
+        #[cfg(target_arch = "x86_64")]
+        if kernel == Kernel::Vnni {
+            // SAFETY: Vnni is only ever chosen on a CPU that has AVX-512 (see `products`).
+            return unsafe { vnni::scale_into(out, acc, &self.zero_point_sums, &self.scales, sx) };
+        }
+        let _ = kernel;
+        for (((o, &a), &z), &s) in out
+            .iter_mut()
+            .zip(acc)
+            .zip(&self.zero_point_sums)
+            .zip(&self.scales)
+        {
+            *o += (a - z) as f32 * (sx * s);
+        }
+    }
+
+    /// `acc` (m × outputs rounded up to 16) = `qx` (m × k4, u8) · packed weights, in i32.
+    fn products(&self, qx: &[u8], m: usize, acc: &mut [i32], kernel: Kernel) {
+        match kernel {
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Vnni => {
+                assert_eq!(
+                    Kernel::detect(),
+                    Kernel::Vnni,
+                    "this CPU has no AVX-512 VNNI"
+                );
+                // SAFETY: the CPU has the features (checked above); the slices hold m × k4
+                // activations, blocks × 16 × k4 weights and m × blocks × 16 sums.
+                unsafe { vnni::products(qx, m, self.k4, &self.packed, acc) }
+            }
+            _ => portable_products(qx, m, self.k4, &self.packed, acc),
+        }
+    }
+}
+
+/// Each row of `x` (rows × k) as u8 with zero point 128 and its scale (max |x| / 127), padded
+/// to `k4` with the zero point. Values round half to even, as the vector conversion does.
+fn quantize_rows(x: &[f32], k: usize, k4: usize, kernel: Kernel) -> (Vec<u8>, Vec<f32>) {
+    let rows = x.len() / k;
+    let mut q = vec![128u8; rows * k4];
+    let mut scales = vec![0f32; rows];
+    for ((row, out), scale) in x.chunks(k).zip(q.chunks_mut(k4)).zip(&mut scales) {
+        *scale = match kernel {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: Vnni is only ever chosen on a CPU that has AVX-512 (see `products`).
+            Kernel::Vnni => unsafe { vnni::quantize_row(row, &mut out[..k]) },
+            _ => quantize_row(row, &mut out[..k]),
+        };
+    }
+    (q, scales)
+}
+
+/// The scale of a row: max |x| / 127 (1 for a row of zeros).
+fn row_scale(max: f32) -> f32 {
+    if max > 0.0 {
+        max / 127.0
+    } else {
+        1.0
+    }
+}
+
+fn quantize_row(row: &[f32], out: &mut [u8]) -> f32 {
+    let scale = row_scale(row.iter().fold(0f32, |m, v| m.max(v.abs())));
+    let inv = 1.0 / scale;
+    for (d, &v) in out.iter_mut().zip(row) {
+        *d = ((v * inv).round_ties_even().clamp(-127.0, 127.0) as i32 + 128) as u8;
+    }
+    scale
+}
+
+fn portable_products(qx: &[u8], m: usize, k4: usize, packed: &[i8], acc: &mut [i32]) {
+    let blocks = packed.len() / (LANES * k4);
+    let width = blocks * LANES;
+    for r in 0..m {
+        let a = &qx[r * k4..][..k4];
+        for b in 0..blocks {
+            let w = &packed[b * LANES * k4..][..LANES * k4];
+            let mut sums = [0i32; LANES];
+            for g in 0..k4 / 4 {
+                for (lane, s) in sums.iter_mut().enumerate() {
+                    for t in 0..4 {
+                        *s += a[g * 4 + t] as i32 * w[g * LANES * 4 + lane * 4 + t] as i32;
+                    }
+                }
+            }
+            acc[r * width + b * LANES..][..LANES].copy_from_slice(&sums);
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod vnni {
+    use std::arch::x86_64::*;
+
+    use super::{LANES, ROW_TILE};
+
+    /// `quantize_row`, 16 values at a time: the same bytes.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    pub(super) unsafe fn quantize_row(row: &[f32], out: &mut [u8]) -> f32 {
+        let n = row.len() / 16 * 16;
+        let mut maxv = _mm512_setzero_ps();
+        for c in (0..n).step_by(16) {
+            maxv = _mm512_max_ps(maxv, _mm512_abs_ps(_mm512_loadu_ps(row.as_ptr().add(c))));
+        }
+        let max = row[n..]
+            .iter()
+            .fold(_mm512_reduce_max_ps(maxv), |m, v| m.max(v.abs()));
+        let scale = super::row_scale(max);
+        let inv = 1.0 / scale;
+        let (invv, lo, hi, zero) = (
+            _mm512_set1_ps(inv),
+            _mm512_set1_epi32(-127),
+            _mm512_set1_epi32(127),
+            _mm512_set1_epi32(128),
+        );
+        for c in (0..n).step_by(16) {
+            let v = _mm512_mul_ps(_mm512_loadu_ps(row.as_ptr().add(c)), invv);
+            // Round to nearest, ties to even (the default rounding mode).
+            let i = _mm512_min_epi32(_mm512_max_epi32(_mm512_cvtps_epi32(v), lo), hi);
+            let bytes = _mm512_cvtepi32_epi8(_mm512_add_epi32(i, zero));
+            _mm_storeu_si128(out.as_mut_ptr().add(c) as *mut __m128i, bytes);
+        }
+        for (d, &v) in out[n..].iter_mut().zip(&row[n..]) {
+            *d = ((v * inv).round_ties_even().clamp(-127.0, 127.0) as i32 + 128) as u8;
+        }
+        scale
+    }
+
+    /// `QuantizedWeight::scale_into`'s loop, 16 outputs at a time: the same bytes.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    pub(super) unsafe fn scale_into(
+        out: &mut [f32],
+        acc: &[i32],
+        zero_point_sums: &[i32],
+        scales: &[f32],
+        sx: f32,
+    ) {
+        let n = out.len() / 16 * 16;
+        let sxv = _mm512_set1_ps(sx);
+        for c in (0..n).step_by(16) {
+            let exact = _mm512_sub_epi32(
+                _mm512_loadu_si512(acc.as_ptr().add(c) as *const _),
+                _mm512_loadu_si512(zero_point_sums.as_ptr().add(c) as *const _),
+            );
+            let s = _mm512_mul_ps(sxv, _mm512_loadu_ps(scales.as_ptr().add(c)));
+            let add = _mm512_mul_ps(_mm512_cvtepi32_ps(exact), s);
+            let o = out.as_mut_ptr().add(c);
+            _mm512_storeu_ps(o, _mm512_add_ps(_mm512_loadu_ps(o), add));
+        }
+        for c in n..out.len() {
+            out[c] += (acc[c] - zero_point_sums[c]) as f32 * (sx * scales[c]);
+        }
+    }
+
+    /// See `portable_products`; same result, 8 rows × 2 blocks of sums in registers.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    pub(super) unsafe fn products(qx: &[u8], m: usize, k4: usize, packed: &[i8], acc: &mut [i32]) {
+        let blocks = packed.len() / (LANES * k4);
+        let width = blocks * LANES;
+        let mut b = 0;
+        while b < blocks {
+            let pair = blocks - b >= 2;
+            let mut r = 0;
+            while r < m {
+                let rows = (m - r).min(ROW_TILE);
+                match (rows, pair) {
+                    (ROW_TILE, true) => tile::<ROW_TILE, 2>(qx, r, k4, packed, b, acc, width),
+                    (ROW_TILE, false) => tile::<ROW_TILE, 1>(qx, r, k4, packed, b, acc, width),
+                    (_, true) => {
+                        for rr in r..r + rows {
+                            tile::<1, 2>(qx, rr, k4, packed, b, acc, width)
+                        }
+                    }
+                    (_, false) => {
+                        for rr in r..r + rows {
+                            tile::<1, 1>(qx, rr, k4, packed, b, acc, width)
+                        }
+                    }
+                }
+                r += rows;
+            }
+            b += if pair { 2 } else { 1 };
+        }
+    }
+
+    /// Rows `r..r + R` × blocks `b..b + B`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    #[inline]
+    unsafe fn tile<const R: usize, const B: usize>(
+        qx: &[u8],
+        r: usize,
+        k4: usize,
+        packed: &[i8],
+        b: usize,
+        acc: &mut [i32],
+        width: usize,
+    ) {
+        debug_assert!((r + R) * k4 <= qx.len());
+        debug_assert!((b + B) * LANES * k4 <= packed.len());
+        let mut sums = [[_mm512_setzero_si512(); B]; R];
+        let a = qx.as_ptr().add(r * k4);
+        let w = packed.as_ptr().add(b * LANES * k4);
+        for g in 0..k4 / 4 {
+            let mut ws = [_mm512_setzero_si512(); B];
+            for (j, wj) in ws.iter_mut().enumerate() {
+                *wj = _mm512_loadu_si512(w.add(j * LANES * k4 + g * LANES * 4) as *const _);
+            }
+            for (i, row) in sums.iter_mut().enumerate() {
+                let four = (a.add(i * k4 + g * 4) as *const i32).read_unaligned();
+                let av = _mm512_set1_epi32(four);
+                for (s, wj) in row.iter_mut().zip(&ws) {
+                    *s = _mm512_dpbusd_epi32(*s, av, *wj);
+                }
+            }
+        }
+        for (i, row) in sums.iter().enumerate() {
+            for (j, s) in row.iter().enumerate() {
+                let out = acc.as_mut_ptr().add((r + i) * width + (b + j) * LANES);
+                _mm512_storeu_si512(out as *mut _, *s);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn random(n: usize, seed: u64) -> Vec<f32> {
+        // A small LCG: reproducible values in [-1, 1).
+        let mut s = seed;
+        (0..n)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    fn reference(x: &[f32], w: &[f32], k: usize, n: usize) -> Vec<f32> {
+        let m = x.len() / k;
+        let mut out = vec![0f32; m * n];
+        for r in 0..m {
+            for o in 0..n {
+                out[r * n + o] = (0..k)
+                    .map(|i| x[r * k + i] as f64 * w[o * k + i] as f64)
+                    .sum::<f64>() as f32;
+            }
+        }
+        out
+    }
+
+    /// Shapes with tails everywhere: rows not a multiple of 8 or 64, outputs not of 16 or 32,
+    /// inputs not of 4.
+    const SHAPES: [(usize, usize, usize); 5] = [
+        (1, 4, 16),
+        (7, 13, 5),
+        (9, 37, 48),
+        (70, 384, 1152),
+        (131, 1536, 33),
+    ];
+
+    #[test]
+    fn int8_products_are_within_quantization_error_of_f32() {
+        for (i, &(m, k, n)) in SHAPES.iter().enumerate() {
+            let x = random(m * k, 1 + i as u64);
+            let w = random(n * k, 100 + i as u64);
+            let q = QuantizedWeight::new(&w, n, k);
+            let mut got = vec![0.5f32; m * n];
+            q.accumulate(&x, &mut got, Kernel::detect());
+            let want = reference(&x, &w, k, n);
+            // Each operand is off by at most half a step (max/254); summed over k terms of
+            // size ≤ 1, the error stays well under 2% of √k (the products' typical size).
+            let tol = 0.02 * (k as f32).sqrt();
+            for (g, w) in got.iter().zip(&want) {
+                assert!(
+                    (g - 0.5 - w).abs() <= tol,
+                    "{m}×{k}×{n}: {g} vs {}",
+                    w + 0.5
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn every_kernel_gives_the_same_bytes_on_any_thread_count() {
+        for (i, &(m, k, n)) in SHAPES.iter().enumerate() {
+            let x = random(m * k, 7 + i as u64);
+            let w = random(n * k, 70 + i as u64);
+            let q = QuantizedWeight::new(&w, n, k);
+            let mut portable = vec![0f32; m * n];
+            q.accumulate(&x, &mut portable, Kernel::Portable);
+            if Kernel::detect() == Kernel::Vnni {
+                let mut fast = vec![0f32; m * n];
+                q.accumulate(&x, &mut fast, Kernel::Vnni);
+                assert_eq!(fast, portable, "{m}×{k}×{n}");
+            }
+            let one = rayon::ThreadPoolBuilder::new()
+                .num_threads(1)
+                .build()
+                .unwrap();
+            let mut single = vec![0f32; m * n];
+            one.install(|| q.accumulate(&x, &mut single, Kernel::detect()));
+            assert_eq!(single, portable, "{m}×{k}×{n}, one thread");
+        }
+    }
+
+    #[test]
+    fn zero_rows_and_zero_weights_give_zero() {
+        let q = QuantizedWeight::new(&[0.0; 12], 3, 4);
+        let mut out = vec![0f32; 6];
+        q.accumulate(
+            &[1.0, -2.0, 3.0, 0.5, 0.0, 0.0, 0.0, 0.0],
+            &mut out,
+            Kernel::detect(),
+        );
+        assert_eq!(out, [0.0; 6]);
+    }
+}
