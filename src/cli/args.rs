@@ -194,6 +194,10 @@ pub struct PredictArgs {
     pub top_k: Option<usize>,
     #[arg(long, default_value_t = 64)]
     pub batch_size: usize,
+    /// The encoder's arithmetic: f32, or int8 (faster; scores within quantization error)
+    /// [default: the one thresholds.json was tuned with, else f32].
+    #[arg(long, value_parser = ["f32", "int8"])]
+    pub precision: Option<String>,
     /// Print throughput to stderr.
     #[arg(long)]
     pub stats: bool,

@@ -19,6 +19,10 @@ pub fn predict(args: PredictArgs) -> anyhow::Result<ExitCode> {
         threshold: args.threshold,
         top_k: args.top_k,
         batch_size: args.batch_size,
+        precision: args.precision.as_deref().map(|p| match p {
+            "int8" => goemo_report::precision::Precision::Int8,
+            _ => goemo_report::precision::Precision::F32,
+        }),
     };
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());

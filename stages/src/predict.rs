@@ -20,6 +20,8 @@ pub struct PredictOptions {
     /// The K best labels whatever their score.
     pub top_k: Option<usize>,
     pub batch_size: usize,
+    /// The encoder's arithmetic; default: the one thresholds.json was tuned with.
+    pub precision: Option<goemo_report::precision::Precision>,
 }
 
 /// One input text and where it came from (for messages).
@@ -104,17 +106,31 @@ pub fn predict(
     out: &mut dyn Write,
 ) -> anyhow::Result<PredictStats> {
     let device = crate::scoring::select_device(crate::scoring::DeviceChoice::Auto)?;
-    let classifier = Classifier::load(&opts.model, &device)?;
+    let file = match opts.threshold {
+        Some(_) => None,
+        None => find_thresholds(&opts.model, opts.thresholds.as_deref())
+            .map(|path| -> anyhow::Result<(PathBuf, Thresholds)> {
+                let t: Thresholds = goemo_fsio::read_json(&path)?;
+                t.check()
+                    .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+                Ok((path, t))
+            })
+            .transpose()?,
+    };
+    // Score as the thresholds were tuned, unless told otherwise.
+    let precision = opts
+        .precision
+        .or(file.as_ref().map(|(_, t)| t.precision))
+        .unwrap_or_default();
+    let classifier = Classifier::load_with(
+        &opts.model,
+        &device,
+        crate::scoring::nn_precision(precision),
+    )?;
     let n = classifier.labels.len();
-    let thresholds: Vec<f32> = match (
-        opts.threshold,
-        find_thresholds(&opts.model, opts.thresholds.as_deref()),
-    ) {
+    let thresholds: Vec<f32> = match (opts.threshold, file) {
         (Some(t), _) => vec![t; n],
-        (None, Some(path)) => {
-            let t: Thresholds = goemo_fsio::read_json(&path)?;
-            t.check()
-                .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        (None, Some((path, t))) => {
             if t.labels != classifier.labels {
                 anyhow::bail!("{}: its labels differ from the model's config.json; pass the thresholds.json made for this model, or --threshold", path.display());
             }

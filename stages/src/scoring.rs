@@ -22,6 +22,14 @@ pub enum DeviceChoice {
     Cuda,
 }
 
+/// The params' precision as goemo-nn names it.
+pub fn nn_precision(p: goemo_report::precision::Precision) -> goemo_nn::infer::Precision {
+    match p {
+        goemo_report::precision::Precision::F32 => goemo_nn::infer::Precision::F32,
+        goemo_report::precision::Precision::Int8 => goemo_nn::infer::Precision::Int8,
+    }
+}
+
 pub fn select_device(choice: DeviceChoice) -> anyhow::Result<Device> {
     match choice {
         DeviceChoice::Cpu => Ok(Device::Cpu),
@@ -93,11 +101,13 @@ pub fn score_split(
     tokens: &Path,
     split: Split,
     batch: usize,
+    precision: goemo_report::precision::Precision,
 ) -> anyhow::Result<SplitScores> {
     let data = TokenizedData::read(tokens)?;
-    let classifier = model::Classifier::load(
+    let classifier = model::Classifier::load_with(
         &train_out.join("model"),
         &select_device(DeviceChoice::Auto)?,
+        nn_precision(precision),
     )?;
     let rows = data.rows_in(split);
     if rows.is_empty() {

@@ -68,6 +68,7 @@ impl TypedStage for ThresholdsStage {
             ctx.input("tokens")?,
             Split::Dev,
             p.batch_size,
+            p.precision,
         )?;
         let (data, scores, truth) = (&split.data, &split.scores, &split.truth);
         let n = data.n_labels();

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 
 use crate::config::{EncoderConfig, ModelDir};
-use crate::infer::PackedEncoder;
+use crate::infer::{PackedEncoder, Precision};
 use crate::model::{forward, Batch};
 use crate::params::{Encoder, Spec};
 
@@ -32,6 +32,16 @@ enum Scorer {
 
 impl Classifier {
     pub fn load(path: &Path, device: &Device) -> anyhow::Result<Classifier> {
+        Classifier::load_with(path, device, Precision::F32)
+    }
+
+    /// [`Classifier::load`], the packed encoder's products in `precision` (on the CPU; other
+    /// devices score in f32).
+    pub fn load_with(
+        path: &Path,
+        device: &Device,
+        precision: Precision,
+    ) -> anyhow::Result<Classifier> {
         let md = ModelDir::open(path)?;
         let config_path = md.dir.join("config.json");
         let id2label = md.cfg.raw["id2label"].as_object().ok_or_else(|| {
@@ -76,7 +86,9 @@ impl Classifier {
             Ok(t.to_dtype(DType::F32)?)
         })?;
         let scorer = match device {
-            Device::Cpu => Scorer::Packed(Box::new(PackedEncoder::new(&md.cfg, &weights)?)),
+            Device::Cpu => Scorer::Packed(Box::new(PackedEncoder::with_precision(
+                &md.cfg, &weights, precision,
+            )?)),
             _ => Scorer::Graph(weights),
         };
         Ok(Classifier {

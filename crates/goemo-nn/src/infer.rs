@@ -429,7 +429,6 @@ impl PackedEncoder {
     /// token), for every token or, with `cls_only`, for each row's first token.
     fn attention(&self, qkv: &[f32], start: &[usize], cls_only: bool, ctx: &mut Vec<f32>) {
         let (h, heads) = (self.hidden, self.heads);
-        let dh = h / heads;
         let n_rows = start.len() - 1;
         let out_len = |r: usize| if cls_only { 1 } else { start[r + 1] - start[r] };
         ctx.clear();
@@ -443,27 +442,34 @@ impl PackedEncoder {
             rest = tail;
         }
         slices.into_par_iter().for_each(|(r, out)| {
-            let (s, len) = (start[r], start[r + 1] - start[r]);
-            let token = |t: usize| &qkv[(s + t) * 3 * h..][..3 * h];
-            let mut probs = vec![0f32; len];
-            for (qt, out_t) in out.chunks_mut(h).enumerate() {
-                for head in 0..heads {
-                    let q = &token(qt)[head * dh..][..dh];
-                    for (j, p) in probs.iter_mut().enumerate() {
-                        *p = dot(q, &token(j)[h + head * dh..][..dh]);
-                    }
-                    let max = probs.iter().fold(f32::NEG_INFINITY, |m, &p| m.max(p));
-                    probs.iter_mut().for_each(|p| *p = exp_approx(*p - max));
-                    let inv_sum = 1.0 / lane_sum(&probs);
-                    let o = &mut out_t[head * dh..][..dh];
-                    for (j, p) in probs.iter().enumerate() {
-                        let v = &token(j)[2 * h + head * dh..][..dh];
-                        let w = p * inv_sum;
-                        o.iter_mut().zip(v).for_each(|(o, v)| *o += w * v);
-                    }
-                }
-            }
+            wide(|| attend_row(qkv, h, heads, start[r], start[r + 1] - start[r], out))
         });
+    }
+}
+
+/// One row's attention (see `PackedEncoder::attention`): `len` tokens from token `s` of `qkv`,
+/// the heads' outputs into `out` (one or `len` tokens × hidden).
+#[inline(always)]
+fn attend_row(qkv: &[f32], h: usize, heads: usize, s: usize, len: usize, out: &mut [f32]) {
+    let dh = h / heads;
+    let token = |t: usize| &qkv[(s + t) * 3 * h..][..3 * h];
+    let mut probs = vec![0f32; len];
+    for (qt, out_t) in out.chunks_mut(h).enumerate() {
+        for head in 0..heads {
+            let q = &token(qt)[head * dh..][..dh];
+            for (j, p) in probs.iter_mut().enumerate() {
+                *p = dot(q, &token(j)[h + head * dh..][..dh]);
+            }
+            let max = probs.iter().fold(f32::NEG_INFINITY, |m, &p| m.max(p));
+            probs.iter_mut().for_each(|p| *p = exp_approx(*p - max));
+            let inv_sum = 1.0 / lane_sum(&probs);
+            let o = &mut out_t[head * dh..][..dh];
+            for (j, p) in probs.iter().enumerate() {
+                let v = &token(j)[2 * h + head * dh..][..dh];
+                let w = p * inv_sum;
+                o.iter_mut().zip(v).for_each(|(o, v)| *o += w * v);
+            }
+        }
     }
 }
 
@@ -529,6 +535,7 @@ fn first_tokens(x: &[f32], start: &[usize], h: usize) -> Vec<f32> {
 }
 
 /// A sum in eight independent lanes (see `dot`).
+#[inline]
 pub(crate) fn lane_sum(x: &[f32]) -> f32 {
     let mut lanes = [0f32; 8];
     let x8 = x.chunks_exact(8);
@@ -543,6 +550,7 @@ pub(crate) fn lane_sum(x: &[f32]) -> f32 {
 
 /// A dot product in eight independent lanes, so the compiler can vectorise it (a single
 /// running sum is a serial dependency it may not reorder).
+#[inline]
 pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut lanes = [0f32; 8];
     let (a8, b8) = (a.chunks_exact(8), b.chunks_exact(8));
@@ -565,6 +573,7 @@ pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
 /// Taylor polynomial to degree 6, 2^n written into the exponent bits. Relative error ≤ 3e-7
 /// (test below); inputs below −87 give e^−87 instead of something smaller, which a softmax
 /// over a row whose largest term is 1 cannot tell from 0.
+#[inline]
 pub(crate) fn exp_approx(x: f32) -> f32 {
     const LOG2_E: f32 = std::f32::consts::LOG2_E;
     // ln 2 in two parts, so n·LN2_HI is exact for the n that occur here.
@@ -586,6 +595,7 @@ pub(crate) fn exp_approx(x: f32) -> f32 {
 /// scalar `erff` was 8% of an inference profile). The coefficients are the float
 /// approximation Eigen and XLA use; erf is 1 − 1.5e-8 at |x| = 4, so the input is clamped
 /// there. Largest absolute error against libm 4.2e-7 (test below).
+#[inline]
 pub(crate) fn erf_rational(x: f32) -> f32 {
     let x = x.clamp(-4.0, 4.0);
     let x2 = x * x;
@@ -607,7 +617,33 @@ pub(crate) const SQRT_TWO_OVER_PI: f32 = 0.797_884_6;
 /// The activation in place: the formulas candle's ops use, with erf and tanh's GELU as there.
 /// The packed encoder's and the packed trainer's forward pass.
 pub(crate) fn activate(x: &mut [f32], a: Activation) {
-    x.par_chunks_mut(4096).for_each(|c| match a {
+    x.par_chunks_mut(4096)
+        .for_each(|c| wide(|| activate_chunk(c, a)));
+}
+
+/// `f` compiled for AVX-512 when this CPU has it (with `f` and what it calls inlined), else as
+/// it is. Only for code whose float operations are the same either way: elementwise formulas
+/// and sums in explicit lanes. Rust never reassociates or fuses float operations, so wider
+/// registers give the same bytes, only sooner.
+#[inline(always)]
+pub(crate) fn wide<R>(f: impl FnOnce() -> R) -> R {
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512vl") {
+        // SAFETY: the CPU has the features the function is compiled for.
+        return unsafe { with_avx512(f) };
+    }
+    f()
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512vl,avx2")]
+unsafe fn with_avx512<R>(f: impl FnOnce() -> R) -> R {
+    f()
+}
+
+#[inline(always)]
+fn activate_chunk(c: &mut [f32], a: Activation) {
+    match a {
         Activation::GeluErf => c.iter_mut().for_each(|v| {
             *v = (erf_rational(*v * std::f32::consts::FRAC_1_SQRT_2) + 1.0) * 0.5 * *v
         }),
@@ -615,7 +651,7 @@ pub(crate) fn activate(x: &mut [f32], a: Activation) {
             *v = 0.5 * *v * (1.0 + (SQRT_TWO_OVER_PI * *v * (1.0 + 0.044715 * *v * *v)).tanh())
         }),
         Activation::Relu => c.iter_mut().for_each(|v| *v = v.max(0.0)),
-    });
+    }
 }
 
 #[cfg(test)]

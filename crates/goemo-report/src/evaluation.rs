@@ -171,6 +171,9 @@ pub struct EvaluateParams {
     pub batch_size: usize,
     /// The GoEmotions paper's global threshold.
     pub paper_threshold: f32,
+    /// The encoder's arithmetic; thresholds should have been tuned with the same one.
+    #[serde(skip_serializing_if = "crate::precision::Precision::is_f32")]
+    pub precision: crate::precision::Precision,
 }
 
 impl Default for EvaluateParams {
@@ -180,6 +183,7 @@ impl Default for EvaluateParams {
             seed: 42,
             batch_size: 64,
             paper_threshold: 0.3,
+            precision: crate::precision::Precision::F32,
         }
     }
 }

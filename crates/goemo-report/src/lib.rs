@@ -19,6 +19,7 @@ mod error;
 pub mod evaluation;
 pub mod metrics;
 pub mod page;
+pub mod precision;
 pub mod thresholds;
 
 pub use error::ReportError;

@@ -8,6 +8,8 @@
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::precision::Precision;
+
 use crate::metrics::{self, round6};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -30,6 +32,9 @@ pub struct ThresholdParams {
     pub min_positives: usize,
     /// Rows scored at once.
     pub batch_size: usize,
+    /// The encoder's arithmetic; evaluate and `goemo predict` score with the same one.
+    #[serde(skip_serializing_if = "Precision::is_f32")]
+    pub precision: Precision,
 }
 
 impl Default for ThresholdParams {
@@ -40,6 +45,7 @@ impl Default for ThresholdParams {
             floor: 0.05,
             min_positives: 5,
             batch_size: 64,
+            precision: Precision::F32,
         }
     }
 }
@@ -55,6 +61,9 @@ pub struct Thresholds {
     pub dev_f1: Vec<f64>,
     /// Labels that kept the global threshold (too few dev positives).
     pub fallback: Vec<String>,
+    /// The arithmetic the dev scores were computed with (absent: f32).
+    #[serde(default, skip_serializing_if = "Precision::is_f32")]
+    pub precision: Precision,
 }
 
 impl Thresholds {
@@ -99,5 +108,6 @@ pub fn tune(scores: &[f32], truth: &[u8], labels: &[String], p: &ThresholdParams
         dev_f1: c.iter().map(|k| round6(k.f1())).collect(),
         thresholds,
         fallback,
+        precision: p.precision,
     }
 }
