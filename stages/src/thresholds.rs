@@ -95,3 +95,36 @@ impl TypedStage for ThresholdsStage {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use goemo_stage::Stage;
+
+    /// `precision` at its default is left out of the resolved params, so the key of every
+    /// thresholds and evaluate entry made before the param existed is unchanged; int8 is in.
+    #[test]
+    fn precision_f32_leaves_the_key_unchanged_and_int8_changes_it() {
+        let stages: [&dyn Stage; 2] = [&super::ThresholdsStage, &crate::evaluate::EvaluateStage];
+        for stage in stages {
+            let resolve = |yaml: &str| {
+                stage
+                    .resolve_params(&serde_yaml::from_str(yaml).unwrap())
+                    .unwrap()
+            };
+            let before = resolve("{}");
+            assert!(before.get("precision").is_none(), "{before}");
+            assert_eq!(resolve("{precision: f32}"), before);
+            let int8 = resolve("{precision: int8}");
+            assert_eq!(int8["precision"], "int8");
+            let err = stage
+                .resolve_params(&serde_yaml::from_str("{precision: int4}").unwrap())
+                .unwrap_err();
+            assert_eq!(err.param.as_deref(), Some("precision"), "{}", err.message);
+            assert!(
+                err.message.contains("expected `f32` or `int8`"),
+                "{}",
+                err.message
+            );
+        }
+    }
+}
