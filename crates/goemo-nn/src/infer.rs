@@ -283,6 +283,7 @@ struct Layer {
 
 /// A classifier's weights laid out for `PackedEncoder::logits`.
 pub struct PackedEncoder {
+    precision: Precision,
     arch: Arch,
     hidden: usize,
     heads: usize,
@@ -344,6 +345,7 @@ impl PackedEncoder {
             .collect::<anyhow::Result<Vec<_>>>()?;
         let e = &p.embeddings;
         Ok(PackedEncoder {
+            precision,
             arch: cfg.arch,
             hidden: cfg.hidden,
             heads: cfg.heads,
@@ -441,9 +443,56 @@ impl PackedEncoder {
             slices.push((r, mine));
             rest = tail;
         }
+        let (f32_order, start) = (self.precision == Precision::F32, start);
         slices.into_par_iter().for_each(|(r, out)| {
-            wide(|| attend_row(qkv, h, heads, start[r], start[r + 1] - start[r], out))
+            let (s, len) = (start[r], start[r + 1] - start[r]);
+            if f32_order {
+                attend_row_wide(qkv, h, heads, s, len, out)
+            } else {
+                attend_row_by_keys_wide(qkv, h, heads, s, len, out)
+            }
         });
+    }
+}
+
+/// [`attend_row`] with the scores summed in another order, for the int8 path (whose bytes are
+/// its own): each head's keys transposed and padded to a multiple of 16 tokens, so a query's
+/// scores against all keys are `dh` vector multiply-adds instead of `len` short dot products.
+#[inline(always)]
+fn attend_row_by_keys(qkv: &[f32], h: usize, heads: usize, s: usize, len: usize, out: &mut [f32]) {
+    let dh = h / heads;
+    let lp = len.div_ceil(16) * 16;
+    let token = |t: usize| &qkv[(s + t) * 3 * h..][..3 * h];
+    // keys[c][j]: feature c (head · dh + d) of key j; padding keys are zero.
+    let mut keys = vec![0f32; h * lp];
+    for j in 0..len {
+        for (c, &k) in token(j)[h..2 * h].iter().enumerate() {
+            keys[c * lp + j] = k;
+        }
+    }
+    let mut probs = vec![0f32; lp];
+    for (qt, out_t) in out.chunks_mut(h).enumerate() {
+        let q = &token(qt)[..h];
+        for head in 0..heads {
+            probs.iter_mut().for_each(|p| *p = 0.0);
+            for d in 0..dh {
+                let c = head * dh + d;
+                let qc = q[c];
+                for (p, k) in probs.iter_mut().zip(&keys[c * lp..][..lp]) {
+                    *p += qc * k;
+                }
+            }
+            let probs = &mut probs[..len];
+            let max = probs.iter().fold(f32::NEG_INFINITY, |m, &p| m.max(p));
+            probs.iter_mut().for_each(|p| *p = exp_approx(*p - max));
+            let inv_sum = 1.0 / lane_sum(probs);
+            let o = &mut out_t[head * dh..][..dh];
+            for (j, p) in probs.iter().enumerate() {
+                let v = &token(j)[2 * h + head * dh..][..dh];
+                let w = p * inv_sum;
+                o.iter_mut().zip(v).for_each(|(o, v)| *o += w * v);
+            }
+        }
     }
 }
 
@@ -618,28 +667,36 @@ pub(crate) const SQRT_TWO_OVER_PI: f32 = 0.797_884_6;
 /// The packed encoder's and the packed trainer's forward pass.
 pub(crate) fn activate(x: &mut [f32], a: Activation) {
     x.par_chunks_mut(4096)
-        .for_each(|c| wide(|| activate_chunk(c, a)));
+        .for_each(|c| activate_chunk_wide(c, a));
 }
 
-/// `f` compiled for AVX-512 when this CPU has it (with `f` and what it calls inlined), else as
-/// it is. Only for code whose float operations are the same either way: elementwise formulas
-/// and sums in explicit lanes. Rust never reassociates or fuses float operations, so wider
-/// registers give the same bytes, only sooner.
-#[inline(always)]
-pub(crate) fn wide<R>(f: impl FnOnce() -> R) -> R {
-    #[cfg(target_arch = "x86_64")]
-    if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512vl") {
-        // SAFETY: the CPU has the features the function is compiled for.
-        return unsafe { with_avx512(f) };
-    }
-    f()
+/// `fn NAME(args) => BODY`: NAME calls BODY (an `#[inline(always)]` function) compiled for
+/// AVX-512 when this CPU has it, else as it is. Only for code whose float operations are the
+/// same either way: elementwise formulas and sums in explicit lanes. Rust never reassociates or
+/// fuses float operations, so wider registers give the same bytes, only sooner.
+macro_rules! wide_fn {
+    ($(#[$m:meta])* fn $name:ident($($arg:ident: $ty:ty),*) => $body:path) => {
+        $(#[$m])*
+        fn $name($($arg: $ty),*) {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f,avx512vl,avx2")]
+                unsafe fn avx512($($arg: $ty),*) {
+                    $body($($arg),*)
+                }
+                if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512vl") {
+                    // SAFETY: the CPU has the features `avx512` is compiled for.
+                    return unsafe { avx512($($arg),*) };
+                }
+            }
+            $body($($arg),*)
+        }
+    };
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512vl,avx2")]
-unsafe fn with_avx512<R>(f: impl FnOnce() -> R) -> R {
-    f()
-}
+wide_fn!(fn activate_chunk_wide(c: &mut [f32], a: Activation) => activate_chunk);
+wide_fn!(fn attend_row_wide(qkv: &[f32], h: usize, heads: usize, s: usize, len: usize, out: &mut [f32]) => attend_row);
+wide_fn!(fn attend_row_by_keys_wide(qkv: &[f32], h: usize, heads: usize, s: usize, len: usize, out: &mut [f32]) => attend_row_by_keys);
 
 #[inline(always)]
 fn activate_chunk(c: &mut [f32], a: Activation) {
