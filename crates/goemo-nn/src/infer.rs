@@ -914,6 +914,36 @@ mod tests {
         }
     }
 
+    /// The int8 encoder against the f32 one on tiny random BERT and DistilBERT models: the
+    /// logits agree to within the quantization error, and a row alone gives what it gives in
+    /// a batch (activations are scaled per row, never per batch).
+    #[test]
+    fn int8_logits_are_near_f32_and_independent_of_the_batch() {
+        for (seed, arch) in [Arch::Bert, Arch::DistilBert].into_iter().enumerate() {
+            let cfg = EncoderConfig::from_json(tiny_config(arch, 0.0)).unwrap();
+            let mut cfg_init = cfg.clone();
+            cfg_init.initializer_range = 0.3;
+            let params = Params::init(&cfg_init, 28, 10 + seed as u64, &Device::Cpu).unwrap();
+            let weights = params.detached();
+            let f32_enc = PackedEncoder::new(&cfg, &weights).unwrap();
+            let int8_enc = PackedEncoder::with_precision(&cfg, &weights, Precision::Int8).unwrap();
+            let rows = random_token_rows(13, 40, 5 + seed as u64);
+            let seqs: Vec<&[u32]> = rows.iter().map(Vec::as_slice).collect();
+            let want = f32_enc.logits(&seqs).unwrap();
+            let got = int8_enc.logits(&seqs).unwrap();
+            let spread = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let diff = max_abs_diff(&got, &want);
+            assert!(
+                diff < 0.03 * spread && diff > 0.0,
+                "{arch:?}: int8 vs f32 {diff} (logits up to {spread})"
+            );
+            // (Not bit for bit: the f32 pooler and classifier run as one product per batch.)
+            let alone = int8_enc.logits(&seqs[4..5]).unwrap();
+            let diff = max_abs_diff(&alone, &got[4 * 28..5 * 28]);
+            assert!(diff < 1e-5, "{arch:?}: alone vs in the batch {diff}");
+        }
+    }
+
     #[test]
     fn packed_scores_are_sigmoids_of_the_logits() {
         let cfg = EncoderConfig::from_json(tiny_config(Arch::Bert, 0.0)).unwrap();
