@@ -5,6 +5,7 @@ use std::time::Instant;
 
 use candle_core::{Device, Tensor};
 use goemo_data::tokens::TokenizedData;
+use goemo_nn::backprop::Products;
 use goemo_nn::model::{self, Arch, Classifier, EncoderConfig, ModelDir, Params};
 use goemo_stages::trainer::{self as train, bce_with_logits, TrainEnv, TrainParams};
 use goemo_testing::{
@@ -37,7 +38,9 @@ fn every_parameter_receives_a_nonzero_gradient() {
     for arch in [Arch::Bert, Arch::DistilBert] {
         let p = tiny_params(arch, 0.0, 1);
         let rows: Vec<usize> = (0..32).collect();
-        let (_, grads) = train::loss_and_grads(&p, &data, &rows, None, None, &Device::Cpu).unwrap();
+        let (_, grads) =
+            train::loss_and_grads(&p, &data, &rows, None, None, &Device::Cpu, Products::F32)
+                .unwrap();
         for (name, g) in p.names.iter().zip(grads.leaves()) {
             // Embedding rows of tokens absent from the batch are legitimately zero: check the
             // tensor as a whole, and every element of everything else.
@@ -62,9 +65,11 @@ fn gradients_match_finite_differences() {
         config["initializer_range"] = serde_json::json!(0.4);
         let cfg = EncoderConfig::from_json(config).unwrap();
         let p = Params::init(&cfg, 28, 2, &Device::Cpu).unwrap();
-        let (_, grads) = train::loss_and_grads(&p, &data, &rows, None, None, &Device::Cpu).unwrap();
+        let (_, grads) =
+            train::loss_and_grads(&p, &data, &rows, None, None, &Device::Cpu, Products::F32)
+                .unwrap();
         let loss_at = |p: &Params| {
-            train::loss_and_grads(p, &data, &rows, None, None, &Device::Cpu)
+            train::loss_and_grads(p, &data, &rows, None, None, &Device::Cpu, Products::F32)
                 .unwrap()
                 .0
         };
@@ -532,8 +537,16 @@ fn packed_gradients_match_autograd_on_minilm() {
     let rows: Vec<usize> = (0..24).collect();
     let (want_loss, want) =
         train::loss_and_grads_autograd(&params, &data, &rows, None, None, &Device::Cpu).unwrap();
-    let (loss, got) =
-        train::loss_and_grads(&params, &data, &rows, None, None, &Device::Cpu).unwrap();
+    let (loss, got) = train::loss_and_grads(
+        &params,
+        &data,
+        &rows,
+        None,
+        None,
+        &Device::Cpu,
+        Products::F32,
+    )
+    .unwrap();
     assert!(
         (loss - want_loss).abs() < 1e-5,
         "loss {loss} vs autograd {want_loss}"

@@ -48,9 +48,9 @@ impl Precision {
 /// A matrix operand of `matmul`: its buffer and the strides of its rows and columns.
 #[derive(Clone, Copy)]
 pub(crate) struct Operand<'a> {
-    data: &'a [f32],
-    row_stride: usize,
-    col_stride: usize,
+    pub(crate) data: &'a [f32],
+    pub(crate) row_stride: usize,
+    pub(crate) col_stride: usize,
 }
 
 impl<'a> Operand<'a> {
@@ -72,7 +72,7 @@ impl<'a> Operand<'a> {
         }
     }
 
-    fn check(&self, rows: usize, cols: usize, what: &str) {
+    pub(crate) fn check(&self, rows: usize, cols: usize, what: &str) {
         if rows > 0 && cols > 0 {
             let last = (rows - 1) * self.row_stride + (cols - 1) * self.col_stride;
             assert!(last < self.data.len(), "{what}: operand too small");

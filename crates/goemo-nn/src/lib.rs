@@ -11,12 +11,15 @@
 //!   a fixed summation order, so the same weights give the same bits on any x86-64 with FMA.
 //! - [`classifier`]: a fine-tuned model loaded for scoring text.
 //! - [`backprop`]: the packed trainer's forward and backward passes over the same kernels.
+//! - [`bf16`]: bf16 matrix products with f32 sums for training (`vdpbf16ps`, or a portable
+//!   kernel giving the same bits).
 //! - [`optim`]: AdamW over the parameter tree.
 //! - [`loss`]: binary cross-entropy on logits.
 //!
 //! Knows nothing of pipelines, stages or datasets: callers pass token ids and labels.
 
 pub mod backprop;
+pub mod bf16;
 pub mod classifier;
 pub mod config;
 pub mod infer;

@@ -58,6 +58,18 @@ pub fn check_finite_differences(
     skip: impl Fn(&str) -> bool,
     what: &str,
 ) -> usize {
+    check_finite_differences_within(params, grads, loss_at, skip, 0.05, what)
+}
+
+/// [`check_finite_differences`] with the relative tolerance given (0.05 there).
+pub fn check_finite_differences_within(
+    params: &crate::model::Params,
+    grads: &crate::params::Encoder<Vec<f32>>,
+    loss_at: impl Fn(&crate::model::Params) -> f64,
+    skip: impl Fn(&str) -> bool,
+    rel_tol: f64,
+    what: &str,
+) -> usize {
     let grads = grads.leaves();
     let mut checked = 0;
     for (k, name) in params.names.iter().enumerate() {
@@ -86,7 +98,7 @@ pub fn check_finite_differences(
         loss_with(0.0);
         let err = (fd - g as f64).abs();
         assert!(
-            err <= 0.05 * (g as f64).abs() + 1e-5,
+            err <= rel_tol * (g as f64).abs() + 1e-5,
             "{what} {name}[{j}]: backprop {g}, finite difference {fd}"
         );
         checked += 1;

@@ -2,7 +2,8 @@
 //! ../shared/bench/torch_reference.py, on the same data and the same batches.
 //!
 //!   goemo-bench tokenize                 43,410 train texts, best of 3
-//!   goemo-bench train minilm|distilbert  30 timed steps after 5 warm-up, batch 32 (BENCH_BATCHES)
+//!   goemo-bench train minilm|distilbert  30 timed steps after 5 warm-up, batch 32 (BENCH_BATCHES);
+//!                                        --precision f32|bf16|bf16-portable
 //!   goemo-bench infer minilm|distilbert  the dev split, batch 64
 //!
 //! Env: MODEL_DIR (all-MiniLM-L6-v2), GE_DATA (GoEmotions), BENCH_BATCHES, RAYON_NUM_THREADS.
@@ -65,22 +66,35 @@ fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let model = env_path("MODEL_DIR", "models/all-MiniLM-L6-v2");
     let which = args.get(1).map(String::as_str).unwrap_or("minilm");
+    let precision = args
+        .iter()
+        .position(|a| a == "--precision")
+        .map(|i| args.get(i + 1).map(String::as_str));
     match args.first().map(String::as_str) {
         Some("tokenize") => bench_tokenize(&model),
-        Some("train") => bench_train(which, &model),
+        Some("train") => {
+            let products = match precision {
+                None | Some(Some("f32")) => goemo_nn::backprop::Products::F32,
+                Some(Some("bf16")) => goemo_nn::backprop::Products::bf16(),
+                Some(Some("bf16-portable")) => goemo_nn::backprop::Products::Bf16(
+                    goemo_nn::bf16::Bf16Kernel::Portable,
+                ),
+                Some(other) => {
+                    anyhow::bail!("--precision {other:?}: use f32, bf16 or bf16-portable")
+                }
+            };
+            bench_train(which, &model, products)
+        }
         Some("infer") => {
-            let precision = match args.iter().position(|a| a == "--precision") {
-                None => goemo_nn::infer::Precision::F32,
-                Some(i) => match args.get(i + 1).map(String::as_str) {
-                    Some("f32") => goemo_nn::infer::Precision::F32,
-                    Some("int8") => goemo_nn::infer::Precision::Int8,
-                    other => anyhow::bail!("--precision {other:?}: use f32 or int8"),
-                },
+            let precision = match precision {
+                None | Some(Some("f32")) => goemo_nn::infer::Precision::F32,
+                Some(Some("int8")) => goemo_nn::infer::Precision::Int8,
+                Some(other) => anyhow::bail!("--precision {other:?}: use f32 or int8"),
             };
             bench_infer(which, &model, args.iter().any(|a| a == "--padded"), precision)
         }
         _ => anyhow::bail!(
-            "usage: goemo-bench tokenize | train minilm|distilbert | infer minilm|distilbert [--padded | --precision f32|int8]"
+            "usage: goemo-bench tokenize | train minilm|distilbert [--precision f32|bf16|bf16-portable] | infer minilm|distilbert [--padded | --precision f32|int8]"
         ),
     }
 }
@@ -105,7 +119,11 @@ fn bench_tokenize(model: &std::path::Path) -> anyhow::Result<()> {
 }
 
 /// 30 timed optimizer steps after 5 warm-up ones, on the batches of BENCH_BATCHES.
-fn bench_train(which: &str, model: &std::path::Path) -> anyhow::Result<()> {
+fn bench_train(
+    which: &str,
+    model: &std::path::Path,
+    products: goemo_nn::backprop::Products,
+) -> anyhow::Result<()> {
     let threads = rayon::current_num_threads();
     let (labels, rows) = read_split(Split::Train)?;
     let data = goemo_data::tokenize::build(&rows, labels, model, 128)?;
@@ -144,7 +162,8 @@ fn bench_train(which: &str, model: &std::path::Path) -> anyhow::Result<()> {
             (loss, grads, None)
         } else {
             let (seqs, targets) = train::packed_batch(&data, b);
-            let s = goemo_nn::backprop::step(&params, &seqs, &targets, None, Some(&mut rng))?;
+            let s =
+                goemo_nn::backprop::step(&params, &seqs, &targets, None, Some(&mut rng), products)?;
             (s.loss, s.grads, Some((s.forward_secs, s.backward_secs)))
         };
         let t1 = Instant::now();
@@ -168,7 +187,7 @@ fn bench_train(which: &str, model: &std::path::Path) -> anyhow::Result<()> {
     }
     let n = batches.len().min(35).saturating_sub(5).max(1) as f64;
     println!(
-            "RESULT train model={which} path={} threads={threads} steps={n} secs={tsum:.2} ex_per_s={:.2} padded_tok_per_s={:.0} s_per_step={:.3} peak_rss_mib={:.0} split_s_per_step fwd_bwd={:.3} fwd={:.3} bwd={:.3} opt={:.3}",
+            "RESULT train model={which} path={} precision={products:?} threads={threads} steps={n} secs={tsum:.2} ex_per_s={:.2} padded_tok_per_s={:.0} s_per_step={:.3} peak_rss_mib={:.0} split_s_per_step fwd_bwd={:.3} fwd={:.3} bwd={:.3} opt={:.3}",
             if autograd { "autograd" } else { "packed" },
             ex as f64 / tsum, toks as f64 / tsum, tsum / n, peak_rss_mib(), fb / n, fwd_sum / n, bwd_sum / n, o / n
         );

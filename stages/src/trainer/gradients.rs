@@ -5,14 +5,15 @@ use candle_core::{Device, Tensor};
 use rand_chacha::ChaCha8Rng;
 
 use goemo_data::tokens::TokenizedData;
-use goemo_nn::backprop::Grads;
+use goemo_nn::backprop::{Grads, Products};
 use goemo_nn::loss::bce_with_logits;
 use goemo_nn::model::{self, Params};
 
 use super::batching::{make_batch, packed_batch};
 
 /// Forward + backward for one micro-batch: (loss, gradients on host in parameter order). On
-/// the CPU the packed trainer (`backprop`) computes them; elsewhere candle's autograd.
+/// the CPU the packed trainer (`backprop`) computes them, its products in `products`;
+/// elsewhere candle's autograd (f32).
 pub fn loss_and_grads(
     params: &Params,
     data: &TokenizedData,
@@ -20,13 +21,21 @@ pub fn loss_and_grads(
     pos_weight: Option<&Tensor>,
     rng: Option<&mut ChaCha8Rng>,
     device: &Device,
+    products: Products,
 ) -> anyhow::Result<(f64, Grads)> {
     if !device.is_cpu() {
         return loss_and_grads_autograd(params, data, rows, pos_weight, rng, device);
     }
     let (seqs, targets) = packed_batch(data, rows);
     let pos_weight = pos_weight.map(|w| w.to_vec1::<f32>()).transpose()?;
-    goemo_nn::backprop::loss_and_grads(params, &seqs, &targets, pos_weight.as_deref(), rng)
+    goemo_nn::backprop::loss_and_grads(
+        params,
+        &seqs,
+        &targets,
+        pos_weight.as_deref(),
+        rng,
+        products,
+    )
 }
 
 /// `loss_and_grads` by candle's autograd over the padded `model::forward`: the reference the

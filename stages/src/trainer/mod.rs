@@ -37,6 +37,8 @@ use candle_core::Device;
 use serde::{Deserialize, Serialize};
 
 use goemo_data::tokens::TokenizedData;
+use goemo_nn::backprop::Products;
+use goemo_nn::bf16::Bf16Kernel;
 use goemo_nn::model::{self, ModelDir, NamedTensors, Params};
 use goemo_nn::optim::AdamWConfig;
 use goemo_stage::{InputSpec, Inputs, ParamError, StageContext, TypedStage};
@@ -69,6 +71,57 @@ pub enum PosWeightMode {
     Auto,
 }
 
+/// `train.precision`: what the trainer's matrix products compute in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TrainPrecision {
+    #[default]
+    F32,
+    Bf16,
+    /// bf16 on a CPU with AVX512-BF16, f32 elsewhere: decided on the machine that resolves the
+    /// params, which is why it is written (and keyed) as what it resolved to.
+    Auto,
+}
+
+impl TrainPrecision {
+    /// `auto` decided for this CPU; `f32` and `bf16` as they are.
+    pub fn resolve(self) -> TrainPrecision {
+        match self {
+            TrainPrecision::Auto => match Bf16Kernel::detect() {
+                Bf16Kernel::Avx512Bf16 => TrainPrecision::Bf16,
+                Bf16Kernel::Portable => TrainPrecision::F32,
+            },
+            p => p,
+        }
+    }
+
+    fn resolves_to_f32(&self) -> bool {
+        self.resolve() == TrainPrecision::F32
+    }
+
+    pub fn name(self) -> &'static str {
+        match self.resolve() {
+            TrainPrecision::Bf16 => "bf16",
+            _ => "f32",
+        }
+    }
+
+    /// The packed trainer's arithmetic: bf16 through the fastest kernel this CPU has (the
+    /// portable one gives the same bits, slower).
+    pub fn products(self) -> Products {
+        match self.resolve() {
+            TrainPrecision::Bf16 => Products::bf16(),
+            _ => Products::F32,
+        }
+    }
+}
+
+impl Serialize for TrainPrecision {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.name())
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TrainParams {
@@ -98,6 +151,12 @@ pub struct TrainParams {
     /// Stop after this many optimizer steps (0: no limit); for smoke tests.
     pub max_steps: usize,
     pub device: DeviceChoice,
+    /// The matrix products' arithmetic on the CPU trainer: `f32`, `bf16` (bf16 operands, f32
+    /// sums; f32 master weights, AdamW moments, softmax, LayerNorm and loss) or `auto` (bf16
+    /// where the CPU has AVX512-BF16, else f32). Resolved when params are: the key and
+    /// pipeline.lock hold `bf16` or nothing (f32, so keys from before this param stay valid).
+    #[serde(skip_serializing_if = "TrainPrecision::resolves_to_f32")]
+    pub precision: TrainPrecision,
     /// Log a line every this many steps when there is no progress bar.
     pub log_every: usize,
     /// Also checkpoint inside an epoch once this many seconds have passed since the last one,
@@ -142,6 +201,7 @@ impl Default for TrainParams {
             bucket_batches: 50,
             max_steps: 0,
             device: DeviceChoice::Auto,
+            precision: TrainPrecision::F32,
             log_every: 100,
             checkpoint_every_secs: 600.0,
         }
@@ -238,6 +298,11 @@ impl TypedStage for TrainStage {
         let data = TokenizedData::read(ctx.input("tokens")?)?;
         let model_dir = ModelDir::open(ctx.input("model")?)?;
         let device = select_device(params.device)?;
+        if !device.is_cpu() && params.precision.resolve() == TrainPrecision::Bf16 {
+            anyhow::bail!(
+                "train.precision is bf16, but bf16 products run on the CPU trainer only and this run chose {device:?}\n  hint: set train.precision: f32 for CUDA, or train.device: cpu"
+            );
+        }
         let check = || ctx.check_cancelled();
         let env = TrainEnv {
             device: &device,
@@ -374,4 +439,40 @@ pub fn validate_against_model(data: &TokenizedData, model_dir: &ModelDir) -> any
         anyhow::bail!("tokenized rows reach {longest} tokens but the model has {} positions; lower the tokenize stage's max_len", cfg.max_positions);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use goemo_nn::bf16::Bf16Kernel;
+    use goemo_stage::Stage;
+
+    /// `precision: f32` (the default) is left out of the resolved params, so every train key
+    /// and lock made before the param existed is unchanged; bf16 is keyed; `auto` is keyed as
+    /// what it resolved to on this CPU; a bad value names the param and the choices.
+    #[test]
+    fn precision_f32_leaves_the_key_unchanged_bf16_changes_it_and_auto_resolves() {
+        let stage = super::TrainStage;
+        let resolve = |yaml: &str| {
+            stage
+                .resolve_params(&serde_yaml::from_str(yaml).unwrap())
+                .unwrap()
+        };
+        let before = resolve("{}");
+        assert!(before.get("precision").is_none(), "{before}");
+        assert_eq!(resolve("{precision: f32}"), before);
+        let bf16 = resolve("{precision: bf16}");
+        assert_eq!(bf16["precision"], "bf16");
+        let auto = resolve("{precision: auto}");
+        match Bf16Kernel::detect() {
+            Bf16Kernel::Avx512Bf16 => assert_eq!(auto, bf16),
+            Bf16Kernel::Portable => assert_eq!(auto, before),
+        }
+        let typed: super::TrainParams = serde_json::from_value(bf16).unwrap();
+        assert_eq!(typed.precision, super::TrainPrecision::Bf16);
+        let err = stage
+            .resolve_params(&serde_yaml::from_str("{precision: fp16}").unwrap())
+            .unwrap_err();
+        assert_eq!(err.param.as_deref(), Some("precision"), "{}", err.message);
+        assert!(err.message.contains("`bf16`"), "{}", err.message);
+    }
 }

@@ -316,6 +316,7 @@ impl<'a> Run<'a> {
             self.pos_weight.as_ref(),
             Some(rng),
             self.env.device,
+            p.precision.products(),
         )?;
         self.clock.this_process.fwd_bwd_secs += t0.elapsed().as_secs_f64();
         if !loss.is_finite() {
@@ -532,6 +533,9 @@ impl<'a> Run<'a> {
             "eval_macro_f1": log.best_dev_macro_f1,
             "threads": rayon::current_num_threads(),
             "device": format!("{:?}", self.env.device),
+            // Which arithmetic and kernel ran: the provenance of a bf16 entry.
+            "precision": self.p.precision.name(),
+            "products": format!("{:?}", self.p.precision.products()),
         });
         Ok(TrainOutcome {
             log,

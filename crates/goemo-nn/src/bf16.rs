@@ -1,0 +1,578 @@
+//! bf16 matrix products for training: operands rounded to bf16 (round to nearest even), sums in
+//! f32. The training path's `train.precision: bf16`.
+//!
+//! The AVX-512 BF16 instruction `vdpbf16ps` multiplies 16 pairs of bf16 and adds both products
+//! to 16 f32 sums, each addition rounded: `sum = (sum + a₁·b₁) + a₀·b₀` (the odd element first;
+//! measured on these CPUs against Intel's pseudo-code, bit for bit). A product of two bf16 is
+//! exact in f32, so the portable kernel does the same two additions in the same order and gets
+//! the same bits on any CPU. Results therefore depend neither on which kernel ran nor on the
+//! thread count: each output is one chain of additions over the inner dimension in order,
+//! starting from the destination's value, whatever the tiling. (Both kernels flush results
+//! below f32's smallest normal to zero, as the instruction does; the rounding of operands
+//! flushes bf16 subnormals, as `vcvtneps2bf16` does.)
+//!
+//! Layout: both operands are packed once per product into pairs along the inner dimension (one
+//! `u32` per pair, the even element in the low half: what the instruction reads). The left
+//! operand in tiles of [`MR`] rows, the right one in panels of [`NR`] columns; within a tile or
+//! panel, pair by pair, the [`MR`] (or [`NR`]) lines side by side. Tiles and panels past the
+//! matrix's edge are zero-padded.
+
+use rayon::prelude::*;
+
+use crate::infer::Operand;
+
+/// Rows of the left operand one kernel call holds.
+pub const MR: usize = 8;
+/// Columns of the right operand one kernel call holds: three 512-bit registers of sums.
+pub const NR: usize = 48;
+/// Pairs of the inner dimension per block: a panel's block (128 × 48 × 4 bytes = 24 KiB) stays
+/// in L1 while the tiles of a task stream past it.
+const KC: usize = 128;
+/// Row tiles per parallel task.
+const TILES_PER_TASK: usize = 16;
+
+/// Which kernel a bf16 product uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Bf16Kernel {
+    /// AVX-512 BF16 (`vdpbf16ps`), on x86-64 with avx512f and avx512bf16.
+    Avx512Bf16,
+    /// Plain Rust for any CPU: the same bits, several times slower.
+    Portable,
+}
+
+impl Bf16Kernel {
+    /// The fastest kernel this CPU runs.
+    pub fn detect() -> Bf16Kernel {
+        #[cfg(target_arch = "x86_64")]
+        if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bf16") {
+            return Bf16Kernel::Avx512Bf16;
+        }
+        Bf16Kernel::Portable
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Bf16Kernel::Avx512Bf16 => "avx512bf16",
+            Bf16Kernel::Portable => "portable",
+        }
+    }
+}
+
+/// `x` rounded to the nearest bf16 (ties to even), as its 16 bits. Subnormals become a zero of
+/// their sign and NaN stays NaN (quiet), as `vcvtneps2bf16` does.
+#[inline(always)]
+pub fn round_to_bf16(x: f32) -> u16 {
+    let bits = x.to_bits();
+    if bits & 0x7f80_0000 == 0 {
+        return (bits >> 16) as u16 & 0x8000;
+    }
+    if x.is_nan() {
+        return ((bits >> 16) as u16) | 0x0040;
+    }
+    let lsb = (bits >> 16) & 1;
+    (bits.wrapping_add(0x7fff + lsb) >> 16) as u16
+}
+
+/// The f32 a bf16 stands for (exact).
+#[inline(always)]
+pub fn bf16_to_f32(b: u16) -> f32 {
+    f32::from_bits((b as u32) << 16)
+}
+
+/// Two consecutive elements of the inner dimension as one packed pair.
+#[inline(always)]
+fn pair(even: f32, odd: f32) -> u32 {
+    round_to_bf16(even) as u32 | (round_to_bf16(odd) as u32) << 16
+}
+
+/// An operand packed in pairs: `groups` tiles (or panels) of `width` lines × `pairs` pairs.
+struct Packed {
+    data: Vec<u32>,
+    pairs: usize,
+}
+
+impl Packed {
+    /// The block of pairs `from..` of group `g` (its `width` lines side by side).
+    fn block(&self, g: usize, width: usize, from: usize) -> &[u32] {
+        &self.data[(g * self.pairs + from) * width..]
+    }
+}
+
+/// Pack `lines` lines of `k` elements, element (line, i) at `data[line·line_stride +
+/// i·k_stride]`, into groups of `width` lines.
+fn pack(
+    data: &[f32],
+    lines: usize,
+    k: usize,
+    line_stride: usize,
+    k_stride: usize,
+    width: usize,
+) -> Packed {
+    let pairs = k.div_ceil(2);
+    let groups = lines.div_ceil(width);
+    let mut packed = vec![0u32; groups * width * pairs];
+    packed
+        .par_chunks_mut(width * pairs)
+        .enumerate()
+        .for_each(|(g, group)| {
+            let first = g * width;
+            let count = width.min(lines - first);
+            let at = |line: usize, i: usize| data[line * line_stride + i * k_stride];
+            if k_stride == 1 {
+                // Each line's elements are contiguous: convert a line at a time.
+                for l in 0..count {
+                    let line = &data[(first + l) * line_stride..][..k];
+                    let mut chunks = line.chunks_exact(2);
+                    for (p, two) in chunks.by_ref().enumerate() {
+                        group[p * width + l] = pair(two[0], two[1]);
+                    }
+                    if let [last] = chunks.remainder() {
+                        group[(pairs - 1) * width + l] = pair(*last, 0.0);
+                    }
+                }
+            } else if line_stride == 1 {
+                // The lines are contiguous: interleave two of them at a time.
+                for p in 0..pairs {
+                    let even = &data[2 * p * k_stride + first..][..count];
+                    let out = &mut group[p * width..][..count];
+                    if 2 * p + 1 < k {
+                        let odd = &data[(2 * p + 1) * k_stride + first..][..count];
+                        for ((o, &e), &d) in out.iter_mut().zip(even).zip(odd) {
+                            *o = pair(e, d);
+                        }
+                    } else {
+                        for (o, &e) in out.iter_mut().zip(even) {
+                            *o = pair(e, 0.0);
+                        }
+                    }
+                }
+            } else {
+                for l in 0..count {
+                    for p in 0..pairs {
+                        let odd = if 2 * p + 1 < k {
+                            at(first + l, 2 * p + 1)
+                        } else {
+                            0.0
+                        };
+                        group[p * width + l] = pair(at(first + l, 2 * p), odd);
+                    }
+                }
+            }
+        });
+    Packed {
+        data: packed,
+        pairs,
+    }
+}
+
+/// A destination pointer shared by the tasks of one product, each writing its own tiles.
+#[derive(Clone, Copy)]
+struct Dst(*mut f32);
+// SAFETY: tasks write disjoint tiles of the destination (see `matmul_bf16`).
+unsafe impl Send for Dst {}
+unsafe impl Sync for Dst {}
+
+impl Dst {
+    /// Through a method, so closures capture the `Send` wrapper and not the bare pointer.
+    fn ptr(self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// `dst` (m × n, row-major) = `lhs` (m × k) · `rhs` (k × n) with both operands rounded to bf16
+/// and the sums in f32, or `dst` += that product.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn matmul_bf16(
+    dst: &mut [f32],
+    m: usize,
+    n: usize,
+    k: usize,
+    lhs: Operand,
+    rhs: Operand,
+    add: bool,
+    kernel: Bf16Kernel,
+) {
+    assert_eq!(dst.len(), m * n, "matmul_bf16: destination size");
+    lhs.check(m, k, "matmul_bf16 lhs");
+    rhs.check(k, n, "matmul_bf16 rhs");
+    if m == 0 || n == 0 {
+        return;
+    }
+    if !add {
+        dst.fill(0.0);
+    }
+    if k == 0 {
+        return;
+    }
+    let a = pack(lhs.data, m, k, lhs.row_stride, lhs.col_stride, MR);
+    let b = pack(rhs.data, n, k, rhs.col_stride, rhs.row_stride, NR);
+    let (tiles, panels) = (m.div_ceil(MR), n.div_ceil(NR));
+    let tasks = tiles.div_ceil(TILES_PER_TASK) * panels;
+    let out = Dst(dst.as_mut_ptr());
+    (0..tasks).into_par_iter().for_each(|task| {
+        let (chunk, panel) = (task / panels, task % panels);
+        let tile_range = chunk * TILES_PER_TASK..((chunk + 1) * TILES_PER_TASK).min(tiles);
+        let cols = NR.min(n - panel * NR);
+        let mut scratch = [0f32; MR * NR];
+        for from in (0..a.pairs).step_by(KC) {
+            let len = KC.min(a.pairs - from);
+            let b_block = b.block(panel, NR, from);
+            for tile in tile_range.clone() {
+                let rows = MR.min(m - tile * MR);
+                let a_block = a.block(tile, MR, from);
+                // SAFETY: this task alone writes rows tile·MR.. × columns panel·NR.. of dst
+                // (tasks split rows by chunk and columns by panel); the offsets stay inside
+                // the m × n buffer.
+                unsafe {
+                    let c = out.ptr().add(tile * MR * n + panel * NR);
+                    if rows == MR && cols == NR {
+                        run_tile(kernel, a_block, b_block, len, c, n);
+                    } else {
+                        for r in 0..rows {
+                            std::ptr::copy_nonoverlapping(
+                                c.add(r * n),
+                                scratch.as_mut_ptr().add(r * NR),
+                                cols,
+                            );
+                        }
+                        run_tile(kernel, a_block, b_block, len, scratch.as_mut_ptr(), NR);
+                        for r in 0..rows {
+                            std::ptr::copy_nonoverlapping(
+                                scratch.as_ptr().add(r * NR),
+                                c.add(r * n),
+                                cols,
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    });
+}
+
+/// One MR × NR tile: `c` (rows `ldc` apart) += the products of `len` pairs.
+///
+/// # Safety
+/// `c` must point at MR rows of NR writable f32, `ldc` apart; `a` and `b` hold at least `len`
+/// pairs of MR and NR lines.
+unsafe fn run_tile(kernel: Bf16Kernel, a: &[u32], b: &[u32], len: usize, c: *mut f32, ldc: usize) {
+    debug_assert!(a.len() >= len * MR && b.len() >= len * NR);
+    #[cfg(target_arch = "x86_64")]
+    if kernel == Bf16Kernel::Avx512Bf16 {
+        return avx512::tile(a.as_ptr(), b.as_ptr(), len, c, ldc);
+    }
+    let _ = kernel;
+    portable_tile(a, b, len, c, ldc)
+}
+
+/// Results below f32's smallest normal become a zero of their sign (the instruction's FTZ).
+#[inline(always)]
+fn flush(x: f32) -> f32 {
+    let bits = x.to_bits();
+    if bits & 0x7f80_0000 == 0 {
+        f32::from_bits(bits & 0x8000_0000)
+    } else {
+        x
+    }
+}
+
+/// The portable kernel: per pair, the odd product then the even one, each addition rounded.
+///
+/// # Safety
+/// As [`run_tile`].
+unsafe fn portable_tile(a: &[u32], b: &[u32], len: usize, c: *mut f32, ldc: usize) {
+    let mut acc = [[0f32; NR]; MR];
+    for (r, row) in acc.iter_mut().enumerate() {
+        for (j, v) in row.iter_mut().enumerate() {
+            *v = flush(*c.add(r * ldc + j));
+        }
+    }
+    let mut b_even = [0f32; NR];
+    let mut b_odd = [0f32; NR];
+    for p in 0..len {
+        for (j, &w) in b[p * NR..][..NR].iter().enumerate() {
+            b_even[j] = bf16_to_f32(w as u16);
+            b_odd[j] = bf16_to_f32((w >> 16) as u16);
+        }
+        for (r, row) in acc.iter_mut().enumerate() {
+            let w = a[p * MR + r];
+            let (a_even, a_odd) = (bf16_to_f32(w as u16), bf16_to_f32((w >> 16) as u16));
+            for ((v, &be), &bo) in row.iter_mut().zip(&b_even).zip(&b_odd) {
+                // Both products are exact in f32: only the additions round.
+                *v = flush((*v + a_odd * bo) + a_even * be);
+            }
+        }
+    }
+    for (r, row) in acc.iter().enumerate() {
+        for (j, v) in row.iter().enumerate() {
+            *c.add(r * ldc + j) = *v;
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use super::{MR, NR};
+    use std::arch::x86_64::*;
+
+    /// The tile in 24 registers of sums (8 rows × 3 × 16 columns).
+    ///
+    /// # Safety
+    /// As `run_tile`, on a CPU with avx512f and avx512bf16.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub(super) unsafe fn tile(a: *const u32, b: *const u32, len: usize, c: *mut f32, ldc: usize) {
+        let mut acc = [[_mm512_setzero_ps(); 3]; MR];
+        for (r, row) in acc.iter_mut().enumerate() {
+            for (j, v) in row.iter_mut().enumerate() {
+                *v = _mm512_loadu_ps(c.add(r * ldc + 16 * j));
+            }
+        }
+        for p in 0..len {
+            let bp = b.add(p * NR);
+            let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(bp as *const _));
+            let b1: __m512bh = std::mem::transmute(_mm512_loadu_si512(bp.add(16) as *const _));
+            let b2: __m512bh = std::mem::transmute(_mm512_loadu_si512(bp.add(32) as *const _));
+            let ap = a.add(p * MR);
+            for (r, row) in acc.iter_mut().enumerate() {
+                let x: __m512bh = std::mem::transmute(_mm512_set1_epi32(*ap.add(r) as i32));
+                row[0] = _mm512_dpbf16_ps(row[0], x, b0);
+                row[1] = _mm512_dpbf16_ps(row[1], x, b1);
+                row[2] = _mm512_dpbf16_ps(row[2], x, b2);
+            }
+        }
+        for (r, row) in acc.iter().enumerate() {
+            for (j, v) in row.iter().enumerate() {
+                _mm512_storeu_ps(c.add(r * ldc + 16 * j), *v);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::infer::matmul;
+    use rand::{Rng, SeedableRng};
+
+    fn random(len: usize, seed: u64) -> Vec<f32> {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        (0..len).map(|_| rng.random_range(-1.0f32..1.0)).collect()
+    }
+
+    fn rounded(x: &[f32]) -> Vec<f32> {
+        x.iter().map(|&v| bf16_to_f32(round_to_bf16(v))).collect()
+    }
+
+    /// Every layout the trainer uses: (lhs transposed?, rhs transposed?).
+    const LAYOUTS: [(bool, bool); 4] = [(false, false), (false, true), (true, false), (true, true)];
+
+    fn operand(data: &[f32], rows: usize, cols: usize, transposed: bool) -> Operand<'_> {
+        // `data` holds the matrix itself (rows × cols) or, transposed, its transpose.
+        if transposed {
+            Operand::transposed(data, rows)
+        } else {
+            Operand::plain(data, cols)
+        }
+    }
+
+    #[test]
+    fn rounding_is_to_nearest_even_and_flushes_subnormals() {
+        assert_eq!(round_to_bf16(1.0), 0x3f80);
+        // 1 + 2⁻⁸ is halfway between 1 and the next bf16: ties go to the even one (1.0).
+        assert_eq!(round_to_bf16(1.0 + 1.0 / 256.0), 0x3f80);
+        // 1 + 3·2⁻⁸ is halfway between two bf16: ties go to the even one, upward here.
+        assert_eq!(round_to_bf16(1.0 + 3.0 / 256.0), 0x3f82);
+        assert_eq!(round_to_bf16(1.0 + 1.0 / 256.0 + 1.0 / 4096.0), 0x3f81);
+        assert_eq!(round_to_bf16(-2.5), 0xc020);
+        assert_eq!(round_to_bf16(f32::MIN_POSITIVE / 2.0), 0);
+        assert_eq!(round_to_bf16(-f32::MIN_POSITIVE / 2.0), 0x8000);
+        assert!(bf16_to_f32(round_to_bf16(f32::NAN)).is_nan());
+        assert_eq!(round_to_bf16(f32::INFINITY), 0x7f80);
+        // The largest finite f32 rounds up to infinity, as in IEEE arithmetic.
+        assert_eq!(round_to_bf16(f32::MAX), 0x7f80);
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn rounding_matches_the_cpus_conversion() {
+        if !(is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bf16")) {
+            eprintln!("skipped: this CPU has no AVX-512 BF16");
+            return;
+        }
+        #[target_feature(enable = "avx512f,avx512bf16")]
+        unsafe fn cpu(x: &[f32; 16]) -> [u16; 16] {
+            use std::arch::x86_64::*;
+            let v = _mm512_cvtneps_pbh(_mm512_loadu_ps(x.as_ptr()));
+            std::mem::transmute(v)
+        }
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+        for _ in 0..20_000 {
+            let x: [f32; 16] = std::array::from_fn(|_| f32::from_bits(rng.random::<u32>()));
+            // SAFETY: the CPU has the features (checked above).
+            let got = unsafe { cpu(&x) };
+            for (v, g) in x.iter().zip(got) {
+                let want = round_to_bf16(*v);
+                if v.is_nan() {
+                    assert!(bf16_to_f32(g).is_nan() && bf16_to_f32(want).is_nan());
+                } else {
+                    assert_eq!(g, want, "{v:e} ({:#010x})", v.to_bits());
+                }
+            }
+        }
+    }
+
+    /// Against an f64 product of the bf16-rounded operands, on every layout, sizes that leave
+    /// partial tiles, panels and pairs (odd k), with and without `add`; the portable kernel
+    /// gives the same bits as the AVX-512 one where the CPU has it.
+    #[test]
+    fn products_match_an_f64_reference_and_both_kernels_agree() {
+        let mut kernels = vec![Bf16Kernel::Portable, Bf16Kernel::detect()];
+        kernels.dedup();
+        for (case, &(m, n, k)) in [
+            (1, 1, 1),
+            (9, 50, 3),
+            (17, 96, 300),
+            (40, 30, 257),
+            (8, 48, 256),
+        ]
+        .iter()
+        .enumerate()
+        {
+            for (lt, rt) in LAYOUTS {
+                let (x, y) = (random(m * k, case as u64), random(k * n, 100 + case as u64));
+                let (xr, yr) = (rounded(&x), rounded(&y));
+                let init = random(m * n, 200 + case as u64);
+                let mut outs = Vec::new();
+                for &kernel in &kernels {
+                    for add in [false, true] {
+                        let mut dst = init.clone();
+                        matmul_bf16(
+                            &mut dst,
+                            m,
+                            n,
+                            k,
+                            operand(&transpose_if(&x, m, k, lt), m, k, lt),
+                            operand(&transpose_if(&y, k, n, rt), k, n, rt),
+                            add,
+                            kernel,
+                        );
+                        for i in 0..m {
+                            for j in 0..n {
+                                let mut want = if add { init[i * n + j] as f64 } else { 0.0 };
+                                let mut size = want.abs();
+                                for t in 0..k {
+                                    let p = xr[i * k + t] as f64 * yr[t * n + j] as f64;
+                                    want += p;
+                                    size += p.abs();
+                                }
+                                // f32 sums of k terms: within k·2⁻²⁴ of the sum of magnitudes.
+                                let tol = (k as f64 + 1.0) * size * 6e-8 + 1e-30;
+                                let got = dst[i * n + j] as f64;
+                                assert!(
+                                    (got - want).abs() <= tol,
+                                    "{kernel:?} {m}×{n}×{k} lhs_t={lt} rhs_t={rt} add={add} [{i},{j}]: {got} vs {want}"
+                                );
+                            }
+                        }
+                        outs.push((kernel, add, dst));
+                    }
+                }
+                for (kernel, add, dst) in &outs[2..] {
+                    let (_, _, first) = &outs[*add as usize];
+                    assert!(
+                        dst.iter()
+                            .zip(first)
+                            .all(|(a, b)| a.to_bits() == b.to_bits()),
+                        "{kernel:?} differs from the portable kernel ({m}×{n}×{k}, add={add})"
+                    );
+                }
+            }
+        }
+    }
+
+    fn transpose_if(x: &[f32], rows: usize, cols: usize, t: bool) -> Vec<f32> {
+        if !t {
+            return x.to_vec();
+        }
+        let mut out = vec![0f32; x.len()];
+        for i in 0..rows {
+            for j in 0..cols {
+                out[j * rows + i] = x[i * cols + j];
+            }
+        }
+        out
+    }
+
+    /// The same bits on one thread as on several (the tiling of tasks changes, each output's
+    /// chain of additions does not).
+    #[test]
+    fn products_do_not_depend_on_the_thread_count() {
+        let (m, n, k) = (300, 100, 700);
+        let (x, y) = (random(m * k, 1), random(k * n, 2));
+        let run = |threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            pool.install(|| {
+                let mut dst = vec![0f32; m * n];
+                matmul_bf16(
+                    &mut dst,
+                    m,
+                    n,
+                    k,
+                    Operand::plain(&x, k),
+                    Operand::plain(&y, n),
+                    false,
+                    Bf16Kernel::detect(),
+                );
+                dst
+            })
+        };
+        let one = run(1);
+        assert!(run(3)
+            .iter()
+            .zip(&one)
+            .all(|(a, b)| a.to_bits() == b.to_bits()));
+    }
+
+    /// Close to the f32 product: bf16 operands keep 8 significant bits, so each product is off
+    /// by at most about 2⁻⁸ relative (measured: well inside it for sums of random terms).
+    #[test]
+    fn products_are_close_to_the_f32_product() {
+        let (m, n, k) = (64, 96, 384);
+        let (x, y) = (random(m * k, 3), random(k * n, 4));
+        let mut f32_out = vec![0f32; m * n];
+        matmul(
+            &mut f32_out,
+            m,
+            n,
+            k,
+            Operand::plain(&x, k),
+            Operand::plain(&y, n),
+            false,
+        );
+        let mut bf16_out = vec![0f32; m * n];
+        matmul_bf16(
+            &mut bf16_out,
+            m,
+            n,
+            k,
+            Operand::plain(&x, k),
+            Operand::plain(&y, n),
+            false,
+            Bf16Kernel::detect(),
+        );
+        let scale = (k as f32 / 9.0).sqrt(); // the size of a sum of k products of U(−1, 1)
+        let worst = f32_out
+            .iter()
+            .zip(&bf16_out)
+            .map(|(a, b)| (a - b).abs() / scale)
+            .fold(0f32, f32::max);
+        assert!(worst < 2e-2, "worst relative error {worst}");
+        assert!(
+            worst > 0.0,
+            "bf16 rounding left no trace: is the f32 path running?"
+        );
+    }
+}
