@@ -11,11 +11,12 @@
 //! below f32's smallest normal to zero, as the instruction does; the rounding of operands
 //! flushes bf16 subnormals, as `vcvtneps2bf16` does.)
 //!
-//! Layout: both operands are packed once per product into pairs along the inner dimension (one
-//! `u32` per pair, the even element in the low half: what the instruction reads). The left
-//! operand in tiles of [`MR`] rows, the right one in panels of [`NR`] columns; within a tile or
-//! panel, pair by pair, the [`MR`] (or [`NR`]) lines side by side. Tiles and panels past the
-//! matrix's edge are zero-padded.
+//! Layout: both operands are converted once per product into pairs along the inner dimension
+//! (one `u32` per pair, the even element in the low half: what the instruction reads). The
+//! left operand stays in the orientation it came in (row by row, or pair by pair for a
+//! transposed one), since the kernel reads it one broadcast at a time; the right one is packed
+//! in panels of [`NR`] columns, pair by pair, the [`NR`] columns side by side (what a vector
+//! load reads). Rows and panels past the matrix's edge are zero-padded.
 
 use rayon::prelude::*;
 
@@ -62,15 +63,24 @@ impl Bf16Kernel {
 /// their sign and NaN stays NaN (quiet), as `vcvtneps2bf16` does.
 #[inline(always)]
 pub fn round_to_bf16(x: f32) -> u16 {
-    let bits = x.to_bits();
-    if bits & 0x7f80_0000 == 0 {
-        return (bits >> 16) as u16 & 0x8000;
+    round_bits(x.to_bits()) as u16
+}
+
+/// [`round_to_bf16`] on the bits, as selects rather than branches so that loops over it
+/// vectorize.
+#[inline(always)]
+fn round_bits(bits: u32) -> u32 {
+    let top = bits >> 16;
+    let rounded = bits.wrapping_add(0x7fff + (top & 1)) >> 16;
+    let nan = bits & 0x7fff_ffff > 0x7f80_0000;
+    let subnormal = bits & 0x7f80_0000 == 0;
+    if nan {
+        top | 0x40
+    } else if subnormal {
+        top & 0x8000
+    } else {
+        rounded
     }
-    if x.is_nan() {
-        return ((bits >> 16) as u16) | 0x0040;
-    }
-    let lsb = (bits >> 16) & 1;
-    (bits.wrapping_add(0x7fff + lsb) >> 16) as u16
 }
 
 /// The f32 a bf16 stands for (exact).
@@ -82,16 +92,35 @@ pub fn bf16_to_f32(b: u16) -> f32 {
 /// Two consecutive elements of the inner dimension as one packed pair.
 #[inline(always)]
 fn pair(even: f32, odd: f32) -> u32 {
-    round_to_bf16(even) as u32 | (round_to_bf16(odd) as u32) << 16
+    round_bits(even.to_bits()) | round_bits(odd.to_bits()) << 16
 }
 
+/// `dst[p]` = the pair (src[2p], src[2p + 1]).
+#[inline(always)]
+fn line_pairs(src: &[f32], dst: &mut [u32]) {
+    for (d, two) in dst.iter_mut().zip(src.chunks_exact(2)) {
+        *d = pair(two[0], two[1]);
+    }
+}
+
+/// `dst[i]` = the pair (even[i], odd[i]).
+#[inline(always)]
+fn interleave(even: &[f32], odd: &[f32], dst: &mut [u32]) {
+    for ((d, &e), &o) in dst.iter_mut().zip(even).zip(odd) {
+        *d = pair(e, o);
+    }
+}
+
+wide_fn!(fn line_pairs_wide(src: &[f32], dst: &mut [u32]) => line_pairs);
+wide_fn!(fn interleave_wide(even: &[f32], odd: &[f32], dst: &mut [u32]) => interleave);
+
 /// An operand packed in pairs: `groups` tiles (or panels) of `width` lines × `pairs` pairs.
-struct Packed {
-    data: Vec<u32>,
+struct Packed<'a> {
+    data: &'a [u32],
     pairs: usize,
 }
 
-impl Packed {
+impl Packed<'_> {
     /// The block of pairs `from..` of group `g` (its `width` lines side by side).
     fn block(&self, g: usize, width: usize, from: usize) -> &[u32] {
         &self.data[(g * self.pairs + from) * width..]
@@ -99,62 +128,77 @@ impl Packed {
 }
 
 /// Pack `lines` lines of `k` elements, element (line, i) at `data[line·line_stride +
-/// i·k_stride]`, into groups of `width` lines.
-fn pack(
+/// i·k_stride]`, into groups of `width` lines, in `buffer` (grown as needed, kept between
+/// calls: the packings of a step are the same sizes every step, so after the first no page is
+/// faulted in or cleared again). Every element of the result is written, padding included.
+fn pack<'b>(
+    buffer: &'b mut Vec<u32>,
     data: &[f32],
     lines: usize,
     k: usize,
-    line_stride: usize,
-    k_stride: usize,
+    (line_stride, k_stride): (usize, usize),
     width: usize,
-) -> Packed {
+) -> Packed<'b> {
     let pairs = k.div_ceil(2);
-    let groups = lines.div_ceil(width);
-    let mut packed = vec![0u32; groups * width * pairs];
+    let len = lines.div_ceil(width) * width * pairs;
+    if buffer.len() < len {
+        buffer.resize(len, 0);
+    }
+    let packed = &mut buffer[..len];
     packed
         .par_chunks_mut(width * pairs)
         .enumerate()
         .for_each(|(g, group)| {
             let first = g * width;
             let count = width.min(lines - first);
-            let at = |line: usize, i: usize| data[line * line_stride + i * k_stride];
             if k_stride == 1 {
-                // Each line's elements are contiguous: convert a line at a time.
+                // Each line's elements are contiguous: convert a line, then spread its pairs
+                // over the group's columns.
+                let mut line_buf = vec![0u32; pairs];
                 for l in 0..count {
                     let line = &data[(first + l) * line_stride..][..k];
-                    let mut chunks = line.chunks_exact(2);
-                    for (p, two) in chunks.by_ref().enumerate() {
-                        group[p * width + l] = pair(two[0], two[1]);
+                    line_pairs_wide(line, &mut line_buf);
+                    if k % 2 == 1 {
+                        line_buf[pairs - 1] = pair(line[k - 1], 0.0);
                     }
-                    if let [last] = chunks.remainder() {
-                        group[(pairs - 1) * width + l] = pair(*last, 0.0);
+                    for (p, &v) in line_buf.iter().enumerate() {
+                        group[p * width + l] = v;
+                    }
+                }
+                for l in count..width {
+                    for p in 0..pairs {
+                        group[p * width + l] = 0;
                     }
                 }
             } else if line_stride == 1 {
-                // The lines are contiguous: interleave two of them at a time.
+                // The lines are contiguous: interleave two rows of elements at a time.
                 for p in 0..pairs {
+                    let out = &mut group[p * width..][..width];
                     let even = &data[2 * p * k_stride + first..][..count];
-                    let out = &mut group[p * width..][..count];
                     if 2 * p + 1 < k {
                         let odd = &data[(2 * p + 1) * k_stride + first..][..count];
-                        for ((o, &e), &d) in out.iter_mut().zip(even).zip(odd) {
-                            *o = pair(e, d);
-                        }
+                        interleave_wide(even, odd, &mut out[..count]);
                     } else {
                         for (o, &e) in out.iter_mut().zip(even) {
                             *o = pair(e, 0.0);
                         }
                     }
+                    out[count..].fill(0);
                 }
             } else {
-                for l in 0..count {
+                let at = |line: usize, i: usize| data[line * line_stride + i * k_stride];
+                for l in 0..width {
                     for p in 0..pairs {
-                        let odd = if 2 * p + 1 < k {
-                            at(first + l, 2 * p + 1)
+                        group[p * width + l] = if l < count {
+                            let odd = if 2 * p + 1 < k {
+                                at(first + l, 2 * p + 1)
+                            } else {
+                                0.0
+                            };
+                            pair(at(first + l, 2 * p), odd)
                         } else {
-                            0.0
+                            0
                         };
-                        group[p * width + l] = pair(at(first + l, 2 * p), odd);
                     }
                 }
             }
@@ -163,6 +207,94 @@ fn pack(
         data: packed,
         pairs,
     }
+}
+
+/// The left operand in bf16 pairs, kept in the orientation it came in (so converting it is
+/// one streaming pass, no transpose): element (row r, pair p) at `data[r·row_step +
+/// p·pair_step]`, rows zero-padded to a multiple of [`MR`].
+struct Lhs<'a> {
+    data: &'a [u32],
+    row_step: usize,
+    pair_step: usize,
+    pairs: usize,
+}
+
+impl Lhs<'_> {
+    fn pair_major(&self) -> bool {
+        self.row_step == 1
+    }
+
+    /// From row `row`, pair `from` on.
+    fn at(&self, row: usize, from: usize) -> &[u32] {
+        &self.data[row * self.row_step + from * self.pair_step..]
+    }
+}
+
+/// Convert the m × k left operand (element (r, i) at `data[r·row_stride + i·k_stride]`) into
+/// `buffer`: pairs of rows interleaved when its columns are contiguous (a transposed
+/// operand), else row by row.
+fn convert_lhs<'b>(
+    buffer: &'b mut Vec<u32>,
+    data: &[f32],
+    m: usize,
+    k: usize,
+    (row_stride, k_stride): (usize, usize),
+) -> Lhs<'b> {
+    let pairs = k.div_ceil(2);
+    let rows = m.div_ceil(MR) * MR;
+    if buffer.len() < rows * pairs {
+        buffer.resize(rows * pairs, 0);
+    }
+    let out = &mut buffer[..rows * pairs];
+    if row_stride == 1 && k_stride != 1 {
+        out.par_chunks_mut(rows).enumerate().for_each(|(p, out)| {
+            let even = &data[2 * p * k_stride..][..m];
+            if 2 * p + 1 < k {
+                interleave_wide(even, &data[(2 * p + 1) * k_stride..][..m], &mut out[..m]);
+            } else {
+                for (o, &e) in out.iter_mut().zip(even) {
+                    *o = pair(e, 0.0);
+                }
+            }
+            out[m..].fill(0);
+        });
+        return Lhs {
+            data: out,
+            row_step: 1,
+            pair_step: rows,
+            pairs,
+        };
+    }
+    out.par_chunks_mut(pairs)
+        .with_min_len(8)
+        .enumerate()
+        .for_each(|(r, out)| {
+            if r >= m {
+                out.fill(0);
+            } else if k_stride == 1 {
+                let row = &data[r * row_stride..][..k];
+                line_pairs_wide(row, out);
+                if k % 2 == 1 {
+                    out[pairs - 1] = pair(row[k - 1], 0.0);
+                }
+            } else {
+                let at = |i: usize| data[r * row_stride + i * k_stride];
+                for (p, o) in out.iter_mut().enumerate() {
+                    *o = pair(at(2 * p), if 2 * p + 1 < k { at(2 * p + 1) } else { 0.0 });
+                }
+            }
+        });
+    Lhs {
+        data: out,
+        row_step: pairs,
+        pair_step: 1,
+        pairs,
+    }
+}
+
+thread_local! {
+    /// The packing buffers of the products this thread starts (left, right operand).
+    static BUFFERS: std::cell::RefCell<[Vec<u32>; 2]> = const { std::cell::RefCell::new([Vec::new(), Vec::new()]) };
 }
 
 /// A destination pointer shared by the tasks of one product, each writing its own tiles.
@@ -204,8 +336,16 @@ pub(crate) fn matmul_bf16(
     if k == 0 {
         return;
     }
-    let a = pack(lhs.data, m, k, lhs.row_stride, lhs.col_stride, MR);
-    let b = pack(rhs.data, n, k, rhs.col_stride, rhs.row_stride, NR);
+    let [mut a_buf, mut b_buf] = BUFFERS.with_borrow_mut(std::mem::take);
+    let a = convert_lhs(&mut a_buf, lhs.data, m, k, (lhs.row_stride, lhs.col_stride));
+    let b = pack(
+        &mut b_buf,
+        rhs.data,
+        n,
+        k,
+        (rhs.col_stride, rhs.row_stride),
+        NR,
+    );
     let (tiles, panels) = (m.div_ceil(MR), n.div_ceil(NR));
     let tasks = tiles.div_ceil(TILES_PER_TASK) * panels;
     let out = Dst(dst.as_mut_ptr());
@@ -219,14 +359,14 @@ pub(crate) fn matmul_bf16(
             let b_block = b.block(panel, NR, from);
             for tile in tile_range.clone() {
                 let rows = MR.min(m - tile * MR);
-                let a_block = a.block(tile, MR, from);
+                let a_block = a.at(tile * MR, from);
                 // SAFETY: this task alone writes rows tile·MR.. × columns panel·NR.. of dst
                 // (tasks split rows by chunk and columns by panel); the offsets stay inside
                 // the m × n buffer.
                 unsafe {
                     let c = out.ptr().add(tile * MR * n + panel * NR);
                     if rows == MR && cols == NR {
-                        run_tile(kernel, a_block, b_block, len, c, n);
+                        run_tile(kernel, (a_block, &a), b_block, len, c, n);
                     } else {
                         for r in 0..rows {
                             std::ptr::copy_nonoverlapping(
@@ -235,7 +375,14 @@ pub(crate) fn matmul_bf16(
                                 cols,
                             );
                         }
-                        run_tile(kernel, a_block, b_block, len, scratch.as_mut_ptr(), NR);
+                        run_tile(
+                            kernel,
+                            (a_block, &a),
+                            b_block,
+                            len,
+                            scratch.as_mut_ptr(),
+                            NR,
+                        );
                         for r in 0..rows {
                             std::ptr::copy_nonoverlapping(
                                 scratch.as_ptr().add(r * NR),
@@ -248,21 +395,35 @@ pub(crate) fn matmul_bf16(
             }
         }
     });
+    BUFFERS.with_borrow_mut(|b| *b = [a_buf, b_buf]);
 }
 
-/// One MR × NR tile: `c` (rows `ldc` apart) += the products of `len` pairs.
+/// One MR × NR tile: `c` (rows `ldc` apart) += the products of `len` pairs, `a` from the
+/// tile's first row and pair in `lhs`'s layout.
 ///
 /// # Safety
-/// `c` must point at MR rows of NR writable f32, `ldc` apart; `a` and `b` hold at least `len`
-/// pairs of MR and NR lines.
-unsafe fn run_tile(kernel: Bf16Kernel, a: &[u32], b: &[u32], len: usize, c: *mut f32, ldc: usize) {
-    debug_assert!(a.len() >= len * MR && b.len() >= len * NR);
+/// `c` must point at MR rows of NR writable f32, `ldc` apart; `a` holds MR rows of `len`
+/// pairs in `lhs`'s layout, `b` at least `len` pairs of NR columns.
+unsafe fn run_tile(
+    kernel: Bf16Kernel,
+    (a, lhs): (&[u32], &Lhs),
+    b: &[u32],
+    len: usize,
+    c: *mut f32,
+    ldc: usize,
+) {
+    let (rs, ps) = (lhs.row_step, lhs.pair_step);
+    debug_assert!(a.len() > (MR - 1) * rs + (len - 1) * ps && b.len() >= len * NR);
     #[cfg(target_arch = "x86_64")]
     if kernel == Bf16Kernel::Avx512Bf16 {
-        return avx512::tile(a.as_ptr(), b.as_ptr(), len, c, ldc);
+        return if lhs.pair_major() {
+            avx512::tile::<true>(a.as_ptr(), (1, ps), b.as_ptr(), len, c, ldc)
+        } else {
+            avx512::tile::<false>(a.as_ptr(), (rs, 1), b.as_ptr(), len, c, ldc)
+        };
     }
     let _ = kernel;
-    portable_tile(a, b, len, c, ldc)
+    portable_tile(a, (rs, ps), b, len, c, ldc)
 }
 
 /// Results below f32's smallest normal become a zero of their sign (the instruction's FTZ).
@@ -280,7 +441,14 @@ fn flush(x: f32) -> f32 {
 ///
 /// # Safety
 /// As [`run_tile`].
-unsafe fn portable_tile(a: &[u32], b: &[u32], len: usize, c: *mut f32, ldc: usize) {
+unsafe fn portable_tile(
+    a: &[u32],
+    (row_step, pair_step): (usize, usize),
+    b: &[u32],
+    len: usize,
+    c: *mut f32,
+    ldc: usize,
+) {
     let mut acc = [[0f32; NR]; MR];
     for (r, row) in acc.iter_mut().enumerate() {
         for (j, v) in row.iter_mut().enumerate() {
@@ -295,7 +463,7 @@ unsafe fn portable_tile(a: &[u32], b: &[u32], len: usize, c: *mut f32, ldc: usiz
             b_odd[j] = bf16_to_f32((w >> 16) as u16);
         }
         for (r, row) in acc.iter_mut().enumerate() {
-            let w = a[p * MR + r];
+            let w = a[r * row_step + p * pair_step];
             let (a_even, a_odd) = (bf16_to_f32(w as u16), bf16_to_f32((w >> 16) as u16));
             for ((v, &be), &bo) in row.iter_mut().zip(&b_even).zip(&b_odd) {
                 // Both products are exact in f32: only the additions round.
@@ -320,7 +488,20 @@ mod avx512 {
     /// # Safety
     /// As `run_tile`, on a CPU with avx512f and avx512bf16.
     #[target_feature(enable = "avx512f,avx512bf16")]
-    pub(super) unsafe fn tile(a: *const u32, b: *const u32, len: usize, c: *mut f32, ldc: usize) {
+    pub(super) unsafe fn tile<const PAIR_MAJOR: bool>(
+        a: *const u32,
+        (row_step, pair_step): (usize, usize),
+        b: *const u32,
+        len: usize,
+        c: *mut f32,
+        ldc: usize,
+    ) {
+        // One of the steps is 1; naming which lets the compiler fold it.
+        let (row_step, pair_step) = if PAIR_MAJOR {
+            (1, pair_step)
+        } else {
+            (row_step, 1)
+        };
         let mut acc = [[_mm512_setzero_ps(); 3]; MR];
         for (r, row) in acc.iter_mut().enumerate() {
             for (j, v) in row.iter_mut().enumerate() {
@@ -332,9 +513,10 @@ mod avx512 {
             let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(bp as *const _));
             let b1: __m512bh = std::mem::transmute(_mm512_loadu_si512(bp.add(16) as *const _));
             let b2: __m512bh = std::mem::transmute(_mm512_loadu_si512(bp.add(32) as *const _));
-            let ap = a.add(p * MR);
+            let ap = a.add(p * pair_step);
             for (r, row) in acc.iter_mut().enumerate() {
-                let x: __m512bh = std::mem::transmute(_mm512_set1_epi32(*ap.add(r) as i32));
+                let x: __m512bh =
+                    std::mem::transmute(_mm512_set1_epi32(*ap.add(r * row_step) as i32));
                 row[0] = _mm512_dpbf16_ps(row[0], x, b0);
                 row[1] = _mm512_dpbf16_ps(row[1], x, b1);
                 row[2] = _mm512_dpbf16_ps(row[2], x, b2);

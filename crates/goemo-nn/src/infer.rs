@@ -670,30 +670,6 @@ pub(crate) fn activate(x: &mut [f32], a: Activation) {
         .for_each(|c| activate_chunk_wide(c, a));
 }
 
-/// `fn NAME(args) => BODY`: NAME calls BODY (an `#[inline(always)]` function) compiled for
-/// AVX-512 when this CPU has it, else as it is. Only for code whose float operations are the
-/// same either way: elementwise formulas and sums in explicit lanes. Rust never reassociates or
-/// fuses float operations, so wider registers give the same bytes, only sooner.
-macro_rules! wide_fn {
-    ($(#[$m:meta])* fn $name:ident($($arg:ident: $ty:ty),*) => $body:path) => {
-        $(#[$m])*
-        fn $name($($arg: $ty),*) {
-            #[cfg(target_arch = "x86_64")]
-            {
-                #[target_feature(enable = "avx512f,avx512vl,avx2")]
-                unsafe fn avx512($($arg: $ty),*) {
-                    $body($($arg),*)
-                }
-                if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512vl") {
-                    // SAFETY: the CPU has the features `avx512` is compiled for.
-                    return unsafe { avx512($($arg),*) };
-                }
-            }
-            $body($($arg),*)
-        }
-    };
-}
-
 wide_fn!(fn activate_chunk_wide(c: &mut [f32], a: Activation) => activate_chunk);
 wide_fn!(fn attend_row_wide(qkv: &[f32], h: usize, heads: usize, s: usize, len: usize, out: &mut [f32]) => attend_row);
 wide_fn!(fn attend_row_by_keys_wide(qkv: &[f32], h: usize, heads: usize, s: usize, len: usize, out: &mut [f32]) => attend_row_by_keys);

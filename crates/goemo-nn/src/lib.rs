@@ -18,6 +18,30 @@
 //!
 //! Knows nothing of pipelines, stages or datasets: callers pass token ids and labels.
 
+/// `fn NAME(args) => BODY`: NAME calls BODY (an `#[inline(always)]` function) compiled for
+/// AVX-512 when this CPU has it, else as it is. Only for code whose float operations are the
+/// same either way: elementwise formulas and sums in explicit lanes. Rust never reassociates or
+/// fuses float operations, so wider registers give the same bytes, only sooner.
+macro_rules! wide_fn {
+    ($(#[$m:meta])* fn $name:ident($($arg:ident: $ty:ty),*) => $body:path) => {
+        $(#[$m])*
+        fn $name($($arg: $ty),*) {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f,avx512vl,avx2")]
+                unsafe fn avx512($($arg: $ty),*) {
+                    $body($($arg),*)
+                }
+                if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512vl") {
+                    // SAFETY: the CPU has the features `avx512` is compiled for.
+                    return unsafe { avx512($($arg),*) };
+                }
+            }
+            $body($($arg),*)
+        }
+    };
+}
+
 pub mod backprop;
 pub mod bf16;
 pub mod classifier;

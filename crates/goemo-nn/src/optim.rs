@@ -20,6 +20,38 @@ pub struct AdamWConfig {
     pub head_lr_scale: f64,
 }
 
+/// Elements per parallel task of one parameter's update.
+const CHUNK: usize = 1 << 16;
+
+/// One step's constants for one parameter.
+#[derive(Clone, Copy)]
+struct Hyper {
+    b1: f32,
+    b2: f32,
+    shrink: f32,
+    decay: bool,
+    step_size: f32,
+    bc2_sqrt: f32,
+    eps: f32,
+}
+
+/// AdamW on a run of elements. Elementwise, each element's operations in a fixed order with no
+/// fused multiply-add (Rust never contracts), so vector registers of any width give the same
+/// bits as one element at a time.
+#[inline(always)]
+fn update(w: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32], h: Hyper) {
+    for (((w, m), v), &g) in w.iter_mut().zip(m).zip(v).zip(g) {
+        *m = h.b1 * *m + (1.0 - h.b1) * g;
+        *v = h.b2 * *v + (1.0 - h.b2) * g * g;
+        if h.decay {
+            *w *= h.shrink;
+        }
+        *w -= h.step_size * *m / (v.sqrt() / h.bc2_sqrt + h.eps);
+    }
+}
+
+wide_fn!(fn update_wide(w: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32], h: Hyper) => update);
+
 /// One parameter's first and second moments.
 #[derive(Debug, Clone)]
 pub struct Moments {
@@ -81,15 +113,25 @@ impl AdamW {
                 let step_size = (lr / bc1) as f32;
                 let shrink = (1.0 - lr * c.weight_decay) as f32;
                 let mut w: Vec<f32> = var.as_tensor().flatten_all()?.to_vec1()?;
-                let (m, v) = (&mut mo.m, &mut mo.v);
-                for j in 0..w.len() {
-                    m[j] = b1 * m[j] + (1.0 - b1) * g[j];
-                    v[j] = b2 * v[j] + (1.0 - b2) * g[j] * g[j];
-                    if slot.decay {
-                        w[j] *= shrink;
-                    }
-                    w[j] -= step_size * m[j] / (v[j].sqrt() / bc2_sqrt + eps);
-                }
+                assert!(
+                    g.len() == w.len() && mo.m.len() == w.len() && mo.v.len() == w.len(),
+                    "AdamW: a gradient or moment does not match its parameter's size"
+                );
+                let hyper = Hyper {
+                    b1,
+                    b2,
+                    shrink,
+                    decay: slot.decay,
+                    step_size,
+                    bc2_sqrt,
+                    eps,
+                };
+                // Chunks in parallel: the word embeddings alone are half of MiniLM's weights.
+                w.par_chunks_mut(CHUNK)
+                    .zip(mo.m.par_chunks_mut(CHUNK))
+                    .zip(mo.v.par_chunks_mut(CHUNK))
+                    .zip(g.par_chunks(CHUNK))
+                    .for_each(|(((w, m), v), g)| update_wide(w, m, v, g, hyper));
                 var.set(&Tensor::from_vec(w, var.shape(), var.device())?)
             })
             .collect::<candle_core::Result<()>>()?;
