@@ -196,24 +196,31 @@ fn activation_forward(pre: &[f32], a: Activation) -> Vec<f32> {
 fn activation_backward(d: &mut [f32], pre: &[f32], a: Activation) {
     d.par_chunks_mut(4096)
         .zip(pre.par_chunks(4096))
-        .for_each(|(d, pre)| match a {
-            // d/dx x·Φ(x) = Φ(x) + x·φ(x).
-            Activation::GeluErf => d.iter_mut().zip(pre).for_each(|(d, &x)| {
-                let cdf = 0.5 * (1.0 + erf_rational(x * std::f32::consts::FRAC_1_SQRT_2));
-                let pdf = FRAC_1_SQRT_2PI * exp_approx(-0.5 * x * x);
-                *d *= cdf + x * pdf;
-            }),
-            Activation::GeluTanh => d.iter_mut().zip(pre).for_each(|(d, &x)| {
-                let t = (SQRT_TWO_OVER_PI * x * (1.0 + 0.044715 * x * x)).tanh();
-                let dt = SQRT_TWO_OVER_PI * (1.0 + 3.0 * 0.044715 * x * x);
-                *d *= 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * dt;
-            }),
-            Activation::Relu => d
-                .iter_mut()
-                .zip(pre)
-                .for_each(|(d, &x)| *d = if x > 0.0 { *d } else { 0.0 }),
-        });
+        .for_each(|(d, pre)| activation_backward_chunk_wide(d, pre, a));
 }
+
+#[inline(always)]
+fn activation_backward_chunk(d: &mut [f32], pre: &[f32], a: Activation) {
+    match a {
+        // d/dx x·Φ(x) = Φ(x) + x·φ(x).
+        Activation::GeluErf => d.iter_mut().zip(pre).for_each(|(d, &x)| {
+            let cdf = 0.5 * (1.0 + erf_rational(x * std::f32::consts::FRAC_1_SQRT_2));
+            let pdf = FRAC_1_SQRT_2PI * exp_approx(-0.5 * x * x);
+            *d *= cdf + x * pdf;
+        }),
+        Activation::GeluTanh => d.iter_mut().zip(pre).for_each(|(d, &x)| {
+            let t = (SQRT_TWO_OVER_PI * x * (1.0 + 0.044715 * x * x)).tanh();
+            let dt = SQRT_TWO_OVER_PI * (1.0 + 3.0 * 0.044715 * x * x);
+            *d *= 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * dt;
+        }),
+        Activation::Relu => d
+            .iter_mut()
+            .zip(pre)
+            .for_each(|(d, &x)| *d = if x > 0.0 { *d } else { 0.0 }),
+    }
+}
+
+wide_fn!(fn activation_backward_chunk_wide(d: &mut [f32], pre: &[f32], a: Activation) => activation_backward_chunk);
 
 /// What one encoder layer's backward pass needs from its forward pass.
 struct LayerSaved {
@@ -441,34 +448,64 @@ fn attention_forward(
         .enumerate()
         .for_each(|(r, (ctx, probs))| {
             let (s, len) = (pack.start[r], pack.start[r + 1] - pack.start[r]);
-            let at = |t: usize, head: usize| (s + t) * h + head * dh;
-            for head in 0..heads {
-                for i in 0..len {
-                    let p = &mut probs[(head * len + i) * len..][..len];
-                    let qi = &q[at(i, head)..][..dh];
-                    for (j, p) in p.iter_mut().enumerate() {
-                        *p = scale * dot(qi, &k[at(j, head)..][..dh]);
-                    }
-                    let max = p.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
-                    p.iter_mut().for_each(|x| *x = exp_approx(*x - max));
-                    let inv = 1.0 / lane_sum(p);
-                    p.iter_mut().for_each(|x| *x *= inv);
-                    let base = (pack.prob_start[r] + (head * len + i) * len) as u64;
-                    let out = &mut ctx[i * h + head * dh..][..dh];
-                    for (j, &pj) in p.iter().enumerate() {
-                        let w = match drop {
-                            Some(d) => pj * d.factor(base + j as u64),
-                            None => pj,
-                        };
-                        out.iter_mut()
-                            .zip(&v[at(j, head)..][..dh])
-                            .for_each(|(o, v)| *o += w * v);
-                    }
-                }
-            }
+            let row = Span {
+                start: s,
+                len,
+                prob_start: pack.prob_start[r],
+            };
+            attend_row_wide((q, k, v), (h, heads, scale), row, drop, ctx, probs);
         });
     (ctx, probs)
 }
+
+/// Where a row lies in the packed tokens and in the packed probabilities.
+#[derive(Clone, Copy)]
+struct Span {
+    start: usize,
+    len: usize,
+    prob_start: usize,
+}
+
+/// One row's attention, all heads: its context and its probabilities (before dropout).
+#[inline(always)]
+fn attend_row(
+    (q, k, v): (&[f32], &[f32], &[f32]),
+    (h, heads, scale): (usize, usize, f32),
+    row: Span,
+    drop: Option<Dropout>,
+    ctx: &mut [f32],
+    probs: &mut [f32],
+) {
+    let (s, len) = (row.start, row.len);
+    let dh = h / heads;
+    let at = |t: usize, head: usize| (s + t) * h + head * dh;
+    for head in 0..heads {
+        for i in 0..len {
+            let p = &mut probs[(head * len + i) * len..][..len];
+            let qi = &q[at(i, head)..][..dh];
+            for (j, p) in p.iter_mut().enumerate() {
+                *p = scale * dot(qi, &k[at(j, head)..][..dh]);
+            }
+            let max = p.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+            p.iter_mut().for_each(|x| *x = exp_approx(*x - max));
+            let inv = 1.0 / lane_sum(p);
+            p.iter_mut().for_each(|x| *x *= inv);
+            let base = (row.prob_start + (head * len + i) * len) as u64;
+            let out = &mut ctx[i * h + head * dh..][..dh];
+            for (j, &pj) in p.iter().enumerate() {
+                let w = match drop {
+                    Some(d) => pj * d.factor(base + j as u64),
+                    None => pj,
+                };
+                out.iter_mut()
+                    .zip(&v[at(j, head)..][..dh])
+                    .for_each(|(o, v)| *o += w * v);
+            }
+        }
+    }
+}
+
+wide_fn!(fn attend_row_wide(qkv: (&[f32], &[f32], &[f32]), dims: (usize, usize, f32), row: Span, drop: Option<Dropout>, ctx: &mut [f32], probs: &mut [f32]) => attend_row);
 
 /// The attention backward pass: from ∂L/∂ctx, ∂L/∂q, ∂L/∂k and ∂L/∂v (tokens × hidden each).
 fn attention_backward(
@@ -494,50 +531,79 @@ fn attention_backward(
         .enumerate()
         .for_each(|(r, ((dq, dk), dv))| {
             let (s, len) = (pack.start[r], pack.start[r + 1] - pack.start[r]);
-            let at = |t: usize, head: usize| (s + t) * h + head * dh;
-            let local = |t: usize, head: usize| t * h + head * dh;
-            let mut dp = vec![0f32; len];
-            for head in 0..heads {
-                for i in 0..len {
-                    let p = &saved.probs[pack.prob_start[r] + (head * len + i) * len..][..len];
-                    let base = (pack.prob_start[r] + (head * len + i) * len) as u64;
-                    let g = &d_ctx[at(i, head)..][..dh];
-                    // ctx_i = Σ_j p'_ij v_j, p' = p ⊙ mask: ∂p_ij = mask_ij·(g·v_j),
-                    // ∂v_j += p'_ij·g.
-                    for j in 0..len {
-                        let m = drop.map_or(1.0, |d| d.factor(base + j as u64));
-                        dp[j] = m * dot(g, &v[at(j, head)..][..dh]);
-                        let w = m * p[j];
-                        if w != 0.0 {
-                            dv[local(j, head)..][..dh]
-                                .iter_mut()
-                                .zip(g)
-                                .for_each(|(a, g)| *a += w * g);
-                        }
-                    }
-                    // Softmax: ∂s_ij = p_ij·(∂p_ij − Σ_k p_ik·∂p_ik); s = scale·q·k.
-                    let centre = dot(p, &dp);
-                    let qi = &q[at(i, head)..][..dh];
-                    for j in 0..len {
-                        let ds = scale * p[j] * (dp[j] - centre);
-                        if ds == 0.0 {
-                            continue;
-                        }
-                        let kj = &k[at(j, head)..][..dh];
-                        dq[local(i, head)..][..dh]
-                            .iter_mut()
-                            .zip(kj)
-                            .for_each(|(a, k)| *a += ds * k);
-                        dk[local(j, head)..][..dh]
-                            .iter_mut()
-                            .zip(qi)
-                            .for_each(|(a, q)| *a += ds * q);
-                    }
-                }
-            }
+            let row = Span {
+                start: s,
+                len,
+                prob_start: pack.prob_start[r],
+            };
+            attend_row_backward_wide(
+                d_ctx,
+                (q, k, v, &saved.probs),
+                (h, heads, scale),
+                row,
+                drop,
+                (dq, dk, dv),
+            );
         });
     (dq, dk, dv)
 }
+
+/// One row's attention backwards, all heads: its rows of ∂L/∂q, ∂L/∂k and ∂L/∂v.
+#[inline(always)]
+fn attend_row_backward(
+    d_ctx: &[f32],
+    (q, k, v, probs): (&[f32], &[f32], &[f32], &[f32]),
+    (h, heads, scale): (usize, usize, f32),
+    row: Span,
+    drop: Option<Dropout>,
+    (dq, dk, dv): (&mut [f32], &mut [f32], &mut [f32]),
+) {
+    let (s, len) = (row.start, row.len);
+    let dh = h / heads;
+    let at = |t: usize, head: usize| (s + t) * h + head * dh;
+    let local = |t: usize, head: usize| t * h + head * dh;
+    let mut dp = vec![0f32; len];
+    for head in 0..heads {
+        for i in 0..len {
+            let p = &probs[row.prob_start + (head * len + i) * len..][..len];
+            let base = (row.prob_start + (head * len + i) * len) as u64;
+            let g = &d_ctx[at(i, head)..][..dh];
+            // ctx_i = Σ_j p'_ij v_j, p' = p ⊙ mask: ∂p_ij = mask_ij·(g·v_j),
+            // ∂v_j += p'_ij·g.
+            for j in 0..len {
+                let m = drop.map_or(1.0, |d| d.factor(base + j as u64));
+                dp[j] = m * dot(g, &v[at(j, head)..][..dh]);
+                let w = m * p[j];
+                if w != 0.0 {
+                    dv[local(j, head)..][..dh]
+                        .iter_mut()
+                        .zip(g)
+                        .for_each(|(a, g)| *a += w * g);
+                }
+            }
+            // Softmax: ∂s_ij = p_ij·(∂p_ij − Σ_k p_ik·∂p_ik); s = scale·q·k.
+            let centre = dot(p, &dp);
+            let qi = &q[at(i, head)..][..dh];
+            for j in 0..len {
+                let ds = scale * p[j] * (dp[j] - centre);
+                if ds == 0.0 {
+                    continue;
+                }
+                let kj = &k[at(j, head)..][..dh];
+                dq[local(i, head)..][..dh]
+                    .iter_mut()
+                    .zip(kj)
+                    .for_each(|(a, k)| *a += ds * k);
+                dk[local(j, head)..][..dh]
+                    .iter_mut()
+                    .zip(qi)
+                    .for_each(|(a, q)| *a += ds * q);
+            }
+        }
+    }
+}
+
+wide_fn!(fn attend_row_backward_wide(d_ctx: &[f32], saved: (&[f32], &[f32], &[f32], &[f32]), dims: (usize, usize, f32), row: Span, drop: Option<Dropout>, grads: (&mut [f32], &mut [f32], &mut [f32])) => attend_row_backward);
 
 /// Forward and backward for one micro-batch on the CPU: (mean loss, gradients), the contract
 /// of `train::loss_and_grads`. `targets` is rows × labels of 0/1; `pos_weight` one weight per
