@@ -725,10 +725,15 @@ impl<'a, 'p> Run<'a, 'p> {
         };
         let lock_key = engine.lock.get(name).map(|l| l.key.as_str());
         if opts.locked && lock_key != Some(a.key.as_str()) {
-            self.drift.push(format!(
-                "{name}: would have to run: {}",
-                join_reasons(&a.reasons)
-            ));
+            let mut line = format!("{name}: would have to run: {}", join_reasons(&a.reasons));
+            for reason in &a.reasons {
+                if let StaleReason::ParamChanged { param, .. } = reason {
+                    if let Some(note) = p.stages[i].stage.param_note(param) {
+                        line.push_str(&format!("\n    {note}"));
+                    }
+                }
+            }
+            self.drift.push(line);
             self.sched
                 .settle(i, State::Failed("differs from pipeline.lock".into()));
             return Ok(None);

@@ -42,10 +42,13 @@ pub enum Bf16Kernel {
 }
 
 impl Bf16Kernel {
-    /// The fastest kernel this CPU runs.
+    /// The fastest kernel this CPU runs (the portable one under `GOEMO_KERNELS=portable`).
     pub fn detect() -> Bf16Kernel {
         #[cfg(target_arch = "x86_64")]
-        if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bf16") {
+        if !crate::portable_kernels_forced()
+            && is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512bf16")
+        {
             return Bf16Kernel::Avx512Bf16;
         }
         Bf16Kernel::Portable

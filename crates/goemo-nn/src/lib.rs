@@ -42,6 +42,18 @@ macro_rules! wide_fn {
     };
 }
 
+/// The environment variable that makes every dispatching kernel (bf16 products, int8 products)
+/// take its portable path, as on a CPU without AVX-512 BF16 or VNNI: `GOEMO_KERNELS=portable`.
+/// The portable kernels give the same bits, so a run under it must reproduce a lock written
+/// without it (CI checks that); it is only slower.
+pub const KERNELS_ENV: &str = "GOEMO_KERNELS";
+
+/// Whether `GOEMO_KERNELS=portable` is set (read once per process).
+pub fn portable_kernels_forced() -> bool {
+    static FORCED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *FORCED.get_or_init(|| std::env::var(KERNELS_ENV).is_ok_and(|v| v.trim() == "portable"))
+}
+
 pub mod backprop;
 pub mod bf16;
 pub mod classifier;

@@ -197,6 +197,12 @@ pub trait Stage: Send + Sync {
     fn metrics(&self, _out_dir: &Path) -> anyhow::Result<BTreeMap<String, f64>> {
         Ok(BTreeMap::new())
     }
+    /// Why `param`'s resolved value can differ from machine to machine (a value such as `auto`
+    /// that is resolved per CPU), and what to do about it: `--locked` prints it beside a key
+    /// that moved because of that param. Most stages have none.
+    fn param_note(&self, _param: &str) -> Option<String> {
+        None
+    }
 }
 
 /// A stage with typed params: what every goemo stage implements. The blanket [`Stage`] impl
@@ -224,6 +230,12 @@ pub trait TypedStage: Send + Sync {
     /// `--sort` keys, prefixed with the stage's name. Most stages have none.
     fn metrics(&self, _out_dir: &Path) -> anyhow::Result<BTreeMap<String, f64>> {
         Ok(BTreeMap::new())
+    }
+    /// Why `param`'s resolved value can differ from machine to machine (a value such as `auto`
+    /// that is resolved per CPU), and what to do about it: `--locked` prints it beside a key
+    /// that moved because of that param. Most stages have none.
+    fn param_note(&self, _param: &str) -> Option<String> {
+        None
     }
 }
 
@@ -255,6 +267,9 @@ impl<T: TypedStage> Stage for T {
     }
     fn metrics(&self, out_dir: &Path) -> anyhow::Result<BTreeMap<String, f64>> {
         TypedStage::metrics(self, out_dir)
+    }
+    fn param_note(&self, param: &str) -> Option<String> {
+        TypedStage::param_note(self, param)
     }
 }
 

@@ -282,6 +282,21 @@ impl TypedStage for TrainStage {
         Ok(())
     }
 
+    fn param_note(&self, param: &str) -> Option<String> {
+        (param == "precision").then(|| {
+            let here = match Bf16Kernel::detect() {
+                Bf16Kernel::Avx512Bf16 => "this CPU has AVX512-BF16, so auto is bf16 here",
+                Bf16Kernel::Portable if goemo_nn::portable_kernels_forced() => {
+                    "GOEMO_KERNELS=portable is set, so auto is f32 here, as on a CPU without AVX512-BF16"
+                }
+                Bf16Kernel::Portable => "this CPU has no AVX512-BF16, so auto is f32 here",
+            };
+            format!(
+                "train.precision `auto` is decided per CPU: {here}. To reproduce a lock made with bf16 on any CPU, set train.precision: bf16 (a portable kernel gives the same bits, several times slower than AVX512-BF16); or keep auto and accept this machine's own lock"
+            )
+        })
+    }
+
     /// The best epoch's dev macro-F1 (at 0.5, the early-stopping criterion) and which epoch.
     fn metrics(&self, out_dir: &Path) -> anyhow::Result<std::collections::BTreeMap<String, f64>> {
         let log: TrainLog = goemo_fsio::read_json(&out_dir.join("train_log.json"))?;
@@ -474,5 +489,16 @@ mod tests {
             .unwrap_err();
         assert_eq!(err.param.as_deref(), Some("precision"), "{}", err.message);
         assert!(err.message.contains("`bf16`"), "{}", err.message);
+    }
+
+    /// `--locked` explains a train key that moved because `auto` resolved differently here,
+    /// and names the fix; other params get no note.
+    #[test]
+    fn a_precision_drift_under_locked_says_why_and_what_to_set() {
+        let stage: &dyn Stage = &super::TrainStage;
+        let note = stage.param_note("precision").unwrap();
+        assert!(note.contains("decided per CPU"), "{note}");
+        assert!(note.contains("set train.precision: bf16"), "{note}");
+        assert!(stage.param_note("lr").is_none());
     }
 }
