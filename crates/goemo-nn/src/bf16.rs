@@ -20,7 +20,7 @@
 
 use rayon::prelude::*;
 
-use crate::infer::Operand;
+use crate::infer::{product_needed, Operand};
 
 /// Rows of the left operand one kernel call holds.
 pub const MR: usize = 8;
@@ -142,6 +142,10 @@ fn pack<'b>(
     (line_stride, k_stride): (usize, usize),
     width: usize,
 ) -> Packed<'b> {
+    assert!(
+        k_stride == 1 || line_stride == 1,
+        "pack: an operand is plain or transposed, so one of its strides is 1"
+    );
     let pairs = k.div_ceil(2);
     let len = lines.div_ceil(width) * width * pairs;
     if buffer.len() < len {
@@ -173,7 +177,7 @@ fn pack<'b>(
                         group[p * width + l] = 0;
                     }
                 }
-            } else if line_stride == 1 {
+            } else {
                 // The lines are contiguous: interleave two rows of elements at a time.
                 for p in 0..pairs {
                     let out = &mut group[p * width..][..width];
@@ -187,22 +191,6 @@ fn pack<'b>(
                         }
                     }
                     out[count..].fill(0);
-                }
-            } else {
-                let at = |line: usize, i: usize| data[line * line_stride + i * k_stride];
-                for l in 0..width {
-                    for p in 0..pairs {
-                        group[p * width + l] = if l < count {
-                            let odd = if 2 * p + 1 < k {
-                                at(first + l, 2 * p + 1)
-                            } else {
-                                0.0
-                            };
-                            pair(at(first + l, 2 * p), odd)
-                        } else {
-                            0
-                        };
-                    }
                 }
             }
         });
@@ -243,6 +231,10 @@ fn convert_lhs<'b>(
     k: usize,
     (row_stride, k_stride): (usize, usize),
 ) -> Lhs<'b> {
+    assert!(
+        k_stride == 1 || row_stride == 1,
+        "convert_lhs: an operand is plain or transposed, so one of its strides is 1"
+    );
     let pairs = k.div_ceil(2);
     let rows = m.div_ceil(MR) * MR;
     if buffer.len() < rows * pairs {
@@ -274,16 +266,12 @@ fn convert_lhs<'b>(
         .for_each(|(r, out)| {
             if r >= m {
                 out.fill(0);
-            } else if k_stride == 1 {
+            } else {
+                // Row-major here means the elements of a row are contiguous (k_stride is 1).
                 let row = &data[r * row_stride..][..k];
                 line_pairs_wide(row, out);
                 if k % 2 == 1 {
                     out[pairs - 1] = pair(row[k - 1], 0.0);
-                }
-            } else {
-                let at = |i: usize| data[r * row_stride + i * k_stride];
-                for (p, o) in out.iter_mut().enumerate() {
-                    *o = pair(at(2 * p), if 2 * p + 1 < k { at(2 * p + 1) } else { 0.0 });
                 }
             }
         });
@@ -327,17 +315,12 @@ pub(crate) fn matmul_bf16(
     add: bool,
     kernel: Bf16Kernel,
 ) {
-    assert_eq!(dst.len(), m * n, "matmul_bf16: destination size");
-    lhs.check(m, k, "matmul_bf16 lhs");
-    rhs.check(k, n, "matmul_bf16 rhs");
-    if m == 0 || n == 0 {
+    if !product_needed(dst, (m, n, k), lhs, rhs, add, "matmul_bf16") {
         return;
     }
+    // Each output's chain of additions starts from the destination's value.
     if !add {
         dst.fill(0.0);
-    }
-    if k == 0 {
-        return;
     }
     let [mut a_buf, mut b_buf] = BUFFERS.with_borrow_mut(std::mem::take);
     let a = convert_lhs(&mut a_buf, lhs.data, m, k, (lhs.row_stride, lhs.col_stride));

@@ -72,10 +72,11 @@ impl<'a> Operand<'a> {
         }
     }
 
-    pub(crate) fn check(&self, rows: usize, cols: usize, what: &str) {
+    /// Panics, naming the product and the side, unless `rows` × `cols` fit in the buffer.
+    fn check(&self, rows: usize, cols: usize, what: &str, side: &str) {
         if rows > 0 && cols > 0 {
             let last = (rows - 1) * self.row_stride + (cols - 1) * self.col_stride;
-            assert!(last < self.data.len(), "{what}: operand too small");
+            assert!(last < self.data.len(), "{what} {side}: operand too small");
         }
     }
 }
@@ -100,6 +101,32 @@ pub(crate) fn k_blocks(k: usize) -> impl Iterator<Item = std::ops::Range<usize>>
     (0..parts).map(move |p| (p * len).min(k)..((p + 1) * len).min(k))
 }
 
+/// What every matrix product checks first (`what` names it in a panic): the destination and
+/// operand sizes. Returns false when there is nothing to multiply (m, n or k is 0), the
+/// destination then already holding the result (zeroed unless `add`).
+pub(crate) fn product_needed(
+    dst: &mut [f32],
+    (m, n, k): (usize, usize, usize),
+    lhs: Operand,
+    rhs: Operand,
+    add: bool,
+    what: &str,
+) -> bool {
+    assert_eq!(dst.len(), m * n, "{what}: destination size");
+    lhs.check(m, k, what, "lhs");
+    rhs.check(k, n, what, "rhs");
+    if m == 0 || n == 0 {
+        return false;
+    }
+    if k == 0 {
+        if !add {
+            dst.fill(0.0);
+        }
+        return false;
+    }
+    true
+}
+
 /// `dst` (m × n, row-major) = `lhs` (m × k) · `rhs` (k × n), or `dst` += that product.
 pub(crate) fn matmul(
     dst: &mut [f32],
@@ -110,16 +137,7 @@ pub(crate) fn matmul(
     rhs: Operand,
     add: bool,
 ) {
-    assert_eq!(dst.len(), m * n, "matmul: destination size");
-    lhs.check(m, k, "matmul lhs");
-    rhs.check(k, n, "matmul rhs");
-    if m == 0 || n == 0 {
-        return;
-    }
-    if k == 0 {
-        if !add {
-            dst.fill(0.0);
-        }
+    if !product_needed(dst, (m, n, k), lhs, rhs, add, "matmul") {
         return;
     }
     let threads = rayon::current_num_threads();

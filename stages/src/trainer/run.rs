@@ -331,15 +331,15 @@ impl<'a> Run<'a> {
                 .into_par_iter()
                 .zip(grads.leaves())
                 .for_each(|(a, g)| a.iter_mut().zip(g).for_each(|(a, g)| *a += g * scale));
-        } else if p.grad_accum == 1 {
-            // x · 1.0 is x: the gradients are the sum as they are, no copy needed.
-            acc.grads = Some(grads);
         } else {
             let mut grads = grads;
-            grads
-                .leaves_mut()
-                .into_par_iter()
-                .for_each(|g| g.iter_mut().for_each(|x| *x *= scale));
+            // With grad_accum 1 the scale is 1.0, and x · 1.0 is x: no pass needed.
+            if scale != 1.0 {
+                grads
+                    .leaves_mut()
+                    .into_par_iter()
+                    .for_each(|g| g.iter_mut().for_each(|x| *x *= scale));
+            }
             acc.grads = Some(grads);
         }
         acc.loss += loss / p.grad_accum as f64;
