@@ -6,6 +6,7 @@ use std::time::Instant;
 use candle_core::{Device, Tensor};
 use goemo_data::tokens::TokenizedData;
 use goemo_nn::backprop::Products;
+use goemo_nn::loss::{Loss, LossKind};
 use goemo_nn::model::{self, Arch, Classifier, EncoderConfig, ModelDir, Params};
 use goemo_stages::trainer::{self as train, bce_with_logits, TrainEnv, TrainParams};
 use goemo_testing::{
@@ -38,9 +39,16 @@ fn every_parameter_receives_a_nonzero_gradient() {
     for arch in [Arch::Bert, Arch::DistilBert] {
         let p = tiny_params(arch, 0.0, 1);
         let rows: Vec<usize> = (0..32).collect();
-        let (_, grads) =
-            train::loss_and_grads(&p, &data, &rows, None, None, &Device::Cpu, Products::F32)
-                .unwrap();
+        let (_, grads) = train::loss_and_grads(
+            &p,
+            &data,
+            &rows,
+            &Loss::bce(None),
+            None,
+            &Device::Cpu,
+            Products::F32,
+        )
+        .unwrap();
         for (name, g) in p.names.iter().zip(grads.leaves()) {
             // Embedding rows of tokens absent from the batch are legitimately zero: check the
             // tensor as a whole, and every element of everything else.
@@ -65,13 +73,28 @@ fn gradients_match_finite_differences() {
         config["initializer_range"] = serde_json::json!(0.4);
         let cfg = EncoderConfig::from_json(config).unwrap();
         let p = Params::init(&cfg, 28, 2, &Device::Cpu).unwrap();
-        let (_, grads) =
-            train::loss_and_grads(&p, &data, &rows, None, None, &Device::Cpu, Products::F32)
-                .unwrap();
+        let (_, grads) = train::loss_and_grads(
+            &p,
+            &data,
+            &rows,
+            &Loss::bce(None),
+            None,
+            &Device::Cpu,
+            Products::F32,
+        )
+        .unwrap();
         let loss_at = |p: &Params| {
-            train::loss_and_grads(p, &data, &rows, None, None, &Device::Cpu, Products::F32)
-                .unwrap()
-                .0
+            train::loss_and_grads(
+                p,
+                &data,
+                &rows,
+                &Loss::bce(None),
+                None,
+                &Device::Cpu,
+                Products::F32,
+            )
+            .unwrap()
+            .0
         };
         let checked = check_finite_differences(
             &p,
@@ -425,6 +448,98 @@ fn killed_mid_epoch_resumes_from_the_last_step_checkpoint() {
     assert_kill_and_resume_is_exact(&p, 10, (1, 4));
 }
 
+/// The training levers (asymmetric loss with smoothing, layer-wise lr decay, a weight average
+/// scored and exported) survive a kill and resume bit for bit: the average is in the checkpoint.
+#[test]
+fn levers_resume_exactly() {
+    let p = TrainParams {
+        loss: train::LossName::Asl,
+        asl_gamma_neg: Some(2.0),
+        label_smoothing: 0.1,
+        layer_lr_decay: 0.8,
+        ema_decay: 0.9,
+        checkpoint_every_secs: 0.0,
+        ..quick(3)
+    };
+    assert_kill_and_resume_is_exact(&p, 10, (1, 4));
+}
+
+/// Each lever changes what is trained (a param that changed nothing would be a silent no-op),
+/// and with `ema_decay` the exported weights are not the last step's.
+#[test]
+fn each_lever_changes_the_model() {
+    let data = real_tokens(64, 16, 64);
+    let run = |p: &TrainParams| {
+        let work = tempfile::tempdir().unwrap();
+        train::train_params(
+            p,
+            &data,
+            tiny_params(Arch::Bert, 0.1, 7),
+            &TrainEnv {
+                device: &Device::Cpu,
+                work_dir: work.path(),
+                check: &no_check,
+                interactive: false,
+            },
+            Instant::now(),
+        )
+        .unwrap()
+    };
+    let weights = |o: &train::TrainOutcome| -> Vec<Vec<f32>> {
+        o.best_weights
+            .iter()
+            .map(|(_, t)| t.flatten_all().unwrap().to_vec1().unwrap())
+            .collect()
+    };
+    let base = weights(&run(&quick(1)));
+    let levers = [
+        TrainParams {
+            loss: train::LossName::Focal,
+            ..quick(1)
+        },
+        TrainParams {
+            loss: train::LossName::Asl,
+            ..quick(1)
+        },
+        TrainParams {
+            label_smoothing: 0.1,
+            ..quick(1)
+        },
+        TrainParams {
+            layer_lr_decay: 0.8,
+            ..quick(1)
+        },
+        TrainParams {
+            ema_decay: 0.9,
+            ..quick(1)
+        },
+    ];
+    for p in &levers {
+        let got = weights(&run(p));
+        assert_ne!(
+            got, base,
+            "{:?}/{}/{}/{}: the same weights as plain BCE",
+            p.loss, p.label_smoothing, p.layer_lr_decay, p.ema_decay
+        );
+    }
+    // Layer-wise decay leaves the head's rate alone but slows the embeddings: their change from
+    // the initial weights is smaller.
+    let init: Vec<Vec<f32>> = tiny_params(Arch::Bert, 0.1, 7)
+        .vars
+        .iter()
+        .map(|v| v.flatten_all().unwrap().to_vec1().unwrap())
+        .collect();
+    let moved = |w: &[Vec<f32>], k: usize| max_abs_diff(&w[k], &init[k]);
+    let decayed = weights(&run(&TrainParams {
+        layer_lr_decay: 0.5,
+        ..quick(1)
+    }));
+    assert!(
+        moved(&decayed, 0) < moved(&base, 0),
+        "word embeddings moved as much under decay"
+    );
+}
+
 #[test]
 fn malformed_model_folders_are_named() {
     let dir = tempfile::tempdir().unwrap();
@@ -535,32 +650,47 @@ fn packed_gradients_match_autograd_on_minilm() {
         .load_backbone(&md.dir.join("model.safetensors"))
         .unwrap();
     let rows: Vec<usize> = (0..24).collect();
-    let (want_loss, want) =
-        train::loss_and_grads_autograd(&params, &data, &rows, None, None, &Device::Cpu).unwrap();
-    let (loss, got) = train::loss_and_grads(
-        &params,
-        &data,
-        &rows,
-        None,
-        None,
-        &Device::Cpu,
-        Products::F32,
-    )
-    .unwrap();
-    assert!(
-        (loss - want_loss).abs() < 1e-5,
-        "loss {loss} vs autograd {want_loss}"
-    );
-    for (name, (g, w)) in params
-        .names
-        .iter()
-        .zip(got.leaves().into_iter().zip(want.leaves()))
-    {
-        let scale = w.iter().fold(0f32, |m, v| m.max(v.abs()));
-        let diff = max_abs_diff(g, w);
+    // Plain BCE (candle's graph) and ASL with smoothing (the host loss entering the graph as
+    // Σ logits ⊙ ∂loss/∂logits).
+    let asl = Loss {
+        kind: LossKind::Asymmetric {
+            gamma_neg: 4.0,
+            gamma_pos: 1.0,
+            clip: 0.05,
+        },
+        label_smoothing: 0.1,
+        pos_weight: Some((0..28).map(|k| 1.0 + k as f32 * 0.2).collect()),
+    };
+    for objective in [Loss::bce(None), asl] {
+        let (want_loss, want) =
+            train::loss_and_grads_autograd(&params, &data, &rows, &objective, None, &Device::Cpu)
+                .unwrap();
+        let (loss, got) = train::loss_and_grads(
+            &params,
+            &data,
+            &rows,
+            &objective,
+            None,
+            &Device::Cpu,
+            Products::F32,
+        )
+        .unwrap();
+        let what = format!("{:?}", objective.kind);
         assert!(
-            diff <= 2e-3 * scale + 1e-8,
-            "{name}: packed and autograd gradients differ by {diff} (largest {scale})"
+            (loss - want_loss).abs() < 1e-5,
+            "{what}: loss {loss} vs autograd {want_loss}"
         );
+        for (name, (g, w)) in params
+            .names
+            .iter()
+            .zip(got.leaves().into_iter().zip(want.leaves()))
+        {
+            let scale = w.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let diff = max_abs_diff(g, w);
+            assert!(
+                diff <= 2e-3 * scale + 1e-8,
+                "{what} {name}: packed and autograd gradients differ by {diff} (largest {scale})"
+            );
+        }
     }
 }

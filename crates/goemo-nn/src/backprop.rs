@@ -31,6 +31,7 @@ use crate::infer::{
     activate, check_rows, dot, embed, erf_rational, exp_approx, lane_sum, matmul, normalise,
     packed_tokens, Operand, SQRT_TWO_OVER_PI,
 };
+use crate::loss::Loss;
 use crate::model::Params;
 use crate::params::{Dense, Encoder, Layer, LayerNorm};
 
@@ -606,17 +607,17 @@ fn attend_row_backward(
 wide_fn!(fn attend_row_backward_wide(d_ctx: &[f32], saved: (&[f32], &[f32], &[f32], &[f32]), dims: (usize, usize, f32), row: Span, drop: Option<Dropout>, grads: (&mut [f32], &mut [f32], &mut [f32])) => attend_row_backward);
 
 /// Forward and backward for one micro-batch on the CPU: (mean loss, gradients), the contract
-/// of `train::loss_and_grads`. `targets` is rows × labels of 0/1; `pos_weight` one weight per
-/// label; `rng: Some` turns dropout on.
+/// of `train::loss_and_grads`. `targets` is rows × labels in [0, 1] (0/1, or soft targets);
+/// `rng: Some` turns dropout on.
 pub fn loss_and_grads(
     params: &Params,
     rows: &[&[u32]],
     targets: &[f32],
-    pos_weight: Option<&[f32]>,
+    loss: &Loss,
     rng: Option<&mut ChaCha8Rng>,
     products: Products,
 ) -> anyhow::Result<(f64, Grads)> {
-    let s = step(params, rows, targets, pos_weight, rng, products)?;
+    let s = step(params, rows, targets, loss, rng, products)?;
     Ok((s.loss, s.grads))
 }
 
@@ -629,13 +630,13 @@ pub struct Step {
     pub backward_secs: f64,
 }
 
-/// `loss_and_grads` with the forward and backward passes timed: [`forward`], [`bce_loss`],
-/// [`backward`].
+/// `loss_and_grads` with the forward and backward passes timed: [`forward`],
+/// [`Loss::value_and_grad`], [`backward`].
 pub fn step(
     params: &Params,
     rows: &[&[u32]],
     targets: &[f32],
-    pos_weight: Option<&[f32]>,
+    loss: &Loss,
     rng: Option<&mut ChaCha8Rng>,
     products: Products,
 ) -> anyhow::Result<Step> {
@@ -663,7 +664,14 @@ pub fn step(
         _ => anyhow::bail!("the packed trainer runs on the CPU only"),
     })?;
     let fwd = forward(products, cfg, &w, rows, rng);
-    let (loss, d_logits) = bce_loss(&fwd.logits, targets, pos_weight, labels);
+    if let Some(w) = &loss.pos_weight {
+        anyhow::ensure!(
+            w.len() == labels,
+            "pos_weight has {} weights for {labels} labels",
+            w.len()
+        );
+    }
+    let (loss, d_logits) = loss.value_and_grad(&fwd.logits, targets, labels);
     let forward_secs = started.elapsed().as_secs_f64();
     let grads = backward(products, cfg, &w, fwd, &d_logits);
     // The read guards behind the weight slices are released here, before the optimizer
@@ -807,28 +815,6 @@ fn layer_forward(
         drop_ffn,
     };
     (out, saved)
-}
-
-/// BCE with logits, mean over rows × labels: (loss, ∂loss/∂logits). ℓ = (1 − y)·z +
-/// w_y·softplus(−z) with w_y = 1 + (pos_weight − 1)·y; ∂ℓ/∂z = (1 − y) − w_y·σ(−z).
-fn bce_loss(
-    logits: &[f32],
-    targets: &[f32],
-    pos_weight: Option<&[f32]>,
-    labels: usize,
-) -> (f64, Vec<f32>) {
-    let n = logits.len() as f64;
-    let mut loss = 0f64;
-    let mut d_logits = vec![0f32; logits.len()];
-    for (i, (&z, &y)) in logits.iter().zip(targets).enumerate() {
-        let pw = pos_weight.map_or(1.0, |p| p[i % labels]);
-        let wy = 1.0 + (pw - 1.0) * y;
-        let softplus_neg = (-z.abs()).exp().ln_1p() + (-z).max(0.0);
-        loss += ((1.0 - y) * z + wy * softplus_neg) as f64;
-        let sig_neg = 1.0 / (1.0 + z.exp());
-        d_logits[i] = (((1.0 - y) - wy * sig_neg) as f64 / n) as f32;
-    }
-    (loss / n, d_logits)
 }
 
 /// The backward pass: every parameter's gradient from ∂loss/∂logits.
@@ -981,7 +967,7 @@ fn layer_backward(
 mod tests {
     use super::*;
     use crate::config::Arch;
-    use crate::loss::bce_with_logits;
+    use crate::loss::{bce_with_logits, LossKind};
     use crate::model::{forward, Batch};
     use crate::test_support::{
         check_finite_differences, check_finite_differences_within, max_abs_diff, random_token_rows,
@@ -1053,8 +1039,15 @@ mod tests {
             let pw: Vec<f32> = (0..LABELS).map(|k| 0.5 + k as f32 * 0.3).collect();
             for pos_weight in [None, Some(pw.as_slice())] {
                 let (want_loss, want) = autograd(&params, &seqs, &y, pos_weight);
-                let (loss, got) =
-                    loss_and_grads(&params, &seqs, &y, pos_weight, None, Products::F32).unwrap();
+                let (loss, got) = loss_and_grads(
+                    &params,
+                    &seqs,
+                    &y,
+                    &Loss::bce(pos_weight.map(<[f32]>::to_vec)),
+                    None,
+                    Products::F32,
+                )
+                .unwrap();
                 let what = format!("{arch:?} {act} pos_weight {}", pos_weight.is_some());
                 assert!(
                     (loss - want_loss).abs() < 1e-5 * want_loss.abs().max(1.0),
@@ -1086,11 +1079,12 @@ mod tests {
             let rng = ChaCha8Rng::seed_from_u64(11);
             let run = |p: &Params| {
                 let mut r = rng.clone();
-                loss_and_grads(p, &seqs, &y, None, Some(&mut r), Products::F32).unwrap()
+                loss_and_grads(p, &seqs, &y, &Loss::bce(None), Some(&mut r), Products::F32).unwrap()
             };
             let (_, grads) = run(&params);
             // The masks are on: the loss differs from the dropout-free one.
-            let (plain, _) = loss_and_grads(&params, &seqs, &y, None, None, Products::F32).unwrap();
+            let (plain, _) =
+                loss_and_grads(&params, &seqs, &y, &Loss::bce(None), None, Products::F32).unwrap();
             assert_ne!(run(&params).0, plain, "{arch:?}: dropout changed nothing");
             let checked = check_finite_differences(
                 &params,
@@ -1100,6 +1094,55 @@ mod tests {
                 &format!("{arch:?}"),
             );
             assert!(checked > 20, "{arch:?}: only {checked} tensors checked");
+        }
+    }
+
+    /// Focal and asymmetric losses with label smoothing and pos_weight, dropout on: every
+    /// tensor's gradient agrees with central differences of the loss through the whole model
+    /// (the losses' own derivatives are checked element by element in `loss`).
+    #[test]
+    fn other_losses_gradients_match_finite_differences() {
+        let pw: Vec<f32> = (0..LABELS).map(|k| 0.5 + k as f32 * 0.1).collect();
+        let losses = [
+            Loss {
+                kind: LossKind::Focal { gamma: 2.0 },
+                label_smoothing: 0.1,
+                pos_weight: None,
+            },
+            Loss {
+                kind: LossKind::Asymmetric {
+                    gamma_neg: 4.0,
+                    gamma_pos: 1.0,
+                    clip: 0.05,
+                },
+                label_smoothing: 0.0,
+                pos_weight: Some(pw),
+            },
+        ];
+        for (i, loss) in losses.iter().enumerate() {
+            let params = model(Arch::Bert, "hidden_act", "gelu", 0.2, 30 + i as u64);
+            let rows = random_token_rows(6, 16, 30 + i as u64);
+            let seqs: Vec<&[u32]> = rows.iter().map(Vec::as_slice).collect();
+            let y = targets(seqs.len(), 30 + i as u64);
+            let rng = ChaCha8Rng::seed_from_u64(17);
+            let run = |p: &Params| {
+                let mut r = rng.clone();
+                loss_and_grads(p, &seqs, &y, loss, Some(&mut r), Products::F32).unwrap()
+            };
+            let (value, grads) = run(&params);
+            let (bce, _) = loss_and_grads(
+                &params,
+                &seqs,
+                &y,
+                &Loss::bce(None),
+                Some(&mut rng.clone()),
+                Products::F32,
+            )
+            .unwrap();
+            assert_ne!(value, bce, "{loss:?}: the same loss as plain BCE");
+            let what = format!("{:?}", loss.kind);
+            let checked = check_finite_differences(&params, &grads, |p| run(p).0, |_| false, &what);
+            assert!(checked > 20, "{what}: only {checked} tensors checked");
         }
     }
 
@@ -1122,13 +1165,20 @@ mod tests {
             let y = targets(seqs.len(), seed);
             let (want_loss, want) = autograd(&params, &seqs, &y, None);
             let (f32_loss, _) =
-                loss_and_grads(&params, &seqs, &y, None, None, Products::F32).unwrap();
+                loss_and_grads(&params, &seqs, &y, &Loss::bce(None), None, Products::F32).unwrap();
             let mut kernels = vec![Bf16Kernel::Portable, Bf16Kernel::detect()];
             kernels.dedup();
             let mut runs = Vec::new();
             for kernel in kernels {
-                let (loss, got) =
-                    loss_and_grads(&params, &seqs, &y, None, None, Products::Bf16(kernel)).unwrap();
+                let (loss, got) = loss_and_grads(
+                    &params,
+                    &seqs,
+                    &y,
+                    &Loss::bce(None),
+                    None,
+                    Products::Bf16(kernel),
+                )
+                .unwrap();
                 let what = format!("{arch:?} bf16 {kernel:?}");
                 assert!(
                     (loss - want_loss).abs() < 1e-2 * want_loss.abs().max(1.0),
@@ -1174,7 +1224,7 @@ mod tests {
         let rng = ChaCha8Rng::seed_from_u64(13);
         let run = |p: &Params, products: Products| {
             let mut r = rng.clone();
-            loss_and_grads(p, &seqs, &y, None, Some(&mut r), products).unwrap()
+            loss_and_grads(p, &seqs, &y, &Loss::bce(None), Some(&mut r), products).unwrap()
         };
         let (_, grads) = run(&params, Products::bf16());
         let checked = check_finite_differences_within(
@@ -1209,14 +1259,28 @@ mod tests {
         let params = model(Arch::Bert, "hidden_act", "gelu", 0.0, 1);
         let y = targets(1, 1);
         let long = vec![101u32; 129];
-        let err =
-            loss_and_grads(&params, &[long.as_slice()], &y, None, None, Products::F32).unwrap_err();
+        let err = loss_and_grads(
+            &params,
+            &[long.as_slice()],
+            &y,
+            &Loss::bce(None),
+            None,
+            Products::F32,
+        )
+        .unwrap_err();
         assert!(
             err.to_string().contains("the model takes 1 to 128"),
             "{err}"
         );
-        let err =
-            loss_and_grads(&params, &[&[101, 40_000]], &y, None, None, Products::F32).unwrap_err();
+        let err = loss_and_grads(
+            &params,
+            &[&[101, 40_000]],
+            &y,
+            &Loss::bce(None),
+            None,
+            Products::F32,
+        )
+        .unwrap_err();
         assert!(
             err.to_string().contains("outside the model's vocabulary"),
             "{err}"

@@ -8,7 +8,7 @@ use candle_core::Tensor;
 use rayon::prelude::*;
 
 use crate::model::Params;
-use crate::params::Encoder;
+use crate::params::{Encoder, Slot};
 
 /// AdamW's hyperparameters (the learning rate comes with each step, from the schedule).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -18,6 +18,28 @@ pub struct AdamWConfig {
     pub weight_decay: f64,
     /// The head's (pool and classifier) learning rate as a multiple of the schedule's.
     pub head_lr_scale: f64,
+    /// Layer-wise decay ξ (1: off): the top encoder layer at the schedule's rate, each one below
+    /// at ξ times the one above, the embeddings at ξ^layers.
+    pub layer_lr_decay: f64,
+}
+
+impl AdamWConfig {
+    /// A parameter's learning rate as a multiple of the schedule's, for a model of `layers`
+    /// encoder layers.
+    pub fn lr_scale(&self, slot: &Slot, layers: usize) -> f64 {
+        if slot.head {
+            return self.head_lr_scale;
+        }
+        if self.layer_lr_decay == 1.0 {
+            return 1.0;
+        }
+        // Depth below the top layer: 0 for the top, `layers` for the embeddings.
+        let below_top = match slot.layer {
+            Some(l) => layers.saturating_sub(l + 1),
+            None => layers,
+        };
+        self.layer_lr_decay.powi(below_top as i32)
+    }
 }
 
 /// Elements per parallel task of one parameter's update.
@@ -52,6 +74,16 @@ fn update(w: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32], h: Hyper) {
 
 wide_fn!(fn update_wide(w: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32], h: Hyper) => update);
 
+/// The moving average's step: e ← d·e + (1 − d)·w, elementwise (any vector width, same bits).
+#[inline(always)]
+fn average(e: &mut [f32], w: &[f32], d: f32) {
+    for (e, &w) in e.iter_mut().zip(w) {
+        *e = d * *e + (1.0 - d) * w;
+    }
+}
+
+wide_fn!(fn average_wide(e: &mut [f32], w: &[f32], d: f32) => average);
+
 /// One parameter's first and second moments.
 #[derive(Debug, Clone)]
 pub struct Moments {
@@ -64,6 +96,32 @@ pub struct AdamW {
     /// Steps taken (the bias correction's t).
     pub t: u64,
     config: AdamWConfig,
+    /// An exponential moving average of the weights, kept up by [`AdamW::step`] (it has each
+    /// parameter's new value at hand, so the average costs no extra pass over the weights).
+    pub average: Option<WeightAverage>,
+}
+
+/// Weights averaged over steps: after step t, e ← d_t·e + (1 − d_t)·w with
+/// d_t = min(decay, (1 + t) / (10 + t)), so the first steps' weights (the fresh head's noise)
+/// are not kept for thousands of steps.
+#[derive(Debug, Clone)]
+pub struct WeightAverage {
+    pub decay: f64,
+    pub weights: Encoder<Vec<f32>>,
+}
+
+impl WeightAverage {
+    fn decay_at(&self, t: u64) -> f32 {
+        self.decay.min((1.0 + t as f64) / (10.0 + t as f64)) as f32
+    }
+
+    /// The averaged weights as tensors on `device`, in the parameter tree's order.
+    pub fn tensors(&self, params: &Params) -> anyhow::Result<Encoder<Tensor>> {
+        let pairs = params.tree.zip(&self.weights)?;
+        pairs.map(|_, (var, w)| -> anyhow::Result<Tensor> {
+            Ok(Tensor::from_slice(w, var.shape(), var.device())?)
+        })
+    }
 }
 
 impl AdamW {
@@ -76,7 +134,17 @@ impl AdamW {
             }),
             t: 0,
             config,
+            average: None,
         }
+    }
+
+    /// Keep a moving average of the weights with this decay, starting from their values now.
+    pub fn with_average(mut self, params: &Params, decay: f64) -> anyhow::Result<AdamW> {
+        let weights = params.tree.map(|_, v| -> anyhow::Result<Vec<f32>> {
+            Ok(v.as_tensor().flatten_all()?.to_vec1::<f32>()?)
+        })?;
+        self.average = Some(WeightAverage { decay, weights });
+        Ok(self)
     }
 
     /// One update of every parameter from its gradient, at learning rate `lr`.
@@ -95,10 +163,20 @@ impl AdamW {
         let eps = c.eps as f32;
         let pairs = params.tree.zip(grads)?;
         let slots = params.tree.slots();
+        let layers = params.cfg.layers;
         let moments = self.moments.leaves_mut();
         anyhow::ensure!(
             moments.len() == slots.len(),
             "the optimizer's moments do not match the model's parameters"
+        );
+        let avg_decay = self.average.as_ref().map(|a| a.decay_at(self.t));
+        let mut averages: Vec<Option<&mut Vec<f32>>> = match self.average.as_mut() {
+            Some(a) => a.weights.leaves_mut().into_iter().map(Some).collect(),
+            None => (0..slots.len()).map(|_| None).collect(),
+        };
+        anyhow::ensure!(
+            averages.len() == slots.len(),
+            "the weight average does not match the model's parameters"
         );
         // Each parameter is written back as soon as it is updated, so at most one parameter per
         // thread exists twice (not the whole model).
@@ -107,9 +185,9 @@ impl AdamW {
             .into_par_iter()
             .zip(moments)
             .zip(slots)
-            .map(|((&(var, g), mo), slot)| {
-                let scale = if slot.head { c.head_lr_scale } else { 1.0 };
-                let lr = lr * scale;
+            .zip(averages.par_iter_mut())
+            .map(|(((&(var, g), mo), slot), avg)| {
+                let lr = lr * c.lr_scale(&slot, layers);
                 let step_size = (lr / bc1) as f32;
                 let shrink = (1.0 - lr * c.weight_decay) as f32;
                 let mut w: Vec<f32> = var.as_tensor().flatten_all()?.to_vec1()?;
@@ -132,9 +210,136 @@ impl AdamW {
                     .zip(mo.v.par_chunks_mut(CHUNK))
                     .zip(g.par_chunks(CHUNK))
                     .for_each(|(((w, m), v), g)| update_wide(w, m, v, g, hyper));
+                if let (Some(avg), Some(d)) = (avg.as_deref_mut(), avg_decay) {
+                    avg.par_chunks_mut(CHUNK)
+                        .zip(w.par_chunks(CHUNK))
+                        .for_each(|(e, w)| average_wide(e, w, d));
+                }
                 var.set(&Tensor::from_vec(w, var.shape(), var.device())?)
             })
             .collect::<candle_core::Result<()>>()?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Arch, EncoderConfig};
+    use crate::test_support::tiny_config;
+    use candle_core::Device;
+
+    fn tiny(layers: usize) -> Params {
+        let mut raw = tiny_config(Arch::Bert, 0.0);
+        raw["num_hidden_layers"] = layers.into();
+        let cfg = EncoderConfig::from_json(raw).unwrap();
+        Params::init(&cfg, 5, 0, &Device::Cpu).unwrap()
+    }
+
+    fn config(layer_lr_decay: f64) -> AdamWConfig {
+        AdamWConfig {
+            betas: [0.9, 0.999],
+            eps: 1e-8,
+            weight_decay: 0.01,
+            head_lr_scale: 30.0,
+            layer_lr_decay,
+        }
+    }
+
+    /// ξ = 0.8 over 3 layers: embeddings 0.8³, layer 0 0.8², layer 1 0.8, layer 2 (the top) 1,
+    /// the head its own scale; ξ = 1 changes nothing.
+    #[test]
+    fn layer_decay_scales_by_depth() {
+        let params = tiny(3);
+        let slots = params.tree.slots();
+        let scale_of = |c: &AdamWConfig, name: &str| {
+            let s = slots.iter().find(|s| s.name == name).unwrap();
+            c.lr_scale(s, 3)
+        };
+        let c = config(0.8);
+        let close = |a: f64, b: f64| (a - b).abs() < 1e-12;
+        assert!(close(
+            scale_of(&c, "bert.embeddings.word_embeddings.weight"),
+            0.512
+        ));
+        assert!(close(
+            scale_of(&c, "bert.embeddings.LayerNorm.weight"),
+            0.512
+        ));
+        assert!(close(
+            scale_of(&c, "bert.encoder.layer.0.attention.self.query.weight"),
+            0.64
+        ));
+        assert!(close(
+            scale_of(&c, "bert.encoder.layer.1.output.LayerNorm.bias"),
+            0.8
+        ));
+        assert!(close(
+            scale_of(&c, "bert.encoder.layer.2.intermediate.dense.weight"),
+            1.0
+        ));
+        assert!(close(scale_of(&c, "classifier.weight"), 30.0));
+        assert!(close(scale_of(&c, "bert.pooler.dense.bias"), 30.0));
+        let off = config(1.0);
+        for s in &slots {
+            let want = if s.head { 30.0 } else { 1.0 };
+            assert_eq!(off.lr_scale(s, 3), want, "{}", s.name);
+        }
+        assert!(slots
+            .iter()
+            .all(|s| s.head || s.name.contains("embeddings") || s.layer.is_some()));
+    }
+
+    /// The average after three steps is d₃(d₂(d₁·w₀ + (1 − d₁)·w₁) + …) with
+    /// d_t = min(decay, (1 + t)/(10 + t)), bit for bit; the weights themselves are those of a
+    /// run without it.
+    #[test]
+    fn weight_average_follows_its_formula() {
+        let with = tiny(2);
+        let without = tiny(2);
+        let flat = |p: &Params| -> Vec<Vec<f32>> {
+            p.vars
+                .iter()
+                .map(|v| v.as_tensor().flatten_all().unwrap().to_vec1().unwrap())
+                .collect()
+        };
+        let mut expect = flat(&with);
+        let mut opt = AdamW::new(&with, config(0.9))
+            .with_average(&with, 0.99)
+            .unwrap();
+        let mut plain = AdamW::new(&without, config(0.9));
+        for t in 0..3u64 {
+            let grads = with.tree.map_each(|v| {
+                (0..v.elem_count())
+                    .map(|i| ((i as f32 + t as f32) * 0.37).sin())
+                    .collect::<Vec<f32>>()
+            });
+            opt.step(&with, &grads, 1e-3).unwrap();
+            plain.step(&without, &grads, 1e-3).unwrap();
+            // Step t + 1 (t counts from 1, as AdamW's bias correction does).
+            let n = (t + 1) as f64;
+            let d = (0.99f64).min((1.0 + n) / (10.0 + n)) as f32;
+            for (e, w) in expect.iter_mut().zip(flat(&with)) {
+                e.iter_mut()
+                    .zip(&w)
+                    .for_each(|(e, &w)| *e = d * *e + (1.0 - d) * w);
+            }
+        }
+        assert_eq!(
+            flat(&with),
+            flat(&without),
+            "the average changed the weights"
+        );
+        let avg = opt.average.as_ref().unwrap();
+        for (got, want) in avg.weights.leaves().into_iter().zip(&expect) {
+            assert!(got
+                .iter()
+                .zip(want)
+                .all(|(a, b)| a.to_bits() == b.to_bits()));
+        }
+        // And it is not simply the weights.
+        assert_ne!(avg.weights.leaves()[0], &flat(&with)[0]);
+        let tensors = avg.tensors(&with).unwrap();
+        assert_eq!(tensors.leaves()[0].dims(), with.vars[0].dims());
     }
 }

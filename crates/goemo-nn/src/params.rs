@@ -76,6 +76,9 @@ pub struct Slot {
     pub decay: bool,
     /// Part of the head (pool and classifier), absent from a base checkpoint.
     pub head: bool,
+    /// The encoder layer it belongs to (0 = the one next to the embeddings); `None` for the
+    /// embeddings and the head.
+    pub layer: Option<usize>,
 }
 
 /// How a leaf is initialised.
@@ -144,7 +147,12 @@ impl<T> LayerNorm<T> {
 }
 
 fn slot(name: String, decay: bool, head: bool) -> Slot {
-    Slot { name, decay, head }
+    Slot {
+        name,
+        decay,
+        head,
+        layer: None,
+    }
 }
 
 impl<T> Layer<T> {
@@ -194,6 +202,7 @@ impl<T> Layer<T> {
     }
     /// HF's module paths of layer `l`, in the order of the fields.
     fn slots(arch: Arch, l: usize, out: &mut Vec<Slot>) {
+        let first = out.len();
         let (base, names) = match arch {
             Arch::Bert => (
                 format!("bert.encoder.layer.{l}"),
@@ -231,6 +240,7 @@ impl<T> Layer<T> {
                 Dense::<()>::slots(&path, false, out);
             }
         }
+        out[first..].iter_mut().for_each(|s| s.layer = Some(l));
     }
 }
 

@@ -155,15 +155,21 @@ fn bench_train(
                 &params,
                 &data,
                 b,
-                None,
+                &goemo_nn::loss::Loss::bce(None),
                 Some(&mut rng),
                 &Device::Cpu,
             )?;
             (loss, grads, None)
         } else {
             let (seqs, targets) = train::packed_batch(&data, b);
-            let s =
-                goemo_nn::backprop::step(&params, &seqs, &targets, None, Some(&mut rng), products)?;
+            let s = goemo_nn::backprop::step(
+                &params,
+                &seqs,
+                &targets,
+                &goemo_nn::loss::Loss::bce(None),
+                Some(&mut rng),
+                products,
+            )?;
             (s.loss, s.grads, Some((s.forward_secs, s.backward_secs)))
         };
         let t1 = Instant::now();

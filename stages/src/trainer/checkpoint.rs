@@ -127,6 +127,15 @@ pub(crate) fn save_checkpoint(
         })
         .map(|(n, t)| t.map(|t| (n, t)))
         .collect::<candle_core::Result<_>>()?;
+    let mut moments: NamedTensors = moments;
+    if let Some(avg) = &opt.average {
+        for (n, w) in params.names.iter().zip(avg.weights.leaves()) {
+            moments.push((
+                format!("average.{n}"),
+                Tensor::from_slice(w, w.len(), &Device::Cpu)?,
+            ));
+        }
+    }
     save_tensors(&tmp.join("adam.safetensors"), &moments)?;
     goemo_fsio::write_json(&tmp.join("state.json"), state)?;
     let dest = work.join(CKPT);
@@ -171,6 +180,20 @@ pub(crate) fn load_checkpoint(
             *dst = adam
                 .get(&key)
                 .with_context(|| format!("{}: checkpoint lacks `{key}`", dir.display()))?
+                .to_vec1()?;
+        }
+    }
+    if let Some(avg) = opt.average.as_mut() {
+        for (n, dst) in params.names.iter().zip(avg.weights.leaves_mut()) {
+            let key = format!("average.{n}");
+            *dst = adam
+                .get(&key)
+                .with_context(|| {
+                    format!(
+                        "{}: checkpoint lacks `{key}` (the weight average)",
+                        dir.display()
+                    )
+                })?
                 .to_vec1()?;
         }
     }

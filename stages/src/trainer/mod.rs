@@ -39,6 +39,7 @@ use serde::{Deserialize, Serialize};
 use goemo_data::tokens::TokenizedData;
 use goemo_nn::backprop::Products;
 use goemo_nn::bf16::Bf16Kernel;
+use goemo_nn::loss::LossKind;
 use goemo_nn::model::{self, ModelDir, NamedTensors, Params};
 use goemo_nn::optim::AdamWConfig;
 use goemo_stage::{InputSpec, Inputs, ParamError, StageContext, TypedStage};
@@ -116,6 +117,39 @@ impl TrainPrecision {
     }
 }
 
+/// `train.loss`: the per-label loss (goemo_nn::loss::LossKind); its shape params are
+/// `focal_gamma` and `asl_gamma_neg`, `asl_gamma_pos`, `asl_clip`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LossName {
+    #[default]
+    Bce,
+    Focal,
+    Asl,
+}
+
+impl LossName {
+    pub fn name(self) -> &'static str {
+        match self {
+            LossName::Bce => "bce",
+            LossName::Focal => "focal",
+            LossName::Asl => "asl",
+        }
+    }
+
+    fn is_bce(&self) -> bool {
+        *self == LossName::Bce
+    }
+}
+
+fn is_zero(x: &f64) -> bool {
+    *x == 0.0
+}
+
+fn is_one(x: &f64) -> bool {
+    *x == 1.0
+}
+
 impl Serialize for TrainPrecision {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_str(self.name())
@@ -141,6 +175,36 @@ pub struct TrainParams {
     /// Clip gradients to this global norm; 0 turns clipping off.
     pub max_grad_norm: f64,
     pub pos_weight: PosWeight,
+    /// `bce` | `focal` | `asl`. Params added after the first locks (this one, its shape params,
+    /// `label_smoothing`, `layer_lr_decay`, `ema_decay`) are left out of the key at their
+    /// defaults, so every entry made before them keeps its key.
+    #[serde(skip_serializing_if = "LossName::is_bce")]
+    pub loss: LossName,
+    /// Focal loss's γ (default 2): both terms scaled by (1 − p_t)^γ.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub focal_gamma: Option<f64>,
+    /// ASL's γ₋ for negatives (default 4).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub asl_gamma_neg: Option<f64>,
+    /// ASL's γ₊ for positives (default 0).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub asl_gamma_pos: Option<f64>,
+    /// ASL's probability margin: negatives scored below it add nothing (default 0.05).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub asl_clip: Option<f64>,
+    /// Targets become y·(1 − ε) + ε/2.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub label_smoothing: f64,
+    /// Layer-wise learning-rate decay ξ: the top encoder layer learns at `lr`, each one below
+    /// at ξ times the one above, the embeddings at ξ^layers (1: off). The head keeps
+    /// `head_lr_scale`.
+    #[serde(skip_serializing_if = "is_one")]
+    pub layer_lr_decay: f64,
+    /// Keep an exponential moving average of the weights, updated after every step with this
+    /// decay (0: off; e.g. 0.999). When on, dev is scored, the best epoch chosen and the model
+    /// exported with the averaged weights.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub ema_decay: f64,
     /// Upper bound for `pos_weight: auto` (uncapped weights have sent runs to NaN).
     pub pos_weight_cap: f64,
     pub seed: u64,
@@ -174,6 +238,22 @@ impl TrainParams {
             eps: self.eps,
             weight_decay: self.weight_decay,
             head_lr_scale: self.head_lr_scale,
+            layer_lr_decay: self.layer_lr_decay,
+        }
+    }
+
+    /// The loss these params name (pos_weight resolved by the caller).
+    pub fn loss_kind(&self) -> LossKind {
+        match self.loss {
+            LossName::Bce => LossKind::Bce,
+            LossName::Focal => LossKind::Focal {
+                gamma: self.focal_gamma.unwrap_or(2.0) as f32,
+            },
+            LossName::Asl => LossKind::Asymmetric {
+                gamma_neg: self.asl_gamma_neg.unwrap_or(4.0) as f32,
+                gamma_pos: self.asl_gamma_pos.unwrap_or(0.0) as f32,
+                clip: self.asl_clip.unwrap_or(0.05) as f32,
+            },
         }
     }
 }
@@ -195,6 +275,14 @@ impl Default for TrainParams {
             warmup_fraction: 0.1,
             max_grad_norm: 1.0,
             pos_weight: PosWeight::Mode(PosWeightMode::None),
+            loss: LossName::Bce,
+            focal_gamma: None,
+            asl_gamma_neg: None,
+            asl_gamma_pos: None,
+            asl_clip: None,
+            label_smoothing: 0.0,
+            layer_lr_decay: 1.0,
+            ema_decay: 0.0,
             pos_weight_cap: 10.0,
             seed: 42,
             patience: 0,
@@ -269,6 +357,68 @@ impl TypedStage for TrainStage {
             return Err(ParamError::new(
                 "betas",
                 format!("betas must be in [0, 1), got {:?}", p.betas),
+            ));
+        }
+        for (name, value, applies) in [
+            ("focal_gamma", p.focal_gamma, p.loss == LossName::Focal),
+            ("asl_gamma_neg", p.asl_gamma_neg, p.loss == LossName::Asl),
+            ("asl_gamma_pos", p.asl_gamma_pos, p.loss == LossName::Asl),
+            ("asl_clip", p.asl_clip, p.loss == LossName::Asl),
+        ] {
+            let Some(v) = value else { continue };
+            if !applies {
+                let loss = if name.starts_with("focal") {
+                    "focal"
+                } else {
+                    "asl"
+                };
+                return Err(ParamError::new(
+                    name,
+                    format!("{name} shapes loss: {loss}, but loss is {}; set loss: {loss}, or remove {name}", p.loss.name()),
+                ));
+            }
+            let ok = if name == "asl_clip" {
+                (0.0..1.0).contains(&v)
+            } else {
+                (0.0..=20.0).contains(&v)
+            };
+            if !ok {
+                let range = if name == "asl_clip" {
+                    "[0, 1)"
+                } else {
+                    "[0, 20]"
+                };
+                return Err(ParamError::new(
+                    name,
+                    format!("{name} must be in {range}, got {v}"),
+                ));
+            }
+        }
+        if !(0.0..1.0).contains(&p.label_smoothing) {
+            return Err(ParamError::new(
+                "label_smoothing",
+                format!(
+                    "label_smoothing must be in [0, 1), got {}",
+                    p.label_smoothing
+                ),
+            ));
+        }
+        if !(p.layer_lr_decay > 0.0 && p.layer_lr_decay <= 1.0) {
+            return Err(ParamError::new(
+                "layer_lr_decay",
+                format!(
+                    "layer_lr_decay must be in (0, 1] (1: off), got {}",
+                    p.layer_lr_decay
+                ),
+            ));
+        }
+        if !(0.0..1.0).contains(&p.ema_decay) {
+            return Err(ParamError::new(
+                "ema_decay",
+                format!(
+                    "ema_decay must be in [0, 1) (0: off; e.g. 0.999), got {}",
+                    p.ema_decay
+                ),
             ));
         }
         if let PosWeight::List(l) = &p.pos_weight {
@@ -500,5 +650,49 @@ mod tests {
         assert!(note.contains("decided per CPU"), "{note}");
         assert!(note.contains("set train.precision: bf16"), "{note}");
         assert!(stage.param_note("lr").is_none());
+    }
+
+    /// The levers' params at their defaults leave the key as it was; set, they are keyed; a
+    /// shape param for another loss, or a value out of range, names the param and the fix.
+    #[test]
+    fn lever_params_are_keyed_only_when_set_and_checked() {
+        let stage = super::TrainStage;
+        let resolve = |yaml: &str| stage.resolve_params(&serde_yaml::from_str(yaml).unwrap());
+        let before = resolve("{}").unwrap();
+        for yaml in [
+            "{loss: bce}",
+            "{label_smoothing: 0}",
+            "{layer_lr_decay: 1}",
+            "{ema_decay: 0}",
+        ] {
+            assert_eq!(resolve(yaml).unwrap(), before, "{yaml}");
+        }
+        let asl = resolve("{loss: asl, asl_gamma_neg: 2, asl_clip: 0.1}").unwrap();
+        assert_eq!(asl["loss"], "asl");
+        assert_eq!(asl["asl_gamma_neg"], 2.0);
+        assert!(asl.get("asl_gamma_pos").is_none());
+        let typed: super::TrainParams = serde_json::from_value(asl).unwrap();
+        assert_eq!(
+            typed.loss_kind(),
+            goemo_nn::loss::LossKind::Asymmetric {
+                gamma_neg: 2.0,
+                gamma_pos: 0.0,
+                clip: 0.1
+            }
+        );
+        for (yaml, param, says) in [
+            ("{focal_gamma: 2}", "focal_gamma", "set loss: focal"),
+            ("{loss: focal, asl_clip: 0.1}", "asl_clip", "set loss: asl"),
+            ("{loss: asl, asl_clip: 1.5}", "asl_clip", "[0, 1)"),
+            ("{loss: focal, focal_gamma: -1}", "focal_gamma", "[0, 20]"),
+            ("{label_smoothing: 1}", "label_smoothing", "[0, 1)"),
+            ("{layer_lr_decay: 0}", "layer_lr_decay", "(0, 1]"),
+            ("{ema_decay: 1}", "ema_decay", "0.999"),
+            ("{loss: mse}", "loss", "`bce`"),
+        ] {
+            let err = resolve(yaml).unwrap_err();
+            assert_eq!(err.param.as_deref(), Some(param), "{yaml}: {}", err.message);
+            assert!(err.message.contains(says), "{yaml}: {}", err.message);
+        }
     }
 }

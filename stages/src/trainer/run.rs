@@ -12,6 +12,7 @@ use rayon::prelude::*;
 use goemo_data::data::Split;
 use goemo_data::tokens::TokenizedData;
 use goemo_nn::backprop::Grads;
+use goemo_nn::loss::Loss;
 use goemo_nn::model::{NamedTensors, Params};
 use goemo_nn::optim::AdamW;
 use goemo_report::metrics;
@@ -56,7 +57,7 @@ struct Run<'a> {
     params: Params,
     train_rows: Vec<usize>,
     dev_rows: Vec<usize>,
-    pos_weight: Option<Tensor>,
+    loss: Loss,
     steps_per_epoch: usize,
     total_steps: usize,
     warmup: usize,
@@ -133,16 +134,13 @@ impl<'a> Run<'a> {
                 data.n_labels()
             ),
         };
-        let pos_weight = pos_weight_values
-            .as_ref()
-            .map(|w| {
-                Tensor::from_vec(
-                    w.iter().map(|&x| x as f32).collect::<Vec<_>>(),
-                    w.len(),
-                    env.device,
-                )
-            })
-            .transpose()?;
+        let loss = Loss {
+            kind: p.loss_kind(),
+            label_smoothing: p.label_smoothing as f32,
+            pos_weight: pos_weight_values
+                .as_ref()
+                .map(|w| w.iter().map(|&x| x as f32).collect()),
+        };
         let batches_per_epoch = train_rows.len().div_ceil(p.batch_size);
         let steps_per_epoch = batches_per_epoch.div_ceil(p.grad_accum);
         let mut total_steps = steps_per_epoch * p.epochs;
@@ -150,7 +148,10 @@ impl<'a> Run<'a> {
             total_steps = total_steps.min(p.max_steps);
         }
         let warmup = (p.warmup_fraction * total_steps as f64).round() as usize;
-        let opt = AdamW::new(&params, p.adamw());
+        let mut opt = AdamW::new(&params, p.adamw());
+        if p.ema_decay > 0.0 {
+            opt = opt.with_average(&params, p.ema_decay)?;
+        }
         let log = TrainLog {
             total_steps,
             pos_weight: pos_weight_values,
@@ -164,7 +165,7 @@ impl<'a> Run<'a> {
             params,
             train_rows,
             dev_rows,
-            pos_weight,
+            loss,
             steps_per_epoch,
             total_steps,
             warmup,
@@ -313,7 +314,7 @@ impl<'a> Run<'a> {
             &self.params,
             data,
             rows,
-            self.pos_weight.as_ref(),
+            &self.loss,
             Some(rng),
             self.env.device,
             p.precision.products(),
@@ -456,7 +457,7 @@ impl<'a> Run<'a> {
         );
         if dev_f1 > self.best_f1 || self.dev_rows.is_empty() {
             self.best_f1 = dev_f1;
-            self.best = self.params.snapshot()?;
+            self.best = self.scored_snapshot()?;
             self.log.best_epoch = epoch + 1;
             self.log.best_dev_macro_f1 = goemo_data::data::round6(dev_f1);
             self.epochs_since_best = 0;
@@ -473,13 +474,36 @@ impl<'a> Run<'a> {
         Ok(())
     }
 
+    /// The weights that are scored and exported: the moving average when `ema_decay` is on,
+    /// else the trained weights themselves.
+    fn scored_weights(&self) -> anyhow::Result<goemo_nn::params::Encoder<Tensor>> {
+        match &self.opt.average {
+            Some(avg) => avg.tensors(&self.params),
+            None => Ok(self.params.detached()),
+        }
+    }
+
+    /// A copy of [`Run::scored_weights`], named (the best epoch's weights).
+    fn scored_snapshot(&self) -> anyhow::Result<NamedTensors> {
+        match &self.opt.average {
+            Some(avg) => Ok(self
+                .params
+                .names
+                .iter()
+                .cloned()
+                .zip(avg.tensors(&self.params)?.leaves().into_iter().cloned())
+                .collect()),
+            None => Ok(self.params.snapshot()?),
+        }
+    }
+
     /// (macro-F1 at 0.5, mean BCE of the scores) on the dev rows; zeros without dev rows.
     fn evaluate_dev(&self) -> anyhow::Result<(f64, f64)> {
         let (data, dev_rows) = (self.data, &self.dev_rows);
         if dev_rows.is_empty() {
             return Ok((0.0, 0.0));
         }
-        let weights = self.params.detached();
+        let weights = self.scored_weights()?;
         let scores = predict_scores(
             &self.params.cfg,
             &weights,
