@@ -142,6 +142,32 @@ fn show_and_diff(p: &Project) {
     );
     assert_eq!(r.stdout.lines().count(), 2 + 4);
 
+    // Seeds-style pooling: rows that differ only in depth become one, mean ± sample std.
+    let r = p.goemo(&["exp", "show", "--json", "--mean-over", "fit.vars.depth"]);
+    assert_eq!(r.code, 0, "{}", r.all());
+    let rows: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    let rows = rows.as_array().unwrap();
+    let names: Vec<&str> = rows.iter().map(|r| r["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["baseline", "g-1, g-2", "g-3, g-4"]);
+    let g = &rows[2];
+    assert_eq!(g["n"], 2);
+    assert_eq!(g["params"]["fit.vars.depth"], "4,5");
+    assert_eq!(g["metrics"]["fit.dev_score"], 3.0);
+    assert_eq!(g["metrics"]["fit.test_score"], 4.5);
+    let sd = g["std"]["fit.test_score"].as_f64().unwrap();
+    assert!((sd - 0.5f64.sqrt()).abs() < 1e-12, "sample std {sd}");
+    assert_eq!(g["best"], true, "chosen on the group's mean dev score");
+    assert_eq!(rows[0]["n"], 1);
+    let r = p.goemo(&["exp", "show", "--mean-over", "fit.vars.depth"]);
+    assert!(r.stdout.contains("4.5000 ± 0.7071"), "{}", r.stdout);
+    let r = p.goemo(&["exp", "show", "--mean-over", "fit.vars.dept"]);
+    assert_eq!(r.code, 2, "{}", r.all());
+    assert!(
+        r.stderr.contains("--mean-over fit.vars.dept"),
+        "{}",
+        r.stderr
+    );
+
     let r = p.goemo(&["exp", "diff", "g-4"]);
     assert!(
         r.stdout.contains("fit.vars.depth  2         5"),

@@ -322,6 +322,11 @@ pub struct ExpShowArgs {
     /// Leave out the baseline row (pipeline.lock).
     #[arg(long)]
     pub no_baseline: bool,
+    /// One row per setting: rows that differ only in this param (e.g. `train.seed`) become one,
+    /// each metric shown as mean ± sample std over them, with their count `n`. A param an
+    /// experiment did not set counts as pipeline.yaml's value. Repeatable.
+    #[arg(long, value_name = "STAGE.PARAM")]
+    pub mean_over: Vec<String>,
     /// JSON: one object per row, every param and metric.
     #[arg(long, conflicts_with_all = ["csv", "md"])]
     pub json: bool,

@@ -31,6 +31,10 @@ struct Row {
     status: String,
     params: BTreeMap<String, String>,
     metrics: BTreeMap<String, f64>,
+    /// With --mean-over: each metric's sample standard deviation over the group (absent for a
+    /// group of one), and the group's size.
+    std: BTreeMap<String, f64>,
+    n: usize,
     train_s: Option<f64>,
     best: bool,
 }
@@ -63,6 +67,8 @@ fn record_row(r: &ExperimentRecord) -> Row {
             .iter()
             .find(|s| s.kind == "train")
             .map(|s| s.wall_s),
+        std: BTreeMap::new(),
+        n: 1,
         best: false,
     }
 }
@@ -96,6 +102,8 @@ fn baseline_row(engine: &Engine<'_>, params: &BTreeSet<String>) -> Row {
         .into(),
         params: values,
         metrics: experiment::baseline_metrics(engine),
+        std: BTreeMap::new(),
+        n: 1,
         train_s,
         best: false,
     }
@@ -143,6 +151,29 @@ pub fn show(args: ExpShowArgs) -> anyhow::Result<ExitCode> {
         let engine = Engine::new(&p, true)?;
         rows.insert(0, baseline_row(&engine, &params));
     }
+    if !args.mean_over.is_empty() {
+        for m in &args.mean_over {
+            let in_pipeline = p.param(m).is_some_and(|v| !v.is_null());
+            if !in_pipeline && !params.contains(m) {
+                return Err(ConfigError::new(
+                    file,
+                    format!(
+                        "--mean-over {m}: neither pipeline.yaml nor any experiment sets this param"
+                    ),
+                )
+                .hint("name it STAGE.PARAM, e.g. --mean-over train.seed")
+                .into());
+            }
+        }
+        let defaults: BTreeMap<String, String> = params
+            .iter()
+            .filter_map(|k| {
+                let v = p.param(k).filter(|v| !v.is_null())?;
+                Some((k.clone(), value_text(v)))
+            })
+            .collect();
+        rows = mean_over(rows, &args.mean_over, &defaults);
+    }
     // The best of all experiments, before any filter narrows the view.
     let best_by = mark_best(&mut rows, &args.best_by);
     if let Some(s) = &args.sweep {
@@ -176,6 +207,95 @@ pub fn show(args: ExpShowArgs) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Rows that differ only in the `over` params, as one row each: metrics averaged (sample std
+/// beside them), names listed, the `over` params' values listed. Params a row did not set count
+/// as `defaults` (pipeline.yaml's). Only finished runs are pooled; others stay rows of their own.
+fn mean_over(rows: Vec<Row>, over: &[String], defaults: &BTreeMap<String, String>) -> Vec<Row> {
+    let setting = |r: &Row| -> BTreeMap<String, String> {
+        let mut all = defaults.clone();
+        all.extend(r.params.clone());
+        all.retain(|k, _| !over.contains(k));
+        all
+    };
+    let mut groups: Vec<(BTreeMap<String, String>, Vec<Row>)> = Vec::new();
+    let mut alone = Vec::new();
+    for r in rows {
+        if r.status != "done" && r.status != "baseline" {
+            alone.push(r);
+            continue;
+        }
+        let key = setting(&r);
+        match groups.iter_mut().find(|(k, _)| *k == key) {
+            Some((_, members)) => members.push(r),
+            None => groups.push((key, vec![r])),
+        }
+    }
+    let mut out: Vec<Row> = groups
+        .into_iter()
+        .map(|(_, members)| pool(members, over, defaults))
+        .collect();
+    out.extend(alone);
+    out
+}
+
+/// One group's row (see [`mean_over`]).
+fn pool(members: Vec<Row>, over: &[String], defaults: &BTreeMap<String, String>) -> Row {
+    let n = members.len();
+    let names: BTreeSet<&String> = members.iter().flat_map(|r| r.metrics.keys()).collect();
+    let (mut metrics, mut std) = (BTreeMap::new(), BTreeMap::new());
+    for name in names {
+        // A bootstrap interval is one run's; the spread over the group replaces it.
+        if name.ends_with("_ci_lo") || name.ends_with("_ci_hi") {
+            continue;
+        }
+        let values: Vec<f64> = members
+            .iter()
+            .filter_map(|r| r.metrics.get(name).copied())
+            .collect();
+        let mean = values.iter().sum::<f64>() / values.len() as f64;
+        metrics.insert(name.clone(), mean);
+        if values.len() > 1 {
+            let var =
+                values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (values.len() - 1) as f64;
+            std.insert(name.clone(), var.sqrt());
+        }
+    }
+    let mut params = members[0].params.clone();
+    for k in over {
+        let values: Vec<String> = members
+            .iter()
+            .map(|r| {
+                r.params
+                    .get(k)
+                    .or(defaults.get(k))
+                    .cloned()
+                    .unwrap_or_else(|| "-".into())
+            })
+            .collect();
+        params.insert(k.clone(), values.join(","));
+    }
+    let walls: Vec<f64> = members.iter().filter_map(|r| r.train_s).collect();
+    let baseline = members.iter().any(|r| r.status == "baseline");
+    Row {
+        name: members
+            .iter()
+            .map(|r| r.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", "),
+        sweep: members[0]
+            .sweep
+            .clone()
+            .filter(|s| members.iter().all(|r| r.sweep.as_ref() == Some(s))),
+        status: if baseline { "baseline" } else { "done" }.into(),
+        params,
+        metrics,
+        std,
+        n,
+        train_s: (!walls.is_empty()).then(|| walls.iter().sum::<f64>() / walls.len() as f64),
+        best: false,
+    }
 }
 
 /// Mark the best row on `by`; the first among equals. Returns the metric used: `by`, or when no
@@ -257,7 +377,11 @@ fn text_table(
     metrics: &[String],
     pretty: bool,
 ) -> Vec<Vec<String>> {
+    let grouped = rows.iter().any(|r| r.n > 1);
     let mut header = vec!["experiment".to_owned(), "best".into(), "status".into()];
+    if grouped {
+        header.push("n".into());
+    }
     header.extend(params.iter().cloned());
     header.extend(metrics.iter().cloned());
     header.push("train_s".into());
@@ -268,6 +392,9 @@ fn text_table(
             if r.best { "*" } else { "" }.into(),
             r.status.clone(),
         ];
+        if grouped {
+            cells.push(r.n.to_string());
+        }
         cells.extend(
             params
                 .iter()
@@ -282,8 +409,9 @@ fn text_table(
                 r.metrics.get(&format!("{m}_ci_lo")),
                 r.metrics.get(&format!("{m}_ci_hi")),
             );
-            cells.push(match ci {
-                (Some(lo), Some(hi)) if pretty => format!("{v:.4} [{lo:.3}, {hi:.3}]"),
+            cells.push(match (ci, r.std.get(m)) {
+                (_, Some(sd)) => format!("{v:.4} ± {sd:.4}"),
+                ((Some(lo), Some(hi)), None) if pretty => format!("{v:.4} [{lo:.3}, {hi:.3}]"),
                 _ => format!("{v:.4}"),
             });
         }
@@ -300,6 +428,7 @@ fn json_rows(rows: &[Row]) -> Value {
                 json!({
                     "name": r.name, "sweep": r.sweep, "status": r.status, "best": r.best,
                     "params": r.params, "metrics": r.metrics, "train_s": r.train_s,
+                    "n": r.n, "std": r.std,
                 })
             })
             .collect(),
