@@ -23,8 +23,10 @@ texts = [
     "[NAME] is the best player we have", "Why would anyone do that?", "I want one so badly",
     "Congratulations on the new job!",
 ]
-tok = AutoTokenizer.from_pretrained(model_dir)
-model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+# A model trained with train.pooling: mean ships its head as modeling_goemo.py (config auto_map).
+remote = json.load(open(f"{model_dir}/config.json")).get("auto_map") is not None
+tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=remote)
+model = AutoModelForSequenceClassification.from_pretrained(model_dir, trust_remote_code=remote).eval()
 assert model.config.problem_type == "multi_label_classification"
 with torch.inference_mode():
     enc = tok(texts, padding=True, truncation=True, return_tensors="pt")

@@ -7,7 +7,7 @@ use candle_core::{Device, Tensor};
 use goemo_data::tokens::TokenizedData;
 use goemo_nn::backprop::Products;
 use goemo_nn::loss::{Loss, LossKind};
-use goemo_nn::model::{self, Arch, Classifier, EncoderConfig, ModelDir, Params};
+use goemo_nn::model::{self, Arch, Classifier, EncoderConfig, ModelDir, Params, Pooling};
 use goemo_stages::trainer::{self as train, bce_with_logits, TrainEnv, TrainParams};
 use goemo_testing::{
     check_finite_differences, max_abs_diff, real_tokens, tiny_config, write_tiny_model,
@@ -304,9 +304,16 @@ fn same_config_same_bytes() {
 #[test]
 fn export_round_trip_gives_the_same_logits() {
     let data = real_tokens(64, 16, 64);
-    for arch in [Arch::Bert, Arch::DistilBert] {
+    let cases = [
+        (Arch::Bert, Pooling::Cls),
+        (Arch::DistilBert, Pooling::Cls),
+        (Arch::Bert, Pooling::Mean),
+        (Arch::DistilBert, Pooling::Mean),
+    ];
+    for (arch, pooling) in cases {
         let dir = tempfile::tempdir().unwrap();
-        let p = tiny_params(arch, 0.0, 6);
+        let mut p = tiny_params(arch, 0.0, 6);
+        p.cfg.pooling = pooling;
         let tensors: Vec<(String, Tensor)> = p
             .names
             .iter()
@@ -324,6 +331,10 @@ fn export_round_trip_gives_the_same_logits() {
         .unwrap();
         let c = Classifier::load(&dir.path().join("export"), &Device::Cpu).unwrap();
         assert_eq!(c.labels, data.meta.label_names);
+        assert_eq!(
+            c.cfg.pooling, pooling,
+            "{arch:?}: the export's config says its pooling"
+        );
         let rows: Vec<usize> = (0..16).collect();
         let before =
             train::predict_scores(&p.cfg, &p.detached(), &data, &rows, 8, &Device::Cpu).unwrap();
@@ -337,13 +348,16 @@ fn export_round_trip_gives_the_same_logits() {
         let after =
             train::predict_scores(&c.cfg, &exported, &data, &rows, 5, &Device::Cpu).unwrap();
         let max = max_abs_diff(&before, &after);
-        assert!(max < 1e-6, "{arch:?}: max difference {max}");
+        assert!(max < 1e-6, "{arch:?} {pooling:?}: max difference {max}");
         // What thresholds, evaluate and predict use on the CPU: the packed encoder.
         let packed =
             train::scores_by_length(&data, &rows, 5, |seqs| c.scores(seqs, data.meta.pad_id))
                 .unwrap();
         let max = max_abs_diff(&before, &packed);
-        assert!(max < 1e-6, "{arch:?}: packed encoder, max difference {max}");
+        assert!(
+            max < 1e-6,
+            "{arch:?} {pooling:?}: packed encoder, max difference {max}"
+        );
         let st = std::fs::read(dir.path().join("export/model.safetensors")).unwrap();
         let (_, meta) = safetensors::SafeTensors::read_metadata(&st).unwrap();
         assert_eq!(
@@ -359,12 +373,38 @@ fn export_round_trip_gives_the_same_logits() {
         assert_eq!(cfg["problem_type"], "multi_label_classification");
         assert_eq!(cfg["id2label"]["27"], "neutral");
         assert_eq!(cfg["label2id"]["grief"], 16);
-        let want = if arch == Arch::Bert {
-            "BertForSequenceClassification"
-        } else {
-            "DistilBertForSequenceClassification"
+        let (want, model_type) = match (arch, pooling) {
+            (Arch::Bert, Pooling::Cls) => ("BertForSequenceClassification", "bert"),
+            (Arch::DistilBert, Pooling::Cls) => {
+                ("DistilBertForSequenceClassification", "distilbert")
+            }
+            (Arch::Bert, Pooling::Mean) => ("GoemoBertForSequenceClassification", "goemo_bert"),
+            (Arch::DistilBert, Pooling::Mean) => (
+                "GoemoDistilBertForSequenceClassification",
+                "goemo_distilbert",
+            ),
         };
         assert_eq!(cfg["architectures"][0], want);
+        assert_eq!(cfg["model_type"], model_type);
+        let modeling = dir.path().join("export").join(model::MODELING_FILE);
+        if pooling == Pooling::Mean {
+            assert_eq!(cfg["classifier_pooling"], "mean");
+            let class = cfg["auto_map"]["AutoModelForSequenceClassification"]
+                .as_str()
+                .unwrap();
+            let code = std::fs::read_to_string(&modeling).unwrap();
+            assert!(
+                code.contains(&format!(
+                    "class {}(",
+                    class.trim_start_matches("modeling_goemo.")
+                )),
+                "{class} not in {}",
+                modeling.display()
+            );
+        } else {
+            assert!(cfg.get("classifier_pooling").is_none() && cfg.get("auto_map").is_none());
+            assert!(!modeling.exists());
+        }
         assert!(dir.path().join("export/tokenizer.json").exists());
     }
 }

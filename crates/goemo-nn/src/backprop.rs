@@ -26,10 +26,10 @@ use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 
 use crate::bf16::{matmul_bf16, Bf16Kernel};
-use crate::config::{Activation, EncoderConfig};
+use crate::config::{Activation, EncoderConfig, Pooling};
 use crate::infer::{
     activate, check_rows, dot, embed, erf_rational, exp_approx, lane_sum, matmul, normalise,
-    packed_tokens, Operand, SQRT_TWO_OVER_PI,
+    packed_tokens, pool_rows, Operand, SQRT_TWO_OVER_PI,
 };
 use crate::loss::Loss;
 use crate::model::Params;
@@ -693,6 +693,7 @@ pub struct Forward {
     layers: Vec<LayerSaved>,
     /// The last hidden states' length (tokens × hidden).
     hidden_len: usize,
+    /// The head's input: each row's [CLS] hidden state, or the mean of its tokens'.
     cls: Vec<f32>,
     /// After the head's first layer and its activation, before dropout.
     pooled: Vec<f32>,
@@ -737,11 +738,9 @@ fn forward(
         x = out;
     }
 
-    // Head: [CLS] → pooler (tanh) or pre_classifier (ReLU) → dropout → classifier.
-    let cls: Vec<f32> = pack.start[..rows.len()]
-        .iter()
-        .flat_map(|&s| x[s * h..(s + 1) * h].iter().copied())
-        .collect();
+    // Head: [CLS] or the mean of the row's tokens → pooler (tanh) or pre_classifier (ReLU) →
+    // dropout → classifier.
+    let cls = pool_rows(&x, &pack.start, h, cfg.pooling);
     let hidden_len = x.len();
     drop(x);
     let mut pooled = dense_forward(mm, &w.pool, &cls);
@@ -862,7 +861,7 @@ fn backward(
 }
 
 /// Classifier, dropout, the head's activation and first layer, backwards: ∂L/∂(last hidden
-/// states), non-zero only at each row's [CLS] token.
+/// states): at each row's [CLS] token only, or (mean pooling) spread evenly over its tokens.
 fn head_backward(
     mm: Products,
     cfg: &EncoderConfig,
@@ -898,9 +897,17 @@ fn head_backward(
         false,
     );
     let mut dx = vec![0f32; fwd.hidden_len];
-    let rows = fwd.pack.rows();
-    for (r, &s) in fwd.pack.start[..rows].iter().enumerate() {
-        dx[s * h..(s + 1) * h].copy_from_slice(&d_cls[r * h..(r + 1) * h]);
+    let start = &fwd.pack.start;
+    for (r, d) in d_cls.chunks_exact(h).enumerate() {
+        match cfg.pooling {
+            Pooling::Cls => dx[start[r] * h..][..h].copy_from_slice(d),
+            Pooling::Mean => {
+                let n = (start[r + 1] - start[r]) as f32;
+                for t in dx[start[r] * h..start[r + 1] * h].chunks_exact_mut(h) {
+                    t.iter_mut().zip(d).for_each(|(t, d)| *t = d / n);
+                }
+            }
+        }
     }
     dx
 }
@@ -966,7 +973,7 @@ fn layer_backward(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Arch;
+    use crate::config::{Arch, Pooling};
     use crate::loss::{bce_with_logits, LossKind};
     use crate::model::{forward, Batch};
     use crate::test_support::{
@@ -1063,6 +1070,66 @@ mod tests {
                     );
                 }
             }
+        }
+    }
+
+    /// Mean pooling (the head reads the mean of each row's tokens): the packed trainer's
+    /// gradients equal autograd's over the padded batch (padding excluded from the mean), and
+    /// with dropout on they agree with central differences, for both architectures.
+    #[test]
+    fn mean_pooling_gradients_match_autograd_and_finite_differences() {
+        for (seed, (arch, key)) in [(Arch::Bert, "hidden_act"), (Arch::DistilBert, "activation")]
+            .into_iter()
+            .enumerate()
+        {
+            let seed = seed as u64 + 40;
+            let mean = |dropout: f64| {
+                let mut raw = tiny_config(arch, dropout);
+                raw[key] = "gelu".into();
+                raw["initializer_range"] = 0.4.into();
+                raw["classifier_pooling"] = "mean".into();
+                let cfg = EncoderConfig::from_json(raw).unwrap();
+                assert_eq!(cfg.pooling, Pooling::Mean);
+                Params::init(&cfg, LABELS, seed, &Device::Cpu).unwrap()
+            };
+            let params = mean(0.0);
+            let rows = random_token_rows(9, 24, seed);
+            let seqs: Vec<&[u32]> = rows.iter().map(Vec::as_slice).collect();
+            let y = targets(seqs.len(), seed);
+            let (want_loss, want) = autograd(&params, &seqs, &y, None);
+            let (loss, got) =
+                loss_and_grads(&params, &seqs, &y, &Loss::bce(None), None, Products::F32).unwrap();
+            assert!(
+                (loss - want_loss).abs() < 1e-5,
+                "{arch:?}: loss {loss} vs {want_loss}"
+            );
+            for (name, (g, w)) in params.names.iter().zip(got.leaves().into_iter().zip(&want)) {
+                let scale = w.iter().fold(0f32, |m, v| m.max(v.abs()));
+                let diff = max_abs_diff(g, w);
+                assert!(
+                    diff <= 1e-3 * scale + 1e-7,
+                    "{arch:?} mean: {name} differs by {diff} (largest gradient {scale})"
+                );
+            }
+            // Not the [CLS] model's gradients: the pooling really changed.
+            let mut cls = params.cfg.clone();
+            cls.pooling = Pooling::Cls;
+            // The same seed: the same weights, read through the [CLS] head.
+            let as_cls = Params::init(&cls, LABELS, seed, &Device::Cpu).unwrap();
+            let (cls_loss, _) =
+                loss_and_grads(&as_cls, &seqs, &y, &Loss::bce(None), None, Products::F32).unwrap();
+            assert_ne!(cls_loss, loss, "{arch:?}: mean pooling gave the [CLS] loss");
+
+            let params = mean(0.2);
+            let rng = ChaCha8Rng::seed_from_u64(19);
+            let run = |p: &Params| {
+                let mut r = rng.clone();
+                loss_and_grads(p, &seqs, &y, &Loss::bce(None), Some(&mut r), Products::F32).unwrap()
+            };
+            let (_, grads) = run(&params);
+            let what = format!("{arch:?} mean pooling");
+            let checked = check_finite_differences(&params, &grads, |p| run(p).0, |_| false, &what);
+            assert!(checked > 20, "{what}: only {checked} tensors checked");
         }
     }
 

@@ -31,6 +31,25 @@ impl Arch {
     }
 }
 
+/// What the head reads from the last hidden states: the first (`[CLS]`) token's, as HF's
+/// BERT/DistilBERT classifiers do, or the mean over the row's tokens (how all-MiniLM-L6-v2 was
+/// trained). Read from and written to config.json's `classifier_pooling` (ModernBERT's key).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Pooling {
+    #[default]
+    Cls,
+    Mean,
+}
+
+impl Pooling {
+    pub fn name(self) -> &'static str {
+        match self {
+            Pooling::Cls => "cls",
+            Pooling::Mean => "mean",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Activation {
     GeluErf,
@@ -55,6 +74,7 @@ pub struct EncoderConfig {
     pub classifier_dropout: f32,
     pub activation: Activation,
     pub initializer_range: f64,
+    pub pooling: Pooling,
     /// The file as read, kept so the export is the base config plus the head's keys.
     pub raw: Value,
 }
@@ -85,8 +105,17 @@ impl EncoderConfig {
                 other => anyhow::bail!("`{key}: {other}` is not supported (gelu, gelu_new, relu)"),
             }
         };
+        let pooling = match raw["classifier_pooling"].as_str() {
+            None | Some("cls") => Pooling::Cls,
+            Some("mean") => Pooling::Mean,
+            Some(other) => {
+                anyhow::bail!("`classifier_pooling: {other}` is not supported (cls, mean)")
+            }
+        };
+        // goemo's mean-pooling exports name their own model_type (see model::export), so that
+        // transformers loads them only with their modeling code, never silently as plain BERT.
         let cfg = match raw["model_type"].as_str() {
-            Some("bert") => EncoderConfig {
+            Some("bert" | GOEMO_BERT) => EncoderConfig {
                 arch: Arch::Bert,
                 vocab_size: num(&["vocab_size"])?,
                 hidden: num(&["hidden_size"])?,
@@ -101,9 +130,10 @@ impl EncoderConfig {
                 classifier_dropout: raw["classifier_dropout"].as_f64().unwrap_or(float("hidden_dropout_prob", 0.1)) as f32,
                 activation: act("hidden_act")?,
                 initializer_range: float("initializer_range", 0.02),
+                pooling,
                 raw: raw.clone(),
             },
-            Some("distilbert") => EncoderConfig {
+            Some("distilbert" | GOEMO_DISTILBERT) => EncoderConfig {
                 arch: Arch::DistilBert,
                 vocab_size: num(&["vocab_size"])?,
                 hidden: num(&["dim"])?,
@@ -118,6 +148,7 @@ impl EncoderConfig {
                 classifier_dropout: float("seq_classif_dropout", 0.2) as f32,
                 activation: act("activation")?,
                 initializer_range: float("initializer_range", 0.02),
+                pooling,
                 raw: raw.clone(),
             },
             Some(other) => anyhow::bail!("model_type `{other}` is not supported; goemo trains `bert` (BERT, all-MiniLM-L6-v2) and `distilbert`"),
@@ -151,6 +182,11 @@ impl EncoderConfig {
         }
     }
 }
+
+/// model_type of a mean-pooling BERT export (transformers needs `trust_remote_code=True`).
+pub const GOEMO_BERT: &str = "goemo_bert";
+/// model_type of a mean-pooling DistilBERT export.
+pub const GOEMO_DISTILBERT: &str = "goemo_distilbert";
 
 /// A model folder as users give it: config, weights, tokenizer.
 pub struct ModelDir {

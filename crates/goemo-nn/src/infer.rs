@@ -19,7 +19,7 @@ use candle_core::Tensor;
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-use crate::config::{Activation, Arch, EncoderConfig};
+use crate::config::{Activation, Arch, EncoderConfig, Pooling};
 use crate::int8::{Kernel, QuantizedWeight};
 use crate::params;
 
@@ -314,6 +314,7 @@ pub struct PackedEncoder {
     token_type: Option<Vec<f32>>,
     embed_norm: Norm,
     layers: Vec<Layer>,
+    pooling: Pooling,
     /// BERT's pooler or DistilBERT's pre_classifier.
     pool: Dense,
     classifier: Dense,
@@ -378,6 +379,7 @@ impl PackedEncoder {
             },
             embed_norm: Norm::load(&e.norm, eps)?,
             layers,
+            pooling: cfg.pooling,
             pool: Dense::load(&p.pool)?,
             classifier: Dense::load(&p.classifier)?,
         })
@@ -411,8 +413,9 @@ impl PackedEncoder {
         let last = self.layers.len().saturating_sub(1);
         for (l, layer) in self.layers.iter().enumerate() {
             layer.qkv.apply(&x, &mut qkv);
-            // The head reads only [CLS]: past the last attention, carry only those rows.
-            let cls_only = l == last;
+            // With [CLS] pooling the head reads one token per row: past the last attention,
+            // carry only those.
+            let cls_only = l == last && self.pooling == Pooling::Cls;
             self.attention(&qkv, &start, cls_only, &mut ctx);
             if cls_only {
                 x = first_tokens(&x, &start, h);
@@ -424,8 +427,8 @@ impl PackedEncoder {
             layer.ffn_out.add_to(&mid, &mut x);
             layer.ffn_norm.apply(&mut x);
         }
-        if self.layers.is_empty() {
-            x = first_tokens(&x, &start, h);
+        if self.pooling == Pooling::Mean || self.layers.is_empty() {
+            x = pool_rows(&x, &start, h, self.pooling);
         }
         let mut pooled = Vec::new();
         self.pool.apply(&x, &mut pooled);
@@ -591,6 +594,26 @@ pub(crate) fn embed(
         }
     });
     x
+}
+
+/// What the head reads for each packed row r (tokens `start[r]..start[r + 1]` of `x`, rows of
+/// width `h`): its first (`[CLS]`) token, or the mean of its tokens, summed in token order.
+pub(crate) fn pool_rows(x: &[f32], start: &[usize], h: usize, pooling: Pooling) -> Vec<f32> {
+    match pooling {
+        Pooling::Cls => first_tokens(x, start, h),
+        Pooling::Mean => {
+            let mut out = vec![0f32; (start.len() - 1) * h];
+            for (r, o) in out.chunks_exact_mut(h).enumerate() {
+                let tokens = &x[start[r] * h..start[r + 1] * h];
+                for t in tokens.chunks_exact(h) {
+                    o.iter_mut().zip(t).for_each(|(o, v)| *o += v);
+                }
+                let n = (start[r + 1] - start[r]) as f32;
+                o.iter_mut().for_each(|o| *o /= n);
+            }
+            out
+        }
+    }
 }
 
 /// Row `start[r]` of `x` (rows of width `h`) for every packed row r: the `[CLS]` tokens.
@@ -861,15 +884,19 @@ mod tests {
     #[test]
     fn packed_logits_match_the_padded_forward() {
         let cases = [
-            (Arch::Bert, "hidden_act", "gelu"),
-            (Arch::Bert, "hidden_act", "gelu_new"),
-            (Arch::Bert, "hidden_act", "relu"),
-            (Arch::DistilBert, "activation", "gelu"),
-            (Arch::DistilBert, "activation", "relu"),
+            (Arch::Bert, "hidden_act", "gelu", "cls"),
+            (Arch::Bert, "hidden_act", "gelu_new", "cls"),
+            (Arch::Bert, "hidden_act", "relu", "cls"),
+            (Arch::DistilBert, "activation", "gelu", "cls"),
+            (Arch::DistilBert, "activation", "relu", "cls"),
+            (Arch::Bert, "hidden_act", "gelu", "mean"),
+            (Arch::DistilBert, "activation", "gelu", "mean"),
         ];
-        for (seed, (arch, key, act)) in cases.into_iter().enumerate() {
+        for (seed, (arch, key, act, pooling)) in cases.into_iter().enumerate() {
             let mut raw = tiny_config(arch, 0.0);
             raw[key] = act.into();
+            raw["classifier_pooling"] = pooling.into();
+            let act = format!("{act} {pooling}");
             // Three layers, so a middle layer runs besides the first and the [CLS]-only last.
             raw[if arch == Arch::Bert {
                 "num_hidden_layers"

@@ -23,7 +23,8 @@ use rand_distr::Distribution;
 use serde_json::Value;
 
 pub use crate::classifier::Classifier;
-pub use crate::config::{resolve_model_dir, Activation, Arch, EncoderConfig, ModelDir};
+pub use crate::config::{resolve_model_dir, Activation, Arch, EncoderConfig, ModelDir, Pooling};
+use crate::config::{GOEMO_BERT, GOEMO_DISTILBERT};
 use crate::params::{Dense, Encoder, Init, LayerNorm, Spec};
 
 /// Tensors by their HF names, in the tree's order: a weight snapshot or a checkpoint part.
@@ -279,8 +280,16 @@ pub fn forward(
     mut rng: Option<&mut ChaCha8Rng>,
 ) -> candle_core::Result<Tensor> {
     let x = encode(cfg, p, batch, rng.as_deref_mut())?;
-    let cls = x.narrow(1, 0, 1)?.squeeze(1)?;
-    let pooled = linear(&cls, &p.pool)?;
+    let head_input = match cfg.pooling {
+        Pooling::Cls => x.narrow(1, 0, 1)?.squeeze(1)?,
+        Pooling::Mean => {
+            // Padding excluded: Σ mask·x / Σ mask over each row.
+            let mask = batch.mask.to_dtype(DType::F32)?.unsqueeze(2)?;
+            let sum = x.broadcast_mul(&mask)?.sum(1)?;
+            sum.broadcast_div(&mask.sum(1)?)?
+        }
+    };
+    let pooled = linear(&head_input, &p.pool)?;
     // Arch::pool_activation, as tensor ops.
     let pooled = match cfg.arch {
         Arch::Bert => pooled.tanh()?,
@@ -348,6 +357,55 @@ fn norm(x: &Tensor, n: &LayerNorm<Tensor>, eps: f64) -> candle_core::Result<Tens
     layer_norm(x, &n.weight, &n.bias, eps)
 }
 
+/// The Python modeling code of mean-pooling exports (transformers loads it with
+/// `trust_remote_code=True`).
+pub const MODELING_FILE: &str = "modeling_goemo.py";
+const MODELING_PY: &str = include_str!("modeling_goemo.py");
+
+/// config.json's keys that say which head reads the encoder: transformers' own classes for
+/// [CLS] pooling; for mean pooling, goemo's model_type, `classifier_pooling: mean` and the
+/// `auto_map` to [`MODELING_FILE`]'s classes. Keys a previous export left are replaced.
+fn export_head(config: &mut Value, cfg: &EncoderConfig) {
+    let (plain, goemo, class) = match cfg.arch {
+        Arch::Bert => ("bert", GOEMO_BERT, "GoemoBertForSequenceClassification"),
+        Arch::DistilBert => (
+            "distilbert",
+            GOEMO_DISTILBERT,
+            "GoemoDistilBertForSequenceClassification",
+        ),
+    };
+    let Some(o) = config.as_object_mut() else {
+        return;
+    };
+    match cfg.pooling {
+        Pooling::Cls => {
+            o.insert("model_type".into(), plain.into());
+            o.insert(
+                "architectures".into(),
+                serde_json::json!([cfg.architecture_name()]),
+            );
+            o.remove("classifier_pooling");
+            o.remove("auto_map");
+        }
+        Pooling::Mean => {
+            let config_class = match cfg.arch {
+                Arch::Bert => "GoemoBertConfig",
+                Arch::DistilBert => "GoemoDistilBertConfig",
+            };
+            o.insert("model_type".into(), goemo.into());
+            o.insert("architectures".into(), serde_json::json!([class]));
+            o.insert("classifier_pooling".into(), "mean".into());
+            o.insert(
+                "auto_map".into(),
+                serde_json::json!({
+                    "AutoConfig": format!("modeling_goemo.{config_class}"),
+                    "AutoModelForSequenceClassification": format!("modeling_goemo.{class}"),
+                }),
+            );
+        }
+    }
+}
+
 /// Write an HF folder: config.json with the head's keys, model.safetensors with
 /// `{"format": "pt"}` metadata (transformers refuses a file without it), tokenizer files.
 pub fn export(
@@ -359,7 +417,7 @@ pub fn export(
 ) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir)?;
     let mut config = cfg.raw.clone();
-    config["architectures"] = serde_json::json!([cfg.architecture_name()]);
+    export_head(&mut config, cfg);
     config["id2label"] = labels
         .iter()
         .enumerate()
@@ -404,6 +462,9 @@ pub fn export(
         .collect::<anyhow::Result<_>>()?;
     let metadata = Some(HashMap::from([("format".to_string(), "pt".to_string())]));
     safetensors::serialize_to_file(views, metadata, &dir.join("model.safetensors"))?;
+    if cfg.pooling == Pooling::Mean {
+        goemo_fsio::write_atomic(&dir.join(MODELING_FILE), MODELING_PY.as_bytes())?;
+    }
     for f in [
         "tokenizer.json",
         "tokenizer_config.json",

@@ -40,7 +40,7 @@ use goemo_data::tokens::TokenizedData;
 use goemo_nn::backprop::Products;
 use goemo_nn::bf16::Bf16Kernel;
 use goemo_nn::loss::LossKind;
-use goemo_nn::model::{self, ModelDir, NamedTensors, Params};
+use goemo_nn::model::{self, EncoderConfig, ModelDir, NamedTensors, Params, Pooling};
 use goemo_nn::optim::AdamWConfig;
 use goemo_stage::{InputSpec, Inputs, ParamError, StageContext, TypedStage};
 
@@ -142,6 +142,21 @@ impl LossName {
     }
 }
 
+/// `train.pooling` (goemo_nn's [`Pooling`], as a param).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PoolingName {
+    #[default]
+    Cls,
+    Mean,
+}
+
+impl PoolingName {
+    fn is_cls(&self) -> bool {
+        *self == PoolingName::Cls
+    }
+}
+
 fn is_zero(x: &f64) -> bool {
     *x == 0.0
 }
@@ -205,6 +220,11 @@ pub struct TrainParams {
     /// exported with the averaged weights.
     #[serde(skip_serializing_if = "is_zero")]
     pub ema_decay: f64,
+    /// What the head reads: `cls` (the first token, transformers' BERT/DistilBERT classifiers)
+    /// or `mean` (the mean of the row's token states, how all-MiniLM-L6-v2 was trained; the
+    /// export then loads in transformers with `trust_remote_code=True`).
+    #[serde(skip_serializing_if = "PoolingName::is_cls")]
+    pub pooling: PoolingName,
     /// Upper bound for `pos_weight: auto` (uncapped weights have sent runs to NaN).
     pub pos_weight_cap: f64,
     pub seed: u64,
@@ -239,6 +259,17 @@ impl TrainParams {
             weight_decay: self.weight_decay,
             head_lr_scale: self.head_lr_scale,
             layer_lr_decay: self.layer_lr_decay,
+        }
+    }
+
+    /// The backbone's config with the head these params ask for (`pooling`).
+    pub fn model_config(&self, base: &EncoderConfig) -> EncoderConfig {
+        EncoderConfig {
+            pooling: match self.pooling {
+                PoolingName::Cls => Pooling::Cls,
+                PoolingName::Mean => Pooling::Mean,
+            },
+            ..base.clone()
         }
     }
 
@@ -283,6 +314,7 @@ impl Default for TrainParams {
             label_smoothing: 0.0,
             layer_lr_decay: 1.0,
             ema_decay: 0.0,
+            pooling: PoolingName::Cls,
             pos_weight_cap: 10.0,
             seed: 42,
             patience: 0,
@@ -480,7 +512,7 @@ impl TypedStage for TrainStage {
         let tensors: NamedTensors = outcome.best_weights;
         model::export(
             &export_dir,
-            &model_dir.cfg,
+            &params.model_config(&model_dir.cfg),
             &tensors,
             &data.meta.label_names,
             &model_dir.dir,
@@ -564,7 +596,7 @@ pub fn train(
     model_dir: &ModelDir,
     env: &TrainEnv<'_>,
 ) -> anyhow::Result<TrainOutcome> {
-    let cfg = &model_dir.cfg;
+    let cfg = &p.model_config(&model_dir.cfg);
     validate_against_model(data, model_dir)?;
     let started = Instant::now();
     let params = Params::init(cfg, data.n_labels(), p.seed, env.device)?;
