@@ -49,7 +49,7 @@ fn unknown_kind() {
         "stages:\n  a:\n    kind: comand\n    params: {cmd: x}\n",
         &[
             "pipeline.yaml:3:5: stage `a`: unknown stage kind `comand`",
-            "kinds are: load, sample, tokenize, train, thresholds, evaluate, report, plot, command",
+            "kinds are: load, sample, tokenize, train, distill, thresholds, evaluate, package, report, plot, command",
         ],
     );
 }
@@ -341,8 +341,8 @@ fn dep_of_a_kind_the_role_does_not_take() {
     check(
         &format!("{upstream}  thresholds:\n    deps:\n      model: load\n      tokens: tokenize\n"),
         &[
-            "pipeline.yaml:9:7: stage `thresholds`, deps: input `model` takes the fine-tuned model from train, but `load` is a `load` stage",
-            "hint: give `model` a stage of kind train: `deps: {model: STAGE}`",
+            "pipeline.yaml:9:7: stage `thresholds`, deps: input `model` takes the fine-tuned model from train (or distill), but `load` is a `load` stage",
+            "hint: give `model` a stage of kind train or distill: `deps: {model: STAGE}`",
         ],
     );
     // A role for a file or folder, given a stage.

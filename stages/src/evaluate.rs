@@ -32,7 +32,11 @@ impl TypedStage for EvaluateStage {
     }
     fn inputs(&self) -> Inputs {
         const SPECS: &[InputSpec] = &[
-            InputSpec::stage("model", "the fine-tuned model from train", &["train"]),
+            InputSpec::stage(
+                "model",
+                "the fine-tuned model from train (or distill)",
+                &["train", "distill"],
+            ),
             InputSpec::stage("tokens", "tokenized rows from tokenize", &["tokenize"]),
             InputSpec::stage(
                 "thresholds",

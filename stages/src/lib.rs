@@ -4,8 +4,10 @@
 //! typed params and writes into the folders it is given; it knows nothing about caching.
 
 pub mod command;
+pub mod distill;
 pub mod evaluate;
 pub mod load;
+pub mod package;
 pub mod plot;
 pub mod predict;
 pub mod report;
@@ -27,8 +29,10 @@ pub fn registry() -> Registry {
         Arc::new(sample::SampleStage),
         Arc::new(tokenize::TokenizeStage),
         Arc::new(trainer::TrainStage),
+        Arc::new(distill::DistillStage),
         Arc::new(thresholds::ThresholdsStage),
         Arc::new(evaluate::EvaluateStage),
+        Arc::new(package::PackageStage),
         Arc::new(report::ReportStage),
         Arc::new(plot::PlotStage),
         Arc::new(command::CommandStage),

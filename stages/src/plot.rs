@@ -70,7 +70,11 @@ impl TypedStage for PlotStage {
                 "metrics and test scores from evaluate",
                 &["evaluate"],
             ),
-            InputSpec::stage("train", "train_log.json from train", &["train"]),
+            InputSpec::stage(
+                "train",
+                "train_log.json from train (or distill)",
+                &["train", "distill"],
+            ),
         ];
         Inputs::Fixed(SPECS)
     }

@@ -50,7 +50,11 @@ impl TypedStage for ReportStage {
     fn inputs(&self) -> Inputs {
         const SPECS: &[InputSpec] = &[
             InputSpec::stage("evaluate", "metrics from evaluate", &["evaluate"]),
-            InputSpec::stage("train", "the model and training log from train", &["train"]),
+            InputSpec::stage(
+                "train",
+                "the model and training log from train (or distill)",
+                &["train", "distill"],
+            ),
             InputSpec::stage("tokens", "token statistics from tokenize", &["tokenize"]),
             InputSpec::stage(
                 "dataset",

@@ -29,7 +29,11 @@ impl TypedStage for ThresholdsStage {
     }
     fn inputs(&self) -> Inputs {
         const SPECS: &[InputSpec] = &[
-            InputSpec::stage("model", "the fine-tuned model from train", &["train"]),
+            InputSpec::stage(
+                "model",
+                "the fine-tuned model from train (or distill)",
+                &["train", "distill"],
+            ),
             InputSpec::stage("tokens", "tokenized rows from tokenize", &["tokenize"]),
         ];
         Inputs::Fixed(SPECS)

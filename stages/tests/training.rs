@@ -8,7 +8,7 @@ use goemo_data::tokens::TokenizedData;
 use goemo_nn::backprop::Products;
 use goemo_nn::loss::{Loss, LossKind};
 use goemo_nn::model::{self, Arch, Classifier, EncoderConfig, ModelDir, Params, Pooling};
-use goemo_stages::trainer::{self as train, bce_with_logits, TrainEnv, TrainParams};
+use goemo_stages::trainer::{self as train, bce_with_logits, Objective, TrainEnv, TrainParams};
 use goemo_testing::{
     check_finite_differences, max_abs_diff, real_tokens, tiny_config, write_tiny_model,
 };
@@ -43,7 +43,7 @@ fn every_parameter_receives_a_nonzero_gradient() {
             &p,
             &data,
             &rows,
-            &Loss::bce(None),
+            Objective::hard(&Loss::bce(None)),
             None,
             &Device::Cpu,
             Products::F32,
@@ -77,7 +77,7 @@ fn gradients_match_finite_differences() {
             &p,
             &data,
             &rows,
-            &Loss::bce(None),
+            Objective::hard(&Loss::bce(None)),
             None,
             &Device::Cpu,
             Products::F32,
@@ -88,7 +88,7 @@ fn gradients_match_finite_differences() {
                 p,
                 &data,
                 &rows,
-                &Loss::bce(None),
+                Objective::hard(&Loss::bce(None)),
                 None,
                 &Device::Cpu,
                 Products::F32,
@@ -702,14 +702,20 @@ fn packed_gradients_match_autograd_on_minilm() {
         pos_weight: Some((0..28).map(|k| 1.0 + k as f32 * 0.2).collect()),
     };
     for objective in [Loss::bce(None), asl] {
-        let (want_loss, want) =
-            train::loss_and_grads_autograd(&params, &data, &rows, &objective, None, &Device::Cpu)
-                .unwrap();
+        let (want_loss, want) = train::loss_and_grads_autograd(
+            &params,
+            &data,
+            &rows,
+            Objective::hard(&objective),
+            None,
+            &Device::Cpu,
+        )
+        .unwrap();
         let (loss, got) = train::loss_and_grads(
             &params,
             &data,
             &rows,
-            &objective,
+            Objective::hard(&objective),
             None,
             &Device::Cpu,
             Products::F32,

@@ -52,6 +52,49 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Copy the file `from` to `to` as [`write_atomic`] writes: a temp file beside `to`, fsynced,
+/// renamed over it, the folder fsynced. Streamed, so a model's weights are never held in memory
+/// whole. Returns the bytes copied; errors name the file that could not be read or written.
+pub fn copy_atomic(from: &Path, to: &Path) -> Result<u64, FsError> {
+    use std::io::{Read, Write};
+    let read_err = |source| FsError::Read {
+        path: from.to_owned(),
+        source,
+    };
+    let write_err = |source| FsError::Write {
+        path: to.to_owned(),
+        source,
+    };
+    let mut src = std::fs::File::open(from).map_err(read_err)?;
+    let dir = match to.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let mut builder = tempfile::Builder::new();
+    #[cfg(unix)]
+    builder.permissions(std::os::unix::fs::PermissionsExt::from_mode(0o644));
+    let mut tmp = builder.tempfile_in(dir).map_err(write_err)?;
+    // By hand rather than `io::copy`, so a failed read names `from` and a failed write `to`.
+    let mut buf = vec![0u8; 1 << 20];
+    let mut total = 0u64;
+    loop {
+        let n = match src.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(read_err(e)),
+        };
+        tmp.write_all(&buf[..n]).map_err(write_err)?;
+        total += n as u64;
+    }
+    tmp.as_file().sync_all().map_err(write_err)?;
+    tmp.persist(to).map_err(|e| write_err(e.error))?;
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(write_err)?;
+    Ok(total)
+}
+
 /// Pretty JSON with a trailing newline, written atomically.
 pub fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<(), FsError> {
     let mut bytes = serde_json::to_vec_pretty(value).map_err(|e| FsError::Write {
@@ -93,6 +136,24 @@ mod tests {
         assert_eq!(mode & 0o600, 0o600, "mode {mode:o}");
         assert_eq!(mode & !0o644, 0, "mode {mode:o}");
         assert_eq!(std::fs::read(&path).unwrap(), b"{}");
+    }
+
+    #[test]
+    fn copies_are_whole_and_name_the_missing_source() {
+        let dir = tempfile::tempdir().unwrap();
+        let from = dir.path().join("model.safetensors");
+        // Larger than the copy buffer, so the loop runs more than once.
+        let bytes: Vec<u8> = (0..(3 << 20) + 17).map(|i| (i % 251) as u8).collect();
+        std::fs::write(&from, &bytes).unwrap();
+        let to = dir.path().join("copy.safetensors");
+        std::fs::write(&to, b"old").unwrap();
+        assert_eq!(copy_atomic(&from, &to).unwrap(), bytes.len() as u64);
+        assert_eq!(std::fs::read(&to).unwrap(), bytes);
+        let missing = dir.path().join("absent.json");
+        let err = copy_atomic(&missing, &dir.path().join("x.json")).unwrap_err();
+        assert!(matches!(err, FsError::Read { .. }), "{err}");
+        assert!(err.to_string().contains("absent.json"), "{err}");
+        assert!(!dir.path().join("x.json").exists());
     }
 
     /// A checkpoint's log is written and read back: every float must keep every bit, or a

@@ -8,11 +8,13 @@
 //!   the classification report CSV and `overall_metrics.json`;
 //! - [`charts`]: plotters charts as PNG files or SVG strings;
 //! - [`compare`]: the same charts for several runs side by side (`goemo plots diff`);
-//! - [`page`]: the HTML and Markdown report.
+//! - [`page`]: the HTML and Markdown report;
+//! - [`card`]: the model card, a Hub model folder's `README.md`.
 //!
 //! Every file type is a serde struct, so a renamed key is a compile or parse error, never a
 //! silent 0. Errors are [`ReportError`].
 
+pub mod card;
 pub mod charts;
 pub mod compare;
 mod error;

@@ -155,7 +155,7 @@ fn bench_train(
                 &params,
                 &data,
                 b,
-                &goemo_nn::loss::Loss::bce(None),
+                train::Objective::hard(&goemo_nn::loss::Loss::bce(None)),
                 Some(&mut rng),
                 &Device::Cpu,
             )?;

@@ -65,6 +65,29 @@ pub fn packed_batch<'a>(data: &'a TokenizedData, rows: &[usize]) -> (Vec<&'a [u3
     (seqs, targets)
 }
 
+/// A distilled student's targets: for each data row, the teachers' mean probabilities, mixed
+/// into the labels as (1 − `weight`)·label + `weight`·probability (BCE is linear in its target,
+/// so this is the same as mixing the hard and the soft loss).
+#[derive(Debug, Clone)]
+pub struct SoftTargets {
+    pub weight: f32,
+    /// data rows × labels; rows the student never trains on may hold anything.
+    pub probs: Vec<f32>,
+}
+
+impl SoftTargets {
+    /// `targets` (rows × labels, the hard labels of `rows`) mixed with the soft ones in place.
+    pub fn mix(&self, rows: &[usize], targets: &mut [f32]) {
+        let labels = targets.len() / rows.len().max(1);
+        for (t, &i) in targets.chunks_exact_mut(labels).zip(rows) {
+            let p = &self.probs[i * labels..(i + 1) * labels];
+            t.iter_mut()
+                .zip(p)
+                .for_each(|(t, p)| *t = (1.0 - self.weight) * *t + self.weight * p);
+        }
+    }
+}
+
 pub fn make_batch(
     data: &TokenizedData,
     rows: &[usize],

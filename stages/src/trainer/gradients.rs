@@ -9,7 +9,30 @@ use goemo_nn::backprop::{Grads, Products};
 use goemo_nn::loss::{bce_with_logits, Loss};
 use goemo_nn::model::{self, Params};
 
-use super::batching::{make_batch, packed_batch};
+use super::batching::{make_batch, packed_batch, SoftTargets};
+
+/// What a micro-batch is trained toward: the loss, and soft targets mixed into the labels (a
+/// distilled student) or none.
+#[derive(Clone, Copy)]
+pub struct Objective<'a> {
+    pub loss: &'a Loss,
+    pub soft: Option<&'a SoftTargets>,
+}
+
+impl<'a> Objective<'a> {
+    /// The labels alone.
+    pub fn hard(loss: &'a Loss) -> Objective<'a> {
+        Objective { loss, soft: None }
+    }
+
+    /// The batch's targets (rows × labels): its labels, mixed with the soft targets if any.
+    fn targets(&self, rows: &[usize], mut labels: Vec<f32>) -> Vec<f32> {
+        if let Some(soft) = self.soft {
+            soft.mix(rows, &mut labels);
+        }
+        labels
+    }
+}
 
 /// Forward + backward for one micro-batch: (loss, gradients on host in parameter order). On
 /// the CPU the packed trainer (`backprop`) computes them, its products in `products`;
@@ -18,16 +41,17 @@ pub fn loss_and_grads(
     params: &Params,
     data: &TokenizedData,
     rows: &[usize],
-    loss: &Loss,
+    objective: Objective<'_>,
     rng: Option<&mut ChaCha8Rng>,
     device: &Device,
     products: Products,
 ) -> anyhow::Result<(f64, Grads)> {
     if !device.is_cpu() {
-        return loss_and_grads_autograd(params, data, rows, loss, rng, device);
+        return loss_and_grads_autograd(params, data, rows, objective, rng, device);
     }
-    let (seqs, targets) = packed_batch(data, rows);
-    goemo_nn::backprop::loss_and_grads(params, &seqs, &targets, loss, rng, products)
+    let (seqs, labels) = packed_batch(data, rows);
+    let targets = objective.targets(rows, labels);
+    goemo_nn::backprop::loss_and_grads(params, &seqs, &targets, objective.loss, rng, products)
 }
 
 /// `loss_and_grads` by candle's autograd over the padded `model::forward`: the reference the
@@ -38,11 +62,16 @@ pub fn loss_and_grads_autograd(
     params: &Params,
     data: &TokenizedData,
     rows: &[usize],
-    loss: &Loss,
+    objective: Objective<'_>,
     rng: Option<&mut ChaCha8Rng>,
     device: &Device,
 ) -> anyhow::Result<(f64, Grads)> {
-    let (batch, targets) = make_batch(data, rows, device)?;
+    let loss = objective.loss;
+    let (batch, mut targets) = make_batch(data, rows, device)?;
+    if objective.soft.is_some() {
+        let host = objective.targets(rows, targets.flatten_all()?.to_vec1()?);
+        targets = Tensor::from_vec(host, targets.shape(), device)?;
+    }
     let logits = model::forward(&params.cfg, &params.tensors(), &batch, rng)?;
     let (objective, loss_value) = if loss.is_plain_bce() {
         let pos_weight = loss

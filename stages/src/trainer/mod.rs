@@ -44,11 +44,11 @@ use goemo_nn::model::{self, EncoderConfig, ModelDir, NamedTensors, Params, Pooli
 use goemo_nn::optim::AdamWConfig;
 use goemo_stage::{InputSpec, Inputs, ParamError, StageContext, TypedStage};
 
-pub use batching::{auto_pos_weight, epoch_batches, make_batch, packed_batch};
+pub use batching::{auto_pos_weight, epoch_batches, make_batch, packed_batch, SoftTargets};
 pub use goemo_nn::loss::bce_with_logits;
 pub use goemo_nn::optim::AdamW;
-pub use gradients::{loss_and_grads, loss_and_grads_autograd};
-pub use run::train_params;
+pub use gradients::{loss_and_grads, loss_and_grads_autograd, Objective};
+pub use run::{train_params, train_params_with};
 pub use schedule::lr_at;
 // Scoring moved to crate::scoring; these names stay here for the stages that import them from
 // the trainer until they switch.
@@ -330,6 +330,10 @@ impl Default for TrainParams {
 
 pub struct TrainStage;
 
+/// The resolved params (as keyed) in train's results, so what reads the model (the package
+/// stage's model card) can list the recipe that made it.
+pub const TRAIN_PARAMS_FILE: &str = "train_params.json";
+
 impl TypedStage for TrainStage {
     type Params = TrainParams;
 
@@ -341,8 +345,9 @@ impl TypedStage for TrainStage {
         // masks, and dev scores from the packed encoder: same model, different bits. 3: matrix
         // products summed in fixed blocks of the inner dimension (infer::K_BLOCK), so the bits
         // no longer depend on the L1 cache gemm detects; and the checkpoint's floats read back
-        // exactly, so a resumed run's train_log.json is the uninterrupted one's.
-        3
+        // exactly, so a resumed run's train_log.json is the uninterrupted one's. 4: its results
+        // hold train_params.json (the model card lists the recipe).
+        4
     }
     fn summary(&self) -> &'static str {
         "fine-tune a BERT/DistilBERT encoder with a multi-label head (candle); exports an HF model folder"
@@ -518,6 +523,7 @@ impl TypedStage for TrainStage {
             &model_dir.dir,
         )?;
         goemo_fsio::write_json(&ctx.out_dir.join("train_log.json"), &outcome.log)?;
+        goemo_fsio::write_json(&ctx.out_dir.join(TRAIN_PARAMS_FILE), ctx.params)?;
         goemo_fsio::write_json(
             &ctx.volatile_dir.join("train_metrics.json"),
             &outcome.metrics,
@@ -596,6 +602,17 @@ pub fn train(
     model_dir: &ModelDir,
     env: &TrainEnv<'_>,
 ) -> anyhow::Result<TrainOutcome> {
+    train_with(p, data, model_dir, env, None)
+}
+
+/// [`train`] with the labels mixed with soft targets (the distill stage's student).
+pub fn train_with(
+    p: &TrainParams,
+    data: &TokenizedData,
+    model_dir: &ModelDir,
+    env: &TrainEnv<'_>,
+    soft: Option<&SoftTargets>,
+) -> anyhow::Result<TrainOutcome> {
     let cfg = &p.model_config(&model_dir.cfg);
     validate_against_model(data, model_dir)?;
     let started = Instant::now();
@@ -613,7 +630,7 @@ pub fn train(
             report.new_params.join(", ")
         }
     );
-    train_params(p, data, params, env, started)
+    train_params_with(p, data, params, env, started, soft)
 }
 
 /// Check the tokens fit the model: ids within its vocabulary, lengths within its positions.

@@ -17,9 +17,9 @@ use goemo_nn::model::{NamedTensors, Params};
 use goemo_nn::optim::AdamW;
 use goemo_report::metrics;
 
-use super::batching::{auto_pos_weight, epoch_batches, first_ids, mix};
+use super::batching::{auto_pos_weight, epoch_batches, first_ids, mix, SoftTargets};
 use super::checkpoint::{load_checkpoint, save_checkpoint, CheckpointState, EpochPosition, Tally};
-use super::gradients::loss_and_grads;
+use super::gradients::{loss_and_grads, Objective};
 use super::schedule::lr_at;
 use super::{
     EpochLog, PosWeight, PosWeightMode, StepLog, TrainEnv, TrainLog, TrainOutcome, TrainParams,
@@ -35,7 +35,20 @@ pub fn train_params(
     env: &TrainEnv<'_>,
     started: Instant,
 ) -> anyhow::Result<TrainOutcome> {
+    train_params_with(p, data, params, env, started, None)
+}
+
+/// [`train_params`] with the labels mixed with soft targets (a distilled student).
+pub fn train_params_with(
+    p: &TrainParams,
+    data: &TokenizedData,
+    params: Params,
+    env: &TrainEnv<'_>,
+    started: Instant,
+    soft: Option<&SoftTargets>,
+) -> anyhow::Result<TrainOutcome> {
     let mut run = Run::new(p, data, params, env, started)?;
+    run.soft = soft;
     for epoch in run.start_epoch..p.epochs {
         if run.log.stopped_early || (p.max_steps > 0 && run.step >= p.max_steps) {
             break;
@@ -58,6 +71,7 @@ struct Run<'a> {
     train_rows: Vec<usize>,
     dev_rows: Vec<usize>,
     loss: Loss,
+    soft: Option<&'a SoftTargets>,
     steps_per_epoch: usize,
     total_steps: usize,
     warmup: usize,
@@ -166,6 +180,7 @@ impl<'a> Run<'a> {
             train_rows,
             dev_rows,
             loss,
+            soft: None,
             steps_per_epoch,
             total_steps,
             warmup,
@@ -314,7 +329,10 @@ impl<'a> Run<'a> {
             &self.params,
             data,
             rows,
-            &self.loss,
+            Objective {
+                loss: &self.loss,
+                soft: self.soft,
+            },
             Some(rng),
             self.env.device,
             p.precision.products(),
