@@ -18,14 +18,13 @@ use serde::{Deserialize, Serialize};
 
 use goemo_data::data::Split;
 use goemo_data::tokens::TokenizedData;
-use goemo_nn::model::{self, ModelDir, NamedTensors};
 use goemo_report::metrics;
 use goemo_report::precision::Precision;
 use goemo_report::thresholds::{tune, ThresholdParams};
 use goemo_stage::{Inputs, ParamError, StageContext, TypedStage};
 
-use crate::scoring::{score_split, select_device};
-use crate::trainer::{self, SoftTargets, TrainEnv, TrainLog, TrainParams, TrainStage};
+use crate::scoring::{load_scorer, score_rows_of};
+use crate::trainer::{self, SoftTargets, TrainLog, TrainParams, TrainStage};
 
 /// The ensemble's figures, next to the student's model.
 pub const ENSEMBLE_FILE: &str = "ensemble.json";
@@ -151,8 +150,7 @@ impl TypedStage for DistillStage {
                 if unknown.is_empty() { String::new() } else { format!("; unknown roles: {unknown:?}") },
             );
         }
-        let tokens = ctx.input("tokens")?;
-        let data = TokenizedData::read(tokens)?;
+        let data = TokenizedData::read(ctx.input("tokens")?)?;
         let labels = data.n_labels();
 
         // Every teacher scores every split; the average is taken in role order.
@@ -161,11 +159,11 @@ impl TypedStage for DistillStage {
         let mut rows_of: BTreeMap<Split, Vec<usize>> = BTreeMap::new();
         let tuning = ThresholdParams::default();
         for role in &teachers {
-            let dir = ctx.input(role)?;
-            let cfg = model::EncoderConfig::from_file(&dir.join("model/config.json")).map_err(|e| {
+            // One load per teacher, the tokens read once: every split is scored from them.
+            let classifier = load_scorer(ctx.input(role)?, p.teacher_precision).map_err(|e| {
                 anyhow::anyhow!("stage `{stage}`, teacher `{role}`: {e}\n  hint: a teacher is a train or distill stage's output (its model/ folder)")
             })?;
-            let teacher_labels = cfg.raw["id2label"].as_object().map_or(0, |m| m.len());
+            let teacher_labels = classifier.labels.len();
             if teacher_labels != labels {
                 anyhow::bail!(
                     "stage `{stage}`, teacher `{role}`: the model has {teacher_labels} labels but the tokens have {labels}\n  hint: teachers must be trained on the same taxonomy as the student"
@@ -173,24 +171,23 @@ impl TypedStage for DistillStage {
             }
             let mut per_split = BTreeMap::new();
             for split in [Split::Train, Split::Dev, Split::Test] {
-                let s = score_split(dir, tokens, split, p.batch_size, p.teacher_precision)?;
+                let (rows, scores, truth) = score_rows_of(&classifier, &data, split, p.batch_size)?;
                 tracing::info!(
                     "{stage}: teacher {role} scored {} {} rows",
-                    s.rows.len(),
+                    rows.len(),
                     split.name()
                 );
-                let sum = mean
-                    .entry(split)
-                    .or_insert_with(|| vec![0.0; s.scores.len()]);
-                sum.iter_mut().zip(&s.scores).for_each(|(a, b)| *a += b);
-                rows_of.insert(split, s.rows.clone());
-                per_split.insert(split, s);
+                let sum = mean.entry(split).or_insert_with(|| vec![0.0; scores.len()]);
+                sum.iter_mut().zip(&scores).for_each(|(a, b)| *a += b);
+                rows_of.insert(split, rows);
+                per_split.insert(split, (scores, truth));
             }
-            let (dev, test) = (&per_split[&Split::Dev], &per_split[&Split::Test]);
-            let t = tune(&dev.scores, &dev.truth, &data.meta.label_names, &tuning);
+            let ((dev, dev_truth), (test, test_truth)) =
+                (&per_split[&Split::Dev], &per_split[&Split::Test]);
+            let t = tune(dev, dev_truth, &data.meta.label_names, &tuning);
             alone.push(metrics::round6(metrics::macro_f1(&metrics::counts(
-                &test.scores,
-                &test.truth,
+                test,
+                test_truth,
                 labels,
                 &t.thresholds,
             ))));
@@ -231,37 +228,13 @@ impl TypedStage for DistillStage {
             weight: p.soft_weight as f32,
             probs,
         };
-        let model_dir = ModelDir::open(ctx.input("model")?)?;
-        let device = select_device(p.train.device)?;
-        let check = || ctx.check_cancelled();
-        let env = TrainEnv {
-            device: &device,
-            work_dir: ctx.work_dir,
-            check: &check,
-            interactive: ctx.interactive,
-        };
-        let outcome = trainer::train_with(&p.train, &data, &model_dir, &env, Some(&soft))?;
-        let tensors: NamedTensors = outcome.best_weights;
-        model::export(
-            &ctx.out_dir.join("model"),
-            &p.train.model_config(&model_dir.cfg),
-            &tensors,
-            &data.meta.label_names,
-            &model_dir.dir,
-        )?;
-        goemo_fsio::write_json(&ctx.out_dir.join("train_log.json"), &outcome.log)?;
         // The student's recipe for the model card: its train params, and how it was distilled.
         let mut recipe = ctx.params["train"].clone();
         if let Some(o) = recipe.as_object_mut() {
             o.insert("distill_soft_weight".into(), p.soft_weight.into());
             o.insert("distill_teachers".into(), serde_json::json!(teachers));
         }
-        goemo_fsio::write_json(&ctx.out_dir.join(trainer::TRAIN_PARAMS_FILE), &recipe)?;
-        goemo_fsio::write_json(
-            &ctx.volatile_dir.join("train_metrics.json"),
-            &outcome.metrics,
-        )?;
-        Ok(())
+        trainer::train_and_export(ctx, p.train, &data, Some(&soft), &recipe)
     }
 }
 

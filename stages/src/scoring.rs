@@ -104,26 +104,46 @@ pub fn score_split(
     precision: goemo_report::precision::Precision,
 ) -> anyhow::Result<SplitScores> {
     let data = TokenizedData::read(tokens)?;
-    let classifier = model::Classifier::load_with(
-        &train_out.join("model"),
-        &select_device(DeviceChoice::Auto)?,
-        nn_precision(precision),
-    )?;
-    let rows = data.rows_in(split);
-    if rows.is_empty() {
-        anyhow::bail!("no {} rows: check the load and sample stages", split.name());
-    }
-    let scores = scores_by_length(&data, &rows, batch, |seqs| {
-        classifier.scores(seqs, data.meta.pad_id)
-    })?;
-    let truth: Vec<u8> = rows
-        .iter()
-        .flat_map(|&i| data.row_labels(i).to_vec())
-        .collect();
+    let classifier = load_scorer(train_out, precision)?;
+    let (rows, scores, truth) = score_rows_of(&classifier, &data, split, batch)?;
     Ok(SplitScores {
         data,
         rows,
         scores,
         truth,
     })
+}
+
+/// The model train (or distill) exported into `train_out/model`, ready to score.
+pub fn load_scorer(
+    train_out: &Path,
+    precision: goemo_report::precision::Precision,
+) -> anyhow::Result<model::Classifier> {
+    model::Classifier::load_with(
+        &train_out.join("model"),
+        &select_device(DeviceChoice::Auto)?,
+        nn_precision(precision),
+    )
+}
+
+/// `classifier`'s scores on `split`'s rows of `data`: (the rows, their scores rows × labels,
+/// the truth rows × labels).
+pub fn score_rows_of(
+    classifier: &model::Classifier,
+    data: &TokenizedData,
+    split: Split,
+    batch: usize,
+) -> anyhow::Result<(Vec<usize>, Vec<f32>, Vec<u8>)> {
+    let rows = data.rows_in(split);
+    if rows.is_empty() {
+        anyhow::bail!("no {} rows: check the load and sample stages", split.name());
+    }
+    let scores = scores_by_length(data, &rows, batch, |seqs| {
+        classifier.scores(seqs, data.meta.pad_id)
+    })?;
+    let truth: Vec<u8> = rows
+        .iter()
+        .flat_map(|&i| data.row_labels(i).to_vec())
+        .collect();
+    Ok((rows, scores, truth))
 }

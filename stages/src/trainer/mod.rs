@@ -493,43 +493,55 @@ impl TypedStage for TrainStage {
         ]))
     }
 
-    fn run(&self, ctx: &StageContext<'_>, mut params: TrainParams) -> anyhow::Result<()> {
-        if let Some(secs) = checkpoint_interval_from_env()? {
-            params.checkpoint_every_secs = secs;
-        }
+    fn run(&self, ctx: &StageContext<'_>, params: TrainParams) -> anyhow::Result<()> {
         let data = TokenizedData::read(ctx.input("tokens")?)?;
-        let model_dir = ModelDir::open(ctx.input("model")?)?;
-        let device = select_device(params.device)?;
-        if !device.is_cpu() && params.precision.resolve() == TrainPrecision::Bf16 {
-            anyhow::bail!(
-                "train.precision is bf16, but bf16 products run on the CPU trainer only and this run chose {device:?}\n  hint: set train.precision: f32 for CUDA, or train.device: cpu"
-            );
-        }
-        let check = || ctx.check_cancelled();
-        let env = TrainEnv {
-            device: &device,
-            work_dir: ctx.work_dir,
-            check: &check,
-            interactive: ctx.interactive,
-        };
-        let outcome = train(&params, &data, &model_dir, &env)?;
-        let export_dir = ctx.out_dir.join("model");
-        let tensors: NamedTensors = outcome.best_weights;
-        model::export(
-            &export_dir,
-            &params.model_config(&model_dir.cfg),
-            &tensors,
-            &data.meta.label_names,
-            &model_dir.dir,
-        )?;
-        goemo_fsio::write_json(&ctx.out_dir.join("train_log.json"), &outcome.log)?;
-        goemo_fsio::write_json(&ctx.out_dir.join(TRAIN_PARAMS_FILE), ctx.params)?;
-        goemo_fsio::write_json(
-            &ctx.volatile_dir.join("train_metrics.json"),
-            &outcome.metrics,
-        )?;
-        Ok(())
+        train_and_export(ctx, params, &data, None, ctx.params)
     }
+}
+
+/// What train and distill share: train on `data` from the `model` input (checkpoints in the
+/// work folder, optionally toward soft targets), then write train's results: the exported
+/// model, train_log.json, `recipe` as train_params.json, and train_metrics.json.
+pub fn train_and_export(
+    ctx: &StageContext<'_>,
+    mut params: TrainParams,
+    data: &TokenizedData,
+    soft: Option<&SoftTargets>,
+    recipe: &serde_json::Value,
+) -> anyhow::Result<()> {
+    if let Some(secs) = checkpoint_interval_from_env()? {
+        params.checkpoint_every_secs = secs;
+    }
+    let model_dir = ModelDir::open(ctx.input("model")?)?;
+    let device = select_device(params.device)?;
+    if !device.is_cpu() && params.precision.resolve() == TrainPrecision::Bf16 {
+        anyhow::bail!(
+            "train.precision is bf16, but bf16 products run on the CPU trainer only and this run chose {device:?}\n  hint: set train.precision: f32 for CUDA, or train.device: cpu"
+        );
+    }
+    let check = || ctx.check_cancelled();
+    let env = TrainEnv {
+        device: &device,
+        work_dir: ctx.work_dir,
+        check: &check,
+        interactive: ctx.interactive,
+    };
+    let outcome = train_with(&params, data, &model_dir, &env, soft)?;
+    let tensors: NamedTensors = outcome.best_weights;
+    model::export(
+        &ctx.out_dir.join("model"),
+        &params.model_config(&model_dir.cfg),
+        &tensors,
+        &data.meta.label_names,
+        &model_dir.dir,
+    )?;
+    goemo_fsio::write_json(&ctx.out_dir.join("train_log.json"), &outcome.log)?;
+    goemo_fsio::write_json(&ctx.out_dir.join(TRAIN_PARAMS_FILE), recipe)?;
+    goemo_fsio::write_json(
+        &ctx.volatile_dir.join("train_metrics.json"),
+        &outcome.metrics,
+    )?;
+    Ok(())
 }
 
 /// Checkpoints inside an epoch at most this many seconds apart, when a machine may be taken
