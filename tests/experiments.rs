@@ -182,6 +182,61 @@ fn show_and_diff(p: &Project) {
     );
 }
 
+/// `--mean-over` counts one run once (an experiment that sets a param to the value it already
+/// has is the baseline again, not a second seed), and the best is chosen within each setting of
+/// `--best-within` (dev scores on other data do not compare).
+#[test]
+fn pooling_counts_a_run_once_and_best_is_chosen_within_a_data_setting() {
+    let p = Project::new(PIPELINE);
+    p.run_ok(&["run"]);
+    // Same params as the baseline: its cached entries, no stage runs.
+    assert!(p
+        .run_ok(&["exp", "run", "--name", "same", "--set", "fit.vars.lr=1"])
+        .is_empty());
+    p.run_ok(&["exp", "run", "--name", "deep", "--set", "fit.vars.depth=7"]);
+    let r = p.goemo(&["exp", "show", "--json", "--mean-over", "fit.vars.depth"]);
+    assert_eq!(r.code, 0, "{}", r.all());
+    let rows: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(rows[0]["name"], "baseline (= same), deep");
+    assert_eq!(rows[0]["n"], 2);
+    assert_eq!(rows[0]["params"]["fit.vars.depth"], "2,7");
+    assert_eq!(rows[0]["metrics"]["fit.test_score"], 4.5);
+
+    // Other data (prep's v) with a lower dev score: best only within its own setting.
+    p.run_ok(&[
+        "exp",
+        "run",
+        "--name",
+        "other",
+        "--set",
+        "prep.vars.v=9",
+        "--set",
+        "fit.vars.lr=0",
+    ]);
+    let best = |extra: &[&str]| -> Vec<String> {
+        let r = p.goemo(&[&["exp", "show", "--json"], extra].concat());
+        assert_eq!(r.code, 0, "{}", r.all());
+        let rows: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+        rows.as_array()
+            .unwrap()
+            .iter()
+            .filter(|r| r["best"] == true)
+            .map(|r| r["name"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    assert_eq!(best(&[]), ["baseline"], "first among equals, over all rows");
+    assert_eq!(
+        best(&["--best-within", "prep.vars.v"]),
+        ["baseline", "other"]
+    );
+    let r = p.goemo(&["exp", "show", "--best-within", "prep.vars.v"]);
+    assert!(
+        r.stdout.contains("one per value of prep.vars.v"),
+        "{}",
+        r.stdout
+    );
+}
+
 /// gc keeps experiments' entries, apply makes one the baseline, remove and gc drop one.
 fn gc_apply_remove(p: &Project) {
     // gc keeps every experiment's entries: rerunning the sweep runs nothing.

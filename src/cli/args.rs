@@ -327,6 +327,11 @@ pub struct ExpShowArgs {
     /// experiment did not set counts as pipeline.yaml's value. Repeatable.
     #[arg(long, value_name = "STAGE.PARAM")]
     pub mean_over: Vec<String>,
+    /// Choose a best row per value of this param, not one over all rows: dev scores measured on
+    /// different data do not compare. Repeatable. [default: every param of the pipeline's
+    /// `load` and `sample` stages, e.g. load.taxonomy]
+    #[arg(long, value_name = "STAGE.PARAM")]
+    pub best_within: Vec<String>,
     /// JSON: one object per row, every param and metric.
     #[arg(long, conflicts_with_all = ["csv", "md"])]
     pub json: bool,

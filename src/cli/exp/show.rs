@@ -13,6 +13,10 @@ use serde_json::{json, Value};
 
 use crate::cli::args::{ExpDiffArgs, ExpShowArgs};
 
+/// The kinds of stage whose params change the data every metric is measured on: rows that
+/// differ in one of them are not compared when the best is chosen.
+const DATA_KINDS: &[&str] = &["load", "sample"];
+
 /// The columns shown by default, when the stages report them (test figures are shown, never
 /// used to choose).
 const DEFAULT_METRICS: &[&str] = &[
@@ -151,6 +155,14 @@ pub fn show(args: ExpShowArgs) -> anyhow::Result<ExitCode> {
         let engine = Engine::new(&p, true)?;
         rows.insert(0, baseline_row(&engine, &params));
     }
+    // A param an experiment did not set counts as pipeline.yaml's value.
+    let defaults: BTreeMap<String, String> = params
+        .iter()
+        .filter_map(|k| {
+            let v = p.param(k).filter(|v| !v.is_null())?;
+            Some((k.clone(), value_text(v)))
+        })
+        .collect();
     if !args.mean_over.is_empty() {
         for m in &args.mean_over {
             let in_pipeline = p.param(m).is_some_and(|v| !v.is_null());
@@ -165,17 +177,23 @@ pub fn show(args: ExpShowArgs) -> anyhow::Result<ExitCode> {
                 .into());
             }
         }
-        let defaults: BTreeMap<String, String> = params
-            .iter()
-            .filter_map(|k| {
-                let v = p.param(k).filter(|v| !v.is_null())?;
-                Some((k.clone(), value_text(v)))
-            })
-            .collect();
         rows = mean_over(rows, &args.mean_over, &defaults);
     }
-    // The best of all experiments, before any filter narrows the view.
-    let best_by = mark_best(&mut rows, &args.best_by);
+    // The best of all experiments, before any filter narrows the view; one per data setting.
+    let within: Vec<String> = if args.best_within.is_empty() {
+        params
+            .iter()
+            .filter(|k| {
+                let stage = k.split('.').next().unwrap_or_default();
+                p.get(stage)
+                    .is_some_and(|d| DATA_KINDS.contains(&d.kind.as_str()))
+            })
+            .cloned()
+            .collect()
+    } else {
+        args.best_within.clone()
+    };
+    let (best_by, settings) = mark_best(&mut rows, &args.best_by, &within, &defaults);
     if let Some(s) = &args.sweep {
         rows.retain(|r| r.sweep.as_deref() == Some(s.as_str()));
     }
@@ -202,7 +220,15 @@ pub fn show(args: ExpShowArgs) -> anyhow::Result<ExitCode> {
         } else {
             print_aligned(&table);
             if let Some(by) = best_by {
-                println!("* best on {by} (dev); test figures are never used to choose");
+                let per = if settings > 1 {
+                    format!(
+                        ", one per value of {} (dev scores on other data do not compare)",
+                        within.join(", ")
+                    )
+                } else {
+                    String::new()
+                };
+                println!("* best on {by} (dev){per}; test figures are never used to choose");
             }
         }
     }
@@ -242,6 +268,23 @@ fn mean_over(rows: Vec<Row>, over: &[String], defaults: &BTreeMap<String, String
 
 /// One group's row (see [`mean_over`]).
 fn pool(members: Vec<Row>, over: &[String], defaults: &BTreeMap<String, String>) -> Row {
+    // Rows with the same `over` values (the baseline and an experiment that set a param to what
+    // it already was, say) are one run's figures twice, not two samples: the first one counts,
+    // the others are named beside it.
+    let over_values = |r: &Row| -> Vec<Option<String>> {
+        over.iter()
+            .map(|k| r.params.get(k).or(defaults.get(k)).cloned())
+            .collect()
+    };
+    let mut kept: Vec<Row> = Vec::new();
+    for r in members {
+        let v = over_values(&r);
+        match kept.iter_mut().find(|k| over_values(k) == v) {
+            Some(k) => k.name = format!("{} (= {})", k.name, r.name),
+            None => kept.push(r),
+        }
+    }
+    let members = kept;
     let n = members.len();
     let names: BTreeSet<&String> = members.iter().flat_map(|r| r.metrics.keys()).collect();
     let (mut metrics, mut std) = (BTreeMap::new(), BTreeMap::new());
@@ -298,34 +341,54 @@ fn pool(members: Vec<Row>, over: &[String], defaults: &BTreeMap<String, String>)
     }
 }
 
-/// Mark the best row on `by`; the first among equals. Returns the metric used: `by`, or when no
-/// row has it, the first metric whose name says dev (so a project whose stages name their own
-/// metrics still gets a choice made on dev).
-fn mark_best(rows: &mut [Row], by: &str) -> Option<String> {
+/// Mark the best row on `by` in each setting of the `within` params (unset ones count as
+/// `defaults`); the first among equals. Returns the metric used (`by`, or when no row has it, the
+/// first metric whose name says dev, so a project whose stages name their own metrics still gets
+/// a choice made on dev) and how many settings were compared apart.
+fn mark_best(
+    rows: &mut [Row],
+    by: &str,
+    within: &[String],
+    defaults: &BTreeMap<String, String>,
+) -> (Option<String>, usize) {
     let has = |m: &str| rows.iter().any(|r| r.metrics.contains_key(m));
     let by = if has(by) {
         by.to_owned()
     } else {
         let names: BTreeSet<&String> = rows.iter().flat_map(|r| r.metrics.keys()).collect();
-        names
+        match names
             .into_iter()
-            .find(|m| m.contains("dev") && !m.contains("test"))?
-            .clone()
+            .find(|m| m.contains("dev") && !m.contains("test"))
+        {
+            Some(m) => m.clone(),
+            None => return (None, 0),
+        }
     };
-    let mut best: Option<(usize, f64)> = None;
+    let setting = |r: &Row| -> Vec<Option<String>> {
+        within
+            .iter()
+            .map(|k| r.params.get(k).or(defaults.get(k)).cloned())
+            .collect()
+    };
+    let mut best: Vec<(Vec<Option<String>>, usize, f64)> = Vec::new();
     for (i, r) in rows.iter().enumerate() {
         if r.status != "done" && r.status != "baseline" {
             continue;
         }
-        if let Some(&m) = r.metrics.get(&by) {
-            if best.is_none_or(|(_, b)| m > b) {
-                best = Some((i, m));
-            }
+        let Some(&m) = r.metrics.get(&by) else {
+            continue;
+        };
+        let s = setting(r);
+        match best.iter_mut().find(|(k, _, _)| *k == s) {
+            Some(b) if m > b.2 => (b.1, b.2) = (i, m),
+            Some(_) => {}
+            None => best.push((s, i, m)),
         }
     }
-    let (i, _) = best?;
-    rows[i].best = true;
-    Some(by)
+    for (_, i, _) in &best {
+        rows[*i].best = true;
+    }
+    (Some(by), best.len())
 }
 
 fn sort_rows(rows: &mut [Row], by: Option<&str>, asc: bool, params: &BTreeSet<String>) {
