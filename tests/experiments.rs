@@ -225,6 +225,15 @@ fn pooling_counts_a_run_once_and_best_is_chosen_within_a_data_setting() {
             .collect()
     };
     assert_eq!(best(&[]), ["baseline"], "first among equals, over all rows");
+    // A filter on a param a row did not set matches pipeline.yaml's value.
+    let r = p.goemo(&["exp", "show", "--csv", "--filter", "fit.vars.lr=1"]);
+    let names: Vec<&str> = r
+        .stdout
+        .lines()
+        .skip(1)
+        .map(|l| l.split(',').next().unwrap())
+        .collect();
+    assert_eq!(names, ["baseline", "deep", "same"], "{}", r.stdout);
     assert_eq!(
         best(&["--best-within", "prep.vars.v"]),
         ["baseline", "other"]

@@ -113,7 +113,12 @@ fn baseline_row(engine: &Engine<'_>, params: &BTreeSet<String>) -> Row {
     }
 }
 
-fn matches_filter(row: &Row, filter: &str) -> Result<bool, String> {
+/// A param the row did not set matches on pipeline.yaml's value (`defaults`).
+fn matches_filter(
+    row: &Row,
+    filter: &str,
+    defaults: &BTreeMap<String, String>,
+) -> Result<bool, String> {
     let (col, want) = filter
         .split_once('=')
         .ok_or_else(|| format!("--filter {filter}: expected COLUMN=VALUE, e.g. train.lr=3e-5"))?;
@@ -124,6 +129,7 @@ fn matches_filter(row: &Row, filter: &str) -> Result<bool, String> {
         _ => row
             .params
             .get(col)
+            .or(defaults.get(col))
             .cloned()
             .or_else(|| row.metrics.get(col).map(|m| m.to_string())),
     };
@@ -200,7 +206,7 @@ pub fn show(args: ExpShowArgs) -> anyhow::Result<ExitCode> {
     for f in &args.filter {
         let mut kept = Vec::new();
         for r in rows {
-            if matches_filter(&r, f).map_err(|m| ConfigError::new(file, m))? {
+            if matches_filter(&r, f, &defaults).map_err(|m| ConfigError::new(file, m))? {
                 kept.push(r);
             }
         }
