@@ -19,8 +19,9 @@ use candle_core::Tensor;
 use gemm::Parallelism;
 use rayon::prelude::*;
 
+use crate::attention::{attend, ScoreOrder};
 use crate::config::{Activation, Arch, EncoderConfig, Pooling};
-use crate::int8::{Kernel, QuantizedWeight};
+use crate::int8::{Base, Kernel, QuantizedWeight};
 use crate::params;
 
 /// The arithmetic of the encoder's matrix products when scoring.
@@ -214,16 +215,23 @@ impl Dense {
     /// `out` = `x` · weightᵀ + bias, for `x` of `rows` × inputs.
     fn apply(&self, x: &[f32], out: &mut Vec<f32>) {
         let rows = x.len() / self.inputs;
-        out.clear();
-        out.reserve(rows * self.outputs);
-        for _ in 0..rows {
-            out.extend_from_slice(&self.bias);
+        // Not cleared: every element is written below (a buffer reused across layers would
+        // otherwise be zeroed on one thread first).
+        out.resize(rows * self.outputs, 0.0);
+        if let Some((q, kernel)) = &self.int8 {
+            return q.product(x, out, Base::Bias(&self.bias), *kernel);
         }
+        out.par_chunks_mut(self.outputs)
+            .for_each(|row| row.copy_from_slice(&self.bias));
         self.accumulate(x, out);
     }
 
-    /// `acc` += `x` · weightᵀ + bias: the residual connection, with no extra pass for the sum.
+    /// `acc` += bias, then += `x` · weightᵀ: the residual connection, with no extra pass for
+    /// the sum.
     fn add_to(&self, x: &[f32], acc: &mut [f32]) {
+        if let Some((q, kernel)) = &self.int8 {
+            return q.product(x, acc, Base::DstPlusBias(&self.bias), *kernel);
+        }
         acc.par_chunks_mut(self.outputs)
             .for_each(|row| row.iter_mut().zip(&self.bias).for_each(|(a, b)| *a += b));
         self.accumulate(x, acc);
@@ -454,7 +462,7 @@ impl PackedEncoder {
         let (h, heads) = (self.hidden, self.heads);
         let n_rows = start.len() - 1;
         let out_len = |r: usize| if cls_only { 1 } else { start[r + 1] - start[r] };
-        ctx.clear();
+        // Not cleared: `attend` writes every element.
         ctx.resize((0..n_rows).map(out_len).sum::<usize>() * h, 0.0);
         // Each row of the batch writes its own slice of ctx.
         let mut slices = Vec::with_capacity(n_rows);
@@ -464,82 +472,19 @@ impl PackedEncoder {
             slices.push((r, mine));
             rest = tail;
         }
-        let (f32_order, start) = (self.precision == Precision::F32, start);
+        let order = match self.precision {
+            Precision::F32 => ScoreOrder::DotLanes,
+            Precision::Int8 => ScoreOrder::ByKeys,
+        };
         slices.into_par_iter().for_each(|(r, out)| {
-            let (s, len) = (start[r], start[r + 1] - start[r]);
-            if f32_order {
-                attend_row_wide(qkv, h, heads, s, len, out)
-            } else {
-                attend_row_by_keys_wide(qkv, h, heads, s, len, out)
-            }
+            attend(
+                order,
+                qkv,
+                (h, heads),
+                (start[r], start[r + 1] - start[r]),
+                out,
+            )
         });
-    }
-}
-
-/// [`attend_row`] with the scores summed in another order, for the int8 path (whose bytes are
-/// its own): each head's keys transposed and padded to a multiple of 16 tokens, so a query's
-/// scores against all keys are `dh` vector multiply-adds instead of `len` short dot products.
-#[inline(always)]
-fn attend_row_by_keys(qkv: &[f32], h: usize, heads: usize, s: usize, len: usize, out: &mut [f32]) {
-    let dh = h / heads;
-    let lp = len.div_ceil(16) * 16;
-    let token = |t: usize| &qkv[(s + t) * 3 * h..][..3 * h];
-    // keys[c][j]: feature c (head · dh + d) of key j; padding keys are zero.
-    let mut keys = vec![0f32; h * lp];
-    for j in 0..len {
-        for (c, &k) in token(j)[h..2 * h].iter().enumerate() {
-            keys[c * lp + j] = k;
-        }
-    }
-    let mut probs = vec![0f32; lp];
-    for (qt, out_t) in out.chunks_mut(h).enumerate() {
-        let q = &token(qt)[..h];
-        for head in 0..heads {
-            probs.iter_mut().for_each(|p| *p = 0.0);
-            for d in 0..dh {
-                let c = head * dh + d;
-                let qc = q[c];
-                for (p, k) in probs.iter_mut().zip(&keys[c * lp..][..lp]) {
-                    *p += qc * k;
-                }
-            }
-            let probs = &mut probs[..len];
-            let max = probs.iter().fold(f32::NEG_INFINITY, |m, &p| m.max(p));
-            probs.iter_mut().for_each(|p| *p = exp_approx(*p - max));
-            let inv_sum = 1.0 / lane_sum(probs);
-            let o = &mut out_t[head * dh..][..dh];
-            for (j, p) in probs.iter().enumerate() {
-                let v = &token(j)[2 * h + head * dh..][..dh];
-                let w = p * inv_sum;
-                o.iter_mut().zip(v).for_each(|(o, v)| *o += w * v);
-            }
-        }
-    }
-}
-
-/// One row's attention (see `PackedEncoder::attention`): `len` tokens from token `s` of `qkv`,
-/// the heads' outputs into `out` (one or `len` tokens × hidden).
-#[inline(always)]
-fn attend_row(qkv: &[f32], h: usize, heads: usize, s: usize, len: usize, out: &mut [f32]) {
-    let dh = h / heads;
-    let token = |t: usize| &qkv[(s + t) * 3 * h..][..3 * h];
-    let mut probs = vec![0f32; len];
-    for (qt, out_t) in out.chunks_mut(h).enumerate() {
-        for head in 0..heads {
-            let q = &token(qt)[head * dh..][..dh];
-            for (j, p) in probs.iter_mut().enumerate() {
-                *p = dot(q, &token(j)[h + head * dh..][..dh]);
-            }
-            let max = probs.iter().fold(f32::NEG_INFINITY, |m, &p| m.max(p));
-            probs.iter_mut().for_each(|p| *p = exp_approx(*p - max));
-            let inv_sum = 1.0 / lane_sum(&probs);
-            let o = &mut out_t[head * dh..][..dh];
-            for (j, p) in probs.iter().enumerate() {
-                let v = &token(j)[2 * h + head * dh..][..dh];
-                let w = p * inv_sum;
-                o.iter_mut().zip(v).for_each(|(o, v)| *o += w * v);
-            }
-        }
     }
 }
 
@@ -712,8 +657,6 @@ pub(crate) fn activate(x: &mut [f32], a: Activation) {
 }
 
 wide_fn!(fn activate_chunk_wide(c: &mut [f32], a: Activation) => activate_chunk);
-wide_fn!(fn attend_row_wide(qkv: &[f32], h: usize, heads: usize, s: usize, len: usize, out: &mut [f32]) => attend_row);
-wide_fn!(fn attend_row_by_keys_wide(qkv: &[f32], h: usize, heads: usize, s: usize, len: usize, out: &mut [f32]) => attend_row_by_keys);
 
 #[inline(always)]
 fn activate_chunk(c: &mut [f32], a: Activation) {

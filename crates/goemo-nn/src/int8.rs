@@ -44,6 +44,17 @@ impl Kernel {
     }
 }
 
+/// What [`QuantizedWeight::product`] adds the product to, row by row.
+#[derive(Debug, Clone, Copy)]
+pub enum Base<'a> {
+    /// What `dst` holds.
+    Dst,
+    /// The bias (one per output); `dst`'s contents are not read.
+    Bias(&'a [f32]),
+    /// What `dst` holds plus the bias (a residual connection), summed first.
+    DstPlusBias(&'a [f32]),
+}
+
 /// A dense layer's weight, quantized and packed.
 pub struct QuantizedWeight {
     outputs: usize,
@@ -95,6 +106,15 @@ impl QuantizedWeight {
 
     /// `dst` (rows × outputs) += `x` (rows × inputs) · weightᵀ, with `x` quantized per row.
     pub fn accumulate(&self, x: &[f32], dst: &mut [f32], kernel: Kernel) {
+        self.product(x, dst, Base::Dst, kernel)
+    }
+
+    /// `dst` (rows × outputs) = `base` + `x` (rows × inputs) · weightᵀ, with `x` quantized
+    /// per row. The VNNI kernel adds the base in registers (no pass of its own over `dst`).
+    pub fn product(&self, x: &[f32], dst: &mut [f32], base: Base, kernel: Kernel) {
+        if let Base::Bias(b) | Base::DstPlusBias(b) = base {
+            assert_eq!(b.len(), self.outputs, "bias size");
+        }
         let rows = x.len() / self.inputs.max(1);
         assert_eq!(x.len(), rows * self.inputs, "input width");
         assert_eq!(dst.len(), rows * self.outputs, "output size");
@@ -107,24 +127,44 @@ impl QuantizedWeight {
             .for_each(|(dst, x)| {
                 let m = x.len() / k;
                 let (qx, row_scales) = quantize_rows(x, k, k4, kernel);
+                #[cfg(target_arch = "x86_64")]
+                if kernel == Kernel::Vnni {
+                    assert_eq!(
+                        Kernel::detect(),
+                        Kernel::Vnni,
+                        "this CPU has no AVX-512 VNNI"
+                    );
+                    let w = vnni::Weights {
+                        packed: &self.packed,
+                        k4,
+                        outputs: n,
+                        zero_point_sums: &self.zero_point_sums,
+                        scales: &self.scales,
+                        base,
+                    };
+                    // SAFETY: the CPU has the features (checked above); `qx` holds m × k4
+                    // activations, `row_scales` m scales and `dst` m × n outputs.
+                    return unsafe { vnni::products_into(&qx, &row_scales, &w, dst) };
+                }
+                for row in dst.chunks_mut(n) {
+                    match base {
+                        Base::Dst => {}
+                        Base::Bias(b) => row.copy_from_slice(b),
+                        Base::DstPlusBias(b) => row.iter_mut().zip(b).for_each(|(o, b)| *o += b),
+                    }
+                }
                 let width = self.outputs.div_ceil(LANES) * LANES;
                 let mut acc = vec![0i32; m * width];
-                self.products(&qx, m, &mut acc, kernel);
+                portable_products(&qx, m, k4, &self.packed, &mut acc);
                 for ((out, acc), &sx) in dst.chunks_mut(n).zip(acc.chunks(width)).zip(&row_scales) {
-                    self.scale_into(out, &acc[..n], sx, kernel);
+                    self.scale_into(out, &acc[..n], sx);
                 }
             });
     }
 
-    /// `out[o]` += (acc[o] − zero point sum[o]) · (sx · scale[o]): one row back to f32. Both
-    /// kernels round the same way (a multiply, then an add; no fused multiply-add).
-    fn scale_into(&self, out: &mut [f32], acc: &[i32], sx: f32, kernel: Kernel) {
-        #[cfg(target_arch = "x86_64")]
-        if kernel == Kernel::Vnni {
-            // SAFETY: Vnni is only ever chosen on a CPU that has AVX-512 (see `products`).
-            return unsafe { vnni::scale_into(out, acc, &self.zero_point_sums, &self.scales, sx) };
-        }
-        let _ = kernel;
+    /// `out[o]` += (acc[o] − zero point sum[o]) · (sx · scale[o]): one row back to f32. The
+    /// VNNI kernel rounds the same way (a multiply, then an add; no fused multiply-add).
+    fn scale_into(&self, out: &mut [f32], acc: &[i32], sx: f32) {
         for (((o, &a), &z), &s) in out
             .iter_mut()
             .zip(acc)
@@ -132,24 +172,6 @@ impl QuantizedWeight {
             .zip(&self.scales)
         {
             *o += (a - z) as f32 * (sx * s);
-        }
-    }
-
-    /// `acc` (m × outputs rounded up to 16) = `qx` (m × k4, u8) · packed weights, in i32.
-    fn products(&self, qx: &[u8], m: usize, acc: &mut [i32], kernel: Kernel) {
-        match kernel {
-            #[cfg(target_arch = "x86_64")]
-            Kernel::Vnni => {
-                assert_eq!(
-                    Kernel::detect(),
-                    Kernel::Vnni,
-                    "this CPU has no AVX-512 VNNI"
-                );
-                // SAFETY: the CPU has the features (checked above); the slices hold m × k4
-                // activations, blocks × 16 × k4 weights and m × blocks × 16 sums.
-                unsafe { vnni::products(qx, m, self.k4, &self.packed, acc) }
-            }
-            _ => portable_products(qx, m, self.k4, &self.packed, acc),
         }
     }
 }
@@ -213,7 +235,7 @@ fn portable_products(qx: &[u8], m: usize, k4: usize, packed: &[i8], acc: &mut [i
 mod vnni {
     use std::arch::x86_64::*;
 
-    use super::{LANES, ROW_TILE};
+    use super::{Base, LANES, ROW_TILE};
 
     /// `quantize_row`, 16 values at a time: the same bytes.
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
@@ -247,37 +269,37 @@ mod vnni {
         scale
     }
 
-    /// `QuantizedWeight::scale_into`'s loop, 16 outputs at a time: the same bytes.
-    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-    pub(super) unsafe fn scale_into(
-        out: &mut [f32],
-        acc: &[i32],
-        zero_point_sums: &[i32],
-        scales: &[f32],
-        sx: f32,
-    ) {
-        let n = out.len() / 16 * 16;
-        let sxv = _mm512_set1_ps(sx);
-        for c in (0..n).step_by(16) {
-            let exact = _mm512_sub_epi32(
-                _mm512_loadu_si512(acc.as_ptr().add(c) as *const _),
-                _mm512_loadu_si512(zero_point_sums.as_ptr().add(c) as *const _),
-            );
-            let s = _mm512_mul_ps(sxv, _mm512_loadu_ps(scales.as_ptr().add(c)));
-            let add = _mm512_mul_ps(_mm512_cvtepi32_ps(exact), s);
-            let o = out.as_mut_ptr().add(c);
-            _mm512_storeu_ps(o, _mm512_add_ps(_mm512_loadu_ps(o), add));
-        }
-        for c in n..out.len() {
-            out[c] += (acc[c] - zero_point_sums[c]) as f32 * (sx * scales[c]);
-        }
+    /// A quantized weight as the kernel reads it.
+    pub(super) struct Weights<'a> {
+        /// Blocks of 16 outputs × `k4` inputs (the module docs' layout).
+        pub(super) packed: &'a [i8],
+        pub(super) k4: usize,
+        pub(super) outputs: usize,
+        pub(super) zero_point_sums: &'a [i32],
+        pub(super) scales: &'a [f32],
+        pub(super) base: Base<'a>,
     }
 
-    /// See `portable_products`; same result, 8 rows × 2 blocks of sums in registers.
+    /// `dst` (m × outputs) += the products of `qx` (m × k4, u8) and the weights, each sum
+    /// scaled back to f32 in registers as `QuantizedWeight::scale_into` does (the same bytes):
+    /// 8 rows × 2 blocks of 16 outputs at a time.
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-    pub(super) unsafe fn products(qx: &[u8], m: usize, k4: usize, packed: &[i8], acc: &mut [i32]) {
-        let blocks = packed.len() / (LANES * k4);
-        let width = blocks * LANES;
+    pub(super) unsafe fn products_into(
+        qx: &[u8],
+        row_scales: &[f32],
+        w: &Weights,
+        dst: &mut [f32],
+    ) {
+        let m = row_scales.len();
+        assert!(
+            qx.len() >= m * w.k4 && dst.len() >= m * w.outputs,
+            "int8 product sizes"
+        );
+        let blocks = w.outputs.div_ceil(LANES);
+        assert!(
+            w.packed.len() >= blocks * LANES * w.k4,
+            "packed weight size"
+        );
         let mut b = 0;
         while b < blocks {
             let pair = blocks - b >= 2;
@@ -285,16 +307,16 @@ mod vnni {
             while r < m {
                 let rows = (m - r).min(ROW_TILE);
                 match (rows, pair) {
-                    (ROW_TILE, true) => tile::<ROW_TILE, 2>(qx, r, k4, packed, b, acc, width),
-                    (ROW_TILE, false) => tile::<ROW_TILE, 1>(qx, r, k4, packed, b, acc, width),
+                    (ROW_TILE, true) => tile::<ROW_TILE, 2>(qx, row_scales, w, r, b, dst),
+                    (ROW_TILE, false) => tile::<ROW_TILE, 1>(qx, row_scales, w, r, b, dst),
                     (_, true) => {
                         for rr in r..r + rows {
-                            tile::<1, 2>(qx, rr, k4, packed, b, acc, width)
+                            tile::<1, 2>(qx, row_scales, w, rr, b, dst)
                         }
                     }
                     (_, false) => {
                         for rr in r..r + rows {
-                            tile::<1, 1>(qx, rr, k4, packed, b, acc, width)
+                            tile::<1, 1>(qx, row_scales, w, rr, b, dst)
                         }
                     }
                 }
@@ -304,27 +326,25 @@ mod vnni {
         }
     }
 
-    /// Rows `r..r + R` × blocks `b..b + B`.
+    /// Rows `r..r + R` × blocks `b..b + B`: the i32 sums in registers, then into `dst`.
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
     #[inline]
     unsafe fn tile<const R: usize, const B: usize>(
         qx: &[u8],
+        row_scales: &[f32],
+        w: &Weights,
         r: usize,
-        k4: usize,
-        packed: &[i8],
         b: usize,
-        acc: &mut [i32],
-        width: usize,
+        dst: &mut [f32],
     ) {
-        debug_assert!((r + R) * k4 <= qx.len());
-        debug_assert!((b + B) * LANES * k4 <= packed.len());
+        let k4 = w.k4;
         let mut sums = [[_mm512_setzero_si512(); B]; R];
         let a = qx.as_ptr().add(r * k4);
-        let w = packed.as_ptr().add(b * LANES * k4);
+        let packed = w.packed.as_ptr().add(b * LANES * k4);
         for g in 0..k4 / 4 {
             let mut ws = [_mm512_setzero_si512(); B];
             for (j, wj) in ws.iter_mut().enumerate() {
-                *wj = _mm512_loadu_si512(w.add(j * LANES * k4 + g * LANES * 4) as *const _);
+                *wj = _mm512_loadu_si512(packed.add(j * LANES * k4 + g * LANES * 4) as *const _);
             }
             for (i, row) in sums.iter_mut().enumerate() {
                 let four = (a.add(i * k4 + g * 4) as *const i32).read_unaligned();
@@ -334,10 +354,37 @@ mod vnni {
                 }
             }
         }
-        for (i, row) in sums.iter().enumerate() {
-            for (j, s) in row.iter().enumerate() {
-                let out = acc.as_mut_ptr().add((r + i) * width + (b + j) * LANES);
-                _mm512_storeu_si512(out as *mut _, *s);
+        let n = w.outputs;
+        for j in 0..B {
+            let first = (b + j) * LANES;
+            // The last block may hold fewer than 16 outputs: only those lanes are read and
+            // written.
+            let mask: __mmask16 = if first + LANES <= n {
+                !0
+            } else {
+                (1u16 << (n - first)) - 1
+            };
+            let zero_point_sums =
+                _mm512_maskz_loadu_epi32(mask, w.zero_point_sums.as_ptr().add(first) as *const _);
+            let scales = _mm512_maskz_loadu_ps(mask, w.scales.as_ptr().add(first));
+            let bias = match w.base {
+                Base::Dst => _mm512_setzero_ps(),
+                Base::Bias(b) | Base::DstPlusBias(b) => {
+                    _mm512_maskz_loadu_ps(mask, b.as_ptr().add(first))
+                }
+            };
+            for (i, row) in sums.iter().enumerate() {
+                let exact = _mm512_sub_epi32(row[j], zero_point_sums);
+                let s = _mm512_mul_ps(_mm512_set1_ps(row_scales[r + i]), scales);
+                let add = _mm512_mul_ps(_mm512_cvtepi32_ps(exact), s);
+                let o = dst.as_mut_ptr().add((r + i) * n + first);
+                // The base as the portable path forms it, then the product on top.
+                let base = match w.base {
+                    Base::Dst => _mm512_maskz_loadu_ps(mask, o),
+                    Base::Bias(_) => bias,
+                    Base::DstPlusBias(_) => _mm512_add_ps(_mm512_maskz_loadu_ps(mask, o), bias),
+                };
+                _mm512_mask_storeu_ps(o, mask, _mm512_add_ps(base, add));
             }
         }
     }
@@ -425,6 +472,50 @@ mod tests {
             let mut single = vec![0f32; m * n];
             one.install(|| q.accumulate(&x, &mut single, Kernel::detect()));
             assert_eq!(single, portable, "{m}×{k}×{n}, one thread");
+        }
+    }
+
+    #[test]
+    fn every_base_gives_the_portable_bytes() {
+        for (i, &(m, k, n)) in SHAPES.iter().enumerate() {
+            let x = random(m * k, 17 + i as u64);
+            let w = random(n * k, 170 + i as u64);
+            let bias = random(n, 1700 + i as u64);
+            let start = random(m * n, 17000 + i as u64);
+            let q = QuantizedWeight::new(&w, n, k);
+            let mut plain = start.clone();
+            q.accumulate(&x, &mut plain, Kernel::Portable);
+            for (base, want) in [
+                // Bias: dst's contents are not read; the row is the bias plus the product.
+                (Base::Bias(&bias), {
+                    let mut zero = vec![0f32; m * n];
+                    q.accumulate(&x, &mut zero, Kernel::Portable);
+                    let mut with_bias: Vec<f32> = vec![0f32; m * n];
+                    for ((o, p), b) in with_bias.iter_mut().zip(&zero).zip(bias.iter().cycle()) {
+                        // The product's f32 on top of the bias, as the kernels add it.
+                        *o = b + p;
+                    }
+                    with_bias
+                }),
+                (Base::DstPlusBias(&bias), {
+                    let mut summed = start.clone();
+                    summed
+                        .iter_mut()
+                        .zip(bias.iter().cycle())
+                        .for_each(|(o, b)| *o += b);
+                    let mut out = summed;
+                    q.accumulate(&x, &mut out, Kernel::Portable);
+                    out
+                }),
+                (Base::Dst, plain.clone()),
+            ] {
+                for kernel in [Kernel::Portable, Kernel::detect()] {
+                    let mut got = start.clone();
+                    q.product(&x, &mut got, base, kernel);
+                    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(bits(&got), bits(&want), "{m}×{k}×{n}, {base:?}, {kernel:?}");
+                }
+            }
         }
     }
 

@@ -54,6 +54,7 @@ pub fn portable_kernels_forced() -> bool {
     *FORCED.get_or_init(|| std::env::var(KERNELS_ENV).is_ok_and(|v| v.trim() == "portable"))
 }
 
+mod attention;
 pub mod backprop;
 pub mod bf16;
 pub mod classifier;

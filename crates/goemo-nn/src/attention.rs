@@ -1,0 +1,477 @@
+//! Attention for scoring: each row of a packed batch over its own tokens, head by head.
+//!
+//! Two summation orders, each defined by a scalar function here that is the reference:
+//! - [`ScoreOrder::DotLanes`] ([`attend_row`]): each score a [`dot`] (eight lanes, then their
+//!   sum), the f32 encoder's order, whose bytes pipeline.lock records;
+//! - [`ScoreOrder::ByKeys`] ([`attend_row_by_keys`]): each score a running sum over the head's
+//!   features, the int8 encoder's order.
+//!
+//! The AVX-512 kernel does the same float operations in the same order on 16 keys at a time,
+//! so both give the same bytes (a test checks it); it is faster because the keys are laid out
+//! transposed once per row and every sum stays in a register (the scalar loops kept the scores
+//! in memory: attention was a fifth of an int8 inference profile). It multiplies and adds in
+//! two instructions, never one fused multiply-add, because the scalar order rounds twice.
+
+use std::cell::RefCell;
+
+use crate::infer::{dot, exp_approx, lane_sum};
+
+/// The order in which a query's scores against the keys are summed (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ScoreOrder {
+    DotLanes,
+    ByKeys,
+}
+
+/// One row's attention: `len` tokens from token `s` of `qkv` (per token: query, key, value,
+/// `h` each; the query already scaled by 1/√d_head), the heads' outputs written into `out`
+/// (one token × h for the `[CLS]` query alone, or `len` tokens × h), whatever it held.
+pub(crate) fn attend(
+    order: ScoreOrder,
+    qkv: &[f32],
+    (h, heads): (usize, usize),
+    (s, len): (usize, usize),
+    out: &mut [f32],
+) {
+    assert!(len > 0 && (s + len) * 3 * h <= qkv.len(), "attention row");
+    assert!(out.len() == h || out.len() == len * h, "attention output");
+    #[cfg(target_arch = "x86_64")]
+    if avx512::usable(h / heads) {
+        // SAFETY: `usable` checked the CPU's features and the head width; the asserts above
+        // the slices' sizes.
+        return unsafe { avx512::attend(order, qkv, (h, heads), (s, len), out) };
+    }
+    // The references add into `out`, from zero.
+    out.fill(0.0);
+    match order {
+        ScoreOrder::DotLanes => attend_row_wide(qkv, h, heads, s, len, out),
+        ScoreOrder::ByKeys => attend_row_by_keys_wide(qkv, h, heads, s, len, out),
+    }
+}
+
+wide_fn!(fn attend_row_wide(qkv: &[f32], h: usize, heads: usize, s: usize, len: usize, out: &mut [f32]) => attend_row);
+wide_fn!(fn attend_row_by_keys_wide(qkv: &[f32], h: usize, heads: usize, s: usize, len: usize, out: &mut [f32]) => attend_row_by_keys);
+
+/// The reference of [`ScoreOrder::DotLanes`].
+#[inline(always)]
+fn attend_row(qkv: &[f32], h: usize, heads: usize, s: usize, len: usize, out: &mut [f32]) {
+    let dh = h / heads;
+    let token = |t: usize| &qkv[(s + t) * 3 * h..][..3 * h];
+    let mut probs = vec![0f32; len];
+    for (qt, out_t) in out.chunks_mut(h).enumerate() {
+        for head in 0..heads {
+            let q = &token(qt)[head * dh..][..dh];
+            for (j, p) in probs.iter_mut().enumerate() {
+                *p = dot(q, &token(j)[h + head * dh..][..dh]);
+            }
+            softmax_and_values(
+                &mut probs,
+                |j| &token(j)[2 * h + head * dh..][..dh],
+                out_t,
+                head * dh,
+            );
+        }
+    }
+}
+
+/// The reference of [`ScoreOrder::ByKeys`]: each head's keys transposed and padded to a
+/// multiple of 16 tokens, a query's scores against all keys summed feature by feature.
+#[inline(always)]
+fn attend_row_by_keys(qkv: &[f32], h: usize, heads: usize, s: usize, len: usize, out: &mut [f32]) {
+    let dh = h / heads;
+    let lp = len.div_ceil(16) * 16;
+    let token = |t: usize| &qkv[(s + t) * 3 * h..][..3 * h];
+    let keys = transposed_keys(qkv, h, s, len, lp);
+    let mut probs = vec![0f32; lp];
+    for (qt, out_t) in out.chunks_mut(h).enumerate() {
+        let q = &token(qt)[..h];
+        for head in 0..heads {
+            probs.iter_mut().for_each(|p| *p = 0.0);
+            for d in 0..dh {
+                let c = head * dh + d;
+                let qc = q[c];
+                for (p, k) in probs.iter_mut().zip(&keys[c * lp..][..lp]) {
+                    *p += qc * k;
+                }
+            }
+            softmax_and_values(
+                &mut probs[..len],
+                |j| &token(j)[2 * h + head * dh..][..dh],
+                out_t,
+                head * dh,
+            );
+        }
+    }
+}
+
+/// keys[c][j]: feature c (head · dh + d) of key j, `lp` ≥ `len` keys per feature, the padding
+/// keys zero.
+fn transposed_keys(qkv: &[f32], h: usize, s: usize, len: usize, lp: usize) -> Vec<f32> {
+    let mut keys = vec![0f32; h * lp];
+    for j in 0..len {
+        let k = &qkv[(s + j) * 3 * h + h..][..h];
+        for (c, &k) in k.iter().enumerate() {
+            keys[c * lp + j] = k;
+        }
+    }
+    keys
+}
+
+/// Softmax of the scores `probs` (exp_approx of each minus their max, over their
+/// [`lane_sum`]), then each value weighted by its probability added into `out_t[at..at + dh]`.
+#[inline(always)]
+fn softmax_and_values<'v>(
+    probs: &mut [f32],
+    value: impl Fn(usize) -> &'v [f32],
+    out_t: &mut [f32],
+    at: usize,
+) {
+    let max = probs.iter().fold(f32::NEG_INFINITY, |m, &p| m.max(p));
+    probs.iter_mut().for_each(|p| *p = exp_approx(*p - max));
+    let inv_sum = 1.0 / lane_sum(probs);
+    for (j, p) in probs.iter().enumerate() {
+        let v = value(j);
+        let o = &mut out_t[at..][..v.len()];
+        let w = p * inv_sum;
+        o.iter_mut().zip(v).for_each(|(o, v)| *o += w * v);
+    }
+}
+
+thread_local! {
+    /// The AVX-512 kernel's transposed keys and scores, kept per thread between rows.
+    static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    use super::{lane_sum, ScoreOrder, SCRATCH};
+
+    /// Head widths the kernel handles: 16, 32, 48 or 64 features (one to four registers).
+    const MAX_HEAD_REGS: usize = 4;
+
+    /// Whether this CPU and head width can take the kernel (not under `GOEMO_KERNELS=portable`,
+    /// which runs the scalar references: same bytes, slower).
+    pub(super) fn usable(dh: usize) -> bool {
+        dh.is_multiple_of(16)
+            && dh / 16 <= MAX_HEAD_REGS
+            && !crate::portable_kernels_forced()
+            && is_x86_feature_detected!("avx512f")
+    }
+
+    /// See [`super::attend`]. Caller: the CPU has avx512f, `dh` is a multiple of 16 up to 64,
+    /// `qkv` holds tokens `s..s + len` and `out` one or `len` tokens × h.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn attend(
+        order: ScoreOrder,
+        qkv: &[f32],
+        (h, heads): (usize, usize),
+        (s, len): (usize, usize),
+        out: &mut [f32],
+    ) {
+        let dh = h / heads;
+        let lp = len.div_ceil(16) * 16;
+        let mut scratch = SCRATCH.with(|c| c.take());
+        // Not cleared between rows: the padding keys' scores are computed and never read.
+        if scratch.len() < h * lp + lp {
+            scratch.resize(h * lp + lp, 0.0);
+        }
+        let (keys, probs) = scratch[..h * lp + lp].split_at_mut(h * lp);
+        transpose_keys(qkv, h, s, len, lp, keys);
+        let stride = 3 * h;
+        for (qt, out_t) in out.chunks_mut(h).enumerate() {
+            for head in 0..heads {
+                let q = qkv.as_ptr().add((s + qt) * stride + head * dh);
+                let keys = keys.as_ptr().add(head * dh * lp);
+                match order {
+                    ScoreOrder::ByKeys => scores_by_keys(q, keys, dh, lp, probs.as_mut_ptr()),
+                    ScoreOrder::DotLanes => scores_dot_lanes(q, keys, dh, lp, probs.as_mut_ptr()),
+                }
+                let inv_sum = softmax(&mut probs[..lp], len);
+                let v = qkv.as_ptr().add(s * stride + 2 * h + head * dh);
+                let o = out_t.as_mut_ptr().add(head * dh);
+                match dh / 16 {
+                    1 => values::<1>(probs, len, inv_sum, v, stride, o),
+                    2 => values::<2>(probs, len, inv_sum, v, stride, o),
+                    3 => values::<3>(probs, len, inv_sum, v, stride, o),
+                    _ => values::<4>(probs, len, inv_sum, v, stride, o),
+                }
+            }
+        }
+        SCRATCH.with(|c| c.replace(scratch));
+    }
+
+    /// keys[c·lp + j] = feature c of key j. Scalar on purpose: compiled for AVX-512, LLVM
+    /// turned this loop into scatters, a quarter of the kernel's time on these cores.
+    #[inline(never)]
+    fn transpose_keys(qkv: &[f32], h: usize, s: usize, len: usize, lp: usize, keys: &mut [f32]) {
+        for j in 0..len {
+            let k = &qkv[(s + j) * 3 * h + h..][..h];
+            for (c, &k) in k.iter().enumerate() {
+                keys[c * lp + j] = k;
+            }
+        }
+    }
+
+    /// scores[j] = Σ_d q[d]·keys[d][j], d in order from 0 (`attend_row_by_keys`'s sum), 16
+    /// keys a register, up to four registers a pass over the features.
+    #[inline(always)]
+    unsafe fn scores_by_keys(
+        q: *const f32,
+        keys: *const f32,
+        dh: usize,
+        lp: usize,
+        scores: *mut f32,
+    ) {
+        let blocks = lp / 16;
+        let mut b = 0;
+        while b < blocks {
+            match blocks - b {
+                1 => by_keys::<1>(q, keys, dh, lp, b, scores),
+                2 => by_keys::<2>(q, keys, dh, lp, b, scores),
+                3 => by_keys::<3>(q, keys, dh, lp, b, scores),
+                _ => by_keys::<4>(q, keys, dh, lp, b, scores),
+            }
+            b += (blocks - b).min(4);
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn by_keys<const G: usize>(
+        q: *const f32,
+        keys: *const f32,
+        dh: usize,
+        lp: usize,
+        b: usize,
+        scores: *mut f32,
+    ) {
+        let mut acc = [_mm512_setzero_ps(); G];
+        for d in 0..dh {
+            let qd = _mm512_set1_ps(*q.add(d));
+            let row = keys.add(d * lp + b * 16);
+            for (g, acc) in acc.iter_mut().enumerate() {
+                *acc = _mm512_add_ps(*acc, _mm512_mul_ps(qd, _mm512_loadu_ps(row.add(16 * g))));
+            }
+        }
+        for (g, acc) in acc.iter().enumerate() {
+            _mm512_storeu_ps(scores.add((b + g) * 16), *acc);
+        }
+    }
+
+    /// scores[j] = `dot(q, key j)` (infer::dot: lane i sums features i, i + 8, … in order from
+    /// 0; then the eight lanes in order; then the empty remainder, dh being a multiple of 16),
+    /// for 16 keys a register.
+    #[inline(always)]
+    unsafe fn scores_dot_lanes(
+        q: *const f32,
+        keys: *const f32,
+        dh: usize,
+        lp: usize,
+        scores: *mut f32,
+    ) {
+        let blocks = lp / 16;
+        let mut b = 0;
+        while b < blocks {
+            if blocks - b >= 2 {
+                dot_lanes::<2>(q, keys, dh, lp, b, scores);
+                b += 2;
+            } else {
+                dot_lanes::<1>(q, keys, dh, lp, b, scores);
+                b += 1;
+            }
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn dot_lanes<const G: usize>(
+        q: *const f32,
+        keys: *const f32,
+        dh: usize,
+        lp: usize,
+        b: usize,
+        scores: *mut f32,
+    ) {
+        let mut lanes = [[_mm512_setzero_ps(); 8]; G];
+        for chunk in 0..dh / 8 {
+            for lane in 0..8 {
+                let d = chunk * 8 + lane;
+                let qd = _mm512_set1_ps(*q.add(d));
+                let row = keys.add(d * lp + b * 16);
+                for (g, lanes) in lanes.iter_mut().enumerate() {
+                    lanes[lane] = _mm512_add_ps(
+                        lanes[lane],
+                        _mm512_mul_ps(qd, _mm512_loadu_ps(row.add(16 * g))),
+                    );
+                }
+            }
+        }
+        // `Iterator::sum` of an empty f32 iterator: what `dot` adds for the remainder.
+        let empty = _mm512_set1_ps(std::iter::empty::<f32>().sum());
+        for (g, lanes) in lanes.iter().enumerate() {
+            // `lanes.iter().sum()` starts from the same empty sum, then adds lane 0, 1, … 7.
+            let mut total = _mm512_add_ps(empty, lanes[0]);
+            for lane in &lanes[1..] {
+                total = _mm512_add_ps(total, *lane);
+            }
+            _mm512_storeu_ps(scores.add((b + g) * 16), _mm512_add_ps(total, empty));
+        }
+    }
+
+    /// `probs[..len]` = exp_approx(score − max), the rest of `probs` (padding) left as it is;
+    /// returns 1 / lane_sum of them, as `softmax_and_values` computes it.
+    #[inline(always)]
+    unsafe fn softmax(probs: &mut [f32], len: usize) -> f32 {
+        let mut maxv = _mm512_set1_ps(f32::NEG_INFINITY);
+        let full = len / 16 * 16;
+        for c in (0..full).step_by(16) {
+            maxv = _mm512_max_ps(maxv, _mm512_loadu_ps(probs.as_ptr().add(c)));
+        }
+        let max = probs[full..len]
+            .iter()
+            .fold(_mm512_reduce_max_ps(maxv), |m, &p| m.max(p));
+        let maxv = _mm512_set1_ps(max);
+        for c in (0..probs.len()).step_by(16) {
+            let p = probs.as_mut_ptr().add(c);
+            _mm512_storeu_ps(p, exp_approx(_mm512_sub_ps(_mm512_loadu_ps(p), maxv)));
+        }
+        1.0 / lane_sum(&probs[..len])
+    }
+
+    /// `infer::exp_approx`, 16 at a time: the same operations in the same order.
+    #[inline(always)]
+    unsafe fn exp_approx(x: __m512) -> __m512 {
+        const LOG2_E: f32 = std::f32::consts::LOG2_E;
+        const LN2_HI: f32 = 0.693_359_4;
+        const LN2_LO: f32 = -2.121_944_4e-4;
+        const ROUND: f32 = 12_582_912.0;
+        let set = _mm512_set1_ps;
+        let x = _mm512_min_ps(_mm512_max_ps(x, set(-87.0)), set(88.0));
+        let n = _mm512_sub_ps(
+            _mm512_add_ps(_mm512_mul_ps(x, set(LOG2_E)), set(ROUND)),
+            set(ROUND),
+        );
+        let r = _mm512_sub_ps(
+            _mm512_sub_ps(x, _mm512_mul_ps(n, set(LN2_HI))),
+            _mm512_mul_ps(n, set(LN2_LO)),
+        );
+        // 1 + r(1 + r(1/2 + r(1/6 + r(1/24 + r(1/120 + r/720))))), innermost first.
+        let mut p = _mm512_mul_ps(r, set(1.0 / 720.0));
+        for c in [1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 1.0 / 2.0, 1.0] {
+            p = _mm512_mul_ps(r, _mm512_add_ps(set(c), p));
+        }
+        let p = _mm512_add_ps(set(1.0), p);
+        let exponent = _mm512_slli_epi32::<23>(_mm512_add_epi32(
+            _mm512_cvttps_epi32(n),
+            _mm512_set1_epi32(127),
+        ));
+        _mm512_mul_ps(p, _mm512_castsi512_ps(exponent))
+    }
+
+    /// out[..16·T] = Σ_j (probs[j]·inv_sum)·value_j, j in order from zero (value_j at
+    /// `v + j·stride`), as the references sum into a zeroed `out`.
+    #[inline(always)]
+    unsafe fn values<const T: usize>(
+        probs: &[f32],
+        len: usize,
+        inv_sum: f32,
+        v: *const f32,
+        stride: usize,
+        out: *mut f32,
+    ) {
+        let mut acc = [_mm512_setzero_ps(); T];
+        for (j, &p) in probs[..len].iter().enumerate() {
+            let w = _mm512_set1_ps(p * inv_sum);
+            let vj = v.add(j * stride);
+            for (t, acc) in acc.iter_mut().enumerate() {
+                *acc = _mm512_add_ps(*acc, _mm512_mul_ps(w, _mm512_loadu_ps(vj.add(16 * t))));
+            }
+        }
+        for (t, acc) in acc.iter().enumerate() {
+            _mm512_storeu_ps(out.add(16 * t), *acc);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn random(n: usize, seed: u64) -> Vec<f32> {
+        let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..n)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 6.0
+            })
+            .collect()
+    }
+
+    /// Every row length around the 16-key blocks, both orders, [CLS] alone or every query:
+    /// the kernel this CPU picks gives the scalar reference's bytes.
+    #[test]
+    fn the_fast_kernel_gives_the_references_bytes() {
+        for (h, heads) in [(64, 2), (64, 4), (128, 2), (96, 2), (24, 3)] {
+            for len in [1, 2, 15, 16, 17, 31, 33, 64, 65, 70] {
+                let s = 3;
+                let qkv = random((s + len + 2) * 3 * h, (h * 1000 + len) as u64);
+                for order in [ScoreOrder::DotLanes, ScoreOrder::ByKeys] {
+                    for queries in [1, len] {
+                        // Whatever `out` held is overwritten.
+                        let mut fast = vec![f32::NAN; queries * h];
+                        attend(order, &qkv, (h, heads), (s, len), &mut fast);
+                        let mut reference = vec![0f32; queries * h];
+                        match order {
+                            ScoreOrder::DotLanes => {
+                                attend_row(&qkv, h, heads, s, len, &mut reference)
+                            }
+                            ScoreOrder::ByKeys => {
+                                attend_row_by_keys(&qkv, h, heads, s, len, &mut reference)
+                            }
+                        }
+                        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                        assert_eq!(
+                            bits(&fast),
+                            bits(&reference),
+                            "h {h}, heads {heads}, len {len}, {order:?}, {queries} queries"
+                        );
+                        assert!(fast.iter().all(|x| x.is_finite()));
+                    }
+                }
+            }
+        }
+    }
+
+    /// The kernel is the one that ran above on a CPU with AVX-512 (else the test compared the
+    /// reference with itself, which says nothing).
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn avx512_cpus_run_the_kernel() {
+        if is_x86_feature_detected!("avx512f") && !crate::portable_kernels_forced() {
+            assert!(avx512::usable(32) && avx512::usable(64) && !avx512::usable(8));
+        }
+    }
+
+    /// Each head's output is a convex combination of that head's values: with every value of
+    /// head 0 equal to 1 and of head 1 equal to −2, the outputs are those numbers.
+    #[test]
+    fn outputs_are_averages_of_the_values() {
+        let (h, heads, len) = (64, 2, 20);
+        let mut qkv = random(len * 3 * h, 7);
+        for t in 0..len {
+            let v = &mut qkv[t * 3 * h + 2 * h..][..h];
+            v[..32].fill(1.0);
+            v[32..].fill(-2.0);
+        }
+        for order in [ScoreOrder::DotLanes, ScoreOrder::ByKeys] {
+            let mut out = vec![0f32; len * h];
+            attend(order, &qkv, (h, heads), (0, len), &mut out);
+            for t in out.chunks(h) {
+                assert!(t[..32].iter().all(|&x| (x - 1.0).abs() < 1e-5), "{order:?}");
+                assert!(t[32..].iter().all(|&x| (x + 2.0).abs() < 1e-5), "{order:?}");
+            }
+        }
+    }
+}
