@@ -275,18 +275,25 @@ impl Norm {
     /// LayerNorm of every row of `x`, in place.
     fn apply(&self, x: &mut [f32]) {
         let h = self.weight.len();
-        x.par_chunks_mut(h).for_each(|row| {
-            normalise(row, self.eps);
-            for ((v, w), b) in row.iter_mut().zip(&self.weight).zip(&self.bias) {
-                *v = *v * w + b;
-            }
-        });
+        x.par_chunks_mut(h)
+            .for_each(|row| norm_row_wide(row, &self.weight, &self.bias, self.eps));
+    }
+}
+
+wide_fn!(fn norm_row_wide(row: &mut [f32], weight: &[f32], bias: &[f32], eps: f32) => norm_row);
+
+#[inline(always)]
+fn norm_row(row: &mut [f32], weight: &[f32], bias: &[f32], eps: f32) {
+    normalise(row, eps);
+    for ((v, w), b) in row.iter_mut().zip(weight).zip(bias) {
+        *v = *v * w + b;
     }
 }
 
 /// A row normalised in place to x̂ = (x − mean)/σ, σ = √(var + eps); returns 1/σ. LayerNorm's
 /// formula (`model::layer_norm`'s, in a fixed summation order) for the packed encoder and the
 /// packed trainer alike; the scale and shift follow.
+#[inline(always)]
 pub(crate) fn normalise(row: &mut [f32], eps: f32) -> f32 {
     let h = row.len();
     let mean = lane_sum(row) / h as f32;
@@ -399,8 +406,60 @@ impl PackedEncoder {
 
     /// Logits (rows × labels, row-major) for token-id rows of any lengths.
     pub fn logits(&self, rows: &[&[u32]]) -> anyhow::Result<Vec<f32>> {
-        let h = self.hidden;
         check_rows(rows, self.max_positions, self.vocab)?;
+        let h = self.hidden;
+        let x = match self.precision {
+            Precision::Int8 => self.encode_in_groups(rows),
+            // gemm picks its kernel (and so its summation order) by the product's shape, and a
+            // group's rows would be a new shape: f32 keeps the whole batch together.
+            Precision::F32 => self.encode(rows),
+        };
+        let mut pooled = Vec::new();
+        self.pool.apply(&x, &mut pooled);
+        pooled
+            .iter_mut()
+            .for_each(|v| *v = self.arch.pool_activation(*v));
+        let mut logits = Vec::new();
+        self.classifier.apply(&pooled, &mut logits);
+        debug_assert_eq!(x.len(), rows.len() * h);
+        Ok(logits)
+    }
+
+    /// [`PackedEncoder::encode`] with the rows split into one group per thread, about equal in
+    /// tokens, each carried through every layer as a task of its own: a batch then waits for
+    /// its threads once, not at the end of each layer's every step (where the uneven last
+    /// pieces of work left a core idle). The layers' own loops still split their work, so a
+    /// thread that finishes early takes over part of another's. Only for int8, whose layers
+    /// compute each row by the same operations whatever else is in the batch (per-row
+    /// quantization, exact integer sums, per-row attention and LayerNorm), so the bytes do not
+    /// change.
+    fn encode_in_groups(&self, rows: &[&[u32]]) -> Vec<f32> {
+        let groups = rayon::current_num_threads().min(rows.len()).max(1);
+        if groups == 1 {
+            return self.encode(rows);
+        }
+        let tokens: usize = rows.iter().map(|r| r.len()).sum();
+        let mut bounds = vec![0];
+        let mut seen = 0;
+        for (i, r) in rows.iter().enumerate() {
+            seen += r.len();
+            if seen * groups >= tokens * bounds.len() && bounds.len() < groups {
+                bounds.push(i + 1);
+            }
+        }
+        bounds.push(rows.len());
+        bounds.dedup();
+        let parts: Vec<Vec<f32>> = bounds
+            .par_windows(2)
+            .map(|w| self.encode(&rows[w[0]..w[1]]))
+            .collect();
+        parts.concat()
+    }
+
+    /// What the head reads for each row (rows × hidden): the last layer's `[CLS]` token or the
+    /// mean of its tokens.
+    fn encode(&self, rows: &[&[u32]]) -> Vec<f32> {
+        let h = self.hidden;
         // Row r's tokens are rows start[r]..start[r + 1] of every activation matrix.
         let mut start = Vec::with_capacity(rows.len() + 1);
         start.push(0usize);
@@ -438,14 +497,7 @@ impl PackedEncoder {
         if self.pooling == Pooling::Mean || self.layers.is_empty() {
             x = pool_rows(&x, &start, h, self.pooling);
         }
-        let mut pooled = Vec::new();
-        self.pool.apply(&x, &mut pooled);
-        pooled
-            .iter_mut()
-            .for_each(|v| *v = self.arch.pool_activation(*v));
-        let mut logits = Vec::new();
-        self.classifier.apply(&pooled, &mut logits);
-        Ok(logits)
+        x
     }
 
     /// Sigmoid scores (rows × labels, row-major).
@@ -905,6 +957,31 @@ mod tests {
             let alone = int8_enc.logits(&seqs[4..5]).unwrap();
             let diff = max_abs_diff(&alone, &got[4 * 28..5 * 28]);
             assert!(diff < 1e-5, "{arch:?}: alone vs in the batch {diff}");
+        }
+    }
+
+    /// Int8 scoring splits a batch into one group of rows per thread: the logits' bytes are
+    /// those of one thread, whatever the thread count (a group of one row included); f32's
+    /// too (it keeps the batch whole).
+    #[test]
+    fn logits_do_not_depend_on_the_thread_count() {
+        let cases = [Arch::Bert, Arch::DistilBert]
+            .into_iter()
+            .flat_map(|arch| [(arch, Precision::F32), (arch, Precision::Int8)]);
+        for (seed, (arch, precision)) in cases.enumerate() {
+            let cfg = EncoderConfig::from_json(tiny_config(arch, 0.0)).unwrap();
+            let params = Params::init(&cfg, 28, 20 + seed as u64, &Device::Cpu).unwrap();
+            let enc = PackedEncoder::with_precision(&cfg, &params.detached(), precision).unwrap();
+            let rows = random_token_rows(9, 40, 50 + seed as u64);
+            let seqs: Vec<&[u32]> = rows.iter().map(Vec::as_slice).collect();
+            let bits = |v: Vec<f32>| v.into_iter().map(f32::to_bits).collect::<Vec<_>>();
+            let mut one = Vec::new();
+            on_threads(1, || one = bits(enc.logits(&seqs).unwrap()));
+            for threads in [2, 3, 4, 9, 12] {
+                let mut many = Vec::new();
+                on_threads(threads, || many = bits(enc.logits(&seqs).unwrap()));
+                assert_eq!(many, one, "{arch:?} {precision:?} on {threads} threads");
+            }
         }
     }
 
