@@ -202,14 +202,62 @@ mod avx512 {
         SCRATCH.with(|c| c.replace(scratch));
     }
 
-    /// keys[c·lp + j] = feature c of key j. Scalar on purpose: compiled for AVX-512, LLVM
-    /// turned this loop into scatters, a quarter of the kernel's time on these cores.
-    #[inline(never)]
-    fn transpose_keys(qkv: &[f32], h: usize, s: usize, len: usize, lp: usize, keys: &mut [f32]) {
-        for j in 0..len {
-            let k = &qkv[(s + j) * 3 * h + h..][..h];
-            for (c, &k) in k.iter().enumerate() {
-                keys[c * lp + j] = k;
+    /// keys[c·lp + j] = feature c of key j: 8 keys × 8 features at a time transposed in
+    /// registers (LLVM had turned the plain loop into scatters, a quarter of the kernel's time
+    /// on these cores); a last block of fewer than 8 keys is padded with zeros. `h` is a
+    /// multiple of 16, `lp` of 16 and at least `len`.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn transpose_keys(
+        qkv: &[f32],
+        h: usize,
+        s: usize,
+        len: usize,
+        lp: usize,
+        keys: &mut [f32],
+    ) {
+        debug_assert!(
+            h.is_multiple_of(8)
+                && lp >= len.div_ceil(8) * 8
+                && keys.len() >= h * lp
+                && (s + len) * 3 * h <= qkv.len()
+        );
+        let key = |j: usize| qkv.as_ptr().add((s + j) * 3 * h + h);
+        let out = keys.as_mut_ptr();
+        for j0 in (0..len).step_by(8) {
+            for c0 in (0..h).step_by(8) {
+                let r: [__m256; 8] = std::array::from_fn(|a| {
+                    if j0 + a < len {
+                        _mm256_loadu_ps(key(j0 + a).add(c0))
+                    } else {
+                        _mm256_setzero_ps()
+                    }
+                });
+                let t: [__m256; 8] = [
+                    _mm256_unpacklo_ps(r[0], r[1]),
+                    _mm256_unpackhi_ps(r[0], r[1]),
+                    _mm256_unpacklo_ps(r[2], r[3]),
+                    _mm256_unpackhi_ps(r[2], r[3]),
+                    _mm256_unpacklo_ps(r[4], r[5]),
+                    _mm256_unpackhi_ps(r[4], r[5]),
+                    _mm256_unpacklo_ps(r[6], r[7]),
+                    _mm256_unpackhi_ps(r[6], r[7]),
+                ];
+                let u: [__m256; 8] = [
+                    _mm256_shuffle_ps::<0x44>(t[0], t[2]),
+                    _mm256_shuffle_ps::<0xEE>(t[0], t[2]),
+                    _mm256_shuffle_ps::<0x44>(t[1], t[3]),
+                    _mm256_shuffle_ps::<0xEE>(t[1], t[3]),
+                    _mm256_shuffle_ps::<0x44>(t[4], t[6]),
+                    _mm256_shuffle_ps::<0xEE>(t[4], t[6]),
+                    _mm256_shuffle_ps::<0x44>(t[5], t[7]),
+                    _mm256_shuffle_ps::<0xEE>(t[5], t[7]),
+                ];
+                for b in 0..4 {
+                    let low = _mm256_permute2f128_ps::<0x20>(u[b], u[b + 4]);
+                    let high = _mm256_permute2f128_ps::<0x31>(u[b], u[b + 4]);
+                    _mm256_storeu_ps(out.add((c0 + b) * lp + j0), low);
+                    _mm256_storeu_ps(out.add((c0 + b + 4) * lp + j0), high);
+                }
             }
         }
     }
