@@ -305,20 +305,21 @@ mod vnni {
             let pair = blocks - b >= 2;
             let mut r = 0;
             while r < m {
-                let rows = (m - r).min(ROW_TILE);
+                // Rows in tiles of 8, then 4, 2, 1 (a one-row tile loads as much as it
+                // multiplies).
+                let rows = [ROW_TILE, 4, 2, 1]
+                    .into_iter()
+                    .find(|&t| m - r >= t)
+                    .unwrap_or(1);
                 match (rows, pair) {
                     (ROW_TILE, true) => tile::<ROW_TILE, 2>(qx, row_scales, w, r, b, dst),
                     (ROW_TILE, false) => tile::<ROW_TILE, 1>(qx, row_scales, w, r, b, dst),
-                    (_, true) => {
-                        for rr in r..r + rows {
-                            tile::<1, 2>(qx, row_scales, w, rr, b, dst)
-                        }
-                    }
-                    (_, false) => {
-                        for rr in r..r + rows {
-                            tile::<1, 1>(qx, row_scales, w, rr, b, dst)
-                        }
-                    }
+                    (4, true) => tile::<4, 2>(qx, row_scales, w, r, b, dst),
+                    (4, false) => tile::<4, 1>(qx, row_scales, w, r, b, dst),
+                    (2, true) => tile::<2, 2>(qx, row_scales, w, r, b, dst),
+                    (2, false) => tile::<2, 1>(qx, row_scales, w, r, b, dst),
+                    (_, true) => tile::<1, 2>(qx, row_scales, w, r, b, dst),
+                    (_, false) => tile::<1, 1>(qx, row_scales, w, r, b, dst),
                 }
                 r += rows;
             }
