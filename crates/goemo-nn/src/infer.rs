@@ -21,7 +21,7 @@ use rayon::prelude::*;
 
 use crate::attention::{attend, ScoreOrder};
 use crate::config::{Activation, Arch, EncoderConfig, Pooling};
-use crate::int8::{Base, Kernel, QuantizedWeight};
+use crate::int8::{quantize_row_into, Base, Kernel, QuantizedRows, QuantizedWeight};
 use crate::params;
 
 /// The arithmetic of the encoder's matrix products when scoring.
@@ -213,28 +213,38 @@ impl Dense {
     }
 
     /// `out` = `x` · weightᵀ + bias, for `x` of `rows` × inputs.
-    fn apply(&self, x: &[f32], out: &mut Vec<f32>) {
-        let rows = x.len() / self.inputs;
+    fn apply(&self, x: Rows, out: &mut Vec<f32>) {
         // Not cleared: every element is written below (a buffer reused across layers would
         // otherwise be zeroed on one thread first).
-        out.resize(rows * self.outputs, 0.0);
-        if let Some((q, kernel)) = &self.int8 {
-            return q.product(x, out, Base::Bias(&self.bias), *kernel);
+        out.resize(x.rows(self.inputs) * self.outputs, 0.0);
+        if self.int8.is_none() {
+            out.par_chunks_mut(self.outputs)
+                .for_each(|row| row.copy_from_slice(&self.bias));
         }
-        out.par_chunks_mut(self.outputs)
-            .for_each(|row| row.copy_from_slice(&self.bias));
-        self.accumulate(x, out);
+        self.product(x, out, Base::Bias(&self.bias));
     }
 
     /// `acc` += bias, then += `x` · weightᵀ: the residual connection, with no extra pass for
     /// the sum.
-    fn add_to(&self, x: &[f32], acc: &mut [f32]) {
-        if let Some((q, kernel)) = &self.int8 {
-            return q.product(x, acc, Base::DstPlusBias(&self.bias), *kernel);
+    fn add_to(&self, x: Rows, acc: &mut [f32]) {
+        if self.int8.is_none() {
+            acc.par_chunks_mut(self.outputs)
+                .for_each(|row| row.iter_mut().zip(&self.bias).for_each(|(a, b)| *a += b));
         }
-        acc.par_chunks_mut(self.outputs)
-            .for_each(|row| row.iter_mut().zip(&self.bias).for_each(|(a, b)| *a += b));
-        self.accumulate(x, acc);
+        self.product(x, acc, Base::DstPlusBias(&self.bias));
+    }
+
+    /// `dst` = `base` + `x` · weightᵀ in int8; in f32, `dst` += `x` · weightᵀ (the caller
+    /// has put the base in `dst`: gemm adds onto it).
+    fn product(&self, x: Rows, dst: &mut [f32], base: Base) {
+        match (&self.int8, x) {
+            (Some((q, kernel)), Rows::F32(x)) => q.product(x, dst, base, *kernel),
+            (Some((q, kernel)), Rows::Quantized(x)) => {
+                q.product_of_quantized(x, dst, base, *kernel)
+            }
+            (None, Rows::F32(x)) => self.accumulate(x, dst),
+            (None, Rows::Quantized(_)) => unreachable!("quantized rows for an f32 layer"),
+        }
     }
 
     /// `dst` += `x` · weightᵀ.
@@ -257,6 +267,30 @@ impl Dense {
     }
 }
 
+/// A layer's input: f32 rows, or rows already quantized for an int8 layer.
+#[derive(Clone, Copy)]
+enum Rows<'a> {
+    F32(&'a [f32]),
+    Quantized(&'a QuantizedRows),
+}
+
+impl<'a> Rows<'a> {
+    /// The quantized rows when scoring in int8, else the f32 ones.
+    fn of(int8: Option<Kernel>, x: &'a [f32], quantized: &'a QuantizedRows) -> Rows<'a> {
+        match int8 {
+            Some(_) => Rows::Quantized(quantized),
+            None => Rows::F32(x),
+        }
+    }
+
+    fn rows(&self, width: usize) -> usize {
+        match self {
+            Rows::F32(x) => x.len() / width,
+            Rows::Quantized(q) => q.rows(),
+        }
+    }
+}
+
 struct Norm {
     weight: Vec<f32>,
     bias: Vec<f32>,
@@ -272,11 +306,24 @@ impl Norm {
         })
     }
 
-    /// LayerNorm of every row of `x`, in place.
-    fn apply(&self, x: &mut [f32]) {
+    /// LayerNorm of every row of `x`, in place; with `quantized`, each row also quantized for
+    /// an int8 layer while it is in cache.
+    fn apply(&self, x: &mut [f32], quantized: Option<(&mut QuantizedRows, Kernel)>) {
         let h = self.weight.len();
-        x.par_chunks_mut(h)
-            .for_each(|row| norm_row_wide(row, &self.weight, &self.bias, self.eps));
+        let norm = |row: &mut [f32]| norm_row_wide(row, &self.weight, &self.bias, self.eps);
+        match quantized {
+            None => x.par_chunks_mut(h).for_each(norm),
+            Some((q, kernel)) => {
+                let (slots, scales) = q.slots(x.len() / h, h);
+                x.par_chunks_mut(h)
+                    .zip(slots)
+                    .zip(scales)
+                    .for_each(|((row, out), scale)| {
+                        norm(row);
+                        *scale = quantize_row_into(row, out, kernel);
+                    });
+            }
+        }
     }
 }
 
@@ -415,12 +462,12 @@ impl PackedEncoder {
             Precision::F32 => self.encode(rows),
         };
         let mut pooled = Vec::new();
-        self.pool.apply(&x, &mut pooled);
+        self.pool.apply(Rows::F32(&x), &mut pooled);
         pooled
             .iter_mut()
             .for_each(|v| *v = self.arch.pool_activation(*v));
         let mut logits = Vec::new();
-        self.classifier.apply(&pooled, &mut logits);
+        self.classifier.apply(Rows::F32(&pooled), &mut logits);
         debug_assert_eq!(x.len(), rows.len() * h);
         Ok(logits)
     }
@@ -474,12 +521,17 @@ impl PackedEncoder {
             self.token_type.as_deref(),
             h,
         );
-        self.embed_norm.apply(&mut x);
+        // In int8, the rows an int8 layer reads next are quantized by the pass that wrote them
+        // (LayerNorm, the activation) while they are in cache: `qx` for the hidden states,
+        // `qmid` for the feed-forward's middle. The same bytes as quantizing in the product.
+        let int8 = (self.precision == Precision::Int8).then(Kernel::detect);
+        let (mut qx, mut qmid) = (QuantizedRows::default(), QuantizedRows::default());
+        self.embed_norm.apply(&mut x, int8.map(|k| (&mut qx, k)));
 
         let (mut qkv, mut ctx, mut mid) = (Vec::new(), Vec::new(), Vec::new());
         let last = self.layers.len().saturating_sub(1);
         for (l, layer) in self.layers.iter().enumerate() {
-            layer.qkv.apply(&x, &mut qkv);
+            layer.qkv.apply(Rows::of(int8, &x, &qx), &mut qkv);
             // With [CLS] pooling the head reads one token per row: past the last attention,
             // carry only those.
             let cls_only = l == last && self.pooling == Pooling::Cls;
@@ -487,12 +539,19 @@ impl PackedEncoder {
             if cls_only {
                 x = first_tokens(&x, &start, h);
             }
-            layer.attn_out.add_to(&ctx, &mut x);
-            layer.attn_norm.apply(&mut x);
-            layer.ffn_in.apply(&x, &mut mid);
-            activate(&mut mid, self.activation);
-            layer.ffn_out.add_to(&mid, &mut x);
-            layer.ffn_norm.apply(&mut x);
+            layer.attn_out.add_to(Rows::F32(&ctx), &mut x);
+            layer.attn_norm.apply(&mut x, int8.map(|k| (&mut qx, k)));
+            layer.ffn_in.apply(Rows::of(int8, &x, &qx), &mut mid);
+            activate_rows(
+                &mut mid,
+                layer.ffn_in.outputs,
+                self.activation,
+                int8.map(|k| (&mut qmid, k)),
+            );
+            layer.ffn_out.add_to(Rows::of(int8, &mid, &qmid), &mut x);
+            // The last layer's output goes to the f32 head: nothing to quantize.
+            let next = if l == last { None } else { int8 };
+            layer.ffn_norm.apply(&mut x, next.map(|k| (&mut qx, k)));
         }
         if self.pooling == Pooling::Mean || self.layers.is_empty() {
             x = pool_rows(&x, &start, h, self.pooling);
@@ -706,6 +765,27 @@ pub(crate) const SQRT_TWO_OVER_PI: f32 = 0.797_884_6;
 pub(crate) fn activate(x: &mut [f32], a: Activation) {
     x.par_chunks_mut(4096)
         .for_each(|c| activate_chunk_wide(c, a));
+}
+
+/// [`activate`] over rows of `width`; with `quantized`, each row also quantized for an int8
+/// layer while it is in cache.
+fn activate_rows(
+    x: &mut [f32],
+    width: usize,
+    a: Activation,
+    quantized: Option<(&mut QuantizedRows, Kernel)>,
+) {
+    let Some((q, kernel)) = quantized else {
+        return activate(x, a);
+    };
+    let (slots, scales) = q.slots(x.len() / width, width);
+    x.par_chunks_mut(width)
+        .zip(slots)
+        .zip(scales)
+        .for_each(|((row, out), scale)| {
+            activate_chunk_wide(row, a);
+            *scale = quantize_row_into(row, out, kernel);
+        });
 }
 
 wide_fn!(fn activate_chunk_wide(c: &mut [f32], a: Activation) => activate_chunk);

@@ -112,54 +112,94 @@ impl QuantizedWeight {
     /// `dst` (rows × outputs) = `base` + `x` (rows × inputs) · weightᵀ, with `x` quantized
     /// per row. The VNNI kernel adds the base in registers (no pass of its own over `dst`).
     pub fn product(&self, x: &[f32], dst: &mut [f32], base: Base, kernel: Kernel) {
-        if let Base::Bias(b) | Base::DstPlusBias(b) = base {
-            assert_eq!(b.len(), self.outputs, "bias size");
-        }
         let rows = x.len() / self.inputs.max(1);
         assert_eq!(x.len(), rows * self.inputs, "input width");
-        assert_eq!(dst.len(), rows * self.outputs, "output size");
+        let k = self.inputs;
+        self.check(rows, dst, base);
         if rows == 0 || self.outputs == 0 {
             return;
         }
-        let (k, k4, n) = (self.inputs, self.k4, self.outputs);
-        dst.par_chunks_mut(ROWS_PER_TASK * n)
+        dst.par_chunks_mut(ROWS_PER_TASK * self.outputs)
             .zip(x.par_chunks(ROWS_PER_TASK * k))
             .for_each(|(dst, x)| {
-                let m = x.len() / k;
-                let (qx, row_scales) = quantize_rows(x, k, k4, kernel);
-                #[cfg(target_arch = "x86_64")]
-                if kernel == Kernel::Vnni {
-                    assert_eq!(
-                        Kernel::detect(),
-                        Kernel::Vnni,
-                        "this CPU has no AVX-512 VNNI"
-                    );
-                    let w = vnni::Weights {
-                        packed: &self.packed,
-                        k4,
-                        outputs: n,
-                        zero_point_sums: &self.zero_point_sums,
-                        scales: &self.scales,
-                        base,
-                    };
-                    // SAFETY: the CPU has the features (checked above); `qx` holds m × k4
-                    // activations, `row_scales` m scales and `dst` m × n outputs.
-                    return unsafe { vnni::products_into(&qx, &row_scales, &w, dst) };
-                }
-                for row in dst.chunks_mut(n) {
-                    match base {
-                        Base::Dst => {}
-                        Base::Bias(b) => row.copy_from_slice(b),
-                        Base::DstPlusBias(b) => row.iter_mut().zip(b).for_each(|(o, b)| *o += b),
-                    }
-                }
-                let width = self.outputs.div_ceil(LANES) * LANES;
-                let mut acc = vec![0i32; m * width];
-                portable_products(&qx, m, k4, &self.packed, &mut acc);
-                for ((out, acc), &sx) in dst.chunks_mut(n).zip(acc.chunks(width)).zip(&row_scales) {
-                    self.scale_into(out, &acc[..n], sx);
-                }
+                let mut q = QuantizedRows::default();
+                q.quantize(x, k, kernel);
+                self.product_of_task(&q.bytes, &q.scales, dst, base, kernel);
             });
+    }
+
+    /// [`QuantizedWeight::product`] of rows quantized beforehand (by [`QuantizedRows`]: the
+    /// same bytes as quantizing here), so a pass that already holds each row (LayerNorm, the
+    /// activation) quantizes it while it is in cache.
+    pub fn product_of_quantized(
+        &self,
+        x: &QuantizedRows,
+        dst: &mut [f32],
+        base: Base,
+        kernel: Kernel,
+    ) {
+        assert_eq!(x.width, self.inputs, "input width");
+        assert_eq!(x.bytes.len(), x.rows() * self.k4, "quantized rows");
+        self.check(x.rows(), dst, base);
+        if x.rows() == 0 || self.outputs == 0 {
+            return;
+        }
+        dst.par_chunks_mut(ROWS_PER_TASK * self.outputs)
+            .zip(x.bytes.par_chunks(ROWS_PER_TASK * self.k4))
+            .zip(x.scales.par_chunks(ROWS_PER_TASK))
+            .for_each(|((dst, qx), scales)| self.product_of_task(qx, scales, dst, base, kernel));
+    }
+
+    /// Panics unless `dst` holds `rows` outputs and the bias (if any) one per output.
+    fn check(&self, rows: usize, dst: &[f32], base: Base) {
+        if let Base::Bias(b) | Base::DstPlusBias(b) = base {
+            assert_eq!(b.len(), self.outputs, "bias size");
+        }
+        assert_eq!(dst.len(), rows * self.outputs, "output size");
+    }
+
+    /// One task's rows: `qx` (m × k4 u8) with their scales, into `dst` (m × outputs).
+    fn product_of_task(
+        &self,
+        qx: &[u8],
+        row_scales: &[f32],
+        dst: &mut [f32],
+        base: Base,
+        kernel: Kernel,
+    ) {
+        let (k4, n, m) = (self.k4, self.outputs, row_scales.len());
+        #[cfg(target_arch = "x86_64")]
+        if kernel == Kernel::Vnni {
+            assert_eq!(
+                Kernel::detect(),
+                Kernel::Vnni,
+                "this CPU has no AVX-512 VNNI"
+            );
+            let w = vnni::Weights {
+                packed: &self.packed,
+                k4,
+                outputs: n,
+                zero_point_sums: &self.zero_point_sums,
+                scales: &self.scales,
+                base,
+            };
+            // SAFETY: the CPU has the features (checked above); `qx` holds m × k4
+            // activations, `row_scales` m scales and `dst` m × n outputs.
+            return unsafe { vnni::products_into(qx, row_scales, &w, dst) };
+        }
+        for row in dst.chunks_mut(n) {
+            match base {
+                Base::Dst => {}
+                Base::Bias(b) => row.copy_from_slice(b),
+                Base::DstPlusBias(b) => row.iter_mut().zip(b).for_each(|(o, b)| *o += b),
+            }
+        }
+        let width = self.outputs.div_ceil(LANES) * LANES;
+        let mut acc = vec![0i32; m * width];
+        portable_products(qx, m, k4, &self.packed, &mut acc);
+        for ((out, acc), &sx) in dst.chunks_mut(n).zip(acc.chunks(width)).zip(row_scales) {
+            self.scale_into(out, &acc[..n], sx);
+        }
     }
 
     /// `out[o]` += (acc[o] − zero point sum[o]) · (sx · scale[o]): one row back to f32. The
@@ -176,21 +216,63 @@ impl QuantizedWeight {
     }
 }
 
-/// Each row of `x` (rows × k) as u8 with zero point 128 and its scale (max |x| / 127), padded
-/// to `k4` with the zero point. Values round half to even, as the vector conversion does.
-fn quantize_rows(x: &[f32], k: usize, k4: usize, kernel: Kernel) -> (Vec<u8>, Vec<f32>) {
-    let rows = x.len() / k;
-    let mut q = vec![128u8; rows * k4];
-    let mut scales = vec![0f32; rows];
-    for ((row, out), scale) in x.chunks(k).zip(q.chunks_mut(k4)).zip(&mut scales) {
-        *scale = match kernel {
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: Vnni is only ever chosen on a CPU that has AVX-512 (see `products`).
-            Kernel::Vnni => unsafe { vnni::quantize_row(row, &mut out[..k]) },
-            _ => quantize_row(row, &mut out[..k]),
-        };
+/// Rows of activations as the int8 products read them: each row as u8 with zero point 128,
+/// padded to a multiple of 4 bytes with the zero point, and its scale (max |x| / 127). Values
+/// round half to even, as the vector conversion does. Buffers are kept between uses.
+#[derive(Debug, Default)]
+pub struct QuantizedRows {
+    bytes: Vec<u8>,
+    scales: Vec<f32>,
+    /// Values per row before padding.
+    width: usize,
+}
+
+impl QuantizedRows {
+    pub fn rows(&self) -> usize {
+        self.scales.len()
     }
-    (q, scales)
+
+    /// Room for `rows` rows of `width` values; returns one (bytes, scale) slot per row, to
+    /// fill with [`quantize_row_into`] (in parallel if wanted).
+    pub fn slots(&mut self, rows: usize, width: usize) -> (Vec<&mut [u8]>, &mut [f32]) {
+        let k4 = width.div_ceil(4) * 4;
+        self.width = width;
+        self.bytes.resize(rows * k4, 128);
+        self.scales.resize(rows, 0.0);
+        (
+            self.bytes.chunks_mut(k4.max(1)).take(rows).collect(),
+            &mut self.scales,
+        )
+    }
+
+    /// Quantize every row of `x` (rows of `width`).
+    pub fn quantize(&mut self, x: &[f32], width: usize, kernel: Kernel) {
+        let rows = x.len() / width.max(1);
+        let (slots, scales) = self.slots(rows, width);
+        for ((row, out), scale) in x.chunks(width).zip(slots).zip(scales) {
+            *scale = quantize_row_into(row, out, kernel);
+        }
+    }
+}
+
+/// `row` as u8 into `out` (its length rounded up to 4: the rest is set to the zero point);
+/// returns the row's scale.
+pub fn quantize_row_into(row: &[f32], out: &mut [u8], kernel: Kernel) -> f32 {
+    let k = row.len();
+    assert!(out.len() >= k && out.len() < k + 4, "quantized row size");
+    out[k..].fill(128);
+    match kernel {
+        #[cfg(target_arch = "x86_64")]
+        Kernel::Vnni => {
+            assert!(
+                is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw"),
+                "this CPU has no AVX-512"
+            );
+            // SAFETY: the CPU has the features `quantize_row` is compiled for (checked above).
+            unsafe { vnni::quantize_row(row, &mut out[..k]) }
+        }
+        _ => quantize_row(row, &mut out[..k]),
+    }
 }
 
 /// The scale of a row: max |x| / 127 (1 for a row of zeros).
