@@ -522,10 +522,7 @@ mod tests {
     use crate::infer::matmul;
     use rand::{Rng, SeedableRng};
 
-    fn random(len: usize, seed: u64) -> Vec<f32> {
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-        (0..len).map(|_| rng.random_range(-1.0f32..1.0)).collect()
-    }
+    use crate::test_support::random_floats as random;
 
     fn rounded(x: &[f32]) -> Vec<f32> {
         x.iter().map(|&v| bf16_to_f32(round_to_bf16(v))).collect()

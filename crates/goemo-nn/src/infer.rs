@@ -21,7 +21,7 @@ use rayon::prelude::*;
 
 use crate::attention::{attend, ScoreOrder};
 use crate::config::{Activation, Arch, EncoderConfig, Pooling};
-use crate::int8::{quantize_row_into, Base, Kernel, QuantizedRows, QuantizedWeight};
+use crate::int8::{Base, Kernel, QuantizedRows, QuantizedWeight};
 use crate::params;
 
 /// The arithmetic of the encoder's matrix products when scoring.
@@ -313,16 +313,7 @@ impl Norm {
         let norm = |row: &mut [f32]| norm_row_wide(row, &self.weight, &self.bias, self.eps);
         match quantized {
             None => x.par_chunks_mut(h).for_each(norm),
-            Some((q, kernel)) => {
-                let (slots, scales) = q.slots(x.len() / h, h);
-                x.par_chunks_mut(h)
-                    .zip(slots)
-                    .zip(scales)
-                    .for_each(|((row, out), scale)| {
-                        norm(row);
-                        *scale = quantize_row_into(row, out, kernel);
-                    });
-            }
+            Some((q, kernel)) => q.prepare_and_quantize(x, h, kernel, norm),
         }
     }
 }
@@ -775,17 +766,12 @@ fn activate_rows(
     a: Activation,
     quantized: Option<(&mut QuantizedRows, Kernel)>,
 ) {
-    let Some((q, kernel)) = quantized else {
-        return activate(x, a);
-    };
-    let (slots, scales) = q.slots(x.len() / width, width);
-    x.par_chunks_mut(width)
-        .zip(slots)
-        .zip(scales)
-        .for_each(|((row, out), scale)| {
-            activate_chunk_wide(row, a);
-            *scale = quantize_row_into(row, out, kernel);
-        });
+    match quantized {
+        None => activate(x, a),
+        Some((q, kernel)) => {
+            q.prepare_and_quantize(x, width, kernel, |row| activate_chunk_wide(row, a))
+        }
+    }
 }
 
 wide_fn!(fn activate_chunk_wide(c: &mut [f32], a: Activation) => activate_chunk);

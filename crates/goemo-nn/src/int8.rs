@@ -114,18 +114,9 @@ impl QuantizedWeight {
     pub fn product(&self, x: &[f32], dst: &mut [f32], base: Base, kernel: Kernel) {
         let rows = x.len() / self.inputs.max(1);
         assert_eq!(x.len(), rows * self.inputs, "input width");
-        let k = self.inputs;
-        self.check(rows, dst, base);
-        if rows == 0 || self.outputs == 0 {
-            return;
-        }
-        dst.par_chunks_mut(ROWS_PER_TASK * self.outputs)
-            .zip(x.par_chunks(ROWS_PER_TASK * k))
-            .for_each(|(dst, x)| {
-                let mut q = QuantizedRows::default();
-                q.quantize(x, k, kernel);
-                self.product_of_task(&q.bytes, &q.scales, dst, base, kernel);
-            });
+        let mut q = QuantizedRows::default();
+        q.quantize(x, self.inputs, kernel);
+        self.product_of_quantized(&q, dst, base, kernel)
     }
 
     /// [`QuantizedWeight::product`] of rows quantized beforehand (by [`QuantizedRows`]: the
@@ -232,9 +223,51 @@ impl QuantizedRows {
         self.scales.len()
     }
 
-    /// Room for `rows` rows of `width` values; returns one (bytes, scale) slot per row, to
-    /// fill with [`quantize_row_into`] (in parallel if wanted).
-    pub fn slots(&mut self, rows: usize, width: usize) -> (Vec<&mut [u8]>, &mut [f32]) {
+    /// Quantize every row of `x` (rows of `width`), rows in parallel.
+    pub fn quantize(&mut self, x: &[f32], width: usize, kernel: Kernel) {
+        let (slots, scales) = self.slots(x.len(), width, kernel);
+        x.par_chunks(width.max(1))
+            .zip(slots)
+            .zip(scales)
+            .for_each(|((row, out), scale)| *scale = quantize_row_into(row, out, kernel));
+    }
+
+    /// `prepare` each row of `x` (rows of `width`) in place, then quantize it while it is in
+    /// cache (a pass that writes an int8 layer's input: LayerNorm, the activation); rows in
+    /// parallel.
+    pub fn prepare_and_quantize(
+        &mut self,
+        x: &mut [f32],
+        width: usize,
+        kernel: Kernel,
+        prepare: impl Fn(&mut [f32]) + Sync,
+    ) {
+        let (slots, scales) = self.slots(x.len(), width, kernel);
+        x.par_chunks_mut(width.max(1))
+            .zip(slots)
+            .zip(scales)
+            .for_each(|((row, out), scale)| {
+                prepare(row);
+                *scale = quantize_row_into(row, out, kernel);
+            });
+    }
+
+    /// Room for the rows of `values` values of `width`: one (bytes, scale) slot per row. Panics
+    /// unless this CPU runs `kernel` (what makes [`quantize_row_into`] safe).
+    fn slots(
+        &mut self,
+        values: usize,
+        width: usize,
+        kernel: Kernel,
+    ) -> (Vec<&mut [u8]>, &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if kernel == Kernel::Vnni {
+            assert!(
+                is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw"),
+                "this CPU has no AVX-512"
+            );
+        }
+        let rows = values / width.max(1);
         let k4 = width.div_ceil(4) * 4;
         self.width = width;
         self.bytes.resize(rows * k4, 128);
@@ -244,33 +277,19 @@ impl QuantizedRows {
             &mut self.scales,
         )
     }
-
-    /// Quantize every row of `x` (rows of `width`).
-    pub fn quantize(&mut self, x: &[f32], width: usize, kernel: Kernel) {
-        let rows = x.len() / width.max(1);
-        let (slots, scales) = self.slots(rows, width);
-        for ((row, out), scale) in x.chunks(width).zip(slots).zip(scales) {
-            *scale = quantize_row_into(row, out, kernel);
-        }
-    }
 }
 
 /// `row` as u8 into `out` (its length rounded up to 4: the rest is set to the zero point);
-/// returns the row's scale.
-pub fn quantize_row_into(row: &[f32], out: &mut [u8], kernel: Kernel) -> f32 {
+/// returns the row's scale. Only through [`QuantizedRows`], which checked the CPU for `kernel`.
+fn quantize_row_into(row: &[f32], out: &mut [u8], kernel: Kernel) -> f32 {
     let k = row.len();
     assert!(out.len() >= k && out.len() < k + 4, "quantized row size");
     out[k..].fill(128);
     match kernel {
         #[cfg(target_arch = "x86_64")]
-        Kernel::Vnni => {
-            assert!(
-                is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw"),
-                "this CPU has no AVX-512"
-            );
-            // SAFETY: the CPU has the features `quantize_row` is compiled for (checked above).
-            unsafe { vnni::quantize_row(row, &mut out[..k]) }
-        }
+        // SAFETY: `QuantizedRows::slots` checked that this CPU has the features `quantize_row`
+        // is compiled for.
+        Kernel::Vnni => unsafe { vnni::quantize_row(row, &mut out[..k]) },
         _ => quantize_row(row, &mut out[..k]),
     }
 }
@@ -477,18 +496,7 @@ mod vnni {
 mod tests {
     use super::*;
 
-    fn random(n: usize, seed: u64) -> Vec<f32> {
-        // A small LCG: reproducible values in [-1, 1).
-        let mut s = seed;
-        (0..n)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-            })
-            .collect()
-    }
+    use crate::test_support::random_floats as random;
 
     fn reference(x: &[f32], w: &[f32], k: usize, n: usize) -> Vec<f32> {
         let m = x.len() / k;

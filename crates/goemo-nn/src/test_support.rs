@@ -27,6 +27,13 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
         .fold(0.0, f32::max)
 }
 
+/// `len` reproducible floats, uniform in [-1, 1).
+pub fn random_floats(len: usize, seed: u64) -> Vec<f32> {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    (0..len).map(|_| rng.random_range(-1.0f32..1.0)).collect()
+}
+
 /// Token rows of lengths 1..=`max_len` in a scrambled order, [CLS] … [SEP] like the
 /// tokenizer's, so a padded batch has much padding.
 pub fn random_token_rows(n: usize, max_len: usize, seed: u64) -> Vec<Vec<u32>> {
