@@ -149,7 +149,7 @@ thread_local! {
 mod avx512 {
     use std::arch::x86_64::*;
 
-    use super::{lane_sum, ScoreOrder, QUERIES, SCRATCH};
+    use super::{ScoreOrder, QUERIES, SCRATCH};
 
     /// Head widths the kernel handles: 16, 32, 48 or 64 features (one to four registers).
     const MAX_HEAD_REGS: usize = 4;
@@ -209,12 +209,15 @@ mod avx512 {
                         }
                     }
                 }
-                let mut inv_sums = [0f32; QUERIES];
-                for (i, inv) in inv_sums.iter_mut().enumerate().take(n) {
-                    *inv = softmax(&mut probs[i * lp..][..lp], len);
+                let p = probs.as_mut_ptr();
+                match n {
+                    1 => softmax_weights::<1>(p, lp, len),
+                    2 => softmax_weights::<2>(p, lp, len),
+                    3 => softmax_weights::<3>(p, lp, len),
+                    _ => softmax_weights::<4>(p, lp, len),
                 }
                 let o = out.as_mut_ptr().add(first * h + head * dh);
-                let weights = (probs.as_ptr(), lp, len, &inv_sums);
+                let weights = (probs.as_ptr(), lp, len);
                 let value_rows = (v, stride);
                 macro_rules! values_for {
                     ($($n:literal, $t:literal);*) => {
@@ -404,24 +407,68 @@ mod avx512 {
         }
     }
 
-    /// `probs[..len]` = exp_approx(score − max), the rest of `probs` (padding) left as it is;
-    /// returns 1 / lane_sum of them, as `softmax_and_values` computes it.
+    /// For each of Q queries' scores (query i's at `probs + i·lp`): each of the first `len`
+    /// replaced by its weight exp_approx(score − max) · (1 / their lane_sum), the numbers
+    /// `softmax_and_values` forms, one query after another there; here the Q queries go side
+    /// by side, so their serial sums overlap. The padding past `len` gets values never read.
     #[inline(always)]
-    unsafe fn softmax(probs: &mut [f32], len: usize) -> f32 {
-        let mut maxv = _mm512_set1_ps(f32::NEG_INFINITY);
-        let full = len / 16 * 16;
-        for c in (0..full).step_by(16) {
-            maxv = _mm512_max_ps(maxv, _mm512_loadu_ps(probs.as_ptr().add(c)));
+    unsafe fn softmax_weights<const Q: usize>(probs: *mut f32, lp: usize, len: usize) {
+        let blocks = lp / 16;
+        let last = (blocks - 1) * 16;
+        let tail: __mmask16 = if len - last == 16 {
+            !0
+        } else {
+            (1 << (len - last)) - 1
+        };
+        let query = |i: usize| probs.add(i * lp);
+        // The largest score (a max is exact in any order).
+        let maxes: [__m512; Q] = std::array::from_fn(|i| {
+            let mut m = _mm512_set1_ps(f32::NEG_INFINITY);
+            for c in (0..last).step_by(16) {
+                m = _mm512_max_ps(m, _mm512_loadu_ps(query(i).add(c)));
+            }
+            let m = _mm512_mask_max_ps(m, tail, m, _mm512_loadu_ps(query(i).add(last)));
+            _mm512_set1_ps(_mm512_reduce_max_ps(m))
+        });
+        for (i, max) in maxes.iter().enumerate() {
+            for c in (0..lp).step_by(16) {
+                let p = query(i).add(c);
+                _mm512_storeu_ps(p, exp_approx(_mm512_sub_ps(_mm512_loadu_ps(p), *max)));
+            }
         }
-        let max = probs[full..len]
-            .iter()
-            .fold(_mm512_reduce_max_ps(maxv), |m, &p| m.max(p));
-        let maxv = _mm512_set1_ps(max);
-        for c in (0..probs.len()).step_by(16) {
-            let p = probs.as_mut_ptr().add(c);
-            _mm512_storeu_ps(p, exp_approx(_mm512_sub_ps(_mm512_loadu_ps(p), maxv)));
+        // lane_sum(probs[..len]): eight lanes, each the sum of its column of 8-wide chunks in
+        // order (from zero: the first chunk itself, every term being positive), then the lanes
+        // in order, then the leftover terms' own sum.
+        let chunks = len / 8;
+        let mut sums = [0f32; Q];
+        let mut lanes = [[0f32; 8]; Q];
+        for (i, lanes) in lanes.iter_mut().enumerate() {
+            if chunks > 0 {
+                let mut acc = _mm256_loadu_ps(query(i));
+                for c in 1..chunks {
+                    acc = _mm256_add_ps(acc, _mm256_loadu_ps(query(i).add(8 * c)));
+                }
+                _mm256_storeu_ps(lanes.as_mut_ptr(), acc);
+            }
         }
-        1.0 / lane_sum(&probs[..len])
+        for lane in 0..8 {
+            for (sum, lanes) in sums.iter_mut().zip(&lanes) {
+                *sum += lanes[lane];
+            }
+        }
+        let mut leftover = [0f32; Q];
+        for t in chunks * 8..len {
+            for (i, l) in leftover.iter_mut().enumerate() {
+                *l += *query(i).add(t);
+            }
+        }
+        for (i, (sum, leftover)) in sums.iter().zip(&leftover).enumerate() {
+            let inv_sum = _mm512_set1_ps(1.0 / (sum + leftover));
+            for c in (0..lp).step_by(16) {
+                let p = query(i).add(c);
+                _mm512_storeu_ps(p, _mm512_mul_ps(_mm512_loadu_ps(p), inv_sum));
+            }
+        }
     }
 
     /// `infer::exp_approx`, 16 at a time: the same operations in the same order.
@@ -454,12 +501,12 @@ mod avx512 {
         _mm512_mul_ps(p, _mm512_castsi512_ps(exponent))
     }
 
-    /// For each of Q queries i: out_i[..16·T] = Σ_j (probs_i[j]·inv_sum_i)·value_j, j in
-    /// order from zero (value_j at `v + j·stride`, probs_i at `probs + i·lp`, out_i at
-    /// `out + i·h`), as the references sum into a zeroed `out`.
+    /// For each of Q queries i: out_i[..16·T] = Σ_j weight_i[j]·value_j, j in order from zero
+    /// (value_j at `v + j·stride`, weight_i at `weights + i·lp`, out_i at `out + i·h`), as the
+    /// references sum into a zeroed `out`.
     #[inline(always)]
     unsafe fn values<const Q: usize, const T: usize>(
-        (probs, lp, len, inv_sums): (*const f32, usize, usize, &[f32; QUERIES]),
+        (weights, lp, len): (*const f32, usize, usize),
         (v, stride): (*const f32, usize),
         out: *mut f32,
         h: usize,
@@ -469,7 +516,7 @@ mod avx512 {
             let vj = v.add(j * stride);
             let value: [__m512; T] = std::array::from_fn(|t| _mm512_loadu_ps(vj.add(16 * t)));
             for (i, acc) in acc.iter_mut().enumerate() {
-                let w = _mm512_set1_ps(*probs.add(i * lp + j) * inv_sums[i]);
+                let w = _mm512_set1_ps(*weights.add(i * lp + j));
                 for (acc, value) in acc.iter_mut().zip(&value) {
                     *acc = _mm512_add_ps(*acc, _mm512_mul_ps(w, *value));
                 }
