@@ -33,8 +33,15 @@ pub fn set_param(text: &str, stage: &str, path: &[String], value: &str) -> Resul
             }
             Some(found) => at = found,
             None => {
-                // Insert the rest of the path after the block's last line.
-                let insert_at = last_content_line(&lines, at, b_end) + 1;
+                // Insert the rest of the path after the block's last line, and after the
+                // comment lines that continue that line's own comment (indented past the keys).
+                let mut insert_at = last_content_line(&lines, at, b_end) + 1;
+                while insert_at < lines.len()
+                    && lines[insert_at].trim_start().starts_with('#')
+                    && indent_of(&lines[insert_at]) > indent
+                {
+                    insert_at += 1;
+                }
                 let mut new = Vec::new();
                 for (k, rest) in keys[depth..].iter().enumerate() {
                     let pad = " ".repeat(indent + 2 * k);
@@ -208,6 +215,18 @@ mod tests {
             out.contains(
                 "      data: data   # the data\n    params:\n      fraction: 0.2\n\n  train:"
             ),
+            "{out}"
+        );
+    }
+
+    /// A key's trailing comment that runs onto the next lines (indented past the keys) stays
+    /// with it: the new key goes after it, not between its lines.
+    #[test]
+    fn an_inserted_key_goes_after_a_comment_continued_below_the_last_key() {
+        let yaml = "stages:\n  train:\n    params:\n      precision: auto    # bf16 where\n                         # the CPU has it\n\n  evaluate:\n    deps: [train]\n";
+        let out = set(yaml, "train", "loss", "asl").unwrap();
+        assert!(
+            out.contains("# bf16 where\n                         # the CPU has it\n      loss: asl\n\n  evaluate:"),
             "{out}"
         );
     }
