@@ -94,6 +94,9 @@ impl TypedStage for DistillStage {
     fn version(&self) -> u32 {
         1
     }
+    fn version_for(&self, p: &DistillParams) -> u32 {
+        p.teacher_precision.stage_version(1)
+    }
     fn summary(&self) -> &'static str {
         "train one student on the averaged probabilities of several trained models (deps with roles teacher*), and report the ensemble"
     }

@@ -27,6 +27,9 @@ impl TypedStage for EvaluateStage {
         // (infer::K_BLOCK): the same bits on every machine.
         4
     }
+    fn version_for(&self, p: &EvaluateParams) -> u32 {
+        p.precision.stage_version(4)
+    }
     fn summary(&self) -> &'static str {
         "test-split metrics at 0.5, 0.3 and tuned thresholds, with ROC-AUC, AP and a bootstrap CI"
     }

@@ -24,6 +24,9 @@ impl TypedStage for ThresholdsStage {
         // (infer::K_BLOCK): the same bits on every machine.
         4
     }
+    fn version_for(&self, p: &ThresholdParams) -> u32 {
+        p.precision.stage_version(4)
+    }
     fn summary(&self) -> &'static str {
         "per-label thresholds that maximise dev F1 (or one global threshold)"
     }
@@ -128,6 +131,34 @@ mod tests {
                 err.message.contains("expected `f32` or `int8`"),
                 "{}",
                 err.message
+            );
+        }
+    }
+
+    /// Int8 runs key on a version of their own (int8's arithmetic changed without f32's), so
+    /// a changed int8 scheme reruns int8 entries and leaves f32 entries and locks alone. The
+    /// same for distill's teachers.
+    #[test]
+    fn int8_runs_have_a_version_of_their_own() {
+        let stages: [(&dyn Stage, &str); 3] = [
+            (&super::ThresholdsStage, "precision"),
+            (&crate::evaluate::EvaluateStage, "precision"),
+            (&crate::distill::DistillStage, "teacher_precision"),
+        ];
+        for (stage, param) in stages {
+            let resolve = |yaml: &str| {
+                stage
+                    .resolve_params(&serde_yaml::from_str(yaml).unwrap())
+                    .unwrap()
+            };
+            let f32_version = stage.version_for(&resolve("{}"));
+            assert_eq!(f32_version, stage.version(), "{}", stage.kind());
+            let int8 = resolve(&format!("{{{param}: int8}}"));
+            assert_eq!(
+                stage.version_for(&int8),
+                stage.version() + 1,
+                "{}",
+                stage.kind()
             );
         }
     }

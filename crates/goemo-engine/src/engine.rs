@@ -215,7 +215,7 @@ impl<'p> Engine<'p> {
         let fingerprint = Fingerprint {
             format: fingerprint::FORMAT,
             kind: def.kind.clone(),
-            version: def.stage.version(),
+            version: def.stage.version_for(&def.params),
             params: def.params.clone(),
             inputs,
         };

@@ -1,6 +1,10 @@
 //! Int8 matrix products for inference: weights quantized once per output channel (symmetric,
-//! int8), activations per row as they come (dynamic, u8 with a zero point of 128), products
-//! summed exactly in i32 and scaled back to f32.
+//! int8), activations per row as they come (dynamic, u8 over the row's own range with a zero
+//! point of its own), products summed exactly in i32 and scaled back to f32.
+//!
+//! Activations are asymmetric because the rows are: GELU's outputs lie in [−0.17, max], and a
+//! scale of max |x| / 127 around a fixed zero point of 128 would leave half of the 256 codes
+//! unused, doubling the step (the error) of the largest product, the feed-forward's second.
 //!
 //! The kernel uses AVX-512 VNNI (`vpdpbusd`: 64 u8×i8 products summed into 16 i32 lanes per
 //! instruction) where the CPU has it, and a portable loop elsewhere. Integer sums are exact, so
@@ -65,8 +69,9 @@ pub struct QuantizedWeight {
     packed: Vec<i8>,
     /// Per output: the scale that turns an int8 weight back into f32.
     scales: Vec<f32>,
-    /// Per output: 128 × the sum of its int8 weights, what the activations' zero point adds.
-    zero_point_sums: Vec<i32>,
+    /// Per output: the sum of its int8 weights; a row's zero point times it is what that
+    /// zero point adds to the row's sums.
+    weight_sums: Vec<i32>,
 }
 
 impl QuantizedWeight {
@@ -96,7 +101,7 @@ impl QuantizedWeight {
             k4,
             packed,
             scales,
-            zero_point_sums: sums.iter().map(|s| 128 * s).collect(),
+            weight_sums: sums,
         }
     }
 
@@ -138,7 +143,19 @@ impl QuantizedWeight {
         dst.par_chunks_mut(ROWS_PER_TASK * self.outputs)
             .zip(x.bytes.par_chunks(ROWS_PER_TASK * self.k4))
             .zip(x.scales.par_chunks(ROWS_PER_TASK))
-            .for_each(|((dst, qx), scales)| self.product_of_task(qx, scales, dst, base, kernel));
+            .zip(x.zero_points.par_chunks(ROWS_PER_TASK))
+            .for_each(|(((dst, qx), scales), zero_points)| {
+                self.product_of_task(
+                    qx,
+                    RowScales {
+                        scales,
+                        zero_points,
+                    },
+                    dst,
+                    base,
+                    kernel,
+                )
+            });
     }
 
     /// Panics unless `dst` holds `rows` outputs and the bias (if any) one per output.
@@ -153,12 +170,12 @@ impl QuantizedWeight {
     fn product_of_task(
         &self,
         qx: &[u8],
-        row_scales: &[f32],
+        rows: RowScales,
         dst: &mut [f32],
         base: Base,
         kernel: Kernel,
     ) {
-        let (k4, n, m) = (self.k4, self.outputs, row_scales.len());
+        let (k4, n, m) = (self.k4, self.outputs, rows.scales.len());
         #[cfg(target_arch = "x86_64")]
         if kernel == Kernel::Vnni {
             assert_eq!(
@@ -170,13 +187,13 @@ impl QuantizedWeight {
                 packed: &self.packed,
                 k4,
                 outputs: n,
-                zero_point_sums: &self.zero_point_sums,
+                weight_sums: &self.weight_sums,
                 scales: &self.scales,
                 base,
             };
             // SAFETY: the CPU has the features (checked above); `qx` holds m × k4
-            // activations, `row_scales` m scales and `dst` m × n outputs.
-            return unsafe { vnni::products_into(qx, row_scales, &w, dst) };
+            // activations, `rows` m scales and zero points, and `dst` m × n outputs.
+            return unsafe { vnni::products_into(qx, rows, &w, dst) };
         }
         for row in dst.chunks_mut(n) {
             match base {
@@ -188,32 +205,39 @@ impl QuantizedWeight {
         let width = self.outputs.div_ceil(LANES) * LANES;
         let mut acc = vec![0i32; m * width];
         portable_products(qx, m, k4, &self.packed, &mut acc);
-        for ((out, acc), &sx) in dst.chunks_mut(n).zip(acc.chunks(width)).zip(row_scales) {
-            self.scale_into(out, &acc[..n], sx);
+        for (((out, acc), &sx), &zx) in dst
+            .chunks_mut(n)
+            .zip(acc.chunks(width))
+            .zip(rows.scales)
+            .zip(rows.zero_points)
+        {
+            self.scale_into(out, &acc[..n], sx, zx);
         }
     }
 
-    /// `out[o]` += (acc[o] − zero point sum[o]) · (sx · scale[o]): one row back to f32. The
-    /// VNNI kernel rounds the same way (a multiply, then an add; no fused multiply-add).
-    fn scale_into(&self, out: &mut [f32], acc: &[i32], sx: f32) {
-        for (((o, &a), &z), &s) in out
+    /// `out[o]` += (acc[o] − zx · weight sum[o]) · (sx · scale[o]): one row (scale `sx`, zero
+    /// point `zx`) back to f32. The VNNI kernel rounds the same way (a multiply, then an add;
+    /// no fused multiply-add).
+    fn scale_into(&self, out: &mut [f32], acc: &[i32], sx: f32, zx: i32) {
+        for (((o, &a), &ws), &s) in out
             .iter_mut()
             .zip(acc)
-            .zip(&self.zero_point_sums)
+            .zip(&self.weight_sums)
             .zip(&self.scales)
         {
-            *o += (a - z) as f32 * (sx * s);
+            *o += (a - zx * ws) as f32 * (sx * s);
         }
     }
 }
 
-/// Rows of activations as the int8 products read them: each row as u8 with zero point 128,
-/// padded to a multiple of 4 bytes with the zero point, and its scale (max |x| / 127). Values
-/// round half to even, as the vector conversion does. Buffers are kept between uses.
+/// Rows of activations as the int8 products read them: each row as u8 over its own range
+/// ([`RowQuantizer`]), padded to a multiple of 4 bytes with its zero point, with its scale and
+/// zero point. Buffers are kept between uses.
 #[derive(Debug, Default)]
 pub struct QuantizedRows {
     bytes: Vec<u8>,
     scales: Vec<f32>,
+    zero_points: Vec<i32>,
     /// Values per row before padding.
     width: usize,
 }
@@ -225,11 +249,10 @@ impl QuantizedRows {
 
     /// Quantize every row of `x` (rows of `width`), rows in parallel.
     pub fn quantize(&mut self, x: &[f32], width: usize, kernel: Kernel) {
-        let (slots, scales) = self.slots(x.len(), width, kernel);
+        let slots = self.slots(x.len(), width, kernel);
         x.par_chunks(width.max(1))
             .zip(slots)
-            .zip(scales)
-            .for_each(|((row, out), scale)| *scale = quantize_row_into(row, out, kernel));
+            .for_each(|(row, slot)| slot.fill(row, kernel));
     }
 
     /// `prepare` each row of `x` (rows of `width`) in place, then quantize it while it is in
@@ -242,24 +265,18 @@ impl QuantizedRows {
         kernel: Kernel,
         prepare: impl Fn(&mut [f32]) + Sync,
     ) {
-        let (slots, scales) = self.slots(x.len(), width, kernel);
+        let slots = self.slots(x.len(), width, kernel);
         x.par_chunks_mut(width.max(1))
             .zip(slots)
-            .zip(scales)
-            .for_each(|((row, out), scale)| {
+            .for_each(|(row, slot)| {
                 prepare(row);
-                *scale = quantize_row_into(row, out, kernel);
+                slot.fill(row, kernel);
             });
     }
 
-    /// Room for the rows of `values` values of `width`: one (bytes, scale) slot per row. Panics
-    /// unless this CPU runs `kernel` (what makes [`quantize_row_into`] safe).
-    fn slots(
-        &mut self,
-        values: usize,
-        width: usize,
-        kernel: Kernel,
-    ) -> (Vec<&mut [u8]>, &mut [f32]) {
+    /// Room for the rows of `values` values of `width`: one slot per row. Panics unless this
+    /// CPU runs `kernel` (what makes [`RowSlot::fill`] safe).
+    fn slots(&mut self, values: usize, width: usize, kernel: Kernel) -> Vec<RowSlot<'_>> {
         #[cfg(target_arch = "x86_64")]
         if kernel == Kernel::Vnni {
             assert!(
@@ -270,46 +287,107 @@ impl QuantizedRows {
         let rows = values / width.max(1);
         let k4 = width.div_ceil(4) * 4;
         self.width = width;
-        self.bytes.resize(rows * k4, 128);
+        self.bytes.resize(rows * k4, 0);
         self.scales.resize(rows, 0.0);
-        (
-            self.bytes.chunks_mut(k4.max(1)).take(rows).collect(),
-            &mut self.scales,
-        )
+        self.zero_points.resize(rows, 0);
+        self.bytes
+            .chunks_mut(k4.max(1))
+            .zip(self.scales.iter_mut())
+            .zip(self.zero_points.iter_mut())
+            .take(rows)
+            .map(|((bytes, scale), zero_point)| RowSlot {
+                bytes,
+                scale,
+                zero_point,
+            })
+            .collect()
     }
 }
 
-/// `row` as u8 into `out` (its length rounded up to 4: the rest is set to the zero point);
-/// returns the row's scale. Only through [`QuantizedRows`], which checked the CPU for `kernel`.
-fn quantize_row_into(row: &[f32], out: &mut [u8], kernel: Kernel) -> f32 {
-    let k = row.len();
-    assert!(out.len() >= k && out.len() < k + 4, "quantized row size");
-    out[k..].fill(128);
-    match kernel {
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: `QuantizedRows::slots` checked that this CPU has the features `quantize_row`
-        // is compiled for.
-        Kernel::Vnni => unsafe { vnni::quantize_row(row, &mut out[..k]) },
-        _ => quantize_row(row, &mut out[..k]),
+/// Where one quantized row goes.
+struct RowSlot<'a> {
+    bytes: &'a mut [u8],
+    scale: &'a mut f32,
+    zero_point: &'a mut i32,
+}
+
+impl RowSlot<'_> {
+    /// `row` as u8 (the bytes past it, up to the next multiple of 4, set to the zero point).
+    /// Only through [`QuantizedRows::slots`], which checked the CPU for `kernel`.
+    fn fill(self, row: &[f32], kernel: Kernel) {
+        let k = row.len();
+        assert!(
+            self.bytes.len() >= k && self.bytes.len() < k + 4,
+            "quantized row size"
+        );
+        let (lo, hi) = match kernel {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `QuantizedRows::slots` checked that this CPU has the features these
+            // functions are compiled for.
+            Kernel::Vnni => unsafe { vnni::range(row) },
+            _ => range(row),
+        };
+        let q = RowQuantizer::new(lo, hi);
+        match kernel {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: as above.
+            Kernel::Vnni => unsafe { vnni::quantize_row(row, &mut self.bytes[..k], q) },
+            _ => q.quantize(row, &mut self.bytes[..k]),
+        }
+        self.bytes[k..].fill(q.zero_point as u8);
+        *self.scale = q.scale;
+        *self.zero_point = q.zero_point;
     }
 }
 
-/// The scale of a row: max |x| / 127 (1 for a row of zeros).
-fn row_scale(max: f32) -> f32 {
-    if max > 0.0 {
-        max / 127.0
-    } else {
-        1.0
+/// The smallest and largest value of a row, with 0 always inside (so the zero point is a
+/// code, and a row of zeros is exact).
+fn range(row: &[f32]) -> (f32, f32) {
+    row.iter()
+        .fold((0f32, 0f32), |(lo, hi), &v| (lo.min(v), hi.max(v)))
+}
+
+/// How one row maps to u8: x ≈ scale · (code − zero point), with the row's range [lo, hi]
+/// spread over the 256 codes. Codes round half to even, as the vector conversion does.
+#[derive(Debug, Clone, Copy)]
+struct RowQuantizer {
+    scale: f32,
+    /// 1 / scale, multiplied rather than divided by.
+    inv: f32,
+    zero_point: i32,
+}
+
+impl RowQuantizer {
+    fn new(lo: f32, hi: f32) -> RowQuantizer {
+        let span = hi - lo;
+        let scale = if span > 0.0 { span / 255.0 } else { 1.0 };
+        let inv = 1.0 / scale;
+        let zero_point = (-lo * inv).round_ties_even().clamp(0.0, 255.0) as i32;
+        RowQuantizer {
+            scale,
+            inv,
+            zero_point,
+        }
+    }
+
+    /// The code of one value.
+    #[inline]
+    fn code(&self, v: f32) -> u8 {
+        ((v * self.inv).round_ties_even() as i32 + self.zero_point).clamp(0, 255) as u8
+    }
+
+    fn quantize(&self, row: &[f32], out: &mut [u8]) {
+        for (d, &v) in out.iter_mut().zip(row) {
+            *d = self.code(v);
+        }
     }
 }
 
-fn quantize_row(row: &[f32], out: &mut [u8]) -> f32 {
-    let scale = row_scale(row.iter().fold(0f32, |m, v| m.max(v.abs())));
-    let inv = 1.0 / scale;
-    for (d, &v) in out.iter_mut().zip(row) {
-        *d = ((v * inv).round_ties_even().clamp(-127.0, 127.0) as i32 + 128) as u8;
-    }
-    scale
+/// A task's rows' scales and zero points.
+#[derive(Clone, Copy)]
+struct RowScales<'a> {
+    scales: &'a [f32],
+    zero_points: &'a [i32],
 }
 
 fn portable_products(qx: &[u8], m: usize, k4: usize, packed: &[i8], acc: &mut [i32]) {
@@ -336,38 +414,42 @@ fn portable_products(qx: &[u8], m: usize, k4: usize, packed: &[i8], acc: &mut [i
 mod vnni {
     use std::arch::x86_64::*;
 
-    use super::{Base, LANES, ROW_TILE};
+    use super::{Base, RowQuantizer, RowScales, LANES, ROW_TILE};
 
-    /// `quantize_row`, 16 values at a time: the same bytes.
+    /// `super::range`, 16 values at a time (min and max are exact: the same pair).
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-    pub(super) unsafe fn quantize_row(row: &[f32], out: &mut [u8]) -> f32 {
+    pub(super) unsafe fn range(row: &[f32]) -> (f32, f32) {
         let n = row.len() / 16 * 16;
-        let mut maxv = _mm512_setzero_ps();
+        let (mut lo, mut hi) = (_mm512_setzero_ps(), _mm512_setzero_ps());
         for c in (0..n).step_by(16) {
-            maxv = _mm512_max_ps(maxv, _mm512_abs_ps(_mm512_loadu_ps(row.as_ptr().add(c))));
+            let v = _mm512_loadu_ps(row.as_ptr().add(c));
+            lo = _mm512_min_ps(lo, v);
+            hi = _mm512_max_ps(hi, v);
         }
-        let max = row[n..]
-            .iter()
-            .fold(_mm512_reduce_max_ps(maxv), |m, v| m.max(v.abs()));
-        let scale = super::row_scale(max);
-        let inv = 1.0 / scale;
-        let (invv, lo, hi, zero) = (
-            _mm512_set1_ps(inv),
-            _mm512_set1_epi32(-127),
-            _mm512_set1_epi32(127),
-            _mm512_set1_epi32(128),
+        row[n..].iter().fold(
+            (_mm512_reduce_min_ps(lo), _mm512_reduce_max_ps(hi)),
+            |(lo, hi), &v| (lo.min(v), hi.max(v)),
+        )
+    }
+
+    /// `RowQuantizer::quantize`, 16 values at a time: the same bytes.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    pub(super) unsafe fn quantize_row(row: &[f32], out: &mut [u8], q: RowQuantizer) {
+        let n = row.len() / 16 * 16;
+        let (inv, zero, lo, hi) = (
+            _mm512_set1_ps(q.inv),
+            _mm512_set1_epi32(q.zero_point),
+            _mm512_setzero_si512(),
+            _mm512_set1_epi32(255),
         );
         for c in (0..n).step_by(16) {
-            let v = _mm512_mul_ps(_mm512_loadu_ps(row.as_ptr().add(c)), invv);
-            // Round to nearest, ties to even (the default rounding mode).
-            let i = _mm512_min_epi32(_mm512_max_epi32(_mm512_cvtps_epi32(v), lo), hi);
-            let bytes = _mm512_cvtepi32_epi8(_mm512_add_epi32(i, zero));
+            let v = _mm512_mul_ps(_mm512_loadu_ps(row.as_ptr().add(c)), inv);
+            // Round to nearest, ties to even (the default rounding mode), then the zero point.
+            let i = _mm512_add_epi32(_mm512_cvtps_epi32(v), zero);
+            let bytes = _mm512_cvtepi32_epi8(_mm512_min_epi32(_mm512_max_epi32(i, lo), hi));
             _mm_storeu_si128(out.as_mut_ptr().add(c) as *mut __m128i, bytes);
         }
-        for (d, &v) in out[n..].iter_mut().zip(&row[n..]) {
-            *d = ((v * inv).round_ties_even().clamp(-127.0, 127.0) as i32 + 128) as u8;
-        }
-        scale
+        q.quantize(&row[n..], &mut out[n..]);
     }
 
     /// A quantized weight as the kernel reads it.
@@ -376,7 +458,7 @@ mod vnni {
         pub(super) packed: &'a [i8],
         pub(super) k4: usize,
         pub(super) outputs: usize,
-        pub(super) zero_point_sums: &'a [i32],
+        pub(super) weight_sums: &'a [i32],
         pub(super) scales: &'a [f32],
         pub(super) base: Base<'a>,
     }
@@ -385,13 +467,9 @@ mod vnni {
     /// scaled back to f32 in registers as `QuantizedWeight::scale_into` does (the same bytes):
     /// 8 rows × 2 blocks of 16 outputs at a time.
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-    pub(super) unsafe fn products_into(
-        qx: &[u8],
-        row_scales: &[f32],
-        w: &Weights,
-        dst: &mut [f32],
-    ) {
-        let m = row_scales.len();
+    pub(super) unsafe fn products_into(qx: &[u8], rows: RowScales, w: &Weights, dst: &mut [f32]) {
+        let m = rows.scales.len();
+        assert_eq!(rows.zero_points.len(), m, "zero points");
         assert!(
             qx.len() >= m * w.k4 && dst.len() >= m * w.outputs,
             "int8 product sizes"
@@ -408,21 +486,21 @@ mod vnni {
             while r < m {
                 // Rows in tiles of 8, then 4, 2, 1 (a one-row tile loads as much as it
                 // multiplies).
-                let rows = [ROW_TILE, 4, 2, 1]
+                let tile_rows = [ROW_TILE, 4, 2, 1]
                     .into_iter()
                     .find(|&t| m - r >= t)
                     .unwrap_or(1);
-                match (rows, pair) {
-                    (ROW_TILE, true) => tile::<ROW_TILE, 2>(qx, row_scales, w, r, b, dst),
-                    (ROW_TILE, false) => tile::<ROW_TILE, 1>(qx, row_scales, w, r, b, dst),
-                    (4, true) => tile::<4, 2>(qx, row_scales, w, r, b, dst),
-                    (4, false) => tile::<4, 1>(qx, row_scales, w, r, b, dst),
-                    (2, true) => tile::<2, 2>(qx, row_scales, w, r, b, dst),
-                    (2, false) => tile::<2, 1>(qx, row_scales, w, r, b, dst),
-                    (_, true) => tile::<1, 2>(qx, row_scales, w, r, b, dst),
-                    (_, false) => tile::<1, 1>(qx, row_scales, w, r, b, dst),
+                match (tile_rows, pair) {
+                    (ROW_TILE, true) => tile::<ROW_TILE, 2>(qx, rows, w, r, b, dst),
+                    (ROW_TILE, false) => tile::<ROW_TILE, 1>(qx, rows, w, r, b, dst),
+                    (4, true) => tile::<4, 2>(qx, rows, w, r, b, dst),
+                    (4, false) => tile::<4, 1>(qx, rows, w, r, b, dst),
+                    (2, true) => tile::<2, 2>(qx, rows, w, r, b, dst),
+                    (2, false) => tile::<2, 1>(qx, rows, w, r, b, dst),
+                    (_, true) => tile::<1, 2>(qx, rows, w, r, b, dst),
+                    (_, false) => tile::<1, 1>(qx, rows, w, r, b, dst),
                 }
-                r += rows;
+                r += tile_rows;
             }
             b += if pair { 2 } else { 1 };
         }
@@ -433,7 +511,7 @@ mod vnni {
     #[inline]
     unsafe fn tile<const R: usize, const B: usize>(
         qx: &[u8],
-        row_scales: &[f32],
+        rows: RowScales,
         w: &Weights,
         r: usize,
         b: usize,
@@ -466,8 +544,8 @@ mod vnni {
             } else {
                 (1u16 << (n - first)) - 1
             };
-            let zero_point_sums =
-                _mm512_maskz_loadu_epi32(mask, w.zero_point_sums.as_ptr().add(first) as *const _);
+            let weight_sums =
+                _mm512_maskz_loadu_epi32(mask, w.weight_sums.as_ptr().add(first) as *const _);
             let scales = _mm512_maskz_loadu_ps(mask, w.scales.as_ptr().add(first));
             let bias = match w.base {
                 Base::Dst => _mm512_setzero_ps(),
@@ -476,8 +554,9 @@ mod vnni {
                 }
             };
             for (i, row) in sums.iter().enumerate() {
-                let exact = _mm512_sub_epi32(row[j], zero_point_sums);
-                let s = _mm512_mul_ps(_mm512_set1_ps(row_scales[r + i]), scales);
+                let zero_point = _mm512_set1_epi32(rows.zero_points[r + i]);
+                let exact = _mm512_sub_epi32(row[j], _mm512_mullo_epi32(zero_point, weight_sums));
+                let s = _mm512_mul_ps(_mm512_set1_ps(rows.scales[r + i]), scales);
                 let add = _mm512_mul_ps(_mm512_cvtepi32_ps(exact), s);
                 let o = dst.as_mut_ptr().add((r + i) * n + first);
                 // The base as the portable path forms it, then the product on top.
@@ -530,8 +609,9 @@ mod tests {
             let mut got = vec![0.5f32; m * n];
             q.accumulate(&x, &mut got, Kernel::detect());
             let want = reference(&x, &w, k, n);
-            // Each operand is off by at most half a step (max/254); summed over k terms of
-            // size ≤ 1, the error stays well under 2% of √k (the products' typical size).
+            // Each operand is off by at most half a step (the weights' max/254, the rows'
+            // range/510); summed over k terms of size ≤ 1, the error stays well under 2% of √k
+            // (the products' typical size).
             let tol = 0.02 * (k as f32).sqrt();
             for (g, w) in got.iter().zip(&want) {
                 assert!(
@@ -608,6 +688,79 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn a_row_spreads_its_own_range_over_all_256_codes() {
+        // A GELU output: nothing below −0.17. Its smallest value is code 0, its largest 255,
+        // and 0 is a code of its own (the zero point), so zeros stay exact.
+        let row = [-0.17f32, 0.0, 0.5, 3.0, 6.0, -0.01];
+        for kernel in [Kernel::Portable, Kernel::detect()] {
+            let mut q = QuantizedRows::default();
+            q.quantize(&row, row.len(), kernel);
+            let (scale, zero) = (q.scales[0], q.zero_points[0]);
+            assert!(
+                (scale - 6.17 / 255.0).abs() < 1e-6,
+                "{kernel:?}: scale {scale}"
+            );
+            assert_eq!(
+                zero, 7,
+                "{kernel:?}: -0.17 / scale rounds to 7 codes below zero"
+            );
+            assert_eq!(&q.bytes[..6], &[0, 7, 28, 131, 255, 7], "{kernel:?}");
+            // Padding to a multiple of 4 holds the zero point (the weights there are 0).
+            assert_eq!(&q.bytes[6..8], &[7, 7], "{kernel:?}");
+            for (&v, &c) in row.iter().zip(&q.bytes) {
+                let back = scale * (c as i32 - zero) as f32;
+                assert!((back - v).abs() <= scale / 2.0 + 1e-6, "{v} → {c} → {back}");
+            }
+        }
+    }
+
+    #[test]
+    fn skewed_rows_cost_half_the_error_of_a_symmetric_scale() {
+        // Rows as GELU leaves them (mostly small, a few large, nothing below −0.17): the
+        // product's error against f32 is about half what a scale of max |x| / 127 around a
+        // fixed zero point gives (its step is twice as long).
+        let (m, k, n) = (32, 1536, 64);
+        let x: Vec<f32> = random(m * k, 5)
+            .iter()
+            .map(|v| {
+                let t = 3.0 * v;
+                t * 0.5 * (1.0 + (t * 0.7978846 * (1.0 + 0.044715 * t * t)).tanh())
+            })
+            .collect();
+        let w = random(n * k, 6);
+        let q = QuantizedWeight::new(&w, n, k);
+        // Both schemes against the weights as quantized, so only the activations' error
+        // differs: the symmetric one computed here in f64.
+        let mut wq = w.clone();
+        for row in wq.chunks_mut(k) {
+            let step = row.iter().fold(0f32, |a, v| a.max(v.abs())) / 127.0;
+            row.iter_mut().for_each(|v| *v = (*v / step).round() * step);
+        }
+        let want = reference(&x, &wq, k, n);
+        let mut got = vec![0f32; m * n];
+        q.accumulate(&x, &mut got, Kernel::detect());
+        let rms = |v: &[f32]| (v.iter().map(|e| e * e).sum::<f32>() / v.len() as f32).sqrt();
+        let err: Vec<f32> = got.iter().zip(&want).map(|(g, w)| g - w).collect();
+        let symmetric_rows: Vec<f32> = x
+            .chunks(k)
+            .flat_map(|row| {
+                let step = row.iter().fold(0f32, |a, v| a.max(v.abs())) / 127.0;
+                row.iter().map(move |v| (v / step).round() * step)
+            })
+            .collect();
+        let sym_err: Vec<f32> = reference(&symmetric_rows, &wq, k, n)
+            .iter()
+            .zip(&want)
+            .map(|(g, w)| g - w)
+            .collect();
+        let (ours, symmetric) = (rms(&err), rms(&sym_err));
+        assert!(
+            ours < 0.7 * symmetric,
+            "rms error {ours} against the symmetric scale's {symmetric}"
+        );
     }
 
     #[test]

@@ -184,6 +184,14 @@ pub trait Stage: Send + Sync {
     /// Bump whenever the implementation changes what it writes for the same params and inputs:
     /// it is part of the stage key, so old cache entries stop matching.
     fn version(&self) -> u32;
+    /// The version that goes into the key of a run with these resolved params: [`version`]
+    /// unless some params select arithmetic that changed on its own (int8 scoring), so
+    /// entries made with the other params keep their keys.
+    ///
+    /// [`version`]: Stage::version
+    fn version_for(&self, _params: &serde_json::Value) -> u32 {
+        self.version()
+    }
     /// One line for `goemo dag` and error messages.
     fn summary(&self) -> &'static str;
     fn inputs(&self) -> Inputs;
@@ -217,6 +225,11 @@ pub trait TypedStage: Send + Sync {
     fn kind(&self) -> &'static str;
     /// Bump whenever the implementation changes what it writes for the same params and inputs.
     fn version(&self) -> u32;
+    /// The version for a run with `params`: bump this one instead of [`TypedStage::version`]
+    /// when only runs with some params (say `precision: int8`) write something new.
+    fn version_for(&self, _params: &Self::Params) -> u32 {
+        self.version()
+    }
     /// One line for `goemo dag` and error messages.
     fn summary(&self) -> &'static str;
     fn inputs(&self) -> Inputs;
@@ -245,6 +258,14 @@ impl<T: TypedStage> Stage for T {
     }
     fn version(&self) -> u32 {
         TypedStage::version(self)
+    }
+    fn version_for(&self, params: &serde_json::Value) -> u32 {
+        // Resolved params always parse (resolve_params made them); were they not to, the
+        // plain version keeps the key well defined.
+        match serde_json::from_value::<T::Params>(params.clone()) {
+            Ok(typed) => TypedStage::version_for(self, &typed),
+            Err(_) => TypedStage::version(self),
+        }
     }
     fn summary(&self) -> &'static str {
         TypedStage::summary(self)
