@@ -156,7 +156,7 @@ mod tests {
             let int8 = resolve(&format!("{{{param}: int8}}"));
             assert_eq!(
                 stage.version_for(&int8),
-                stage.version() + 1,
+                stage.version() + 2,
                 "{}",
                 stage.kind()
             );

@@ -768,9 +768,12 @@ fn activate_rows(
 ) {
     match quantized {
         None => activate(x, a),
-        Some((q, kernel)) => {
-            q.prepare_and_quantize(x, width, kernel, |row| activate_chunk_wide(row, a))
-        }
+        // Int8 quantizes the activation's output to a u8 step next: GELU by table
+        // ([`crate::gelu`]), 2.4e-6 from exact and half the rational erf's work.
+        Some((q, kernel)) => q.prepare_and_quantize(x, width, kernel, |row| match a {
+            Activation::GeluErf => crate::gelu::gelu_in_place(row),
+            _ => activate_chunk_wide(row, a),
+        }),
     }
 }
 

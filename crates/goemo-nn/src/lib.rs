@@ -59,6 +59,7 @@ pub mod backprop;
 pub mod bf16;
 pub mod classifier;
 pub mod config;
+mod gelu;
 pub mod infer;
 pub mod int8;
 pub mod loss;
