@@ -343,13 +343,64 @@ pub(crate) fn normalise(row: &mut [f32], eps: f32) -> f32 {
 }
 
 struct Layer {
-    /// Query, key and value as one (3·hidden, hidden) layer; the query rows carry 1/√d_head.
-    qkv: Dense,
+    qkv: Projections,
     attn_out: Dense,
     attn_norm: Norm,
     ffn_in: Dense,
     ffn_out: Dense,
     ffn_norm: Norm,
+}
+
+/// A layer's query, key and value projections; the query's rows carry 1/√d_head.
+enum Projections {
+    /// One (3·hidden, hidden) layer.
+    Fused(Dense),
+    /// Int8 with `[CLS]` pooling, the last layer: only the `[CLS]` rows' queries are read, so
+    /// the query is a layer of its own run on those rows alone, and keys and values one run
+    /// on every row, written in place beside them. The same bytes as the fused layer (each
+    /// output has its own scale and an exact sum), a third fewer of this layer's products.
+    ClsQuery { query: Dense, key_value: Dense },
+}
+
+impl Projections {
+    /// Query, key and value of every token (3·hidden each, in that order; with `ClsQuery`,
+    /// the query of each row's first token only: the others' are not written).
+    fn apply(&self, x: Rows, start: &[usize], out: &mut Vec<f32>) {
+        match self {
+            Projections::Fused(qkv) => qkv.apply(x, out),
+            Projections::ClsQuery { query, key_value } => {
+                let (Some((q_weight, kernel)), Some((kv_weight, _)), Rows::Quantized(quantized)) =
+                    (&query.int8, &key_value.int8, x)
+                else {
+                    unreachable!("a split query is built for int8 scoring only");
+                };
+                let h = query.outputs;
+                let tokens = quantized.rows();
+                out.resize(tokens * 3 * h, 0.0);
+                if tokens == 0 {
+                    return;
+                }
+                kv_weight.product_of_quantized_strided(
+                    quantized,
+                    &mut out[h..],
+                    3 * h,
+                    Base::Bias(&key_value.bias),
+                    *kernel,
+                );
+                let firsts = quantized.select(start[..start.len() - 1].iter().copied());
+                let mut queries = vec![0f32; firsts.rows() * h];
+                q_weight.product_of_quantized(
+                    &firsts,
+                    &mut queries,
+                    Base::Bias(&query.bias),
+                    *kernel,
+                );
+                for (&s, q) in start.iter().zip(queries.chunks(h)) {
+                    out[s * 3 * h..][..h].copy_from_slice(q);
+                }
+            }
+        }
+    }
 }
 
 /// A classifier's weights laid out for `PackedEncoder::logits`.
@@ -387,10 +438,12 @@ impl PackedEncoder {
     ) -> anyhow::Result<PackedEncoder> {
         let eps = cfg.layer_norm_eps;
         let scale = 1.0 / ((cfg.hidden / cfg.heads) as f32).sqrt();
+        let last = p.layers.len().saturating_sub(1);
         let layers = p
             .layers
             .iter()
-            .map(|layer| {
+            .enumerate()
+            .map(|(l, layer)| {
                 let (mut q, k, v) = (
                     Dense::load(&layer.query)?,
                     Dense::load(&layer.key)?,
@@ -398,15 +451,32 @@ impl PackedEncoder {
                 );
                 q.weight.iter_mut().for_each(|w| *w *= scale);
                 q.bias.iter_mut().for_each(|b| *b *= scale);
-                let qkv = Dense {
-                    weight: [q.weight, k.weight, v.weight].concat(),
-                    bias: [q.bias, k.bias, v.bias].concat(),
-                    inputs: cfg.hidden,
-                    outputs: 3 * cfg.hidden,
-                    int8: None,
+                let split =
+                    precision == Precision::Int8 && l == last && cfg.pooling == Pooling::Cls;
+                let qkv = if split {
+                    let key_value = Dense {
+                        weight: [k.weight, v.weight].concat(),
+                        bias: [k.bias, v.bias].concat(),
+                        inputs: cfg.hidden,
+                        outputs: 2 * cfg.hidden,
+                        int8: None,
+                    };
+                    Projections::ClsQuery {
+                        query: q.quantize(precision),
+                        key_value: key_value.quantize(precision),
+                    }
+                } else {
+                    let fused = Dense {
+                        weight: [q.weight, k.weight, v.weight].concat(),
+                        bias: [q.bias, k.bias, v.bias].concat(),
+                        inputs: cfg.hidden,
+                        outputs: 3 * cfg.hidden,
+                        int8: None,
+                    };
+                    Projections::Fused(fused.quantize(precision))
                 };
                 Ok(Layer {
-                    qkv: qkv.quantize(precision),
+                    qkv,
                     attn_out: Dense::load(&layer.attn_out)?.quantize(precision),
                     attn_norm: Norm::load(&layer.attn_norm, eps)?,
                     ffn_in: Dense::load(&layer.ffn_in)?.quantize(precision),
@@ -522,7 +592,7 @@ impl PackedEncoder {
         let (mut qkv, mut ctx, mut mid) = (Vec::new(), Vec::new(), Vec::new());
         let last = self.layers.len().saturating_sub(1);
         for (l, layer) in self.layers.iter().enumerate() {
-            layer.qkv.apply(Rows::of(int8, &x, &qx), &mut qkv);
+            layer.qkv.apply(Rows::of(int8, &x, &qx), &start, &mut qkv);
             // With [CLS] pooling the head reads one token per row: past the last attention,
             // carry only those.
             let cls_only = l == last && self.pooling == Pooling::Cls;

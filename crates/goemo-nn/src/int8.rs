@@ -134,13 +134,36 @@ impl QuantizedWeight {
         base: Base,
         kernel: Kernel,
     ) {
+        self.check(x.rows(), dst, base);
+        self.product_of_quantized_strided(x, dst, self.outputs, base, kernel)
+    }
+
+    /// [`QuantizedWeight::product_of_quantized`] into rows `stride` apart: row r's outputs go
+    /// to `dst[r·stride..][..outputs]` and the rest of each row is left as it was (so a layer
+    /// can write its part of a wider matrix in place). The same bytes as a product into rows
+    /// of their own.
+    pub fn product_of_quantized_strided(
+        &self,
+        x: &QuantizedRows,
+        dst: &mut [f32],
+        stride: usize,
+        base: Base,
+        kernel: Kernel,
+    ) {
         assert_eq!(x.width, self.inputs, "input width");
         assert_eq!(x.bytes.len(), x.rows() * self.k4, "quantized rows");
-        self.check(x.rows(), dst, base);
+        if let Base::Bias(b) | Base::DstPlusBias(b) = base {
+            assert_eq!(b.len(), self.outputs, "bias size");
+        }
+        assert!(stride >= self.outputs, "row stride below the outputs");
         if x.rows() == 0 || self.outputs == 0 {
             return;
         }
-        dst.par_chunks_mut(ROWS_PER_TASK * self.outputs)
+        let needed = (x.rows() - 1) * stride + self.outputs;
+        assert!(dst.len() >= needed, "output size");
+        // Each task's rows; the last row of the last task needs only its outputs.
+        dst[..needed]
+            .par_chunks_mut(ROWS_PER_TASK * stride)
             .zip(x.bytes.par_chunks(ROWS_PER_TASK * self.k4))
             .zip(x.scales.par_chunks(ROWS_PER_TASK))
             .zip(x.zero_points.par_chunks(ROWS_PER_TASK))
@@ -151,7 +174,7 @@ impl QuantizedWeight {
                         scales,
                         zero_points,
                     },
-                    dst,
+                    (dst, stride),
                     base,
                     kernel,
                 )
@@ -166,16 +189,18 @@ impl QuantizedWeight {
         assert_eq!(dst.len(), rows * self.outputs, "output size");
     }
 
-    /// One task's rows: `qx` (m × k4 u8) with their scales, into `dst` (m × outputs).
+    /// One task's rows: `qx` (m × k4 u8) with their scales, into `dst`'s m rows `stride`
+    /// apart (outputs values each; the last may end there).
     fn product_of_task(
         &self,
         qx: &[u8],
         rows: RowScales,
-        dst: &mut [f32],
+        (dst, stride): (&mut [f32], usize),
         base: Base,
         kernel: Kernel,
     ) {
         let (k4, n, m) = (self.k4, self.outputs, rows.scales.len());
+        debug_assert!(dst.len() >= (m - 1) * stride + n);
         #[cfg(target_arch = "x86_64")]
         if kernel == Kernel::Vnni {
             assert_eq!(
@@ -192,10 +217,10 @@ impl QuantizedWeight {
                 base,
             };
             // SAFETY: the CPU has the features (checked above); `qx` holds m × k4
-            // activations, `rows` m scales and zero points, and `dst` m × n outputs.
-            return unsafe { vnni::products_into(qx, rows, &w, dst) };
+            // activations, `rows` m scales and zero points, and `dst` m rows `stride` apart.
+            return unsafe { vnni::products_into(qx, rows, &w, (dst, stride)) };
         }
-        for row in dst.chunks_mut(n) {
+        for row in dst.chunks_mut(stride).map(|row| &mut row[..n]) {
             match base {
                 Base::Dst => {}
                 Base::Bias(b) => row.copy_from_slice(b),
@@ -206,7 +231,8 @@ impl QuantizedWeight {
         let mut acc = vec![0i32; m * width];
         portable_products(qx, m, k4, &self.packed, &mut acc);
         for (((out, acc), &sx), &zx) in dst
-            .chunks_mut(n)
+            .chunks_mut(stride)
+            .map(|row| &mut row[..n])
             .zip(acc.chunks(width))
             .zip(rows.scales)
             .zip(rows.zero_points)
@@ -245,6 +271,21 @@ pub struct QuantizedRows {
 impl QuantizedRows {
     pub fn rows(&self) -> usize {
         self.scales.len()
+    }
+
+    /// Copy the rows at `indices`, in that order, as they are (bytes, scales, zero points).
+    pub fn select(&self, indices: impl IntoIterator<Item = usize>) -> QuantizedRows {
+        let k4 = self.width.div_ceil(4) * 4;
+        let mut out = QuantizedRows {
+            width: self.width,
+            ..QuantizedRows::default()
+        };
+        for r in indices {
+            out.bytes.extend_from_slice(&self.bytes[r * k4..][..k4]);
+            out.scales.push(self.scales[r]);
+            out.zero_points.push(self.zero_points[r]);
+        }
+        out
     }
 
     /// Quantize every row of `x` (rows of `width`), rows in parallel.
@@ -467,11 +508,19 @@ mod vnni {
     /// scaled back to f32 in registers as `QuantizedWeight::scale_into` does (the same bytes):
     /// 8 rows × 2 blocks of 16 outputs at a time.
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-    pub(super) unsafe fn products_into(qx: &[u8], rows: RowScales, w: &Weights, dst: &mut [f32]) {
+    pub(super) unsafe fn products_into(
+        qx: &[u8],
+        rows: RowScales,
+        w: &Weights,
+        (dst, stride): (&mut [f32], usize),
+    ) {
         let m = rows.scales.len();
         assert_eq!(rows.zero_points.len(), m, "zero points");
         assert!(
-            qx.len() >= m * w.k4 && dst.len() >= m * w.outputs,
+            m > 0
+                && stride >= w.outputs
+                && qx.len() >= m * w.k4
+                && dst.len() >= (m - 1) * stride + w.outputs,
             "int8 product sizes"
         );
         let blocks = w.outputs.div_ceil(LANES);
@@ -491,14 +540,14 @@ mod vnni {
                     .find(|&t| m - r >= t)
                     .unwrap_or(1);
                 match (tile_rows, pair) {
-                    (ROW_TILE, true) => tile::<ROW_TILE, 2>(qx, rows, w, r, b, dst),
-                    (ROW_TILE, false) => tile::<ROW_TILE, 1>(qx, rows, w, r, b, dst),
-                    (4, true) => tile::<4, 2>(qx, rows, w, r, b, dst),
-                    (4, false) => tile::<4, 1>(qx, rows, w, r, b, dst),
-                    (2, true) => tile::<2, 2>(qx, rows, w, r, b, dst),
-                    (2, false) => tile::<2, 1>(qx, rows, w, r, b, dst),
-                    (_, true) => tile::<1, 2>(qx, rows, w, r, b, dst),
-                    (_, false) => tile::<1, 1>(qx, rows, w, r, b, dst),
+                    (ROW_TILE, true) => tile::<ROW_TILE, 2>(qx, rows, w, r, b, (dst, stride)),
+                    (ROW_TILE, false) => tile::<ROW_TILE, 1>(qx, rows, w, r, b, (dst, stride)),
+                    (4, true) => tile::<4, 2>(qx, rows, w, r, b, (dst, stride)),
+                    (4, false) => tile::<4, 1>(qx, rows, w, r, b, (dst, stride)),
+                    (2, true) => tile::<2, 2>(qx, rows, w, r, b, (dst, stride)),
+                    (2, false) => tile::<2, 1>(qx, rows, w, r, b, (dst, stride)),
+                    (_, true) => tile::<1, 2>(qx, rows, w, r, b, (dst, stride)),
+                    (_, false) => tile::<1, 1>(qx, rows, w, r, b, (dst, stride)),
                 }
                 r += tile_rows;
             }
@@ -515,7 +564,7 @@ mod vnni {
         w: &Weights,
         r: usize,
         b: usize,
-        dst: &mut [f32],
+        (dst, stride): (&mut [f32], usize),
     ) {
         let k4 = w.k4;
         let mut sums = [[_mm512_setzero_si512(); B]; R];
@@ -558,7 +607,7 @@ mod vnni {
                 let exact = _mm512_sub_epi32(row[j], _mm512_mullo_epi32(zero_point, weight_sums));
                 let s = _mm512_mul_ps(_mm512_set1_ps(rows.scales[r + i]), scales);
                 let add = _mm512_mul_ps(_mm512_cvtepi32_ps(exact), s);
-                let o = dst.as_mut_ptr().add((r + i) * n + first);
+                let o = dst.as_mut_ptr().add((r + i) * stride + first);
                 // The base as the portable path forms it, then the product on top.
                 let base = match w.base {
                     Base::Dst => _mm512_maskz_loadu_ps(mask, o),
@@ -761,6 +810,66 @@ mod tests {
             ours < 0.7 * symmetric,
             "rms error {ours} against the symmetric scale's {symmetric}"
         );
+    }
+
+    #[test]
+    fn strided_and_split_products_give_the_fused_bytes() {
+        // A (3·16 + 5)-output layer split after 16 outputs, as the last layer's query is from
+        // its keys and values: each part's outputs equal the fused layer's columns bit for
+        // bit, written in place into rows of the fused width, and a selection of rows gives
+        // those rows' outputs.
+        let (m, k, n, split) = (70, 40, 53, 16);
+        let x = random(m * k, 31);
+        let w = random(n * k, 32);
+        let bias = random(n, 33);
+        let fused = QuantizedWeight::new(&w, n, k);
+        let (front, back) = (
+            QuantizedWeight::new(&w[..split * k], split, k),
+            QuantizedWeight::new(&w[split * k..], n - split, k),
+        );
+        for kernel in [Kernel::Portable, Kernel::detect()] {
+            let mut q = QuantizedRows::default();
+            q.quantize(&x, k, kernel);
+            let mut want = vec![0f32; m * n];
+            fused.product_of_quantized(&q, &mut want, Base::Bias(&bias), kernel);
+            let mut got = vec![f32::NAN; m * n];
+            back.product_of_quantized_strided(
+                &q,
+                &mut got[split..],
+                n,
+                Base::Bias(&bias[split..]),
+                kernel,
+            );
+            let chosen = [69, 0, 7, 8, 40];
+            let mut firsts = vec![0f32; chosen.len() * split];
+            front.product_of_quantized(
+                &q.select(chosen),
+                &mut firsts,
+                Base::Bias(&bias[..split]),
+                kernel,
+            );
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            for r in 0..m {
+                let (w_row, g_row) = (&want[r * n..][..n], &got[r * n..][..n]);
+                assert_eq!(
+                    bits(&g_row[split..]),
+                    bits(&w_row[split..]),
+                    "{kernel:?} row {r}"
+                );
+                // The front of each row was not written.
+                assert!(
+                    g_row[..split].iter().all(|v| v.is_nan()),
+                    "{kernel:?} row {r}"
+                );
+            }
+            for (i, &r) in chosen.iter().enumerate() {
+                assert_eq!(
+                    bits(&firsts[i * split..][..split]),
+                    bits(&want[r * n..][..split]),
+                    "{kernel:?} chosen row {r}"
+                );
+            }
+        }
     }
 
     #[test]
