@@ -201,6 +201,23 @@ impl Dense {
         })
     }
 
+    /// Layers reading the same input, as one: their weights' rows and biases one after the
+    /// other, so the outputs come side by side.
+    fn stacked(parts: Vec<Dense>) -> Dense {
+        let inputs = parts[0].inputs;
+        assert!(parts.iter().all(|d| d.inputs == inputs && d.int8.is_none()));
+        Dense {
+            outputs: parts.iter().map(|d| d.outputs).sum(),
+            weight: parts
+                .iter()
+                .flat_map(|d| d.weight.iter().copied())
+                .collect(),
+            bias: parts.iter().flat_map(|d| d.bias.iter().copied()).collect(),
+            inputs,
+            int8: None,
+        }
+    }
+
     /// Run this layer's products in `precision` from now on.
     fn quantize(mut self, precision: Precision) -> Dense {
         if precision == Precision::Int8 {
@@ -454,26 +471,12 @@ impl PackedEncoder {
                 let split =
                     precision == Precision::Int8 && l == last && cfg.pooling == Pooling::Cls;
                 let qkv = if split {
-                    let key_value = Dense {
-                        weight: [k.weight, v.weight].concat(),
-                        bias: [k.bias, v.bias].concat(),
-                        inputs: cfg.hidden,
-                        outputs: 2 * cfg.hidden,
-                        int8: None,
-                    };
                     Projections::ClsQuery {
                         query: q.quantize(precision),
-                        key_value: key_value.quantize(precision),
+                        key_value: Dense::stacked(vec![k, v]).quantize(precision),
                     }
                 } else {
-                    let fused = Dense {
-                        weight: [q.weight, k.weight, v.weight].concat(),
-                        bias: [q.bias, k.bias, v.bias].concat(),
-                        inputs: cfg.hidden,
-                        outputs: 3 * cfg.hidden,
-                        int8: None,
-                    };
-                    Projections::Fused(fused.quantize(precision))
+                    Projections::Fused(Dense::stacked(vec![q, k, v]).quantize(precision))
                 };
                 Ok(Layer {
                     qkv,

@@ -78,7 +78,7 @@ impl QuantizedWeight {
     /// Quantize `weight` ((outputs, inputs) row-major): per output, scale = max |w| / 127.
     pub fn new(weight: &[f32], outputs: usize, inputs: usize) -> QuantizedWeight {
         assert_eq!(weight.len(), outputs * inputs, "weight size");
-        let k4 = inputs.div_ceil(4) * 4;
+        let k4 = padded_width(inputs);
         let blocks = outputs.div_ceil(LANES);
         let mut packed = vec![0i8; blocks * LANES * k4];
         let mut scales = vec![0f32; outputs];
@@ -134,7 +134,7 @@ impl QuantizedWeight {
         base: Base,
         kernel: Kernel,
     ) {
-        self.check(x.rows(), dst, base);
+        assert_eq!(dst.len(), x.rows() * self.outputs, "output size");
         self.product_of_quantized_strided(x, dst, self.outputs, base, kernel)
     }
 
@@ -179,14 +179,6 @@ impl QuantizedWeight {
                     kernel,
                 )
             });
-    }
-
-    /// Panics unless `dst` holds `rows` outputs and the bias (if any) one per output.
-    fn check(&self, rows: usize, dst: &[f32], base: Base) {
-        if let Base::Bias(b) | Base::DstPlusBias(b) = base {
-            assert_eq!(b.len(), self.outputs, "bias size");
-        }
-        assert_eq!(dst.len(), rows * self.outputs, "output size");
     }
 
     /// One task's rows: `qx` (m × k4 u8) with their scales, into `dst`'s m rows `stride`
@@ -275,7 +267,7 @@ impl QuantizedRows {
 
     /// Copy the rows at `indices`, in that order, as they are (bytes, scales, zero points).
     pub fn select(&self, indices: impl IntoIterator<Item = usize>) -> QuantizedRows {
-        let k4 = self.width.div_ceil(4) * 4;
+        let k4 = padded_width(self.width);
         let mut out = QuantizedRows {
             width: self.width,
             ..QuantizedRows::default()
@@ -326,7 +318,7 @@ impl QuantizedRows {
             );
         }
         let rows = values / width.max(1);
-        let k4 = width.div_ceil(4) * 4;
+        let k4 = padded_width(width);
         self.width = width;
         self.bytes.resize(rows * k4, 0);
         self.scales.resize(rows, 0.0);
@@ -343,6 +335,12 @@ impl QuantizedRows {
             })
             .collect()
     }
+}
+
+/// Bytes a row of `width` values takes in the packed layouts: a multiple of 4 (one
+/// `vpdpbusd` group).
+fn padded_width(width: usize) -> usize {
+    width.div_ceil(4) * 4
 }
 
 /// Where one quantized row goes.
@@ -783,24 +781,22 @@ mod tests {
         let q = QuantizedWeight::new(&w, n, k);
         // Both schemes against the weights as quantized, so only the activations' error
         // differs: the symmetric one computed here in f64.
-        let mut wq = w.clone();
-        for row in wq.chunks_mut(k) {
-            let step = row.iter().fold(0f32, |a, v| a.max(v.abs())) / 127.0;
-            row.iter_mut().for_each(|v| *v = (*v / step).round() * step);
-        }
+        // Each row at max |x| / 127, rounded and scaled back.
+        let symmetric = |v: &[f32]| -> Vec<f32> {
+            v.chunks(k)
+                .flat_map(|row| {
+                    let step = row.iter().fold(0f32, |a, v| a.max(v.abs())) / 127.0;
+                    row.iter().map(move |v| (v / step).round() * step)
+                })
+                .collect()
+        };
+        let wq = symmetric(&w);
         let want = reference(&x, &wq, k, n);
         let mut got = vec![0f32; m * n];
         q.accumulate(&x, &mut got, Kernel::detect());
         let rms = |v: &[f32]| (v.iter().map(|e| e * e).sum::<f32>() / v.len() as f32).sqrt();
         let err: Vec<f32> = got.iter().zip(&want).map(|(g, w)| g - w).collect();
-        let symmetric_rows: Vec<f32> = x
-            .chunks(k)
-            .flat_map(|row| {
-                let step = row.iter().fold(0f32, |a, v| a.max(v.abs())) / 127.0;
-                row.iter().map(move |v| (v / step).round() * step)
-            })
-            .collect();
-        let sym_err: Vec<f32> = reference(&symmetric_rows, &wq, k, n)
+        let sym_err: Vec<f32> = reference(&symmetric(&x), &wq, k, n)
             .iter()
             .zip(&want)
             .map(|(g, w)| g - w)
