@@ -78,12 +78,8 @@ impl TypedStage for EvaluateStage {
 
     fn run(&self, ctx: &StageContext<'_>, p: EvaluateParams) -> anyhow::Result<()> {
         let t: Thresholds = goemo_fsio::read_json(&ctx.input("thresholds")?.join(THRESHOLDS_FILE))?;
-        if t.precision != p.precision {
-            tracing::warn!(
-                "evaluate scores in {} but the thresholds were tuned on {} scores; set thresholds.precision and evaluate.precision alike",
-                p.precision.name(),
-                t.precision.name()
-            );
+        if let Some(why) = t.scoring_mismatch(p.precision) {
+            tracing::warn!("evaluate: {why}");
         }
         let split = crate::scoring::score_split(
             ctx.input("model")?,

@@ -122,6 +122,11 @@ pub fn predict(
         .precision
         .or(file.as_ref().map(|(_, t)| t.precision))
         .unwrap_or_default();
+    if let Some((path, t)) = &file {
+        if let Some(why) = t.scoring_mismatch(precision) {
+            tracing::warn!("{}: {why}", path.display());
+        }
+    }
     let classifier = Classifier::load_with(
         &opts.model,
         &device,

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use goemo_data::data::Split;
 use goemo_report::metrics;
-use goemo_report::thresholds::{tune, THRESHOLDS_FILE};
+use goemo_report::thresholds::{tune, Precision, THRESHOLDS_FILE};
 pub use goemo_report::thresholds::{Policy, ThresholdParams, Thresholds};
 use goemo_stage::{InputSpec, Inputs, ParamError, StageContext, TypedStage};
 
@@ -25,7 +25,8 @@ impl TypedStage for ThresholdsStage {
         4
     }
     fn version_for(&self, p: &ThresholdParams) -> u32 {
-        p.precision.stage_version(4)
+        // Int8 runs: +1 since thresholds.json records the int8 arithmetic's revision.
+        p.precision.stage_version(4) + u32::from(p.precision == Precision::Int8)
     }
     fn summary(&self) -> &'static str {
         "per-label thresholds that maximise dev F1 (or one global threshold)"
@@ -140,12 +141,13 @@ mod tests {
     /// same for distill's teachers.
     #[test]
     fn int8_runs_have_a_version_of_their_own() {
-        let stages: [(&dyn Stage, &str); 3] = [
-            (&super::ThresholdsStage, "precision"),
-            (&crate::evaluate::EvaluateStage, "precision"),
-            (&crate::distill::DistillStage, "teacher_precision"),
+        // Thresholds' int8 runs one more: their thresholds.json records the arithmetic.
+        let stages: [(&dyn Stage, &str, u32); 3] = [
+            (&super::ThresholdsStage, "precision", 1),
+            (&crate::evaluate::EvaluateStage, "precision", 0),
+            (&crate::distill::DistillStage, "teacher_precision", 0),
         ];
-        for (stage, param) in stages {
+        for (stage, param, format) in stages {
             let resolve = |yaml: &str| {
                 stage
                     .resolve_params(&serde_yaml::from_str(yaml).unwrap())
@@ -156,7 +158,7 @@ mod tests {
             let int8 = resolve(&format!("{{{param}: int8}}"));
             assert_eq!(
                 stage.version_for(&int8),
-                stage.version() + 2,
+                stage.version() + goemo_report::precision::INT8_ARITHMETIC + format,
                 "{}",
                 stage.kind()
             );

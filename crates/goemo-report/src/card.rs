@@ -771,6 +771,7 @@ mod tests {
             dev_f1: vec![0.2, 0.0],
             fallback: vec![],
             precision: Precision::Int8,
+            int8_arithmetic: Some(crate::precision::INT8_ARITHMETIC),
         };
         let train = TrainFacts {
             params: Some(BTreeMap::from([

@@ -14,6 +14,13 @@ pub enum Precision {
     Int8,
 }
 
+/// The revision of goemo-nn's int8 arithmetic, raised whenever an int8 score can change: 1 since
+/// activations are quantized over each row's own range with a zero point of their own (they were
+/// symmetric around 128); 2 since GELU is a piecewise cubic (goemo-nn's `gelu`), 2.4e-6 from
+/// exact. Int8 scoring stages key on it ([`Precision::stage_version`]) and thresholds.json
+/// records it, so `goemo predict` can say when a file was tuned on other int8 scores.
+pub const INT8_ARITHMETIC: u32 = 2;
+
 impl Precision {
     /// Params and files leave the default out, so entries and files written before this param
     /// existed keep their keys and bytes.
@@ -23,13 +30,11 @@ impl Precision {
 
     /// The version of a scoring stage's run in this precision, given the stage's own (that of
     /// its f32 runs). Int8's arithmetic changes on its own; its runs then get new keys while
-    /// f32 entries and locks keep theirs. Int8 runs: +1 since activations are quantized over
-    /// each row's own range with a zero point of its own (they were symmetric around 128); +2
-    /// since GELU is a piecewise cubic (goemo-nn's `gelu`), 2.4e-6 from exact.
+    /// f32 entries and locks keep theirs: f32's version plus [`INT8_ARITHMETIC`].
     pub fn stage_version(self, f32_version: u32) -> u32 {
         match self {
             Precision::F32 => f32_version,
-            Precision::Int8 => f32_version + 2,
+            Precision::Int8 => f32_version + INT8_ARITHMETIC,
         }
     }
 
