@@ -35,7 +35,8 @@ const TILES_PER_TASK: usize = 16;
 /// Which kernel a bf16 product uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Bf16Kernel {
-    /// AVX-512 BF16 (`vdpbf16ps`), on x86-64 with avx512f and avx512bf16.
+    /// AVX-512 BF16 (`vdpbf16ps`, `vcvtne2ps2bf16`), on x86-64 with avx512f, avx512bw and
+    /// avx512bf16.
     Avx512Bf16,
     /// Plain Rust for any CPU: the same bits, several times slower.
     Portable,
@@ -47,6 +48,7 @@ impl Bf16Kernel {
         #[cfg(target_arch = "x86_64")]
         if !crate::portable_kernels_forced()
             && is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512bw")
             && is_x86_feature_detected!("avx512bf16")
         {
             return Bf16Kernel::Avx512Bf16;
@@ -117,6 +119,29 @@ fn interleave(even: &[f32], odd: &[f32], dst: &mut [u32]) {
 wide_fn!(fn line_pairs_wide(src: &[f32], dst: &mut [u32]) => line_pairs);
 wide_fn!(fn interleave_wide(even: &[f32], odd: &[f32], dst: &mut [u32]) => interleave);
 
+/// [`line_pairs`] by the CPU's own conversion where `kernel` is the AVX-512 one (the same bits:
+/// `round_to_bf16` is that conversion; a test checks every path), else compiled wide.
+fn line_pairs_by(kernel: Bf16Kernel, src: &[f32], dst: &mut [u32]) {
+    #[cfg(target_arch = "x86_64")]
+    if kernel == Bf16Kernel::Avx512Bf16 {
+        // SAFETY: `Bf16Kernel::Avx512Bf16` comes from `detect`, which checked the features.
+        return unsafe { avx512::line_pairs(src, dst) };
+    }
+    let _ = kernel;
+    line_pairs_wide(src, dst)
+}
+
+/// [`interleave`], as [`line_pairs_by`].
+fn interleave_by(kernel: Bf16Kernel, even: &[f32], odd: &[f32], dst: &mut [u32]) {
+    #[cfg(target_arch = "x86_64")]
+    if kernel == Bf16Kernel::Avx512Bf16 {
+        // SAFETY: as in `line_pairs_by`.
+        return unsafe { avx512::interleave(even, odd, dst) };
+    }
+    let _ = kernel;
+    interleave_wide(even, odd, dst)
+}
+
 /// An operand packed in pairs: `groups` tiles (or panels) of `width` lines × `pairs` pairs.
 struct Packed<'a> {
     data: &'a [u32],
@@ -135,6 +160,7 @@ impl Packed<'_> {
 /// calls: the packings of a step are the same sizes every step, so after the first no page is
 /// faulted in or cleared again). Every element of the result is written, padding included.
 fn pack<'b>(
+    kernel: Bf16Kernel,
     buffer: &'b mut Vec<u32>,
     data: &[f32],
     lines: usize,
@@ -164,7 +190,7 @@ fn pack<'b>(
                 let mut line_buf = vec![0u32; pairs];
                 for l in 0..count {
                     let line = &data[(first + l) * line_stride..][..k];
-                    line_pairs_wide(line, &mut line_buf);
+                    line_pairs_by(kernel, line, &mut line_buf);
                     if k % 2 == 1 {
                         line_buf[pairs - 1] = pair(line[k - 1], 0.0);
                     }
@@ -184,7 +210,7 @@ fn pack<'b>(
                     let even = &data[2 * p * k_stride + first..][..count];
                     if 2 * p + 1 < k {
                         let odd = &data[(2 * p + 1) * k_stride + first..][..count];
-                        interleave_wide(even, odd, &mut out[..count]);
+                        interleave_by(kernel, even, odd, &mut out[..count]);
                     } else {
                         for (o, &e) in out.iter_mut().zip(even) {
                             *o = pair(e, 0.0);
@@ -225,6 +251,7 @@ impl Lhs<'_> {
 /// `buffer`: pairs of rows interleaved when its columns are contiguous (a transposed
 /// operand), else row by row.
 fn convert_lhs<'b>(
+    kernel: Bf16Kernel,
     buffer: &'b mut Vec<u32>,
     data: &[f32],
     m: usize,
@@ -245,7 +272,12 @@ fn convert_lhs<'b>(
         out.par_chunks_mut(rows).enumerate().for_each(|(p, out)| {
             let even = &data[2 * p * k_stride..][..m];
             if 2 * p + 1 < k {
-                interleave_wide(even, &data[(2 * p + 1) * k_stride..][..m], &mut out[..m]);
+                interleave_by(
+                    kernel,
+                    even,
+                    &data[(2 * p + 1) * k_stride..][..m],
+                    &mut out[..m],
+                );
             } else {
                 for (o, &e) in out.iter_mut().zip(even) {
                     *o = pair(e, 0.0);
@@ -269,7 +301,7 @@ fn convert_lhs<'b>(
             } else {
                 // Row-major here means the elements of a row are contiguous (k_stride is 1).
                 let row = &data[r * row_stride..][..k];
-                line_pairs_wide(row, out);
+                line_pairs_by(kernel, row, out);
                 if k % 2 == 1 {
                     out[pairs - 1] = pair(row[k - 1], 0.0);
                 }
@@ -323,8 +355,16 @@ pub(crate) fn matmul_bf16(
         dst.fill(0.0);
     }
     let [mut a_buf, mut b_buf] = BUFFERS.with_borrow_mut(std::mem::take);
-    let a = convert_lhs(&mut a_buf, lhs.data, m, k, (lhs.row_stride, lhs.col_stride));
+    let a = convert_lhs(
+        kernel,
+        &mut a_buf,
+        lhs.data,
+        m,
+        k,
+        (lhs.row_stride, lhs.col_stride),
+    );
     let b = pack(
+        kernel,
         &mut b_buf,
         rhs.data,
         n,
@@ -469,6 +509,48 @@ mod avx512 {
     use super::{MR, NR};
     use std::arch::x86_64::*;
 
+    /// `super::line_pairs` by `vcvtne2ps2bf16`, 32 elements (16 pairs) at a time: in the
+    /// element order, the even element of each pair lands in the low half.
+    ///
+    /// # Safety
+    /// On a CPU with avx512f and avx512bf16.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub(super) unsafe fn line_pairs(src: &[f32], dst: &mut [u32]) {
+        let n = dst.len().min(src.len() / 2);
+        let mut p = 0;
+        while p + 16 <= n {
+            let low = _mm512_loadu_ps(src.as_ptr().add(2 * p));
+            let high = _mm512_loadu_ps(src.as_ptr().add(2 * p + 16));
+            let v: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(high, low));
+            _mm512_storeu_si512(dst.as_mut_ptr().add(p) as *mut _, v);
+            p += 16;
+        }
+        super::line_pairs(&src[2 * p..], &mut dst[p..n]);
+    }
+
+    /// `super::interleave` by `vcvtne2ps2bf16` (16 even, then 16 odd elements) and a word
+    /// permutation that puts each odd element beside its even one.
+    ///
+    /// # Safety
+    /// On a CPU with avx512f, avx512bw and avx512bf16.
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    pub(super) unsafe fn interleave(even: &[f32], odd: &[f32], dst: &mut [u32]) {
+        let n = dst.len().min(even.len()).min(odd.len());
+        // Word 2i from word i (even i), word 2i + 1 from word 16 + i (odd i).
+        let order: [u16; 32] = std::array::from_fn(|w| (w / 2 + 16 * (w % 2)) as u16);
+        let order = _mm512_loadu_si512(order.as_ptr() as *const _);
+        let mut i = 0;
+        while i + 16 <= n {
+            let e = _mm512_loadu_ps(even.as_ptr().add(i));
+            let o = _mm512_loadu_ps(odd.as_ptr().add(i));
+            let halves: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(o, e));
+            let pairs = _mm512_permutexvar_epi16(order, halves);
+            _mm512_storeu_si512(dst.as_mut_ptr().add(i) as *mut _, pairs);
+            i += 16;
+        }
+        super::interleave(&even[i..n], &odd[i..n], &mut dst[i..n]);
+    }
+
     /// The tile in 24 registers of sums (8 rows × 3 × 16 columns).
     ///
     /// # Safety
@@ -582,6 +664,42 @@ mod tests {
                 } else {
                     assert_eq!(g, want, "{v:e} ({:#010x})", v.to_bits());
                 }
+            }
+        }
+    }
+
+    /// The conversions into pairs give the scalar rounding's bits on every path this CPU can
+    /// take (the CPU's own conversion, the wide loop), for every length around the 16-pair
+    /// blocks and for any bit pattern but NaN (whose payload may differ; it stays NaN).
+    #[test]
+    fn pair_conversions_give_the_scalar_bits_on_every_path() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
+        let mut kernels = vec![Bf16Kernel::Portable, Bf16Kernel::detect()];
+        kernels.dedup();
+        for n in [0, 1, 15, 16, 17, 31, 32, 33, 70] {
+            let mut value = || loop {
+                let v = f32::from_bits(rng.random::<u32>());
+                if !v.is_nan() {
+                    // Half ordinary magnitudes, half any exponent (subnormals, infinities).
+                    break if rng.random::<bool>() {
+                        v
+                    } else {
+                        (v.to_bits() % 1000) as f32 / 7.0 - 70.0
+                    };
+                }
+            };
+            let src: Vec<f32> = (0..2 * n + 1).map(|_| value()).collect();
+            let (even, odd): (Vec<f32>, Vec<f32>) = (0..n).map(|_| (value(), value())).unzip();
+            let want_lines: Vec<u32> = src.chunks_exact(2).map(|p| pair(p[0], p[1])).collect();
+            let want_pairs: Vec<u32> = even.iter().zip(&odd).map(|(&e, &o)| pair(e, o)).collect();
+            for &kernel in &kernels {
+                let mut lines = vec![u32::MAX; n + 1];
+                line_pairs_by(kernel, &src, &mut lines);
+                assert_eq!(&lines[..n], &want_lines[..], "{kernel:?}, {n} pairs");
+                assert_eq!(lines[n], u32::MAX, "{kernel:?}: wrote past the pairs");
+                let mut pairs = vec![u32::MAX; n];
+                interleave_by(kernel, &even, &odd, &mut pairs);
+                assert_eq!(pairs, want_pairs, "{kernel:?}, {n} pairs");
             }
         }
     }
