@@ -562,14 +562,44 @@ fn attend_row(
             p.iter_mut().for_each(|x| *x *= inv);
             let base = (row.prob_start + (head * len + i) * len) as u64;
             let out = &mut ctx[i * h + head * dh..][..dh];
-            for (j, &pj) in p.iter().enumerate() {
+            let terms = p.iter().enumerate().map(|(j, &pj)| {
                 let w = match drop {
                     Some(d) => pj * d.factor(base + j as u64),
                     None => pj,
                 };
-                out.iter_mut()
-                    .zip(&v[at(j, head)..][..dh])
-                    .for_each(|(o, v)| *o += w * v);
+                (w, &v[at(j, head)..][..dh])
+            });
+            add_weighted(out, terms);
+        }
+    }
+}
+
+/// `acc` += w·x for each term (w, x) in order, elementwise: one sum per element, rounded
+/// after each product and each addition. For the usual head widths the sums stay in registers
+/// across the terms (with `acc` in memory, each term's additions waited on the last term's
+/// stores: the attention's slowest loops); any width gives the same bits.
+#[inline(always)]
+fn add_weighted<'x>(acc: &mut [f32], terms: impl Iterator<Item = (f32, &'x [f32])>) {
+    #[inline(always)]
+    fn fixed<'x, const D: usize>(acc: &mut [f32], terms: impl Iterator<Item = (f32, &'x [f32])>) {
+        let mut sums: [f32; D] = acc.try_into().expect("the head width");
+        for (w, x) in terms {
+            let x: &[f32; D] = x.try_into().expect("the head width");
+            for d in 0..D {
+                sums[d] += w * x[d];
+            }
+        }
+        acc.copy_from_slice(&sums);
+    }
+    match acc.len() {
+        16 => fixed::<16>(acc, terms),
+        32 => fixed::<32>(acc, terms),
+        64 => fixed::<64>(acc, terms),
+        _ => {
+            for (w, x) in terms {
+                for (a, x) in acc.iter_mut().zip(x) {
+                    *a += w * x;
+                }
             }
         }
     }
@@ -632,7 +662,7 @@ fn attend_row_backward(
     let dh = h / heads;
     let at = |t: usize, head: usize| (s + t) * h + head * dh;
     let local = |t: usize, head: usize| t * h + head * dh;
-    let mut dp = vec![0f32; len];
+    let (mut dp, mut ds) = (vec![0f32; len], vec![0f32; len]);
     for head in 0..heads {
         for i in 0..len {
             let p = &probs[row.prob_start + (head * len + i) * len..][..len];
@@ -645,30 +675,26 @@ fn attend_row_backward(
                 dp[j] = m * dot(g, &v[at(j, head)..][..dh]);
                 let w = m * p[j];
                 if w != 0.0 {
-                    dv[local(j, head)..][..dh]
-                        .iter_mut()
-                        .zip(g)
-                        .for_each(|(a, g)| *a += w * g);
+                    add_weighted(&mut dv[local(j, head)..][..dh], std::iter::once((w, g)));
                 }
             }
             // Softmax: ∂s_ij = p_ij·(∂p_ij − Σ_k p_ik·∂p_ik); s = scale·q·k.
             let centre = dot(p, &dp);
             let qi = &q[at(i, head)..][..dh];
             for j in 0..len {
-                let ds = scale * p[j] * (dp[j] - centre);
-                if ds == 0.0 {
-                    continue;
+                ds[j] = scale * p[j] * (dp[j] - centre);
+                if ds[j] != 0.0 {
+                    add_weighted(
+                        &mut dk[local(j, head)..][..dh],
+                        std::iter::once((ds[j], qi)),
+                    );
                 }
-                let kj = &k[at(j, head)..][..dh];
-                dq[local(i, head)..][..dh]
-                    .iter_mut()
-                    .zip(kj)
-                    .for_each(|(a, k)| *a += ds * k);
-                dk[local(j, head)..][..dh]
-                    .iter_mut()
-                    .zip(qi)
-                    .for_each(|(a, q)| *a += ds * q);
             }
+            // ∂q_i: the same terms in the same order, summed in registers.
+            let terms = (0..len)
+                .filter(|&j| ds[j] != 0.0)
+                .map(|j| (ds[j], &k[at(j, head)..][..dh]));
+            add_weighted(&mut dq[local(i, head)..][..dh], terms);
         }
     }
 }
