@@ -187,21 +187,7 @@ fn norm_row_forward(
     inv
 }
 
-/// Returns a value, so not through `wide_fn!` (which wraps procedures).
-fn norm_row_forward_wide(xhat: &mut [f32], y: &mut [f32], gb: (&[f32], &[f32]), eps: f32) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    {
-        #[target_feature(enable = "avx512f,avx512vl,avx2")]
-        unsafe fn avx512(xhat: &mut [f32], y: &mut [f32], gb: (&[f32], &[f32]), eps: f32) -> f32 {
-            norm_row_forward(xhat, y, gb, eps)
-        }
-        if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512vl") {
-            // SAFETY: the CPU has the features `avx512` is compiled for.
-            return unsafe { avx512(xhat, y, gb, eps) };
-        }
-    }
-    norm_row_forward(xhat, y, gb, eps)
-}
+wide_fn!(fn norm_row_forward_wide(xhat: &mut [f32], y: &mut [f32], gb: (&[f32], &[f32]), eps: f32) -> f32 => norm_row_forward);
 
 /// One row of [`norm_backward`]'s input gradient, in place (see there).
 #[inline(always)]

@@ -18,18 +18,21 @@
 //!
 //! Knows nothing of pipelines, stages or datasets: callers pass token ids and labels.
 
-/// `fn NAME(args) => BODY`: NAME calls BODY (an `#[inline(always)]` function) compiled for
-/// AVX-512 when this CPU has it, else as it is. Only for code whose float operations are the
+/// `fn NAME(args) [-> T] => BODY`: NAME calls BODY (an `#[inline(always)]` function) compiled
+/// for AVX-512 when this CPU has it, else as it is. Only for code whose float operations are the
 /// same either way: elementwise formulas and sums in explicit lanes. Rust never reassociates or
 /// fuses float operations, so wider registers give the same bytes, only sooner.
 macro_rules! wide_fn {
     ($(#[$m:meta])* fn $name:ident($($arg:ident: $ty:ty),*) => $body:path) => {
+        wide_fn!($(#[$m])* fn $name($($arg: $ty),*) -> () => $body);
+    };
+    ($(#[$m:meta])* fn $name:ident($($arg:ident: $ty:ty),*) -> $ret:ty => $body:path) => {
         $(#[$m])*
-        fn $name($($arg: $ty),*) {
+        fn $name($($arg: $ty),*) -> $ret {
             #[cfg(target_arch = "x86_64")]
             {
                 #[target_feature(enable = "avx512f,avx512vl,avx2")]
-                unsafe fn avx512($($arg: $ty),*) {
+                unsafe fn avx512($($arg: $ty),*) -> $ret {
                     $body($($arg),*)
                 }
                 if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512vl") {
