@@ -148,6 +148,9 @@ impl<'a> Run<'a> {
                 data.n_labels()
             ),
         };
+        for warning in p.conflicts() {
+            tracing::warn!("train: {warning}");
+        }
         let loss = Loss {
             kind: p.loss_kind(),
             label_smoothing: p.label_smoothing as f32,
