@@ -88,12 +88,6 @@ fn round_bits(bits: u32) -> u32 {
     }
 }
 
-/// A pair's two elements as f32 (exact): (even, odd).
-#[inline(always)]
-pub(crate) fn unpair(p: u32) -> (f32, f32) {
-    (bf16_to_f32(p as u16), bf16_to_f32((p >> 16) as u16))
-}
-
 /// The f32 a bf16 stands for (exact).
 #[inline(always)]
 pub fn bf16_to_f32(b: u16) -> f32 {
@@ -102,7 +96,7 @@ pub fn bf16_to_f32(b: u16) -> f32 {
 
 /// Two consecutive elements of the inner dimension as one packed pair.
 #[inline(always)]
-pub(crate) fn pair(even: f32, odd: f32) -> u32 {
+fn pair(even: f32, odd: f32) -> u32 {
     round_bits(even.to_bits()) | round_bits(odd.to_bits()) << 16
 }
 
@@ -460,7 +454,7 @@ unsafe fn run_tile(
 
 /// Results below f32's smallest normal become a zero of their sign (the instruction's FTZ).
 #[inline(always)]
-pub(crate) fn flush(x: f32) -> f32 {
+fn flush(x: f32) -> f32 {
     let bits = x.to_bits();
     if bits & 0x7f80_0000 == 0 {
         f32::from_bits(bits & 0x8000_0000)

@@ -649,7 +649,7 @@ impl PackedEncoder {
         }
         let order = match self.precision {
             Precision::F32 => ScoreOrder::DotLanes,
-            Precision::Int8 => ScoreOrder::Bf16Pairs,
+            Precision::Int8 => ScoreOrder::ByKeys,
         };
         slices.into_par_iter().for_each(|(r, out)| {
             attend(

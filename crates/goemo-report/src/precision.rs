@@ -17,10 +17,9 @@ pub enum Precision {
 /// The revision of goemo-nn's int8 arithmetic, raised whenever an int8 score can change: 1 since
 /// activations are quantized over each row's own range with a zero point of their own (they were
 /// symmetric around 128); 2 since GELU is a piecewise cubic (goemo-nn's `gelu`), 2.4e-6 from
-/// exact; 3 since attention runs in bf16 (queries, keys, softmax weights and values rounded to
-/// bf16, sums in f32, as OpenVINO's int8 models run it). Int8 scoring stages key on it ([`Precision::stage_version`]) and thresholds.json
+/// exact. Int8 scoring stages key on it ([`Precision::stage_version`]) and thresholds.json
 /// records it, so `goemo predict` can say when a file was tuned on other int8 scores.
-pub const INT8_ARITHMETIC: u32 = 3;
+pub const INT8_ARITHMETIC: u32 = 2;
 
 impl Precision {
     /// Params and files leave the default out, so entries and files written before this param
