@@ -279,10 +279,11 @@ impl TrainParams {
     /// default clip 0.05, README "Levers").
     pub fn conflicts(&self) -> Vec<String> {
         let mut warnings = Vec::new();
-        if self.loss == LossName::Asl && self.label_smoothing > 0.0 {
-            let clip = self.asl_clip.unwrap_or(0.05);
-            let target = self.label_smoothing / 2.0;
-            if target >= clip {
+        // The clip as the loss gets it (its default resolved once, in `loss_kind`), compared
+        // in the loss's own f32.
+        if let LossKind::Asymmetric { clip, .. } = self.loss_kind() {
+            let target = self.label_smoothing as f32 / 2.0;
+            if target > 0.0 && target >= clip {
                 warnings.push(format!(
                     "label_smoothing {ls} sets every negative's target to {target}, at or above \
                      asl_clip {clip}: ASL's clip discards negatives scored below it, the smoothed \
