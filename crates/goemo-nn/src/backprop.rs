@@ -25,11 +25,11 @@ use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 
-use crate::bf16::{matmul_bf16, Bf16Kernel};
+use crate::bf16::{matmul_bf16, matmul_bf16_new, matmul_bf16_split, Bf16Kernel, Start};
 use crate::config::{Activation, EncoderConfig, Pooling};
 use crate::infer::{
-    activate, check_rows, dot, embed, erf_rational, exp_approx, lane_sum, matmul, normalise,
-    packed_tokens, pool_rows, Operand, SQRT_TWO_OVER_PI,
+    activate, check_rows, dot, embed, erf_rational, exp_approx, lane_sum, matmul,
+    matmul_rows_apart, normalise, packed_tokens, pool_rows, Operand, SQRT_TWO_OVER_PI,
 };
 use crate::loss::Loss;
 use crate::model::Params;
@@ -38,6 +38,26 @@ use crate::params::{Dense, Encoder, Layer, LayerNorm};
 /// Rows per partial sum in the column reductions: fixed, so the summation order (and so the
 /// bits) do not depend on the number of threads.
 const REDUCE_ROWS: usize = 64;
+
+/// `len` zeros, written by all threads: the gradients are 22.7 M floats for MiniLM, and one
+/// thread clearing them each step (the allocator's zeroing) left the other core idle.
+fn zeroed(len: usize) -> Vec<f32> {
+    const CHUNK: usize = 1 << 16;
+    if len < 4 * CHUNK {
+        return vec![0.0; len];
+    }
+    let mut v = Vec::with_capacity(len);
+    v.spare_capacity_mut()
+        .par_chunks_mut(CHUNK)
+        .for_each(|chunk| {
+            chunk.iter_mut().for_each(|x| {
+                x.write(0.0);
+            })
+        });
+    // SAFETY: every element of the first `len` was written just above.
+    unsafe { v.set_len(len) };
+    v
+}
 
 /// `dst` += the sum of the rows of `x` (rows of width `dst.len()`), in a fixed order.
 fn add_column_sums(dst: &mut [f32], x: &[f32]) {
@@ -279,9 +299,11 @@ wide_fn!(fn activation_backward_chunk_wide(d: &mut [f32], pre: &[f32], a: Activa
 /// What one encoder layer's backward pass needs from its forward pass.
 struct LayerSaved {
     input: Vec<f32>,
-    q: Vec<f32>,
-    k: Vec<f32>,
-    v: Vec<f32>,
+    /// Per token, its query, key and value side by side (3 × hidden).
+    qkv: Vec<f32>,
+    /// The query, key and value weights stacked (3·hidden × inputs), where the products ran
+    /// as one (bf16): the backward pass's ∂x product reads them again.
+    qkv_weight: Option<Vec<f32>>,
     /// Per row r, heads × len × len attention probabilities (before dropout), from
     /// `prob_start[r]`.
     probs: Vec<f32>,
@@ -375,6 +397,18 @@ impl Products {
 fn dense_forward(mm: Products, d: &Dense<&[f32]>, x: &[f32]) -> Vec<f32> {
     let (inputs, outputs) = dense_dims(d);
     let rows = x.len() / inputs;
+    if let Products::Bf16(kernel) = mm {
+        // The same chains from the bias, without a serial pass writing it first.
+        return matmul_bf16_new(
+            rows,
+            outputs,
+            inputs,
+            Operand::plain(x, inputs),
+            Operand::transposed(d.weight, inputs),
+            Start::Bias(d.bias),
+            kernel,
+        );
+    }
     let mut y = Vec::with_capacity(rows * outputs);
     for _ in 0..rows {
         y.extend_from_slice(d.bias);
@@ -433,6 +467,32 @@ fn dense_backward(
     }
 }
 
+/// [`dense_backward`] with ∂L/∂x in a new buffer (written by the product alone in bf16).
+fn dense_backward_new_dx(
+    mm: Products,
+    d: &Dense<&[f32]>,
+    grad: &mut Dense<Vec<f32>>,
+    dy: &[f32],
+    x: &[f32],
+) -> Vec<f32> {
+    let Products::Bf16(kernel) = mm else {
+        let mut dx = vec![0f32; x.len()];
+        dense_backward(mm, d, grad, dy, x, Some(&mut dx), false);
+        return dx;
+    };
+    dense_backward(mm, d, grad, dy, x, None, false);
+    let (inputs, outputs) = dense_dims(d);
+    matmul_bf16_new(
+        dy.len() / outputs,
+        inputs,
+        outputs,
+        Operand::plain(dy, outputs),
+        Operand::plain(d.weight, inputs),
+        Start::Zero,
+        kernel,
+    )
+}
+
 /// How both halves of an encoder layer end (the attention output and the feed-forward
 /// output): out = LN(dropout(dense(x)) + residual).
 struct ResidualNorm<'w, 'a> {
@@ -470,26 +530,176 @@ impl ResidualNorm<'_, '_> {
         norm_backward(&mut d_out, saved, self.norm, grad.1);
         let d_residual = d_out.clone();
         Dropout::apply(drop, &mut d_out, 0);
-        let mut dx = vec![0f32; x.len()];
-        dense_backward(self.mm, self.dense, grad.0, &d_out, x, Some(&mut dx), false);
+        let dx = dense_backward_new_dx(self.mm, self.dense, grad.0, &d_out, x);
         (d_residual, dx)
     }
 }
 
-/// Scaled dot-product attention of each row over its own tokens, head by head. Returns the
-/// context (tokens × hidden) and the probabilities before dropout.
+/// The query, key and value projections of a layer's input: per token, q, k and v side by side
+/// (tokens × 3·hidden), and the stacked weights where the three ran as one product.
+///
+/// In bf16 the three are one product of 3·hidden columns (bigger tiles, the input converted
+/// once), with the same bits as three: each output is the same chain of additions. The f32
+/// products stay three calls, as before, so their bits do not move either.
+fn qkv_forward(mm: Products, layer: &Layer<&[f32]>, x: &[f32]) -> (Vec<f32>, Option<Vec<f32>>) {
+    let (inputs, h) = dense_dims(&layer.query);
+    let rows = x.len() / inputs.max(1);
+    let parts = [&layer.query, &layer.key, &layer.value];
+    match mm {
+        Products::F32 => {
+            // Three products, each into its block of columns.
+            let mut qkv = Vec::with_capacity(rows * 3 * h);
+            for _ in 0..rows {
+                for d in parts {
+                    qkv.extend_from_slice(d.bias);
+                }
+            }
+            for (i, d) in parts.iter().enumerate() {
+                matmul_rows_apart(
+                    &mut qkv[i * h..],
+                    3 * h,
+                    (rows, h, inputs),
+                    Operand::plain(x, inputs),
+                    Operand::transposed(d.weight, inputs),
+                    true,
+                );
+            }
+            (qkv, None)
+        }
+        Products::Bf16(kernel) => {
+            // Stacked by both threads (1.8 MB a layer for MiniLM, copied each step since the
+            // weights change): a serial copy here left a core idle.
+            let mut weight = zeroed(3 * h * inputs);
+            weight
+                .par_chunks_mut(h * inputs)
+                .zip(parts)
+                .for_each(|(w, d)| w.copy_from_slice(d.weight));
+            let bias: Vec<f32> = parts.iter().flat_map(|d| d.bias.iter().copied()).collect();
+            let qkv = matmul_bf16_new(
+                rows,
+                3 * h,
+                inputs,
+                Operand::plain(x, inputs),
+                Operand::transposed(&weight, inputs),
+                Start::Bias(&bias),
+                kernel,
+            );
+            (qkv, Some(weight))
+        }
+    }
+}
+
+/// The query, key and value projections backwards, from ∂L/∂(q, k, v) side by side: their
+/// gradients added to `grad`, ∂L/∂x added to `dx` (query's terms, then key's, then value's).
+fn qkv_backward(
+    mm: Products,
+    layer: &Layer<&[f32]>,
+    grad: &mut Layer<Vec<f32>>,
+    d_qkv: &[f32],
+    s: &LayerSaved,
+    dx: &mut [f32],
+) {
+    let (inputs, h) = dense_dims(&layer.query);
+    let rows = s.input.len() / inputs.max(1);
+    // Column sums over all 3·hidden columns: each column's sum is the one it would be alone.
+    let mut bias: Vec<f32> = [&grad.query.bias, &grad.key.bias, &grad.value.bias]
+        .into_iter()
+        .flatten()
+        .copied()
+        .collect();
+    add_column_sums(&mut bias, d_qkv);
+    for (i, g) in [
+        &mut grad.query.bias,
+        &mut grad.key.bias,
+        &mut grad.value.bias,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        g.copy_from_slice(&bias[i * h..][..h]);
+    }
+    let (Products::Bf16(kernel), Some(weight)) = (mm, &s.qkv_weight) else {
+        // f32: three products each way, reading their block of ∂(q, k, v) in place.
+        for (i, (d, g)) in [
+            (&layer.query, &mut grad.query),
+            (&layer.key, &mut grad.key),
+            (&layer.value, &mut grad.value),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let dy = &d_qkv[i * h..];
+            let dy_t = Operand {
+                data: dy,
+                row_stride: 1,
+                col_stride: 3 * h,
+            };
+            matmul(
+                &mut g.weight,
+                h,
+                inputs,
+                rows,
+                dy_t,
+                Operand::plain(&s.input, inputs),
+                true,
+            );
+            let dy = Operand {
+                data: dy,
+                row_stride: 3 * h,
+                col_stride: 1,
+            };
+            matmul(
+                dx,
+                rows,
+                inputs,
+                h,
+                dy,
+                Operand::plain(d.weight, inputs),
+                true,
+            );
+        }
+        return;
+    };
+    matmul_bf16_split(
+        &mut [
+            &mut grad.query.weight,
+            &mut grad.key.weight,
+            &mut grad.value.weight,
+        ],
+        3 * h,
+        inputs,
+        rows,
+        Operand::transposed(d_qkv, 3 * h),
+        Operand::plain(&s.input, inputs),
+        Start::Dst,
+        kernel,
+    );
+    matmul_bf16(
+        dx,
+        rows,
+        inputs,
+        3 * h,
+        Operand::plain(d_qkv, 3 * h),
+        Operand::plain(weight, inputs),
+        true,
+        kernel,
+    );
+}
+
+/// Scaled dot-product attention of each row over its own tokens, head by head, from each
+/// token's query, key and value side by side (tokens × 3·hidden). Returns the context (tokens
+/// × hidden) and the probabilities before dropout.
 fn attention_forward(
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
+    qkv: &[f32],
     pack: &Packing,
     heads: usize,
     drop: Option<Dropout>,
 ) -> (Vec<f32>, Vec<f32>) {
-    let h = q.len() / pack.start[pack.rows()].max(1);
+    let h = qkv.len() / 3 / pack.start[pack.rows()].max(1);
     let dh = h / heads;
     let scale = 1.0 / (dh as f32).sqrt();
-    let mut ctx = vec![0f32; q.len()];
+    let (q, k, v) = (qkv, &qkv[h..], &qkv[2 * h..]);
+    let mut ctx = vec![0f32; pack.start[pack.rows()] * h];
     let mut probs = vec![0f32; pack.prob_start[pack.rows()]];
     let mut prob_rows = Vec::with_capacity(pack.rows());
     let mut rest = probs.as_mut_slice();
@@ -534,7 +744,8 @@ fn attend_row(
 ) {
     let (s, len) = (row.start, row.len);
     let dh = h / heads;
-    let at = |t: usize, head: usize| (s + t) * h + head * dh;
+    // q, k and v: tokens 3·hidden apart.
+    let at = |t: usize, head: usize| (s + t) * 3 * h + head * dh;
     for head in 0..heads {
         for i in 0..len {
             let p = &mut probs[(head * len + i) * len..][..len];
@@ -593,29 +804,20 @@ fn add_weighted<'x>(acc: &mut [f32], terms: impl Iterator<Item = (f32, &'x [f32]
 
 wide_fn!(fn attend_row_wide(qkv: (&[f32], &[f32], &[f32]), dims: (usize, usize, f32), row: Span, drop: Option<Dropout>, ctx: &mut [f32], probs: &mut [f32]) => attend_row);
 
-/// The attention backward pass: from ∂L/∂ctx, ∂L/∂q, ∂L/∂k and ∂L/∂v (tokens × hidden each).
-fn attention_backward(
-    d_ctx: &[f32],
-    saved: &LayerSaved,
-    pack: &Packing,
-    heads: usize,
-) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+/// The attention backward pass: from ∂L/∂ctx (tokens × hidden), ∂L/∂q, ∂L/∂k and ∂L/∂v side by
+/// side per token (tokens × 3·hidden), as the forward pass read q, k and v.
+fn attention_backward(d_ctx: &[f32], saved: &LayerSaved, pack: &Packing, heads: usize) -> Vec<f32> {
     let h = d_ctx.len() / pack.start[pack.rows()].max(1);
     let dh = h / heads;
     let scale = 1.0 / (dh as f32).sqrt();
-    let (q, k, v) = (&saved.q, &saved.k, &saved.v);
+    let qkv = &saved.qkv;
+    let (q, k, v) = (&qkv[..], &qkv[h..], &qkv[2 * h..]);
     let drop = saved.drop_probs;
-    let (mut dq, mut dk, mut dv) = (
-        vec![0f32; q.len()],
-        vec![0f32; q.len()],
-        vec![0f32; q.len()],
-    );
-    pack.split_rows(&mut dq, h)
+    let mut d_qkv = vec![0f32; qkv.len()];
+    pack.split_rows(&mut d_qkv, 3 * h)
         .into_par_iter()
-        .zip(pack.split_rows(&mut dk, h))
-        .zip(pack.split_rows(&mut dv, h))
         .enumerate()
-        .for_each(|(r, ((dq, dk), dv))| {
+        .for_each(|(r, d_qkv)| {
             let (s, len) = (pack.start[r], pack.start[r + 1] - pack.start[r]);
             let row = Span {
                 start: s,
@@ -628,13 +830,14 @@ fn attention_backward(
                 (h, heads, scale),
                 row,
                 drop,
-                (dq, dk, dv),
+                d_qkv,
             );
         });
-    (dq, dk, dv)
+    d_qkv
 }
 
-/// One row's attention backwards, all heads: its rows of ∂L/∂q, ∂L/∂k and ∂L/∂v.
+/// One row's attention backwards, all heads: its tokens' ∂L/∂q, ∂L/∂k and ∂L/∂v, side by side
+/// per token in `d_qkv`.
 #[inline(always)]
 fn attend_row_backward(
     d_ctx: &[f32],
@@ -642,18 +845,21 @@ fn attend_row_backward(
     (h, heads, scale): (usize, usize, f32),
     row: Span,
     drop: Option<Dropout>,
-    (dq, dk, dv): (&mut [f32], &mut [f32], &mut [f32]),
+    d_qkv: &mut [f32],
 ) {
     let (s, len) = (row.start, row.len);
     let dh = h / heads;
-    let at = |t: usize, head: usize| (s + t) * h + head * dh;
-    let local = |t: usize, head: usize| t * h + head * dh;
+    // d_ctx: tokens hidden apart; q, k, v (and this row's ∂q, ∂k, ∂v): 3·hidden apart.
+    let at_ctx = |t: usize, head: usize| (s + t) * h + head * dh;
+    let at = |t: usize, head: usize| (s + t) * 3 * h + head * dh;
+    let (dq, dk, dv) = (0, h, 2 * h);
+    let local = |t: usize, head: usize| t * 3 * h + head * dh;
     let (mut dp, mut ds) = (vec![0f32; len], vec![0f32; len]);
     for head in 0..heads {
         for i in 0..len {
             let p = &probs[row.prob_start + (head * len + i) * len..][..len];
             let base = (row.prob_start + (head * len + i) * len) as u64;
-            let g = &d_ctx[at(i, head)..][..dh];
+            let g = &d_ctx[at_ctx(i, head)..][..dh];
             // ctx_i = Σ_j p'_ij v_j, p' = p ⊙ mask: ∂p_ij = mask_ij·(g·v_j),
             // ∂v_j += p'_ij·g.
             for j in 0..len {
@@ -661,7 +867,10 @@ fn attend_row_backward(
                 dp[j] = m * dot(g, &v[at(j, head)..][..dh]);
                 let w = m * p[j];
                 if w != 0.0 {
-                    add_weighted(&mut dv[local(j, head)..][..dh], std::iter::once((w, g)));
+                    add_weighted(
+                        &mut d_qkv[dv + local(j, head)..][..dh],
+                        std::iter::once((w, g)),
+                    );
                 }
             }
             // Softmax: ∂s_ij = p_ij·(∂p_ij − Σ_k p_ik·∂p_ik); s = scale·q·k.
@@ -671,7 +880,7 @@ fn attend_row_backward(
                 ds[j] = scale * p[j] * (dp[j] - centre);
                 if ds[j] != 0.0 {
                     add_weighted(
-                        &mut dk[local(j, head)..][..dh],
+                        &mut d_qkv[dk + local(j, head)..][..dh],
                         std::iter::once((ds[j], qi)),
                     );
                 }
@@ -680,12 +889,12 @@ fn attend_row_backward(
             let terms = (0..len)
                 .filter(|&j| ds[j] != 0.0)
                 .map(|j| (ds[j], &k[at(j, head)..][..dh]));
-            add_weighted(&mut dq[local(i, head)..][..dh], terms);
+            add_weighted(&mut d_qkv[dq + local(i, head)..][..dh], terms);
         }
     }
 }
 
-wide_fn!(fn attend_row_backward_wide(d_ctx: &[f32], saved: (&[f32], &[f32], &[f32], &[f32]), dims: (usize, usize, f32), row: Span, drop: Option<Dropout>, grads: (&mut [f32], &mut [f32], &mut [f32])) => attend_row_backward);
+wide_fn!(fn attend_row_backward_wide(d_ctx: &[f32], saved: (&[f32], &[f32], &[f32], &[f32]), dims: (usize, usize, f32), row: Span, drop: Option<Dropout>, d_qkv: &mut [f32]) => attend_row_backward);
 
 /// Forward and backward for one micro-batch on the CPU: (mean loss, gradients), the contract
 /// of `train::loss_and_grads`. `targets` is rows × labels in [0, 1] (0/1, or soft targets);
@@ -857,11 +1066,9 @@ fn layer_forward(
     rng: &mut Option<&mut ChaCha8Rng>,
 ) -> (Vec<f32>, LayerSaved) {
     let eps = cfg.layer_norm_eps as f32;
-    let q = dense_forward(mm, &layer.query, &x);
-    let k = dense_forward(mm, &layer.key, &x);
-    let v = dense_forward(mm, &layer.value, &x);
+    let (qkv, qkv_weight) = qkv_forward(mm, layer, &x);
     let drop_probs = Dropout::draw(cfg.attention_dropout, rng);
-    let (ctx, probs) = attention_forward(&q, &k, &v, pack, cfg.heads, drop_probs);
+    let (ctx, probs) = attention_forward(&qkv, pack, cfg.heads, drop_probs);
     let drop_attn = Dropout::draw(cfg.hidden_dropout, rng);
     let attn = ResidualNorm {
         mm,
@@ -880,9 +1087,8 @@ fn layer_forward(
     let (out, ffn_norm) = ffn.forward(&ffn_act, &y1, drop_ffn, eps);
     let saved = LayerSaved {
         input: x,
-        q,
-        k,
-        v,
+        qkv,
+        qkv_weight,
         probs,
         ctx,
         attn_norm,
@@ -905,7 +1111,7 @@ fn backward(
     fwd: Forward,
     d_logits: &[f32],
 ) -> Grads {
-    let mut grads: Grads = w.map_each(|s| vec![0f32; s.len()]);
+    let mut grads: Grads = w.map_each(|s| zeroed(s.len()));
     let mut dx = head_backward(mm, cfg, w, &mut grads, &fwd, d_logits);
     let Forward {
         pack,
@@ -1040,14 +1246,8 @@ fn layer_backward(
         &s.attn_norm,
         s.drop_attn,
     );
-    let (dq, dk, dv) = attention_backward(&d_ctx, &s, pack, cfg.heads);
-    for (d, g, dy) in [
-        (&layer.query, &mut grad.query, &dq),
-        (&layer.key, &mut grad.key, &dk),
-        (&layer.value, &mut grad.value, &dv),
-    ] {
-        dense_backward(mm, d, g, dy, &s.input, Some(&mut d_input), true);
-    }
+    let d_qkv = attention_backward(&d_ctx, &s, pack, cfg.heads);
+    qkv_backward(mm, layer, grad, &d_qkv, &s, &mut d_input);
     d_input
 }
 

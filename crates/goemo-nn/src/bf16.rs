@@ -320,17 +320,24 @@ thread_local! {
     static BUFFERS: std::cell::RefCell<[Vec<u32>; 2]> = const { std::cell::RefCell::new([Vec::new(), Vec::new()]) };
 }
 
-/// A destination pointer shared by the tasks of one product, each writing its own tiles.
+/// A destination shared by the tasks of one product, each writing its own tiles: one or more
+/// buffers of `part_rows` rows each, stacked (the rows of part i follow those of part i − 1).
 #[derive(Clone, Copy)]
-struct Dst(*mut f32);
-// SAFETY: tasks write disjoint tiles of the destination (see `matmul_bf16`).
-unsafe impl Send for Dst {}
-unsafe impl Sync for Dst {}
+struct Dst<'p> {
+    parts: &'p [*mut f32],
+    part_rows: usize,
+}
+// SAFETY: tasks write disjoint tiles of the destination (see `matmul_bf16_split`).
+unsafe impl Send for Dst<'_> {}
+unsafe impl Sync for Dst<'_> {}
 
-impl Dst {
-    /// Through a method, so closures capture the `Send` wrapper and not the bare pointer.
-    fn ptr(self) -> *mut f32 {
-        self.0
+impl Dst<'_> {
+    /// Row `row`, column `col` of the stacked destination (`n` columns).
+    ///
+    /// # Safety
+    /// The element must lie inside its part.
+    unsafe fn at(self, row: usize, col: usize, n: usize) -> *mut f32 {
+        self.parts[row / self.part_rows].add((row % self.part_rows) * n + col)
     }
 }
 
@@ -350,10 +357,127 @@ pub(crate) fn matmul_bf16(
     if !product_needed(dst, (m, n, k), lhs, rhs, add, "matmul_bf16") {
         return;
     }
-    // Each output's chain of additions starts from the destination's value.
-    if !add {
-        dst.fill(0.0);
+    let start = if add { Start::Dst } else { Start::Zero };
+    matmul_bf16_split(&mut [dst], m, n, k, lhs, rhs, start, kernel)
+}
+
+/// Where each output's chain of additions starts.
+#[derive(Clone, Copy)]
+pub(crate) enum Start<'a> {
+    /// From the destination's value (`dst +=` the product).
+    Dst,
+    /// From zero (`dst =` the product).
+    Zero,
+    /// From the bias of its column (`dst =` bias + the product, a dense layer's output).
+    Bias(&'a [f32]),
+}
+
+/// A new m × n buffer holding `start` + `lhs` · `rhs` ([`Start::Zero`] or [`Start::Bias`]),
+/// written by the product's tasks alone: no serial pass fills it first (a dense layer's
+/// output, with the bias it starts from, as [`matmul_bf16`] would give it after a fill).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn matmul_bf16_new(
+    m: usize,
+    n: usize,
+    k: usize,
+    lhs: Operand,
+    rhs: Operand,
+    start: Start,
+    kernel: Bf16Kernel,
+) -> Vec<f32> {
+    if let Start::Bias(bias) = start {
+        assert_eq!(bias.len(), n, "matmul_bf16_new: a bias per column");
     }
+    if m == 0 || n == 0 || k == 0 {
+        return match start {
+            Start::Bias(bias) => bias.repeat(m),
+            _ => vec![0.0; m * n],
+        };
+    }
+    lhs.check(m, k, "matmul_bf16_new", "lhs");
+    rhs.check(k, n, "matmul_bf16_new", "rhs");
+    let start = match start {
+        Start::Dst => Start::Zero,
+        other => other,
+    };
+    let mut out = Vec::with_capacity(m * n);
+    // SAFETY: `out` has room for m × n; with a start other than `Dst`, the product writes
+    // every output (its first block of pairs starts from zero or the bias, not from memory)
+    // before reading any, so the length is set only over written elements.
+    unsafe {
+        product(&[out.as_mut_ptr()], m, (m, n, k), lhs, rhs, start, kernel);
+        out.set_len(m * n);
+    }
+    out
+}
+
+/// [`matmul_bf16`] into a destination held as equal parts stacked by rows (`dst[i]` holds rows
+/// i·m/parts.. of the m × n result): one product where the caller keeps the blocks of rows
+/// apart (the query, key and value gradients). Each part's rows are a multiple of [`MR`], so no
+/// tile straddles two parts, and every output gets the bits `matmul_bf16` would give it.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn matmul_bf16_split(
+    dst: &mut [&mut [f32]],
+    m: usize,
+    n: usize,
+    k: usize,
+    lhs: Operand,
+    rhs: Operand,
+    start: Start,
+    kernel: Bf16Kernel,
+) {
+    let part_rows = m / dst.len().max(1);
+    assert!(
+        part_rows * dst.len() == m && (dst.len() == 1 || part_rows.is_multiple_of(MR)),
+        "matmul_bf16_split: {m} rows in {} parts",
+        dst.len()
+    );
+    for part in dst.iter() {
+        assert_eq!(
+            part.len(),
+            part_rows * n,
+            "matmul_bf16_split: a part's size"
+        );
+    }
+    lhs.check(m, k, "matmul_bf16_split", "lhs");
+    rhs.check(k, n, "matmul_bf16_split", "rhs");
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        for part in dst.iter_mut() {
+            match start {
+                Start::Dst => {}
+                Start::Zero => part.fill(0.0),
+                Start::Bias(bias) => part
+                    .chunks_exact_mut(n)
+                    .for_each(|row| row.copy_from_slice(bias)),
+            }
+        }
+        return;
+    }
+    let parts: Vec<*mut f32> = dst.iter_mut().map(|part| part.as_mut_ptr()).collect();
+    // SAFETY: each part is a live buffer of part_rows × n (checked above).
+    unsafe { product(&parts, part_rows, (m, n, k), lhs, rhs, start, kernel) }
+}
+
+/// The product's tasks over a destination given as raw parts of `part_rows` rows each (a
+/// multiple of [`MR`] unless there is one part).
+///
+/// # Safety
+/// Each part points at part_rows × n writable f32, aliasing neither operand; with
+/// [`Start::Dst`] they are initialised (otherwise they may not be: every output is written
+/// before it is read).
+#[allow(clippy::too_many_arguments)]
+unsafe fn product(
+    parts: &[*mut f32],
+    part_rows: usize,
+    (m, n, k): (usize, usize, usize),
+    lhs: Operand,
+    rhs: Operand,
+    start: Start,
+    kernel: Bf16Kernel,
+) {
     let [mut a_buf, mut b_buf] = BUFFERS.with_borrow_mut(std::mem::take);
     let a = convert_lhs(
         kernel,
@@ -374,7 +498,7 @@ pub(crate) fn matmul_bf16(
     );
     let (tiles, panels) = (m.div_ceil(MR), n.div_ceil(NR));
     let tasks = tiles.div_ceil(TILES_PER_TASK) * panels;
-    let out = Dst(dst.as_mut_ptr());
+    let out = Dst { parts, part_rows };
     (0..tasks).into_par_iter().for_each(|task| {
         let (chunk, panel) = (task / panels, task % panels);
         let tile_range = chunk * TILES_PER_TASK..((chunk + 1) * TILES_PER_TASK).min(tiles);
@@ -387,19 +511,36 @@ pub(crate) fn matmul_bf16(
                 let rows = MR.min(m - tile * MR);
                 let a_block = a.at(tile * MR, from);
                 // SAFETY: this task alone writes rows tile·MR.. × columns panel·NR.. of dst
-                // (tasks split rows by chunk and columns by panel); the offsets stay inside
-                // the m × n buffer.
+                // (tasks split rows by chunk and columns by panel); the tile's rows lie in one
+                // part (checked above), inside its buffer.
                 unsafe {
-                    let c = out.ptr().add(tile * MR * n + panel * NR);
+                    let c = out.at(tile * MR, panel * NR, n);
+                    // The first block of pairs starts each chain: from the destination, or
+                    // from zero or the bias, written here into the tile just before the
+                    // kernel reads it (in cache, and in parallel: no serial pass over dst).
+                    let first = match start {
+                        Start::Dst => None,
+                        _ if from > 0 => None,
+                        Start::Zero => Some(None),
+                        Start::Bias(bias) => Some(Some(&bias[panel * NR..][..cols])),
+                    };
+                    let init = |row: *mut f32| match first {
+                        Some(Some(bias)) => std::ptr::copy_nonoverlapping(bias.as_ptr(), row, cols),
+                        _ => std::ptr::write_bytes(row, 0, cols),
+                    };
                     if rows == MR && cols == NR {
+                        if first.is_some() {
+                            (0..MR).for_each(|r| init(c.add(r * n)));
+                        }
                         run_tile(kernel, (a_block, &a), b_block, len, c, n);
                     } else {
                         for r in 0..rows {
-                            std::ptr::copy_nonoverlapping(
-                                c.add(r * n),
-                                scratch.as_mut_ptr().add(r * NR),
-                                cols,
-                            );
+                            let row = scratch.as_mut_ptr().add(r * NR);
+                            if first.is_some() {
+                                init(row);
+                            } else {
+                                std::ptr::copy_nonoverlapping(c.add(r * n), row, cols);
+                            }
                         }
                         run_tile(
                             kernel,
@@ -817,6 +958,88 @@ mod tests {
             .iter()
             .zip(&one)
             .all(|(a, b)| a.to_bits() == b.to_bits()));
+    }
+
+    fn same_bits(a: &[f32], b: &[f32]) -> bool {
+        a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
+    }
+
+    /// A product into stacked parts, or into a new buffer from zero or a bias, gives each output
+    /// the bits `matmul_bf16` gives it after the destination is filled the same way: both
+    /// kernels, every layout, edge tiles included (m and n not multiples of the tile).
+    #[test]
+    fn split_and_new_products_give_matmul_bf16_bits() {
+        let mut kernels = vec![Bf16Kernel::Portable, Bf16Kernel::detect()];
+        kernels.dedup();
+        // Three parts of 24 rows (a multiple of MR), and shapes with edge tiles.
+        for (case, &(m, n, k)) in [(72, 50, 37), (72, 96, 300), (48, 7, 2)].iter().enumerate() {
+            for (lt, rt) in LAYOUTS {
+                let (x, y) = (random(m * k, case as u64), random(k * n, 50 + case as u64));
+                let (xt, yt) = (transpose_if(&x, m, k, lt), transpose_if(&y, k, n, rt));
+                let (lhs, rhs) = (operand(&xt, m, k, lt), operand(&yt, k, n, rt));
+                let init = random(m * n, 100 + case as u64);
+                let bias = random(n, 200 + case as u64);
+                for &kernel in &kernels {
+                    let mut want = init.clone();
+                    matmul_bf16(&mut want, m, n, k, lhs, rhs, true, kernel);
+                    let mut got = init.clone();
+                    let (a, rest) = got.split_at_mut(m / 3 * n);
+                    let (b, c) = rest.split_at_mut(m / 3 * n);
+                    matmul_bf16_split(&mut [a, b, c], m, n, k, lhs, rhs, Start::Dst, kernel);
+                    assert!(
+                        same_bits(&got, &want),
+                        "split, case {case} {lt} {rt} {kernel:?}"
+                    );
+
+                    let mut want = bias.repeat(m);
+                    matmul_bf16(&mut want, m, n, k, lhs, rhs, true, kernel);
+                    let got = matmul_bf16_new(m, n, k, lhs, rhs, Start::Bias(&bias), kernel);
+                    assert!(
+                        same_bits(&got, &want),
+                        "bias, case {case} {lt} {rt} {kernel:?}"
+                    );
+
+                    let mut want = init.clone();
+                    matmul_bf16(&mut want, m, n, k, lhs, rhs, false, kernel);
+                    let got = matmul_bf16_new(m, n, k, lhs, rhs, Start::Zero, kernel);
+                    assert!(
+                        same_bits(&got, &want),
+                        "zero, case {case} {lt} {rt} {kernel:?}"
+                    );
+                }
+            }
+        }
+        // No inner dimension: the start alone.
+        let empty = Operand::plain(&[], 0);
+        let got = matmul_bf16_new(
+            2,
+            3,
+            0,
+            empty,
+            empty,
+            Start::Bias(&[1.0, 2.0, 3.0]),
+            kernels[0],
+        );
+        assert_eq!(got, [1.0, 2.0, 3.0, 1.0, 2.0, 3.0]);
+    }
+
+    #[test]
+    #[should_panic(expected = "matmul_bf16_split: 20 rows in 2 parts")]
+    fn split_parts_must_hold_whole_tiles() {
+        let (x, y) = (random(20 * 4, 1), random(4 * 5, 2));
+        let mut dst = vec![0f32; 20 * 5];
+        let (a, b) = dst.split_at_mut(10 * 5);
+        let (lhs, rhs) = (Operand::plain(&x, 4), Operand::plain(&y, 5));
+        matmul_bf16_split(
+            &mut [a, b],
+            20,
+            5,
+            4,
+            lhs,
+            rhs,
+            Start::Dst,
+            Bf16Kernel::Portable,
+        );
     }
 
     /// Close to the f32 product: bf16 operands keep 8 significant bits, so each product is off

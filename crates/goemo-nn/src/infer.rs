@@ -74,7 +74,7 @@ impl<'a> Operand<'a> {
     }
 
     /// Panics, naming the product and the side, unless `rows` × `cols` fit in the buffer.
-    fn check(&self, rows: usize, cols: usize, what: &str, side: &str) {
+    pub(crate) fn check(&self, rows: usize, cols: usize, what: &str, side: &str) {
         if rows > 0 && cols > 0 {
             let last = (rows - 1) * self.row_stride + (cols - 1) * self.col_stride;
             assert!(last < self.data.len(), "{what} {side}: operand too small");
@@ -141,6 +141,36 @@ pub(crate) fn matmul(
     if !product_needed(dst, (m, n, k), lhs, rhs, add, "matmul") {
         return;
     }
+    matmul_rows_apart(dst, n, (m, n, k), lhs, rhs, add)
+}
+
+/// [`matmul`] into the m × n block whose rows start `ldc` apart in `dst` (a block of columns of
+/// a wider matrix: the query, key and value side by side), with the same bits as into a
+/// buffer of its own: gemm's kernels accumulate the same way whatever the destination's
+/// stride (the f32 CI lock checks it).
+pub(crate) fn matmul_rows_apart(
+    dst: &mut [f32],
+    ldc: usize,
+    (m, n, k): (usize, usize, usize),
+    lhs: Operand,
+    rhs: Operand,
+    add: bool,
+) {
+    assert!(
+        ldc >= n && (m == 0 || (m - 1) * ldc + n <= dst.len()),
+        "matmul_rows_apart: destination size"
+    );
+    lhs.check(m, k, "matmul_rows_apart", "lhs");
+    rhs.check(k, n, "matmul_rows_apart", "rhs");
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !add {
+            dst.chunks_mut(ldc).for_each(|row| row[..n].fill(0.0));
+        }
+        return;
+    }
     let threads = rayon::current_num_threads();
     let parallelism = if threads > 1 {
         Parallelism::Rayon(threads)
@@ -151,8 +181,8 @@ pub(crate) fn matmul(
         let lhs_block = &lhs.data[block.start * lhs.col_stride..];
         let rhs_block = &rhs.data[block.start * rhs.row_stride..];
         // SAFETY: every element the strides reach lies inside its buffer (checked above for
-        // the whole product; a block starts inside it and reaches no further); dst is m × n
-        // row-major and, being a distinct `&mut`, aliases neither operand.
+        // the whole product; a block starts inside it and reaches no further); dst holds m
+        // rows of n, ldc apart, and, being a distinct `&mut`, aliases neither operand.
         unsafe {
             gemm::gemm(
                 m,
@@ -160,7 +190,7 @@ pub(crate) fn matmul(
                 block.len(),
                 dst.as_mut_ptr(),
                 1,
-                n as isize,
+                ldc as isize,
                 add || b > 0,
                 lhs_block.as_ptr(),
                 lhs.col_stride as isize,
@@ -971,6 +1001,96 @@ mod tests {
                     );
                 }
             });
+        }
+    }
+
+    /// The trainer's f32 query, key and value products: into a block of columns of a wider
+    /// destination, and from a block of columns of a wider operand (read with its stride),
+    /// each gives the bits of the same product on buffers of their own (and the FMA chain).
+    #[test]
+    fn products_on_blocks_of_columns_give_the_contiguous_bits() {
+        let (rows, h, inputs) = (600, 64, 96);
+        let x = crate::test_support::random_floats(rows * inputs, 1);
+        let w = crate::test_support::random_floats(h * inputs, 2);
+        let wide = crate::test_support::random_floats(rows * 3 * h, 3);
+        for threads in [1, 2] {
+            // Forward: x·Wᵀ into columns h..2h of a rows × 3h buffer, on top of what is there.
+            let mut own = (0..rows)
+                .flat_map(|r| wide[r * 3 * h + h..][..h].to_vec())
+                .collect::<Vec<_>>();
+            let (xs, wt) = (Operand::plain(&x, inputs), Operand::transposed(&w, inputs));
+            on_threads(threads, || matmul(&mut own, rows, h, inputs, xs, wt, true));
+            let mut block = wide.clone();
+            on_threads(threads, || {
+                matmul_rows_apart(&mut block[h..], 3 * h, (rows, h, inputs), xs, wt, true)
+            });
+            for r in 0..rows {
+                let got = &block[r * 3 * h..][..3 * h];
+                assert!(got[h..2 * h]
+                    .iter()
+                    .zip(&own[r * h..][..h])
+                    .all(|(a, b)| a.to_bits() == b.to_bits()));
+                assert_eq!(
+                    got[..h],
+                    wide[r * 3 * h..][..h],
+                    "columns outside the block"
+                );
+                assert_eq!(
+                    got[2 * h..],
+                    wide[r * 3 * h + 2 * h..][..h],
+                    "columns outside the block"
+                );
+            }
+            // Backward: dy (columns 2h..3h of `wide`) read in place, transposed and plain.
+            let dy: Vec<f32> = (0..rows)
+                .flat_map(|r| wide[r * 3 * h + 2 * h..][..h].to_vec())
+                .collect();
+            let in_place = |row_stride, col_stride| Operand {
+                data: &wide[2 * h..],
+                row_stride,
+                col_stride,
+            };
+            let (mut gw_own, mut gw_block) = (vec![0f32; h * inputs], vec![0f32; h * inputs]);
+            let xs = Operand::plain(&x, inputs);
+            on_threads(threads, || {
+                matmul(
+                    &mut gw_own,
+                    h,
+                    inputs,
+                    rows,
+                    Operand::transposed(&dy, h),
+                    xs,
+                    true,
+                );
+                matmul(&mut gw_block, h, inputs, rows, in_place(1, 3 * h), xs, true);
+            });
+            assert!(gw_own
+                .iter()
+                .zip(&gw_block)
+                .all(|(a, b)| a.to_bits() == b.to_bits()));
+            let want = reference_product(h, inputs, rows, in_place(1, 3 * h), xs);
+            assert!(gw_block
+                .iter()
+                .zip(&want)
+                .all(|(a, b)| a.to_bits() == b.to_bits()));
+            let (mut dx_own, mut dx_block) = (x.clone(), x.clone());
+            let ws = Operand::plain(&w, inputs);
+            on_threads(threads, || {
+                matmul(
+                    &mut dx_own,
+                    rows,
+                    inputs,
+                    h,
+                    Operand::plain(&dy, h),
+                    ws,
+                    true,
+                );
+                matmul(&mut dx_block, rows, inputs, h, in_place(3 * h, 1), ws, true);
+            });
+            assert!(dx_own
+                .iter()
+                .zip(&dx_block)
+                .all(|(a, b)| a.to_bits() == b.to_bits()));
         }
     }
 
