@@ -400,14 +400,8 @@ impl<'a> Run<'a> {
                 .for_each(|g| g.iter_mut().for_each(|x| *x *= fix));
             acc.loss *= p.grad_accum as f64 / acc.batches as f64;
         }
-        let norm = grads
-            .leaves()
-            .par_iter()
-            .map(|g| sum_of_squares(g))
-            .collect::<Vec<f64>>()
-            .iter()
-            .sum::<f64>()
-            .sqrt();
+        let leaves: Vec<&[f32]> = grads.leaves().into_iter().map(|g| &g[..]).collect();
+        let norm = sums_of_squares(&leaves).iter().sum::<f64>().sqrt();
         if !norm.is_finite() {
             anyhow::bail!(
                 "gradient norm is {norm} at epoch {}, step {}; first rows of the batch: {}\n  hint: lower lr or cap pos_weight",
@@ -618,17 +612,100 @@ fn progress_bar(
     Some(bar)
 }
 
-/// Σ x² in f64, in element order: the same bits as `iter().sum()` (an empty slice included), but blocks that
-/// are all zero (most of the word-embedding gradient: only the batch's tokens have one) are
-/// skipped after a vectorised test, since adding +0.0 changes no sum.
-fn sum_of_squares(g: &[f32]) -> f64 {
-    // `Sum for f64` starts from -0.0; its first term (a square, ≥ +0) makes it +0.0 or more.
-    let mut sum = -0f64;
-    for block in g.chunks(64) {
-        if block.iter().fold(0u32, |any, x| any | (x.to_bits() << 1)) == 0 {
-            continue;
+/// Σ x² of each gradient in f64, in element order: the bits of `g.iter().map(x²).sum()` (from
+/// -0.0), which the logged gradient norm and clipping have always used. One such chain is a
+/// sequence of dependent additions (four cycles each), so eight gradients' chains run
+/// interleaved on a thread, and the long, mostly zero word-embedding gradient has its zero
+/// blocks found by both threads first and skipped (adding +0.0 changes no sum). A MiniLM
+/// step's norm: 5.4 ms → 3.5 ms (one chain per gradient, the zero blocks skipped, before).
+fn sums_of_squares(leaves: &[&[f32]]) -> Vec<f64> {
+    /// Gradients at least this long (the word embeddings) are scanned for zero blocks.
+    const SPARSE: usize = 1 << 20;
+    let mut dense: Vec<usize> = (0..leaves.len())
+        .filter(|&i| leaves[i].len() < SPARSE)
+        .collect();
+    // Similar lengths side by side, so a group's chains end together.
+    dense.sort_by_key(|&i| std::cmp::Reverse(leaves[i].len()));
+    let big: Vec<usize> = (0..leaves.len())
+        .filter(|&i| leaves[i].len() >= SPARSE)
+        .collect();
+    let (dense_sums, big_sums) = rayon::join(
+        || {
+            dense
+                .par_chunks(CHAINS)
+                .flat_map_iter(|group| {
+                    let xs: Vec<&[f32]> = group.iter().map(|&i| leaves[i]).collect();
+                    group.iter().copied().zip(interleaved_sums(&xs))
+                })
+                .collect::<Vec<_>>()
+        },
+        || {
+            big.iter()
+                .map(|&i| (i, sparse_sum_of_squares(leaves[i])))
+                .collect::<Vec<_>>()
+        },
+    );
+    let mut sums = vec![0f64; leaves.len()];
+    for (i, sum) in dense_sums.into_iter().chain(big_sums) {
+        sums[i] = sum;
+    }
+    sums
+}
+
+/// Chains one thread runs side by side in [`interleaved_sums`].
+const CHAINS: usize = 8;
+
+/// Σ x² of each slice in element order (the plain sequential sum from -0.0, as
+/// `iter().sum()`), up to [`CHAINS`] slices at a time in lockstep: independent chains, so
+/// their additions overlap instead of waiting on each other.
+fn interleaved_sums(xs: &[&[f32]]) -> Vec<f64> {
+    let mut sums = [-0f64; CHAINS];
+    let mut done = 0;
+    if xs.len() == CHAINS {
+        let n = xs.iter().map(|x| x.len()).min().unwrap_or(0);
+        let xs: [&[f32]; CHAINS] = std::array::from_fn(|l| &xs[l][..n]);
+        #[allow(clippy::needless_range_loop)] // element i of eight slices in lockstep
+        for i in 0..n {
+            for l in 0..CHAINS {
+                let x = xs[l][i] as f64;
+                sums[l] += x * x;
+            }
         }
-        for &x in block {
+        done = n;
+    }
+    xs.iter()
+        .zip(&mut sums)
+        .map(|(x, sum)| {
+            for &v in &x[done.min(x.len())..] {
+                *sum += (v as f64) * (v as f64);
+            }
+            *sum
+        })
+        .collect()
+}
+
+/// Σ x² of a long gradient in element order: which 64-element blocks hold a non-zero found by
+/// all threads, then the one chain over those blocks, in order.
+fn sparse_sum_of_squares(g: &[f32]) -> f64 {
+    const BLOCK: usize = 64;
+    const PIECE: usize = BLOCK * 1024;
+    let nonzero: Vec<Vec<usize>> = g
+        .par_chunks(PIECE)
+        .enumerate()
+        .map(|(p, piece)| {
+            piece
+                .chunks(BLOCK)
+                .enumerate()
+                .filter(|(_, block)| {
+                    block.iter().fold(0u32, |any, x| any | (x.to_bits() << 1)) != 0
+                })
+                .map(|(b, _)| p * PIECE + b * BLOCK)
+                .collect()
+        })
+        .collect();
+    let mut sum = -0f64;
+    for &start in nonzero.iter().flatten() {
+        for &x in &g[start..(start + BLOCK).min(g.len())] {
             sum += (x as f64) * (x as f64);
         }
     }
@@ -644,7 +721,7 @@ mod tests {
     /// The same bits as the plain sequential sum, on a sparse gradient (zero blocks skipped),
     /// a dense one, and with -0.0, NaN and infinity.
     #[test]
-    fn sum_of_squares_is_the_sequential_sum() {
+    fn sparse_sum_of_squares_is_the_sequential_sum() {
         let plain = |g: &[f32]| g.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>();
         let mut sparse = vec![0f32; 100_003];
         for (i, v) in sparse.iter_mut().enumerate() {
@@ -656,9 +733,61 @@ mod tests {
         }
         let dense: Vec<f32> = (0..10_000).map(|i| (i as f32 * 0.37).cos()).collect();
         for g in [&sparse[..], &dense[..], &[][..], &[0.0, -0.0][..]] {
-            assert_eq!(super::sum_of_squares(g).to_bits(), plain(g).to_bits());
+            assert_eq!(
+                super::sparse_sum_of_squares(g).to_bits(),
+                plain(g).to_bits()
+            );
         }
-        assert!(super::sum_of_squares(&[0.0, f32::NAN]).is_nan());
-        assert_eq!(super::sum_of_squares(&[f32::INFINITY]), f64::INFINITY);
+        assert!(super::sparse_sum_of_squares(&[0.0, f32::NAN]).is_nan());
+        assert_eq!(
+            super::sparse_sum_of_squares(&[f32::INFINITY]),
+            f64::INFINITY
+        );
+    }
+
+    /// The norm's fast path gives each gradient the bits of the plain sequential sum: gradients
+    /// of many lengths (groups of eight and a short last group, equal and unequal lengths), a
+    /// long mostly-zero one (the word embeddings' shape) and one with -0.0, NaN and infinity.
+    #[test]
+    fn sums_of_squares_are_each_gradients_sequential_sum() {
+        let plain = |g: &[f32]| g.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>();
+        let mut leaves: Vec<Vec<f32>> = Vec::new();
+        for (i, len) in [
+            0usize, 1, 7, 64, 65, 1000, 1000, 1000, 4096, 4097, 384, 384, 99, 3,
+        ]
+        .into_iter()
+        .cycle()
+        .take(29)
+        .enumerate()
+        {
+            leaves.push(
+                (0..len)
+                    .map(|j| ((i * 31 + j) as f32 * 0.37).sin() * 1e-2)
+                    .collect(),
+            );
+        }
+        let mut sparse = vec![0f32; (1 << 20) + 300];
+        for (i, v) in sparse.iter_mut().enumerate() {
+            if i % 9973 < 5 {
+                *v = (i as f32).cos() * 1e-3;
+            }
+        }
+        leaves.push(sparse);
+        leaves.push(vec![0f32; 1 << 21]);
+        leaves.push(vec![-0.0, 0.0, -0.0]);
+        leaves.push(vec![1.0, f32::NAN, 2.0]);
+        leaves.push(vec![f32::INFINITY; 5]);
+        let refs: Vec<&[f32]> = leaves.iter().map(|g| &g[..]).collect();
+        let sums = super::sums_of_squares(&refs);
+        assert_eq!(sums.len(), refs.len());
+        for (i, (g, sum)) in refs.iter().zip(&sums).enumerate() {
+            let want = plain(g);
+            assert!(
+                sum.to_bits() == want.to_bits() || (sum.is_nan() && want.is_nan()),
+                "gradient {i} (length {}): {sum} against {want}",
+                g.len()
+            );
+        }
+        assert!(sums[refs.len() - 2].is_nan());
     }
 }
