@@ -25,7 +25,7 @@ use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 
-use crate::bf16::{matmul_bf16, matmul_bf16_new, matmul_bf16_split, Bf16Kernel, Start};
+use crate::bf16::{matmul_bf16, matmul_bf16_new, matmul_bf16_split, Bf16Kernel, Rhs, Start};
 use crate::config::{Activation, EncoderConfig, Pooling};
 use crate::infer::{
     activate, check_rows, dot, embed, erf_rational, exp_approx, lane_sum, matmul,
@@ -301,9 +301,6 @@ struct LayerSaved {
     input: Vec<f32>,
     /// Per token, its query, key and value side by side (3 × hidden).
     qkv: Vec<f32>,
-    /// The query, key and value weights stacked (3·hidden × inputs), where the products ran
-    /// as one (bf16): the backward pass's ∂x product reads them again.
-    qkv_weight: Option<Vec<f32>>,
     /// Per row r, heads × len × len attention probabilities (before dropout), from
     /// `prob_start[r]`.
     probs: Vec<f32>,
@@ -404,7 +401,7 @@ fn dense_forward(mm: Products, d: &Dense<&[f32]>, x: &[f32]) -> Vec<f32> {
             outputs,
             inputs,
             Operand::plain(x, inputs),
-            Operand::transposed(d.weight, inputs),
+            Operand::transposed(d.weight, inputs).into(),
             Start::Bias(d.bias),
             kernel,
         );
@@ -487,7 +484,7 @@ fn dense_backward_new_dx(
         inputs,
         outputs,
         Operand::plain(dy, outputs),
-        Operand::plain(d.weight, inputs),
+        Operand::plain(d.weight, inputs).into(),
         Start::Zero,
         kernel,
     )
@@ -536,12 +533,13 @@ impl ResidualNorm<'_, '_> {
 }
 
 /// The query, key and value projections of a layer's input: per token, q, k and v side by side
-/// (tokens × 3·hidden), and the stacked weights where the three ran as one product.
+/// (tokens × 3·hidden).
 ///
 /// In bf16 the three are one product of 3·hidden columns (bigger tiles, the input converted
-/// once), with the same bits as three: each output is the same chain of additions. The f32
-/// products stay three calls, as before, so their bits do not move either.
-fn qkv_forward(mm: Products, layer: &Layer<&[f32]>, x: &[f32]) -> (Vec<f32>, Option<Vec<f32>>) {
+/// once; the three weights packed where they are), with the same bits as three: each output is
+/// the same chain of additions. The f32 products stay three calls, as before, so their bits do
+/// not move either.
+fn qkv_forward(mm: Products, layer: &Layer<&[f32]>, x: &[f32]) -> Vec<f32> {
     let (inputs, h) = dense_dims(&layer.query);
     let rows = x.len() / inputs.max(1);
     let parts = [&layer.query, &layer.key, &layer.value];
@@ -564,27 +562,23 @@ fn qkv_forward(mm: Products, layer: &Layer<&[f32]>, x: &[f32]) -> (Vec<f32>, Opt
                     true,
                 );
             }
-            (qkv, None)
+            qkv
         }
         Products::Bf16(kernel) => {
-            // Stacked by both threads (1.8 MB a layer for MiniLM, copied each step since the
-            // weights change): a serial copy here left a core idle.
-            let mut weight = zeroed(3 * h * inputs);
-            weight
-                .par_chunks_mut(h * inputs)
-                .zip(parts)
-                .for_each(|(w, d)| w.copy_from_slice(d.weight));
             let bias: Vec<f32> = parts.iter().flat_map(|d| d.bias.iter().copied()).collect();
-            let qkv = matmul_bf16_new(
+            let weights = parts.map(|d| d.weight);
+            matmul_bf16_new(
                 rows,
                 3 * h,
                 inputs,
                 Operand::plain(x, inputs),
-                Operand::transposed(&weight, inputs),
+                Rhs::StackedLines {
+                    parts: &weights,
+                    part_rows: h,
+                },
                 Start::Bias(&bias),
                 kernel,
-            );
-            (qkv, Some(weight))
+            )
         }
     }
 }
@@ -618,7 +612,7 @@ fn qkv_backward(
     {
         g.copy_from_slice(&bias[i * h..][..h]);
     }
-    let (Products::Bf16(kernel), Some(weight)) = (mm, &s.qkv_weight) else {
+    let Products::Bf16(kernel) = mm else {
         // f32: three products each way, reading their block of ∂(q, k, v) in place.
         for (i, (d, g)) in [
             (&layer.query, &mut grad.query),
@@ -670,18 +664,22 @@ fn qkv_backward(
         inputs,
         rows,
         Operand::transposed(d_qkv, 3 * h),
-        Operand::plain(&s.input, inputs),
+        Operand::plain(&s.input, inputs).into(),
         Start::Dst,
         kernel,
     );
-    matmul_bf16(
-        dx,
+    let weights = [layer.query.weight, layer.key.weight, layer.value.weight];
+    matmul_bf16_split(
+        &mut [dx],
         rows,
         inputs,
         3 * h,
         Operand::plain(d_qkv, 3 * h),
-        Operand::plain(weight, inputs),
-        true,
+        Rhs::StackedRows {
+            parts: &weights,
+            part_rows: h,
+        },
+        Start::Dst,
         kernel,
     );
 }
@@ -1066,7 +1064,7 @@ fn layer_forward(
     rng: &mut Option<&mut ChaCha8Rng>,
 ) -> (Vec<f32>, LayerSaved) {
     let eps = cfg.layer_norm_eps as f32;
-    let (qkv, qkv_weight) = qkv_forward(mm, layer, &x);
+    let qkv = qkv_forward(mm, layer, &x);
     let drop_probs = Dropout::draw(cfg.attention_dropout, rng);
     let (ctx, probs) = attention_forward(&qkv, pack, cfg.heads, drop_probs);
     let drop_attn = Dropout::draw(cfg.hidden_dropout, rng);
@@ -1088,7 +1086,6 @@ fn layer_forward(
     let saved = LayerSaved {
         input: x,
         qkv,
-        qkv_weight,
         probs,
         ctx,
         attn_norm,

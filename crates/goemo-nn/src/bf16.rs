@@ -155,23 +155,99 @@ impl Packed<'_> {
     }
 }
 
-/// Pack `lines` lines of `k` elements, element (line, i) at `data[line·line_stride +
-/// i·k_stride]`, into groups of `width` lines, in `buffer` (grown as needed, kept between
-/// calls: the packings of a step are the same sizes every step, so after the first no page is
-/// faulted in or cleared again). Every element of the result is written, padding included.
+/// The right operand (k × n) of a bf16 product: a strided matrix, or row blocks read where
+/// they are (the query, key and value weights, not copied into one matrix first).
+#[derive(Clone, Copy)]
+pub(crate) enum Rhs<'a> {
+    Operand(Operand<'a>),
+    /// The rows of `parts` stacked, each part `part_rows` rows of n (row-major).
+    StackedRows {
+        parts: &'a [&'a [f32]],
+        part_rows: usize,
+    },
+    /// The transpose of the rows of `parts` stacked: column j of the operand is row j of the
+    /// stack (each part `part_rows` rows of k): a dense layer's weights, as `x·Wᵀ` reads them.
+    StackedLines {
+        parts: &'a [&'a [f32]],
+        part_rows: usize,
+    },
+}
+
+impl<'a> From<Operand<'a>> for Rhs<'a> {
+    fn from(op: Operand<'a>) -> Rhs<'a> {
+        Rhs::Operand(op)
+    }
+}
+
+impl<'a> Rhs<'a> {
+    /// Panics, naming the product, unless the operand holds k × n.
+    fn check(&self, k: usize, n: usize, what: &str) {
+        let parts_hold = |parts: &[&[f32]], part_rows: usize, rows: usize, cols: usize| {
+            assert!(
+                parts.len() * part_rows == rows
+                    && parts.iter().all(|p| p.len() == part_rows * cols),
+                "{what} rhs: {} parts of {part_rows} rows do not make {rows} × {cols}",
+                parts.len()
+            )
+        };
+        match *self {
+            Rhs::Operand(op) => op.check(k, n, what, "rhs"),
+            Rhs::StackedRows { parts, part_rows } => parts_hold(parts, part_rows, k, n),
+            Rhs::StackedLines { parts, part_rows } => parts_hold(parts, part_rows, n, k),
+        }
+    }
+
+    /// Whether each column (a packed line) is contiguous over the inner dimension.
+    fn lines_contiguous(&self) -> bool {
+        match self {
+            Rhs::Operand(op) => op.row_stride == 1,
+            Rhs::StackedRows { .. } => false,
+            Rhs::StackedLines { .. } => true,
+        }
+    }
+
+    /// Column `j`'s k elements (when [`Self::lines_contiguous`]).
+    fn line(&self, j: usize, k: usize) -> &'a [f32] {
+        match *self {
+            Rhs::Operand(op) => &op.data[j * op.col_stride..][..k],
+            Rhs::StackedLines { parts, part_rows } => {
+                &parts[j / part_rows][(j % part_rows) * k..][..k]
+            }
+            Rhs::StackedRows { .. } => unreachable!("stacked rows are read row by row"),
+        }
+    }
+
+    /// Row `i`'s columns `first..first + count` (when not [`Self::lines_contiguous`]).
+    fn row(&self, i: usize, n: usize, first: usize, count: usize) -> &'a [f32] {
+        match *self {
+            Rhs::Operand(op) => &op.data[i * op.row_stride + first..][..count],
+            Rhs::StackedRows { parts, part_rows } => {
+                &parts[i / part_rows][(i % part_rows) * n + first..][..count]
+            }
+            Rhs::StackedLines { .. } => unreachable!("stacked lines are read line by line"),
+        }
+    }
+}
+
+/// Pack the k × n right operand's `lines` (= n) columns of `k` elements into groups of `width`
+/// columns, in `buffer` (grown as needed, kept between calls: the packings of a step are the
+/// same sizes every step, so after the first no page is faulted in or cleared again). Every
+/// element of the result is written, padding included.
 fn pack<'b>(
     kernel: Bf16Kernel,
     buffer: &'b mut Vec<u32>,
-    data: &[f32],
+    rhs: Rhs,
     lines: usize,
     k: usize,
-    (line_stride, k_stride): (usize, usize),
     width: usize,
 ) -> Packed<'b> {
-    assert!(
-        k_stride == 1 || line_stride == 1,
-        "pack: an operand is plain or transposed, so one of its strides is 1"
-    );
+    if let Rhs::Operand(op) = rhs {
+        assert!(
+            op.row_stride == 1 || op.col_stride == 1,
+            "pack: an operand is plain or transposed, so one of its strides is 1"
+        );
+    }
+    let contiguous = rhs.lines_contiguous();
     let pairs = k.div_ceil(2);
     let len = lines.div_ceil(width) * width * pairs;
     if buffer.len() < len {
@@ -184,12 +260,12 @@ fn pack<'b>(
         .for_each(|(g, group)| {
             let first = g * width;
             let count = width.min(lines - first);
-            if k_stride == 1 {
+            if contiguous {
                 // Each line's elements are contiguous: convert a line, then spread its pairs
                 // over the group's columns.
                 let mut line_buf = vec![0u32; pairs];
                 for l in 0..count {
-                    let line = &data[(first + l) * line_stride..][..k];
+                    let line = rhs.line(first + l, k);
                     line_pairs_by(kernel, line, &mut line_buf);
                     if k % 2 == 1 {
                         line_buf[pairs - 1] = pair(line[k - 1], 0.0);
@@ -207,9 +283,9 @@ fn pack<'b>(
                 // The lines are contiguous: interleave two rows of elements at a time.
                 for p in 0..pairs {
                     let out = &mut group[p * width..][..width];
-                    let even = &data[2 * p * k_stride + first..][..count];
+                    let even = rhs.row(2 * p, lines, first, count);
                     if 2 * p + 1 < k {
-                        let odd = &data[(2 * p + 1) * k_stride + first..][..count];
+                        let odd = rhs.row(2 * p + 1, lines, first, count);
                         interleave_by(kernel, even, odd, &mut out[..count]);
                     } else {
                         for (o, &e) in out.iter_mut().zip(even) {
@@ -358,7 +434,7 @@ pub(crate) fn matmul_bf16(
         return;
     }
     let start = if add { Start::Dst } else { Start::Zero };
-    matmul_bf16_split(&mut [dst], m, n, k, lhs, rhs, start, kernel)
+    matmul_bf16_split(&mut [dst], m, n, k, lhs, rhs.into(), start, kernel)
 }
 
 /// Where each output's chain of additions starts.
@@ -381,7 +457,7 @@ pub(crate) fn matmul_bf16_new(
     n: usize,
     k: usize,
     lhs: Operand,
-    rhs: Operand,
+    rhs: Rhs,
     start: Start,
     kernel: Bf16Kernel,
 ) -> Vec<f32> {
@@ -395,7 +471,7 @@ pub(crate) fn matmul_bf16_new(
         };
     }
     lhs.check(m, k, "matmul_bf16_new", "lhs");
-    rhs.check(k, n, "matmul_bf16_new", "rhs");
+    rhs.check(k, n, "matmul_bf16_new");
     let start = match start {
         Start::Dst => Start::Zero,
         other => other,
@@ -422,7 +498,7 @@ pub(crate) fn matmul_bf16_split(
     n: usize,
     k: usize,
     lhs: Operand,
-    rhs: Operand,
+    rhs: Rhs,
     start: Start,
     kernel: Bf16Kernel,
 ) {
@@ -440,7 +516,7 @@ pub(crate) fn matmul_bf16_split(
         );
     }
     lhs.check(m, k, "matmul_bf16_split", "lhs");
-    rhs.check(k, n, "matmul_bf16_split", "rhs");
+    rhs.check(k, n, "matmul_bf16_split");
     if m == 0 || n == 0 {
         return;
     }
@@ -474,7 +550,7 @@ unsafe fn product(
     part_rows: usize,
     (m, n, k): (usize, usize, usize),
     lhs: Operand,
-    rhs: Operand,
+    rhs: Rhs,
     start: Start,
     kernel: Bf16Kernel,
 ) {
@@ -487,15 +563,7 @@ unsafe fn product(
         k,
         (lhs.row_stride, lhs.col_stride),
     );
-    let b = pack(
-        kernel,
-        &mut b_buf,
-        rhs.data,
-        n,
-        k,
-        (rhs.col_stride, rhs.row_stride),
-        NR,
-    );
+    let b = pack(kernel, &mut b_buf, rhs, n, k, NR);
     let (tiles, panels) = (m.div_ceil(MR), n.div_ceil(NR));
     let tasks = tiles.div_ceil(TILES_PER_TASK) * panels;
     let out = Dst { parts, part_rows };
@@ -985,7 +1053,7 @@ mod tests {
                     let mut got = init.clone();
                     let (a, rest) = got.split_at_mut(m / 3 * n);
                     let (b, c) = rest.split_at_mut(m / 3 * n);
-                    matmul_bf16_split(&mut [a, b, c], m, n, k, lhs, rhs, Start::Dst, kernel);
+                    matmul_bf16_split(&mut [a, b, c], m, n, k, lhs, rhs.into(), Start::Dst, kernel);
                     assert!(
                         same_bits(&got, &want),
                         "split, case {case} {lt} {rt} {kernel:?}"
@@ -993,7 +1061,7 @@ mod tests {
 
                     let mut want = bias.repeat(m);
                     matmul_bf16(&mut want, m, n, k, lhs, rhs, true, kernel);
-                    let got = matmul_bf16_new(m, n, k, lhs, rhs, Start::Bias(&bias), kernel);
+                    let got = matmul_bf16_new(m, n, k, lhs, rhs.into(), Start::Bias(&bias), kernel);
                     assert!(
                         same_bits(&got, &want),
                         "bias, case {case} {lt} {rt} {kernel:?}"
@@ -1001,7 +1069,7 @@ mod tests {
 
                     let mut want = init.clone();
                     matmul_bf16(&mut want, m, n, k, lhs, rhs, false, kernel);
-                    let got = matmul_bf16_new(m, n, k, lhs, rhs, Start::Zero, kernel);
+                    let got = matmul_bf16_new(m, n, k, lhs, rhs.into(), Start::Zero, kernel);
                     assert!(
                         same_bits(&got, &want),
                         "zero, case {case} {lt} {rt} {kernel:?}"
@@ -1016,11 +1084,107 @@ mod tests {
             3,
             0,
             empty,
-            empty,
+            empty.into(),
             Start::Bias(&[1.0, 2.0, 3.0]),
             kernels[0],
         );
         assert_eq!(got, [1.0, 2.0, 3.0, 1.0, 2.0, 3.0]);
+    }
+
+    /// A right operand read from stacked row blocks (the query, key and value weights where
+    /// they lie) gives the bits of the same operand copied into one matrix, both ways round
+    /// (x·Wᵀ over stacked weights, dy·W over stacked rows), on both kernels, with part sizes
+    /// that are not multiples of the panel or of a pair.
+    #[test]
+    fn stacked_operands_give_the_bits_of_one_matrix() {
+        let mut kernels = vec![Bf16Kernel::Portable, Bf16Kernel::detect()];
+        kernels.dedup();
+        for (case, &(m, h, inputs)) in [(37, 32, 40), (20, 51, 17), (9, 64, 96)].iter().enumerate()
+        {
+            let parts: Vec<Vec<f32>> = (0..3)
+                .map(|p| random(h * inputs, 10 * case as u64 + p))
+                .collect();
+            let stacked: Vec<f32> = parts.concat();
+            let refs: Vec<&[f32]> = parts.iter().map(|p| &p[..]).collect();
+            let x = random(m * inputs, 7 + case as u64);
+            let dy = random(m * 3 * h, 8 + case as u64);
+            let bias = random(3 * h, 9 + case as u64);
+            for &kernel in &kernels {
+                // x·Wᵀ: m × 3h over `inputs` terms.
+                let want = matmul_bf16_new(
+                    m,
+                    3 * h,
+                    inputs,
+                    Operand::plain(&x, inputs),
+                    Operand::transposed(&stacked, inputs).into(),
+                    Start::Bias(&bias),
+                    kernel,
+                );
+                let lines = Rhs::StackedLines {
+                    parts: &refs,
+                    part_rows: h,
+                };
+                let got = matmul_bf16_new(
+                    m,
+                    3 * h,
+                    inputs,
+                    Operand::plain(&x, inputs),
+                    lines,
+                    Start::Bias(&bias),
+                    kernel,
+                );
+                assert!(same_bits(&got, &want), "lines, case {case} {kernel:?}");
+                // dy·W: m × inputs over 3h terms, added to what dst holds.
+                let mut want = x.clone();
+                matmul_bf16(
+                    &mut want,
+                    m,
+                    inputs,
+                    3 * h,
+                    Operand::plain(&dy, 3 * h),
+                    Operand::plain(&stacked, inputs),
+                    true,
+                    kernel,
+                );
+                let mut got = x.clone();
+                let rows = Rhs::StackedRows {
+                    parts: &refs,
+                    part_rows: h,
+                };
+                matmul_bf16_split(
+                    &mut [&mut got],
+                    m,
+                    inputs,
+                    3 * h,
+                    Operand::plain(&dy, 3 * h),
+                    rows,
+                    Start::Dst,
+                    kernel,
+                );
+                assert!(same_bits(&got, &want), "rows, case {case} {kernel:?}");
+            }
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "rhs: 3 parts of 4 rows do not make 13 × 5")]
+    fn stacked_parts_must_make_the_operand() {
+        let parts = [vec![0f32; 20], vec![0f32; 20], vec![0f32; 20]];
+        let refs: Vec<&[f32]> = parts.iter().map(|p| &p[..]).collect();
+        let x = vec![0f32; 2 * 13];
+        let rows = Rhs::StackedRows {
+            parts: &refs,
+            part_rows: 4,
+        };
+        matmul_bf16_new(
+            2,
+            5,
+            13,
+            Operand::plain(&x, 13),
+            rows,
+            Start::Zero,
+            Bf16Kernel::Portable,
+        );
     }
 
     #[test]
@@ -1036,7 +1200,7 @@ mod tests {
             5,
             4,
             lhs,
-            rhs,
+            rhs.into(),
             Start::Dst,
             Bf16Kernel::Portable,
         );
