@@ -543,15 +543,11 @@ fn qkv_forward(mm: Products, layer: &Layer<&[f32]>, x: &[f32]) -> Vec<f32> {
     let (inputs, h) = dense_dims(&layer.query);
     let rows = x.len() / inputs.max(1);
     let parts = [&layer.query, &layer.key, &layer.value];
+    let bias: Vec<f32> = parts.iter().flat_map(|d| d.bias.iter().copied()).collect();
     match mm {
         Products::F32 => {
             // Three products, each into its block of columns.
-            let mut qkv = Vec::with_capacity(rows * 3 * h);
-            for _ in 0..rows {
-                for d in parts {
-                    qkv.extend_from_slice(d.bias);
-                }
-            }
+            let mut qkv = bias.repeat(rows);
             for (i, d) in parts.iter().enumerate() {
                 matmul_rows_apart(
                     &mut qkv[i * h..],
@@ -565,7 +561,6 @@ fn qkv_forward(mm: Products, layer: &Layer<&[f32]>, x: &[f32]) -> Vec<f32> {
             qkv
         }
         Products::Bf16(kernel) => {
-            let bias: Vec<f32> = parts.iter().flat_map(|d| d.bias.iter().copied()).collect();
             let weights = parts.map(|d| d.weight);
             matmul_bf16_new(
                 rows,

@@ -434,7 +434,18 @@ pub(crate) fn matmul_bf16(
         return;
     }
     let start = if add { Start::Dst } else { Start::Zero };
-    matmul_bf16_split(&mut [dst], m, n, k, lhs, rhs.into(), start, kernel)
+    // SAFETY: `product_needed` checked dst (m × n, initialised) and both operands.
+    unsafe {
+        product(
+            &[dst.as_mut_ptr()],
+            m,
+            (m, n, k),
+            lhs,
+            rhs.into(),
+            start,
+            kernel,
+        )
+    }
 }
 
 /// Where each output's chain of additions starts.

@@ -138,10 +138,9 @@ pub(crate) fn matmul(
     rhs: Operand,
     add: bool,
 ) {
-    if !product_needed(dst, (m, n, k), lhs, rhs, add, "matmul") {
-        return;
+    if product_needed(dst, (m, n, k), lhs, rhs, add, "matmul") {
+        gemm_blocks(dst, n, (m, n, k), lhs, rhs, add);
     }
-    matmul_rows_apart(dst, n, (m, n, k), lhs, rhs, add)
 }
 
 /// [`matmul`] into the m × n block whose rows start `ldc` apart in `dst` (a block of columns of
@@ -171,6 +170,19 @@ pub(crate) fn matmul_rows_apart(
         }
         return;
     }
+    gemm_blocks(dst, ldc, (m, n, k), lhs, rhs, add);
+}
+
+/// The product itself, block by block of [`k_blocks`], once the caller has checked the sizes
+/// (m, n and k not 0; every element the strides reach inside its buffer).
+fn gemm_blocks(
+    dst: &mut [f32],
+    ldc: usize,
+    (m, n, k): (usize, usize, usize),
+    lhs: Operand,
+    rhs: Operand,
+    add: bool,
+) {
     let threads = rayon::current_num_threads();
     let parallelism = if threads > 1 {
         Parallelism::Rayon(threads)
@@ -180,8 +192,8 @@ pub(crate) fn matmul_rows_apart(
     for (b, block) in k_blocks(k).enumerate() {
         let lhs_block = &lhs.data[block.start * lhs.col_stride..];
         let rhs_block = &rhs.data[block.start * rhs.row_stride..];
-        // SAFETY: every element the strides reach lies inside its buffer (checked above for
-        // the whole product; a block starts inside it and reaches no further); dst holds m
+        // SAFETY: every element the strides reach lies inside its buffer (checked by the caller
+        // for the whole product; a block starts inside it and reaches no further); dst holds m
         // rows of n, ldc apart, and, being a distinct `&mut`, aliases neither operand.
         unsafe {
             gemm::gemm(
