@@ -8,6 +8,7 @@
 //!
 //! Env: MODEL_DIR (all-MiniLM-L6-v2), GE_DATA (GoEmotions), BENCH_BATCHES, RAYON_NUM_THREADS.
 
+use anyhow::Context;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -127,10 +128,16 @@ fn bench_train(
     let threads = rayon::current_num_threads();
     let (labels, rows) = read_split(Split::Train)?;
     let data = goemo_data::tokenize::build(&rows, labels, model, 128)?;
-    let batches: Vec<Vec<usize>> = serde_json::from_slice(&std::fs::read(env_path(
-        "BENCH_BATCHES",
-        "bench-results/bench_batches.json",
-    ))?)?;
+    let batches_file = env_path("BENCH_BATCHES", "bench-results/bench_batches.json");
+    let batches: Vec<Vec<usize>> = std::fs::read(&batches_file)
+        .map_err(anyhow::Error::from)
+        .and_then(|bytes| Ok(serde_json::from_slice(&bytes)?))
+        .with_context(|| {
+            format!(
+                "reading the benchmark's batches from {}\n  hint: `scripts/bench.sh train` writes it (the references' length-grouped batches); or set BENCH_BATCHES",
+                batches_file.display()
+            )
+        })?;
     let (cfg, pretrained) = model_config(which, model)?;
     let params = Params::init(&cfg, 28, 0, &Device::Cpu)?;
     if pretrained {
