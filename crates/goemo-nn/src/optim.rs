@@ -2,7 +2,8 @@
 //! [`Encoder<Moments>`] of the parameters' shape, and a step walks parameters, gradients and
 //! moments together, one pass per parameter (rayon over parameters). Biases and LayerNorm
 //! parameters are not decayed, as in HF's Trainer; the new head may learn faster
-//! ([`AdamWConfig::head_lr_scale`]).
+//! ([`AdamWConfig::head_lr_scale`]). The word-embedding rows a step's batch does not touch may
+//! take their updates when next read ([`AdamW::defer_word_rows`]), with the same bits.
 
 use candle_core::Tensor;
 use rayon::prelude::*;
@@ -46,7 +47,7 @@ impl AdamWConfig {
 const CHUNK: usize = 1 << 16;
 
 /// One step's constants for one parameter.
-#[derive(Clone, Copy)]
+#[derive(Debug, Clone, Copy)]
 struct Hyper {
     b1: f32,
     b2: f32,
@@ -73,6 +74,60 @@ fn update(w: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32], h: Hyper) {
 }
 
 wide_fn!(fn update_wide(w: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32], h: Hyper) => update);
+
+/// Elements of a row [`catch_up`] carries through all its steps at a time (in registers).
+const CATCH_UP_RUN: usize = 64;
+/// A zero gradient for [`catch_up`]: what a row outside a step's batch receives.
+const ZERO_GRADIENT: [f32; CATCH_UP_RUN] = [0.0; CATCH_UP_RUN];
+
+/// The updates of `steps` (in order) with a zero gradient, as [`update`] makes them: the same
+/// operations on each element, so the same bits as running `update` step by step.
+#[inline(always)]
+fn catch_up(w: &mut [f32], m: &mut [f32], v: &mut [f32], steps: &[Hyper]) {
+    for ((w, m), v) in w
+        .chunks_mut(CATCH_UP_RUN)
+        .zip(m.chunks_mut(CATCH_UP_RUN))
+        .zip(v.chunks_mut(CATCH_UP_RUN))
+    {
+        let zero = &ZERO_GRADIENT[..w.len()];
+        for &h in steps {
+            update(w, m, v, zero, h);
+        }
+    }
+}
+
+wide_fn!(fn catch_up_wide(w: &mut [f32], m: &mut [f32], v: &mut [f32], steps: &[Hyper]) => catch_up);
+
+/// The word-embedding rows whose updates are deferred ([`AdamW::defer_word_rows`]). A step's
+/// word-embedding gradient is exactly zero outside the rows of the batch's tokens, and with a
+/// zero gradient AdamW's update of an element depends only on the step's constants: so a row
+/// that no batch reads can take its updates later, all at once, with the same operations in
+/// the same order (the same bits), and a step touches only its batch's rows instead of the
+/// whole table (half of MiniLM's weights; its moments and gradient too).
+#[derive(Debug, Clone)]
+struct DeferredRows {
+    /// Elements per row (the hidden size).
+    width: usize,
+    /// The step each row was last brought up to date with (or `first`, if later).
+    synced: Vec<u64>,
+    /// Every row is up to date with step `first`; `steps[i]` are the table's constants at step
+    /// `first + 1 + i`.
+    first: u64,
+    steps: Vec<Hyper>,
+}
+
+impl DeferredRows {
+    /// The constants of the steps a row last synced at `synced` is behind by. (A row is
+    /// up to date with step `max(synced, first)`: moving `first` syncs every row at once.)
+    fn pending(&self, synced: u64) -> &[Hyper] {
+        &self.steps[(synced.max(self.first) - self.first) as usize..]
+    }
+
+    /// The last step taken.
+    fn now(&self) -> u64 {
+        self.first + self.steps.len() as u64
+    }
+}
 
 /// Run `update` on the values of `var`: in place where they live in host memory (through
 /// candle's in-place op, so no copy of the model is made each step: copying every parameter out
@@ -121,6 +176,34 @@ fn average(e: &mut [f32], w: &[f32], d: f32) {
 
 wide_fn!(fn average_wide(e: &mut [f32], w: &[f32], d: f32) => average);
 
+/// `rows` (token ids) sorted, without repeats, each checked against the table's `len` rows.
+fn sorted_rows(rows: &[u32], len: usize) -> anyhow::Result<Vec<usize>> {
+    let mut out: Vec<usize> = rows.iter().map(|&r| r as usize).collect();
+    out.sort_unstable();
+    out.dedup();
+    if let Some(&last) = out.last() {
+        anyhow::ensure!(
+            last < len,
+            "token id {last} is outside the word-embedding table ({len} rows)"
+        );
+    }
+    Ok(out)
+}
+
+/// The rows `rows` (sorted, unique) of a table of rows of `width`, as disjoint slices.
+fn row_slices<'a>(mut data: &'a mut [f32], width: usize, rows: &[usize]) -> Vec<&'a mut [f32]> {
+    let mut out = Vec::with_capacity(rows.len());
+    let mut next = 0;
+    for &r in rows {
+        let rest = std::mem::take(&mut data);
+        let (row, rest) = rest[(r - next) * width..].split_at_mut(width);
+        out.push(row);
+        data = rest;
+        next = r + 1;
+    }
+    out
+}
+
 /// One parameter's first and second moments.
 #[derive(Debug, Clone)]
 pub struct Moments {
@@ -136,6 +219,8 @@ pub struct AdamW {
     /// An exponential moving average of the weights, kept up by [`AdamW::step`] (it has each
     /// parameter's new value at hand, so the average costs no extra pass over the weights).
     pub average: Option<WeightAverage>,
+    /// Word-embedding rows updated only when read ([`AdamW::defer_word_rows`]).
+    deferred: Option<DeferredRows>,
 }
 
 /// Weights averaged over steps: after step t, e ← d_t·e + (1 − d_t)·w with
@@ -172,7 +257,118 @@ impl AdamW {
             t: 0,
             config,
             average: None,
+            deferred: None,
         }
+    }
+
+    /// Defer the updates of word-embedding rows outside each step's batch until something reads
+    /// them (the same bits, far less memory traffic a step). The caller's side of the bargain:
+    /// [`AdamW::step_rows`] names every row the step's gradient may touch; the rows a forward
+    /// pass reads are brought up to date first ([`AdamW::settle_rows`]); and the whole table
+    /// before anything else reads the weights or the moments ([`AdamW::settle`]: scoring,
+    /// snapshots, checkpoints, export). Not with a weight average, which reads every weight
+    /// every step: then this changes nothing.
+    pub fn defer_word_rows(mut self, params: &Params) -> AdamW {
+        if self.average.is_some() {
+            return self;
+        }
+        let dims = params.tree.embeddings.word.dims();
+        let (rows, width) = (dims[0], dims.get(1).copied().unwrap_or(1));
+        self.deferred = Some(DeferredRows {
+            width,
+            synced: vec![self.t; rows],
+            first: self.t,
+            steps: Vec::new(),
+        });
+        self
+    }
+
+    /// Whether word-embedding rows may lag behind ([`AdamW::defer_word_rows`]).
+    pub fn defers_word_rows(&self) -> bool {
+        self.deferred.is_some()
+    }
+
+    /// The deferred rows, checked against the step count (which a checkpoint's restore sets):
+    /// with nothing pending, a changed count just moves the baseline.
+    fn deferred_in_step(&mut self) -> anyhow::Result<Option<&mut DeferredRows>> {
+        let t = self.t;
+        let Some(d) = self.deferred.as_mut() else {
+            return Ok(None);
+        };
+        if d.now() != t {
+            anyhow::ensure!(
+                d.steps.is_empty(),
+                "AdamW's step count was changed to {t} while word-embedding rows were still \
+                 behind step {}: settle them first",
+                d.now()
+            );
+            d.first = t;
+        }
+        Ok(Some(d))
+    }
+
+    /// Bring every deferred word-embedding row up to date: after this the weights and moments
+    /// are exactly those of an optimizer that never deferred.
+    pub fn settle(&mut self, params: &Params) -> anyhow::Result<()> {
+        let mo = &mut self.moments.embeddings.word;
+        let t = self.t;
+        let Some(d) = self.deferred.as_mut() else {
+            return Ok(());
+        };
+        if d.steps.is_empty() {
+            d.first = t;
+            return Ok(());
+        }
+        let (width, d_ref) = (d.width, &*d);
+        update_var(&params.tree.embeddings.word, |w| {
+            w.par_chunks_mut(width)
+                .zip(mo.m.par_chunks_mut(width))
+                .zip(mo.v.par_chunks_mut(width))
+                .zip(d_ref.synced.par_iter())
+                .with_min_len(64)
+                .for_each(|(((w, m), v), &s)| catch_up_wide(w, m, v, d_ref.pending(s)));
+        })?;
+        d.first = d.now();
+        d.steps.clear();
+        Ok(())
+    }
+
+    /// Bring these word-embedding rows (token ids, any order, repeats allowed) up to date: what
+    /// a forward pass over them reads.
+    pub fn settle_rows(&mut self, params: &Params, rows: &[u32]) -> anyhow::Result<()> {
+        self.deferred_in_step()?;
+        let mo = &mut self.moments.embeddings.word;
+        let Some(d) = self.deferred.as_mut() else {
+            return Ok(());
+        };
+        let rows = sorted_rows(rows, d.synced.len())?;
+        if d.steps.is_empty() {
+            return Ok(());
+        }
+        let now = d.now();
+        let lagging: Vec<usize> = rows
+            .into_iter()
+            .filter(|&r| d.synced[r].max(d.first) < now)
+            .collect();
+        let (width, d_ref) = (d.width, &*d);
+        update_var(&params.tree.embeddings.word, |w| {
+            let (w, m, v) = (
+                row_slices(w, width, &lagging),
+                row_slices(&mut mo.m, width, &lagging),
+                row_slices(&mut mo.v, width, &lagging),
+            );
+            w.into_par_iter()
+                .zip(m)
+                .zip(v)
+                .zip(&lagging)
+                .for_each(|(((w, m), v), &r)| {
+                    catch_up_wide(w, m, v, d_ref.pending(d_ref.synced[r]))
+                });
+        })?;
+        for &r in &lagging {
+            d.synced[r] = now;
+        }
+        Ok(())
     }
 
     /// Keep a moving average of the weights with this decay, starting from their values now.
@@ -190,6 +386,57 @@ impl AdamW {
         params: &Params,
         grads: &Encoder<Vec<f32>>,
         lr: f64,
+    ) -> anyhow::Result<()> {
+        self.settle(params)?;
+        self.step_inner(params, grads, lr, None)?;
+        if let Some(d) = self.deferred.as_mut() {
+            d.first = self.t;
+        }
+        Ok(())
+    }
+
+    /// [`AdamW::step`] where the word-embedding gradient is zero outside `word_rows` (the token
+    /// ids of the step's batches, any order, repeats allowed): with deferred rows
+    /// ([`AdamW::defer_word_rows`]) only those rows of the table are updated now (each first
+    /// brought up to date); the others take this step when they are next settled.
+    pub fn step_rows(
+        &mut self,
+        params: &Params,
+        grads: &Encoder<Vec<f32>>,
+        lr: f64,
+        word_rows: &[u32],
+    ) -> anyhow::Result<()> {
+        if self.deferred_in_step()?.is_none() {
+            return self.step(params, grads, lr);
+        }
+        let rows = sorted_rows(
+            word_rows,
+            self.deferred.as_ref().map_or(0, |d| d.synced.len()),
+        )?;
+        #[cfg(debug_assertions)]
+        {
+            let g = &grads.embeddings.word;
+            let width = self.deferred.as_ref().map_or(1, |d| d.width);
+            let mut listed = vec![false; g.len() / width.max(1)];
+            rows.iter().for_each(|&r| listed[r] = true);
+            debug_assert!(
+                g.chunks(width.max(1))
+                    .zip(&listed)
+                    .all(|(row, &l)| l || row.iter().all(|&x| x == 0.0)),
+                "step_rows: a word-embedding row outside the listed rows has a gradient"
+            );
+        }
+        self.step_inner(params, grads, lr, Some(&rows))
+    }
+
+    /// The update of every parameter, or (with `word_rows`, sorted and unique, and deferred
+    /// rows on) of every parameter but the word table's rows outside `word_rows`.
+    fn step_inner(
+        &mut self,
+        params: &Params,
+        grads: &Encoder<Vec<f32>>,
+        lr: f64,
+        word_rows: Option<&[usize]>,
     ) -> anyhow::Result<()> {
         self.t += 1;
         let c = self.config;
@@ -215,25 +462,62 @@ impl AdamW {
             averages.len() == slots.len(),
             "the weight average does not match the model's parameters"
         );
-        pairs
-            .leaves()
+        let hyper_of = |slot: &Slot| {
+            let lr = lr * c.lr_scale(slot, layers);
+            Hyper {
+                b1,
+                b2,
+                shrink: (1.0 - lr * c.weight_decay) as f32,
+                decay: slot.decay,
+                step_size: (lr / bc1) as f32,
+                bc2_sqrt,
+                eps,
+            }
+        };
+        let deferred = match (word_rows, self.deferred.as_mut()) {
+            (Some(rows), Some(d)) => Some((rows, d)),
+            _ => None,
+        };
+        let leaves = pairs.leaves();
+        let mut moments = moments;
+        // The word table's touched rows (the table is leaf 0): each brought up to date, then
+        // this step's update from its gradient; the other rows take this step later.
+        let skip = if let Some((rows, d)) = deferred {
+            let (var, g) = *leaves[0];
+            let hyper = hyper_of(&slots[0]);
+            let mo = &mut *moments[0];
+            let (width, d_ref) = (d.width, &*d);
+            update_var(var, |w| {
+                let (ws, ms, vs) = (
+                    row_slices(w, width, rows),
+                    row_slices(&mut mo.m, width, rows),
+                    row_slices(&mut mo.v, width, rows),
+                );
+                ws.into_par_iter()
+                    .zip(ms)
+                    .zip(vs)
+                    .zip(rows)
+                    .for_each(|(((w, m), v), &r)| {
+                        catch_up_wide(w, m, v, d_ref.pending(d_ref.synced[r]));
+                        update_wide(w, m, v, &g[r * width..][..width], hyper);
+                    });
+            })?;
+            for &r in rows {
+                d.synced[r] = self.t;
+            }
+            d.steps.push(hyper);
+            1
+        } else {
+            0
+        };
+        leaves
             .into_par_iter()
             .zip(moments)
             .zip(slots)
             .zip(averages.par_iter_mut())
+            .skip(skip)
             .map(|(((&(var, g), mo), slot), avg)| {
-                let lr = lr * c.lr_scale(&slot, layers);
-                let step_size = (lr / bc1) as f32;
-                let shrink = (1.0 - lr * c.weight_decay) as f32;
-                let hyper = Hyper {
-                    b1,
-                    b2,
-                    shrink,
-                    decay: slot.decay,
-                    step_size,
-                    bc2_sqrt,
-                    eps,
-                };
+                let hyper = hyper_of(&slot);
                 let update = |w: &mut [f32]| {
                     assert!(
                         g.len() == w.len() && mo.m.len() == w.len() && mo.v.len() == w.len(),
@@ -377,6 +661,142 @@ mod tests {
         assert_ne!(avg.weights.leaves()[0], &flat(&with)[0]);
         let tensors = avg.tensors(&with).unwrap();
         assert_eq!(tensors.leaves()[0].dims(), with.vars[0].dims());
+    }
+
+    /// Deferred word-embedding rows: the rows a forward reads (settled first) and, once
+    /// settled, every weight and moment have the bits of an optimizer that never deferred, over
+    /// steps whose batches touch few rows (some rows untouched for several steps, one never),
+    /// with a checkpoint-style change of the step count in between.
+    #[test]
+    fn deferred_word_rows_give_the_dense_bits() {
+        let dense_params = tiny(2);
+        let lazy_params = tiny(2);
+        let mut dense = AdamW::new(&dense_params, config(0.9));
+        let mut lazy = AdamW::new(&lazy_params, config(0.9)).defer_word_rows(&lazy_params);
+        assert!(lazy.defers_word_rows());
+        let width = lazy_params.cfg.hidden;
+        let flat = |v: &candle_core::Var| -> Vec<u32> {
+            let x: Vec<f32> = v.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
+            x.iter().map(|x| x.to_bits()).collect()
+        };
+        let bits = |x: &[f32]| -> Vec<u32> { x.iter().map(|x| x.to_bits()).collect() };
+        // Token ids of each step's batch: 7 is read at steps 0 and 5 only; 3 every step; 9 at
+        // step 2 (a repeat in the list); 30521 (the last row) at step 4.
+        let batches: [&[u32]; 6] = [
+            &[3, 7, 100],
+            &[3, 101],
+            &[9, 3, 9],
+            &[3],
+            &[30521, 3],
+            &[7, 3],
+        ];
+        for (t, batch) in batches.iter().enumerate() {
+            // What the forward reads: settled rows equal the dense optimizer's.
+            lazy.settle_rows(&lazy_params, batch).unwrap();
+            let (dw, lw) = (
+                flat(&dense_params.tree.embeddings.word),
+                flat(&lazy_params.tree.embeddings.word),
+            );
+            for &r in *batch {
+                let r = r as usize;
+                assert_eq!(
+                    dw[r * width..][..width],
+                    lw[r * width..][..width],
+                    "row {r}, step {t}"
+                );
+            }
+            let grads = lazy_params
+                .tree
+                .map_each(|v| crate::test_support::random_floats(v.elem_count(), 10 + t as u64));
+            let mut grads = grads;
+            // The word gradient is zero outside the batch's rows, as backprop leaves it.
+            let word = &mut grads.embeddings.word;
+            for (r, row) in word.chunks_mut(width).enumerate() {
+                if !batch.contains(&(r as u32)) {
+                    row.fill(0.0);
+                }
+            }
+            dense
+                .step(&dense_params, &grads, 1e-3 * (t + 1) as f64)
+                .unwrap();
+            lazy.step_rows(&lazy_params, &grads, 1e-3 * (t + 1) as f64, batch)
+                .unwrap();
+            if t == 2 {
+                // Not settled: row 7 (last read at step 0) lags behind.
+                let r = 7 * width;
+                assert_ne!(
+                    flat(&dense_params.tree.embeddings.word)[r..][..width],
+                    flat(&lazy_params.tree.embeddings.word)[r..][..width]
+                );
+                // A step count changed with rows pending is refused.
+                lazy.t += 1;
+                assert!(lazy.settle_rows(&lazy_params, &[1]).is_err());
+                lazy.t -= 1;
+            }
+            if t == 3 {
+                // Settled in full, as a checkpoint would be, then the count set as a restore
+                // sets it: nothing pending, so the baseline just moves.
+                lazy.settle(&lazy_params).unwrap();
+                lazy.t = dense.t;
+            }
+        }
+        lazy.settle(&lazy_params).unwrap();
+        for (d, l) in dense_params.vars.iter().zip(&lazy_params.vars) {
+            assert_eq!(flat(d), flat(l));
+        }
+        for (d, l) in dense
+            .moments
+            .leaves()
+            .into_iter()
+            .zip(lazy.moments.leaves())
+        {
+            assert_eq!(bits(&d.m), bits(&l.m));
+            assert_eq!(bits(&d.v), bits(&l.v));
+        }
+        // A dense step after deferred ones (e.g. a caller that does not know the rows).
+        let grads = lazy_params
+            .tree
+            .map_each(|v| crate::test_support::random_floats(v.elem_count(), 99));
+        lazy.step_rows(
+            &lazy_params,
+            &grads_with_rows(&grads, width, &[5]),
+            1e-3,
+            &[5],
+        )
+        .unwrap();
+        dense
+            .step(&dense_params, &grads_with_rows(&grads, width, &[5]), 1e-3)
+            .unwrap();
+        lazy.step(&lazy_params, &grads, 1e-3).unwrap();
+        dense.step(&dense_params, &grads, 1e-3).unwrap();
+        lazy.settle(&lazy_params).unwrap();
+        for (d, l) in dense_params.vars.iter().zip(&lazy_params.vars) {
+            assert_eq!(flat(d), flat(l));
+        }
+        // A token id past the table is an error, not a panic.
+        let err = lazy.settle_rows(&lazy_params, &[30522]).err().unwrap();
+        assert!(err.to_string().contains("token id 30522"), "{err}");
+        // With a weight average, rows are never deferred (it reads every weight every step).
+        let avg = AdamW::new(&lazy_params, config(0.9))
+            .with_average(&lazy_params, 0.99)
+            .unwrap()
+            .defer_word_rows(&lazy_params);
+        assert!(!avg.defers_word_rows());
+    }
+
+    /// `grads` with the word gradient zero outside `rows`.
+    fn grads_with_rows(
+        grads: &Encoder<Vec<f32>>,
+        width: usize,
+        rows: &[usize],
+    ) -> Encoder<Vec<f32>> {
+        let mut g = grads.clone();
+        for (r, row) in g.embeddings.word.chunks_mut(width).enumerate() {
+            if !rows.contains(&r) {
+                row.fill(0.0);
+            }
+        }
+        g
     }
 
     /// AdamW's first step from zero moments, element by element as `update` defines it, against

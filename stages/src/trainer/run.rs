@@ -121,6 +121,8 @@ struct Accumulated {
     /// The first rows of the step's first batch, for error messages.
     first_rows: Vec<String>,
     batches: usize,
+    /// The token ids of the step's batches: the word-embedding rows its gradient may touch.
+    word_rows: Vec<u32>,
 }
 
 impl<'a> Run<'a> {
@@ -168,6 +170,12 @@ impl<'a> Run<'a> {
         let mut opt = AdamW::new(&params, p.adamw());
         if p.ema_decay > 0.0 {
             opt = opt.with_average(&params, p.ema_decay)?;
+        }
+        if env.device.is_cpu() {
+            // Word-embedding rows outside a step's batches take their updates when next read
+            // (the same bits; see `AdamW::defer_word_rows`). On a GPU a row-wise update would
+            // copy the table each time.
+            opt = opt.defer_word_rows(&params);
         }
         let log = TrainLog {
             total_steps,
@@ -327,6 +335,13 @@ impl<'a> Run<'a> {
         (epoch, bi): (usize, usize),
     ) -> anyhow::Result<f64> {
         let (p, data) = (self.p, self.data);
+        let tokens: Vec<u32> = rows
+            .iter()
+            .flat_map(|&i| data.row(i).iter().copied())
+            .collect();
+        // The forward pass reads these rows of the word embeddings: bring them up to date.
+        self.opt.settle_rows(&self.params, &tokens)?;
+        acc.word_rows.extend(tokens);
         let t0 = Instant::now();
         let (loss, grads) = loss_and_grads(
             &self.params,
@@ -417,7 +432,8 @@ impl<'a> Run<'a> {
         }
         let lr = lr_at(self.step, self.total_steps, self.warmup, p.lr);
         let t1 = Instant::now();
-        self.opt.step(&self.params, &grads, lr)?;
+        self.opt
+            .step_rows(&self.params, &grads, lr, &acc.word_rows)?;
         self.clock.this_process.opt_secs += t1.elapsed().as_secs_f64();
         self.step += 1;
         let entry = StepLog {
@@ -433,6 +449,8 @@ impl<'a> Run<'a> {
 
     /// Save the checkpoint: `epochs_done` whole epochs and `position` inside the next.
     fn checkpoint(&mut self, epochs_done: usize, position: EpochPosition) -> anyhow::Result<()> {
+        // The checkpoint holds every weight and moment as a run that never deferred has them.
+        self.opt.settle(&self.params)?;
         let state = CheckpointState::new(
             epochs_done,
             position,
@@ -456,6 +474,8 @@ impl<'a> Run<'a> {
     /// Dev macro-F1 and loss (threshold 0.5) after an epoch; keep the best epoch's weights;
     /// early stopping.
     fn finish_epoch(&mut self, epoch: usize, train_loss: f64) -> anyhow::Result<()> {
+        // Scoring and the best epoch's snapshot read every weight.
+        self.opt.settle(&self.params)?;
         let (dev_f1, dev_loss) = self.evaluate_dev()?;
         self.log.epochs.push(EpochLog {
             epoch: epoch + 1,
@@ -555,7 +575,8 @@ impl<'a> Run<'a> {
 
     /// The outcome over every process that trained this model (when it was stopped and
     /// resumed).
-    fn finish(self) -> anyhow::Result<TrainOutcome> {
+    fn finish(mut self) -> anyhow::Result<TrainOutcome> {
+        self.opt.settle(&self.params)?;
         let total = self.clock.so_far();
         let log = self.log;
         let train_secs = total.train_secs.max(1e-9);
