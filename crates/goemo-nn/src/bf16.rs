@@ -525,10 +525,10 @@ pub(crate) fn matmul_bf16_new(
     }
     lhs.check(m, k, "matmul_bf16_new", "lhs");
     rhs.check(k, n, "matmul_bf16_new");
-    let start = match start {
-        Start::Dst => Start::Zero,
-        other => other,
-    };
+    assert!(
+        !matches!(start, Start::Dst),
+        "matmul_bf16_new: a new buffer has no values to start from (Start::Zero or Start::Bias)"
+    );
     let mut out = Vec::with_capacity(m * n);
     // SAFETY: `out` has room for m × n; with a start other than `Dst`, the product writes
     // every output (its first block of pairs starts from zero or the bias, not from memory)
