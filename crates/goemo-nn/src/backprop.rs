@@ -441,24 +441,55 @@ fn dense_backward(
 ) {
     let (inputs, outputs) = dense_dims(d);
     let rows = dy.len() / outputs;
-    mm.matmul(
+    dense_products(
+        mm,
+        d.weight,
         &mut grad.weight,
+        (dy, outputs),
+        x,
+        (rows, inputs, outputs),
+        dx,
+        add_dx,
+    );
+    add_column_sums(&mut grad.bias, dy);
+}
+
+/// The two products of y = x·Wᵀ backwards: ∂L/∂W += ∂yᵀ·x, and ∂L/∂x = (or, with `add_dx`,
+/// +=) ∂y·W when `dx` is given. ∂y is rows × outputs with its rows `dy_stride` apart (a block
+/// of columns of a wider matrix: the query's, key's or value's part of ∂(q, k, v)).
+#[allow(clippy::too_many_arguments)]
+fn dense_products(
+    mm: Products,
+    weight: &[f32],
+    grad_weight: &mut [f32],
+    (dy, dy_stride): (&[f32], usize),
+    x: &[f32],
+    (rows, inputs, outputs): (usize, usize, usize),
+    dx: Option<&mut [f32]>,
+    add_dx: bool,
+) {
+    let dy_t = Operand {
+        data: dy,
+        row_stride: 1,
+        col_stride: dy_stride,
+    };
+    mm.matmul(
+        grad_weight,
         outputs,
         inputs,
         rows,
-        Operand::transposed(dy, outputs),
+        dy_t,
         Operand::plain(x, inputs),
         true,
     );
-    add_column_sums(&mut grad.bias, dy);
     if let Some(dx) = dx {
         mm.matmul(
             dx,
             rows,
             inputs,
             outputs,
-            Operand::plain(dy, outputs),
-            Operand::plain(d.weight, inputs),
+            Operand::plain(dy, dy_stride),
+            Operand::plain(weight, inputs),
             add_dx,
         );
     }
@@ -617,33 +648,14 @@ fn qkv_backward(
         .into_iter()
         .enumerate()
         {
-            let dy = &d_qkv[i * h..];
-            let dy_t = Operand {
-                data: dy,
-                row_stride: 1,
-                col_stride: 3 * h,
-            };
-            matmul(
+            dense_products(
+                mm,
+                d.weight,
                 &mut g.weight,
-                h,
-                inputs,
-                rows,
-                dy_t,
-                Operand::plain(&s.input, inputs),
-                true,
-            );
-            let dy = Operand {
-                data: dy,
-                row_stride: 3 * h,
-                col_stride: 1,
-            };
-            matmul(
-                dx,
-                rows,
-                inputs,
-                h,
-                dy,
-                Operand::plain(d.weight, inputs),
+                (&d_qkv[i * h..], 3 * h),
+                &s.input,
+                (rows, inputs, h),
+                Some(&mut *dx),
                 true,
             );
         }
