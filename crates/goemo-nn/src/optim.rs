@@ -190,6 +190,27 @@ fn sorted_rows(rows: &[u32], len: usize) -> anyhow::Result<Vec<usize>> {
     Ok(out)
 }
 
+/// `f(weights, first moments, second moments, row)` on each of `rows` (sorted, unique) of a
+/// table of rows of `width`, the rows in parallel.
+fn for_each_row(
+    w: &mut [f32],
+    mo: &mut Moments,
+    width: usize,
+    rows: &[usize],
+    f: impl Fn(&mut [f32], &mut [f32], &mut [f32], usize) + Sync,
+) {
+    let (ws, ms, vs) = (
+        row_slices(w, width, rows),
+        row_slices(&mut mo.m, width, rows),
+        row_slices(&mut mo.v, width, rows),
+    );
+    ws.into_par_iter()
+        .zip(ms)
+        .zip(vs)
+        .zip(rows)
+        .for_each(|(((w, m), v), &r)| f(w, m, v, r));
+}
+
 /// The rows `rows` (sorted, unique) of a table of rows of `width`, as disjoint slices.
 fn row_slices<'a>(mut data: &'a mut [f32], width: usize, rows: &[usize]) -> Vec<&'a mut [f32]> {
     let mut out = Vec::with_capacity(rows.len());
@@ -352,18 +373,9 @@ impl AdamW {
             .collect();
         let (width, d_ref) = (d.width, &*d);
         update_var(&params.tree.embeddings.word, |w| {
-            let (w, m, v) = (
-                row_slices(w, width, &lagging),
-                row_slices(&mut mo.m, width, &lagging),
-                row_slices(&mut mo.v, width, &lagging),
-            );
-            w.into_par_iter()
-                .zip(m)
-                .zip(v)
-                .zip(&lagging)
-                .for_each(|(((w, m), v), &r)| {
-                    catch_up_wide(w, m, v, d_ref.pending(d_ref.synced[r]))
-                });
+            for_each_row(w, mo, width, &lagging, |w, m, v, r| {
+                catch_up_wide(w, m, v, d_ref.pending(d_ref.synced[r]))
+            });
         })?;
         for &r in &lagging {
             d.synced[r] = now;
@@ -488,19 +500,10 @@ impl AdamW {
             let mo = &mut *moments[0];
             let (width, d_ref) = (d.width, &*d);
             update_var(var, |w| {
-                let (ws, ms, vs) = (
-                    row_slices(w, width, rows),
-                    row_slices(&mut mo.m, width, rows),
-                    row_slices(&mut mo.v, width, rows),
-                );
-                ws.into_par_iter()
-                    .zip(ms)
-                    .zip(vs)
-                    .zip(rows)
-                    .for_each(|(((w, m), v), &r)| {
-                        catch_up_wide(w, m, v, d_ref.pending(d_ref.synced[r]));
-                        update_wide(w, m, v, &g[r * width..][..width], hyper);
-                    });
+                for_each_row(w, mo, width, rows, |w, m, v, r| {
+                    catch_up_wide(w, m, v, d_ref.pending(d_ref.synced[r]));
+                    update_wide(w, m, v, &g[r * width..][..width], hyper);
+                });
             })?;
             for &r in rows {
                 d.synced[r] = self.t;
