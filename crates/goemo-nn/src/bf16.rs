@@ -302,10 +302,24 @@ fn pack<'b>(
             let first = g * width;
             let count = width.min(lines - first);
             if contiguous {
-                // Each line's elements are contiguous: convert a line, then spread its pairs
-                // over the group's columns.
+                // Each line's elements are contiguous. On AVX-512, 16 lines at a time are
+                // converted and transposed in registers, 16 pairs by 16 lines.
+                let mut done = 0;
+                #[cfg(target_arch = "x86_64")]
+                if kernel == Bf16Kernel::Avx512Bf16 {
+                    while done + 16 <= count {
+                        let lines: [&[f32]; 16] =
+                            std::array::from_fn(|i| rhs.line(first + done + i, k));
+                        // SAFETY: the AVX-512 BF16 kernel is only detected where the CPU has
+                        // those features (as in `line_pairs_by`).
+                        unsafe { avx512::pack_lines(&lines, &mut group[done..], width) };
+                        done += 16;
+                    }
+                }
+                // Else, and for the last lines: convert a line, then spread its pairs over the
+                // group's columns.
                 let mut line_buf = vec![0u32; pairs];
-                for l in 0..count {
+                for l in done..count {
                     let line = rhs.line(first + l, k);
                     line_pairs_by(kernel, line, &mut line_buf);
                     if k % 2 == 1 {
@@ -514,29 +528,57 @@ pub(crate) fn matmul_bf16_new(
     start: Start,
     kernel: Bf16Kernel,
 ) -> Vec<f32> {
+    let mut parts = matmul_bf16_split_new(1, m, n, k, lhs, rhs, start, kernel);
+    parts.pop().expect("one part")
+}
+
+/// [`matmul_bf16_new`] into `parts` new buffers, equal blocks of rows (buffer i holds rows
+/// i·m/parts..), each a multiple of [`MR`] rows unless there is one: the gradients of the
+/// query, key and value weights, each written whole by the one product, with no pass clearing
+/// them first, and the bits [`matmul_bf16_split`] gives from zeroed parts.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn matmul_bf16_split_new(
+    parts: usize,
+    m: usize,
+    n: usize,
+    k: usize,
+    lhs: Operand,
+    rhs: Rhs,
+    start: Start,
+    kernel: Bf16Kernel,
+) -> Vec<Vec<f32>> {
+    let part_rows = m / parts.max(1);
+    assert!(
+        parts > 0 && part_rows * parts == m && (parts == 1 || part_rows.is_multiple_of(MR)),
+        "matmul_bf16_split_new: {m} rows in {parts} parts"
+    );
     if let Start::Bias(bias) = start {
-        assert_eq!(bias.len(), n, "matmul_bf16_new: a bias per column");
+        assert_eq!(bias.len(), n, "matmul_bf16_split_new: a bias per column");
     }
-    if m == 0 || n == 0 || k == 0 {
-        return match start {
-            Start::Bias(bias) => bias.repeat(m),
-            _ => vec![0.0; m * n],
-        };
-    }
-    lhs.check(m, k, "matmul_bf16_new", "lhs");
-    rhs.check(k, n, "matmul_bf16_new");
     assert!(
         !matches!(start, Start::Dst),
-        "matmul_bf16_new: a new buffer has no values to start from (Start::Zero or Start::Bias)"
+        "matmul_bf16_split_new: a new buffer has no values to start from (Start::Zero or Start::Bias)"
     );
-    let mut out = Vec::with_capacity(m * n);
-    // SAFETY: `out` has room for m × n; with a start other than `Dst`, the product writes
-    // every output (its first block of pairs starts from zero or the bias, not from memory)
-    // before reading any, so the length is set only over written elements.
+    if m == 0 || n == 0 || k == 0 {
+        let part = match start {
+            Start::Bias(bias) => bias.repeat(part_rows),
+            _ => vec![0.0; part_rows * n],
+        };
+        return vec![part; parts];
+    }
+    lhs.check(m, k, "matmul_bf16_split_new", "lhs");
+    rhs.check(k, n, "matmul_bf16_split_new");
+    let mut out: Vec<Vec<f32>> = (0..parts)
+        .map(|_| Vec::with_capacity(part_rows * n))
+        .collect();
+    let ptrs: Vec<*mut f32> = out.iter_mut().map(|part| part.as_mut_ptr()).collect();
+    // SAFETY: each part has room for part_rows × n; with a start other than `Dst`, the product
+    // writes every output (its first block of pairs starts from zero or the bias, not from
+    // memory) before reading any, so the lengths are set only over written elements.
     unsafe {
         product(
-            &[out.as_mut_ptr()],
-            m,
+            &ptrs,
+            part_rows,
             (m, n, k),
             lhs,
             rhs,
@@ -544,7 +586,7 @@ pub(crate) fn matmul_bf16_new(
             kernel,
             block_pairs(),
         );
-        out.set_len(m * n);
+        out.iter_mut().for_each(|part| part.set_len(part_rows * n));
     }
     out
 }
@@ -834,6 +876,84 @@ mod avx512 {
         super::interleave(&even[i..n], &odd[i..n], &mut dst[i..n]);
     }
 
+    /// Sixteen lines of a contiguous right operand into their columns of a packed group
+    /// (`dst[p·width + i]` = pair p of line i, the layout `super::pack` writes): each block of
+    /// 16 pairs is converted line by line, then transposed in registers (16 × 16 words), so the
+    /// group is written 16 columns at a time instead of one word at a time; the pairs past the
+    /// last whole block (and an odd last element, paired with zero) as `super::pair` gives them.
+    ///
+    /// # Safety
+    /// On a CPU with avx512f and avx512bf16; the lines are equally long, `width` ≥ 16 and
+    /// `dst` holds `width` words for each of the lines' pairs (the last row its first 16).
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub(super) unsafe fn pack_lines(lines: &[&[f32]; 16], dst: &mut [u32], width: usize) {
+        let k = lines[0].len();
+        let pairs = k.div_ceil(2);
+        assert!(
+            width >= 16
+                && lines.iter().all(|l| l.len() == k)
+                && dst.len() >= pairs.saturating_sub(1) * width + 16
+        );
+        let out = dst.as_mut_ptr();
+        let mut p0 = 0;
+        while p0 + 16 <= k / 2 {
+            let rows: [__m512i; 16] = std::array::from_fn(|i| {
+                let src = lines[i].as_ptr().add(2 * p0);
+                let low = _mm512_loadu_ps(src);
+                let high = _mm512_loadu_ps(src.add(16));
+                std::mem::transmute(_mm512_cvtne2ps_pbh(high, low))
+            });
+            let columns = transpose_16x16(rows);
+            for (p, column) in columns.iter().enumerate() {
+                _mm512_storeu_si512(out.add((p0 + p) * width) as *mut _, *column);
+            }
+            p0 += 16;
+        }
+        for p in p0..pairs {
+            for (i, line) in lines.iter().enumerate() {
+                let odd = line.get(2 * p + 1).copied().unwrap_or(0.0);
+                *out.add(p * width + i) = super::pair(line[2 * p], odd);
+            }
+        }
+    }
+
+    /// The transpose of 16 rows of 16 words: word j of row i becomes word i of row j. Pairs
+    /// of rows interleave by words, then by word pairs (each 128-bit lane then holds four
+    /// rows' words of one column), then the lanes are gathered by column.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn transpose_16x16(r: [__m512i; 16]) -> [__m512i; 16] {
+        let t: [__m512i; 16] = std::array::from_fn(|i| {
+            let (a, b) = (r[i & !1], r[i | 1]);
+            if i % 2 == 0 {
+                _mm512_unpacklo_epi32(a, b)
+            } else {
+                _mm512_unpackhi_epi32(a, b)
+            }
+        });
+        // u[4g + q], lane j: column 4j + q of rows 4g..4g + 4.
+        let u: [__m512i; 16] = std::array::from_fn(|i| {
+            let (g, q) = (i / 4, i % 4);
+            let (a, b) = (t[4 * g + q / 2], t[4 * g + 2 + q / 2]);
+            if q % 2 == 0 {
+                _mm512_unpacklo_epi64(a, b)
+            } else {
+                _mm512_unpackhi_epi64(a, b)
+            }
+        });
+        let mut out = [_mm512_setzero_si512(); 16];
+        for q in 0..4 {
+            let s0 = _mm512_shuffle_i32x4::<0x44>(u[q], u[4 + q]);
+            let s1 = _mm512_shuffle_i32x4::<0xee>(u[q], u[4 + q]);
+            let s2 = _mm512_shuffle_i32x4::<0x44>(u[8 + q], u[12 + q]);
+            let s3 = _mm512_shuffle_i32x4::<0xee>(u[8 + q], u[12 + q]);
+            out[q] = _mm512_shuffle_i32x4::<0x88>(s0, s2);
+            out[4 + q] = _mm512_shuffle_i32x4::<0xdd>(s0, s2);
+            out[8 + q] = _mm512_shuffle_i32x4::<0x88>(s1, s3);
+            out[12 + q] = _mm512_shuffle_i32x4::<0xdd>(s1, s3);
+        }
+        out
+    }
+
     /// The tile in 24 registers of sums (8 rows × 3 × 16 columns).
     ///
     /// # Safety
@@ -983,6 +1103,50 @@ mod tests {
                 let mut pairs = vec![u32::MAX; n];
                 interleave_by(kernel, &even, &odd, &mut pairs);
                 assert_eq!(pairs, want_pairs, "{kernel:?}, {n} pairs");
+            }
+        }
+    }
+
+    /// Packing the right operand gives the same words on every kernel, for both orientations:
+    /// line counts around the 16 lines the AVX-512 path transposes at a time (and a last,
+    /// partial group), inner lengths around its 16-pair blocks, odd ones included.
+    #[test]
+    fn packing_gives_the_same_words_on_every_kernel() {
+        let mut kernels = vec![Bf16Kernel::Portable, Bf16Kernel::detect()];
+        kernels.dedup();
+        for (case, &(k, n)) in [(1, 16), (31, 17), (32, 48), (33, 50), (65, 100), (300, 96)]
+            .iter()
+            .enumerate()
+        {
+            let data = random(k * n, 300 + case as u64);
+            for transposed in [false, true] {
+                // Plain: k × n row-major, lines strided; transposed: each line contiguous.
+                let op = operand(&data, k, n, transposed);
+                let packs: Vec<Vec<u32>> = kernels
+                    .iter()
+                    .map(|&kernel| {
+                        let mut buffer = vec![u32::MAX; 7];
+                        pack(kernel, &mut buffer, op.into(), n, k, NR).data.to_vec()
+                    })
+                    .collect();
+                let want: Vec<u32> = (0..n.div_ceil(NR) * NR * k.div_ceil(2))
+                    .map(|w| {
+                        let (g, rest) = (w / (NR * k.div_ceil(2)), w % (NR * k.div_ceil(2)));
+                        let (p, l) = (rest / NR, g * NR + rest % NR);
+                        let at = |i: usize| match (i < k && l < n, transposed) {
+                            (false, _) => 0.0,
+                            (true, false) => data[i * n + l],
+                            (true, true) => data[l * k + i],
+                        };
+                        pair(at(2 * p), at(2 * p + 1))
+                    })
+                    .collect();
+                for (kernel, got) in kernels.iter().zip(&packs) {
+                    assert!(
+                        got == &want,
+                        "{kernel:?}, k {k}, n {n}, transposed {transposed}"
+                    );
+                }
             }
         }
     }
@@ -1147,6 +1311,17 @@ mod tests {
                     assert!(
                         same_bits(&got, &want),
                         "zero, case {case} {lt} {rt} {kernel:?}"
+                    );
+
+                    // New parts from zero: the bits of adding the product onto zeros.
+                    let mut want = vec![0.0; m * n];
+                    matmul_bf16(&mut want, m, n, k, lhs, rhs, true, kernel);
+                    let got =
+                        matmul_bf16_split_new(3, m, n, k, lhs, rhs.into(), Start::Zero, kernel);
+                    assert!(got.iter().all(|part| part.len() == m / 3 * n));
+                    assert!(
+                        same_bits(&got.concat(), &want),
+                        "new parts, case {case} {lt} {rt} {kernel:?}"
                     );
                 }
             }
