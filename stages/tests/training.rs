@@ -47,6 +47,7 @@ fn every_parameter_receives_a_nonzero_gradient() {
             None,
             &Device::Cpu,
             Products::F32,
+            None,
         )
         .unwrap();
         for (name, g) in p.names.iter().zip(grads.leaves()) {
@@ -81,6 +82,7 @@ fn gradients_match_finite_differences() {
             None,
             &Device::Cpu,
             Products::F32,
+            None,
         )
         .unwrap();
         let loss_at = |p: &Params| {
@@ -92,6 +94,7 @@ fn gradients_match_finite_differences() {
                 None,
                 &Device::Cpu,
                 Products::F32,
+                None,
             )
             .unwrap()
             .0
@@ -719,6 +722,7 @@ fn packed_gradients_match_autograd_on_minilm() {
             None,
             &Device::Cpu,
             Products::F32,
+            None,
         )
         .unwrap();
         let what = format!("{:?}", objective.kind);

@@ -153,6 +153,8 @@ fn bench_train(
     // trainer, to compare the two in one build.
     let autograd = std::env::var_os("BENCH_AUTOGRAD").is_some();
     let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(0);
+    // As the trainer does: each step writes into the last one's word-embedding gradient.
+    let mut spare = None;
     let (mut tsum, mut fb, mut o, mut ex, mut toks) = (0.0, 0.0, 0.0, 0usize, 0usize);
     // The packed trainer times its forward and backward passes; autograd's are one call.
     let (mut fwd_sum, mut bwd_sum) = (0.0, 0.0);
@@ -182,11 +184,13 @@ fn bench_train(
                 &goemo_nn::loss::Loss::bce(None),
                 Some(&mut rng),
                 products,
+                spare.take(),
             )?;
             (s.loss, s.grads, Some((s.forward_secs, s.backward_secs)))
         };
         let t1 = Instant::now();
         opt.step_rows(&params, &grads, 5e-5, &tokens)?;
+        spare = Some(goemo_nn::backprop::Spare::new(grads, tokens));
         let (f, s) = ((t1 - t).as_secs_f64(), t1.elapsed().as_secs_f64());
         let len = b.iter().map(|&i| data.row(i).len()).max().unwrap_or(0);
         let (fwd, bwd) = split.unwrap_or((f64::NAN, f64::NAN));

@@ -5,7 +5,7 @@ use candle_core::{Device, Tensor};
 use rand_chacha::ChaCha8Rng;
 
 use goemo_data::tokens::TokenizedData;
-use goemo_nn::backprop::{Grads, Products};
+use goemo_nn::backprop::{Grads, Products, Spare};
 use goemo_nn::loss::{bce_with_logits, Loss};
 use goemo_nn::model::{self, Params};
 
@@ -35,8 +35,9 @@ impl<'a> Objective<'a> {
 }
 
 /// Forward + backward for one micro-batch: (loss, gradients on host in parameter order). On
-/// the CPU the packed trainer (`backprop`) computes them, its products in `products`;
-/// elsewhere candle's autograd (f32).
+/// the CPU the packed trainer (`backprop`) computes them, its products in `products`, into
+/// `spare`'s buffer where given; elsewhere candle's autograd (f32).
+#[allow(clippy::too_many_arguments)]
 pub fn loss_and_grads(
     params: &Params,
     data: &TokenizedData,
@@ -45,13 +46,16 @@ pub fn loss_and_grads(
     rng: Option<&mut ChaCha8Rng>,
     device: &Device,
     products: Products,
+    spare: Option<Spare>,
 ) -> anyhow::Result<(f64, Grads)> {
     if !device.is_cpu() {
         return loss_and_grads_autograd(params, data, rows, objective, rng, device);
     }
     let (seqs, labels) = packed_batch(data, rows);
     let targets = objective.targets(rows, labels);
-    goemo_nn::backprop::loss_and_grads(params, &seqs, &targets, objective.loss, rng, products)
+    let loss = objective.loss;
+    let step = goemo_nn::backprop::step(params, &seqs, &targets, loss, rng, products, spare)?;
+    Ok((step.loss, step.grads))
 }
 
 /// `loss_and_grads` by candle's autograd over the padded `model::forward`: the reference the

@@ -11,7 +11,7 @@ use rayon::prelude::*;
 
 use goemo_data::data::Split;
 use goemo_data::tokens::TokenizedData;
-use goemo_nn::backprop::Grads;
+use goemo_nn::backprop::{Grads, Spare};
 use goemo_nn::loss::Loss;
 use goemo_nn::model::{NamedTensors, Params};
 use goemo_nn::optim::AdamW;
@@ -86,6 +86,8 @@ struct Run<'a> {
     /// Where a mid-epoch checkpoint left the first epoch to run.
     resume_in_epoch: Option<EpochPosition>,
     clock: Clock,
+    /// The last gradients' word-embedding buffer, for the next micro-batch to write into.
+    spare: Option<Spare>,
 }
 
 /// Time and work, of this process and of those before it (a resumed run).
@@ -210,6 +212,7 @@ impl<'a> Run<'a> {
                 before_this_process: Tally::default(),
                 this_process: Tally::default(),
             },
+            spare: None,
         };
         run.resume()?;
         Ok(run)
@@ -341,7 +344,7 @@ impl<'a> Run<'a> {
             .collect();
         // The forward pass reads these rows of the word embeddings: bring them up to date.
         self.opt.settle_rows(&self.params, &tokens)?;
-        acc.word_rows.extend(tokens);
+        acc.word_rows.extend_from_slice(&tokens);
         let t0 = Instant::now();
         let (loss, grads) = loss_and_grads(
             &self.params,
@@ -354,6 +357,7 @@ impl<'a> Run<'a> {
             Some(rng),
             self.env.device,
             p.precision.products(),
+            self.spare.take(),
         )?;
         self.clock.this_process.fwd_bwd_secs += t0.elapsed().as_secs_f64();
         if !loss.is_finite() {
@@ -368,6 +372,7 @@ impl<'a> Run<'a> {
                 .into_par_iter()
                 .zip(grads.leaves())
                 .for_each(|(a, g)| a.iter_mut().zip(g).for_each(|(a, g)| *a += g * scale));
+            self.spare = Some(Spare::new(grads, tokens));
         } else {
             let mut grads = grads;
             // With grad_accum 1 the scale is 1.0, and x · 1.0 is x: no pass needed.
@@ -406,17 +411,30 @@ impl<'a> Run<'a> {
         let Some(mut grads) = acc.grads.take() else {
             anyhow::bail!("no gradients accumulated at step {}", self.step + 1);
         };
+        // The word-embedding gradient is zero outside its batches' rows: the norm and the
+        // scalings below read and write those rows of it only (the same bits).
+        let mut rows = acc.word_rows.clone();
+        rows.sort_unstable();
+        rows.dedup();
+        let word = WordRows {
+            leaf: grads
+                .leaves()
+                .iter()
+                .position(|g| std::ptr::eq(*g, &grads.embeddings.word))
+                .expect("the word embeddings are a leaf"),
+            rows: &rows,
+            width: grads.embeddings.norm.weight.len(),
+        };
         if acc.batches < p.grad_accum {
             // A short final accumulation: rescale to a mean over the micro-batches it had.
-            let fix = p.grad_accum as f32 / acc.batches as f32;
-            grads
-                .leaves_mut()
-                .into_par_iter()
-                .for_each(|g| g.iter_mut().for_each(|x| *x *= fix));
+            scale(&mut grads, word, p.grad_accum as f32 / acc.batches as f32);
             acc.loss *= p.grad_accum as f64 / acc.batches as f64;
         }
         let leaves: Vec<&[f32]> = grads.leaves().into_iter().map(|g| &g[..]).collect();
-        let norm = sums_of_squares(&leaves).iter().sum::<f64>().sqrt();
+        let norm = sums_of_squares(&leaves, Some(word))
+            .iter()
+            .sum::<f64>()
+            .sqrt();
         if !norm.is_finite() {
             anyhow::bail!(
                 "gradient norm is {norm} at epoch {}, step {}; first rows of the batch: {}\n  hint: lower lr or cap pos_weight",
@@ -425,15 +443,13 @@ impl<'a> Run<'a> {
         }
         if p.max_grad_norm > 0.0 && norm > p.max_grad_norm {
             let c = (p.max_grad_norm / (norm + 1e-6)) as f32;
-            grads
-                .leaves_mut()
-                .into_par_iter()
-                .for_each(|g| g.iter_mut().for_each(|x| *x *= c));
+            scale(&mut grads, word, c);
         }
         let lr = lr_at(self.step, self.total_steps, self.warmup, p.lr);
         let t1 = Instant::now();
         self.opt
             .step_rows(&self.params, &grads, lr, &acc.word_rows)?;
+        self.spare = Some(Spare::new(grads, std::mem::take(&mut acc.word_rows)));
         self.clock.this_process.opt_secs += t1.elapsed().as_secs_f64();
         self.step += 1;
         let entry = StepLog {
@@ -639,7 +655,9 @@ fn progress_bar(
 /// interleaved on a thread, and the long, mostly zero word-embedding gradient has its zero
 /// blocks found by both threads first and skipped (adding +0.0 changes no sum). A MiniLM
 /// step's norm: 5.4 ms → 3.5 ms (one chain per gradient, the zero blocks skipped, before).
-fn sums_of_squares(leaves: &[&[f32]]) -> Vec<f64> {
+///
+/// With `word`, that leaf's sum reads only the blocks of its rows (zero elsewhere).
+fn sums_of_squares(leaves: &[&[f32]], word: Option<WordRows>) -> Vec<f64> {
     /// Gradients at least this long (the word embeddings) are scanned for zero blocks.
     const SPARSE: usize = 1 << 20;
     let mut dense: Vec<usize> = (0..leaves.len())
@@ -662,7 +680,10 @@ fn sums_of_squares(leaves: &[&[f32]]) -> Vec<f64> {
         },
         || {
             big.iter()
-                .map(|&i| (i, sparse_sum_of_squares(leaves[i])))
+                .map(|&i| {
+                    let rows = word.filter(|w| w.leaf == i).map(|w| (w.rows, w.width));
+                    (i, sparse_sum_of_squares(leaves[i], rows))
+                })
                 .collect::<Vec<_>>()
         },
     );
@@ -705,27 +726,74 @@ fn interleaved_sums(xs: &[&[f32]]) -> Vec<f64> {
         .collect()
 }
 
+/// The word-embedding gradient's place among the leaves, and the rows its step's batches
+/// wrote (sorted, each once): it is zero outside them.
+#[derive(Clone, Copy)]
+struct WordRows<'a> {
+    leaf: usize,
+    rows: &'a [u32],
+    width: usize,
+}
+
+/// Every gradient × `factor`; of the word embeddings' only its rows (the rest is zero, and stays
+/// zero, of the same sign, when multiplied by a positive factor).
+fn scale(grads: &mut Grads, word: WordRows, factor: f32) {
+    grads
+        .leaves_mut()
+        .into_par_iter()
+        .enumerate()
+        .for_each(|(i, g)| {
+            if i != word.leaf {
+                return g.iter_mut().for_each(|x| *x *= factor);
+            }
+            for &id in word.rows {
+                let row = id as usize * word.width..(id as usize + 1) * word.width;
+                if let Some(row) = g.get_mut(row) {
+                    row.iter_mut().for_each(|x| *x *= factor);
+                }
+            }
+        });
+}
+
 /// Σ x² of a long gradient in element order: which 64-element blocks hold a non-zero found by
-/// all threads, then the one chain over those blocks, in order.
-fn sparse_sum_of_squares(g: &[f32]) -> f64 {
+/// all threads, then the one chain over those blocks, in order. With `rows` (sorted row ids
+/// and the row width), only the blocks that hold part of those rows are looked at: the
+/// gradient is zero elsewhere.
+fn sparse_sum_of_squares(g: &[f32], rows: Option<(&[u32], usize)>) -> f64 {
     const BLOCK: usize = 64;
     const PIECE: usize = BLOCK * 1024;
-    let nonzero: Vec<Vec<usize>> = g
-        .par_chunks(PIECE)
-        .enumerate()
-        .map(|(p, piece)| {
-            piece
-                .chunks(BLOCK)
-                .enumerate()
-                .filter(|(_, block)| {
-                    block.iter().fold(0u32, |any, x| any | (x.to_bits() << 1)) != 0
+    let any_nonzero =
+        |block: &[f32]| block.iter().fold(0u32, |any, x| any | (x.to_bits() << 1)) != 0;
+    let nonzero: Vec<usize> = match rows {
+        Some((rows, width)) => {
+            let mut blocks: Vec<usize> = rows
+                .iter()
+                .flat_map(|&id| {
+                    let (start, end) = (id as usize * width, (id as usize + 1) * width);
+                    start / BLOCK..end.min(g.len()).div_ceil(BLOCK)
                 })
-                .map(|(b, _)| p * PIECE + b * BLOCK)
+                .collect();
+            blocks.dedup();
+            blocks
+                .into_par_iter()
+                .map(|b| b * BLOCK)
+                .filter(|&start| any_nonzero(&g[start..(start + BLOCK).min(g.len())]))
                 .collect()
-        })
-        .collect();
+        }
+        None => g
+            .par_chunks(PIECE)
+            .enumerate()
+            .flat_map_iter(|(p, piece)| {
+                piece
+                    .chunks(BLOCK)
+                    .enumerate()
+                    .filter(|(_, block)| any_nonzero(block))
+                    .map(move |(b, _)| p * PIECE + b * BLOCK)
+            })
+            .collect(),
+    };
     let mut sum = -0f64;
-    for &start in nonzero.iter().flatten() {
+    for &start in &nonzero {
         for &x in &g[start..(start + BLOCK).min(g.len())] {
             sum += (x as f64) * (x as f64);
         }
@@ -755,15 +823,49 @@ mod tests {
         let dense: Vec<f32> = (0..10_000).map(|i| (i as f32 * 0.37).cos()).collect();
         for g in [&sparse[..], &dense[..], &[][..], &[0.0, -0.0][..]] {
             assert_eq!(
-                super::sparse_sum_of_squares(g).to_bits(),
+                super::sparse_sum_of_squares(g, None).to_bits(),
                 plain(g).to_bits()
             );
         }
-        assert!(super::sparse_sum_of_squares(&[0.0, f32::NAN]).is_nan());
+        assert!(super::sparse_sum_of_squares(&[0.0, f32::NAN], None).is_nan());
         assert_eq!(
-            super::sparse_sum_of_squares(&[f32::INFINITY]),
+            super::sparse_sum_of_squares(&[f32::INFINITY], None),
             f64::INFINITY
         );
+    }
+
+    /// Told which rows of a gradient its batches wrote, the sum reads only those and gives the
+    /// plain sum's bits: rows whose width is and is not a multiple of the 64-element blocks
+    /// (neighbours sharing a block), the first and the last row, a row of zeros and -0.0.
+    #[test]
+    fn the_sum_over_a_steps_rows_is_the_sequential_sum() {
+        let plain = |g: &[f32]| g.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>();
+        for width in [16usize, 24, 64, 384] {
+            let vocab = 3001;
+            let mut rows: Vec<u32> = vec![0, 5, 6, 7, 700, 701, 1500, 2999, 3000, 42];
+            let mut g = vec![0f32; vocab * width];
+            for (k, &id) in rows.iter().enumerate() {
+                for (j, x) in g[id as usize * width..][..width].iter_mut().enumerate() {
+                    *x = match k {
+                        9 => 0.0,
+                        8 if j % 2 == 0 => -0.0,
+                        _ => ((k * 131 + j) as f32).sin() * 1e-3,
+                    };
+                }
+            }
+            rows.sort_unstable();
+            rows.dedup();
+            assert_eq!(
+                super::sparse_sum_of_squares(&g, Some((&rows, width))).to_bits(),
+                plain(&g).to_bits(),
+                "width {width}"
+            );
+            let none = vec![0f32; vocab * width];
+            assert_eq!(
+                super::sparse_sum_of_squares(&none, Some((&[], width))).to_bits(),
+                plain(&none).to_bits()
+            );
+        }
     }
 
     /// The norm's fast path gives each gradient the bits of the plain sequential sum: gradients
@@ -799,7 +901,7 @@ mod tests {
         leaves.push(vec![1.0, f32::NAN, 2.0]);
         leaves.push(vec![f32::INFINITY; 5]);
         let refs: Vec<&[f32]> = leaves.iter().map(|g| &g[..]).collect();
-        let sums = super::sums_of_squares(&refs);
+        let sums = super::sums_of_squares(&refs, None);
         assert_eq!(sums.len(), refs.len());
         for (i, (g, sum)) in refs.iter().zip(&sums).enumerate() {
             let want = plain(g);
