@@ -959,8 +959,8 @@ pub struct Step {
 /// `loss_and_grads` with the forward and backward passes timed: [`forward`],
 /// [`Loss::value_and_grad`], [`backward`].
 ///
-/// `spare`: an earlier step's gradients, whose buffers this one writes into instead of new
-/// ones (see [`Spare`]); the gradients are the same either way.
+/// `spare`: an earlier step's word-embedding gradient, whose buffer this step writes into
+/// instead of a new one (see [`Spare`]); the gradients are the same either way.
 pub fn step(
     params: &Params,
     rows: &[&[u32]],
@@ -1198,8 +1198,9 @@ pub struct Spare {
 
 impl Spare {
     /// The word-embedding gradient of `grads`, from [`step`] (scaled, clipped or summed with
-    /// other steps' since: anything that keeps a zero a zero), with `word_rows` holding every
-    /// token id of the batches behind it: it is zero outside those rows.
+    /// other micro-batches' since: anything that keeps a zero a zero), with `word_rows` holding
+    /// every token id of the batches behind it: it must be zero outside those rows, which are
+    /// all that [`step`] clears of it.
     pub fn new(grads: Grads, word_rows: Vec<u32>) -> Spare {
         Spare {
             word: grads.embeddings.word,
@@ -1258,10 +1259,13 @@ fn gradient_buffers(mm: Products, w: &Weights<'_>, spare: Option<Spare>) -> Grad
     let width = w.embeddings.norm.weight.len();
     w.zip(&plan)
         .expect("a tree mapped from the weights has their shape")
-        .map_each(|&(s, &b)| match (b, spare.take_if(|_| b == Buffer::Word)) {
-            (Buffer::WrittenWhole, _) => Vec::new(),
-            (Buffer::Word, Some(spare)) => spare.cleared(width),
-            _ => zeroed(s.len()),
+        .map_each(|&(s, &b)| match b {
+            Buffer::WrittenWhole => Vec::new(),
+            Buffer::Word => match spare.take() {
+                Some(spare) => spare.cleared(width),
+                None => zeroed(s.len()),
+            },
+            Buffer::Zeroed => zeroed(s.len()),
         })
 }
 

@@ -807,6 +807,55 @@ fn sparse_sum_of_squares(g: &[f32], rows: Option<(&[u32], usize)>) -> f64 {
 
 #[cfg(test)]
 mod tests {
+    use goemo_nn::config::{Arch, EncoderConfig};
+    use goemo_nn::params::Encoder;
+    use goemo_nn::test_support::{random_floats, tiny_config};
+
+    /// Scaling a step's gradients, of the word embeddings only the step's rows, gives the bits
+    /// of scaling every element (a zero stays the zero it was, -0.0 included), for rows given
+    /// out of order and twice as the trainer would collect them, and the first and last row.
+    #[test]
+    fn scaling_a_steps_rows_is_scaling_everything() {
+        for arch in [Arch::Bert, Arch::DistilBert] {
+            let cfg = EncoderConfig::from_json(tiny_config(arch, 0.0)).unwrap();
+            let specs = Encoder::new(&cfg, 28);
+            let mut seed = 0;
+            let mut grads: super::Grads = specs.map_each(|spec| {
+                seed += 1;
+                random_floats(spec.shape.iter().product(), seed)
+            });
+            let width = cfg.hidden;
+            let batch_rows = [17u32, 3, 0, 17, 30521, 101];
+            let word = &mut grads.embeddings.word;
+            for (r, row) in word.chunks_exact_mut(width).enumerate() {
+                if !batch_rows.contains(&(r as u32)) {
+                    row.iter_mut()
+                        .enumerate()
+                        .for_each(|(j, x)| *x = if j % 3 == 0 { -0.0 } else { 0.0 });
+                }
+            }
+            let mut want = grads.clone();
+            want.leaves_mut()
+                .into_iter()
+                .for_each(|g| g.iter_mut().for_each(|x| *x *= 0.37));
+            let mut rows = batch_rows.to_vec();
+            rows.sort_unstable();
+            rows.dedup();
+            let word = super::WordRows {
+                leaf: 0,
+                rows: &rows,
+                width,
+            };
+            super::scale(&mut grads, word, 0.37);
+            for (g, w) in grads.leaves().into_iter().zip(want.leaves()) {
+                assert!(
+                    g.iter().zip(w).all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "{arch:?}"
+                );
+            }
+        }
+    }
+
     /// The same bits as the plain sequential sum, on a sparse gradient (zero blocks skipped),
     /// a dense one, and with -0.0, NaN and infinity.
     #[test]
