@@ -547,11 +547,8 @@ pub(crate) fn matmul_bf16_split_new(
     start: Start,
     kernel: Bf16Kernel,
 ) -> Vec<Vec<f32>> {
-    let part_rows = m / parts.max(1);
-    assert!(
-        parts > 0 && part_rows * parts == m && (parts == 1 || part_rows.is_multiple_of(MR)),
-        "matmul_bf16_split_new: {m} rows in {parts} parts"
-    );
+    assert!(parts > 0, "matmul_bf16_split_new: {m} rows in no parts");
+    let part_rows = part_rows(m, parts, "matmul_bf16_split_new");
     if let Start::Bias(bias) = start {
         assert_eq!(bias.len(), n, "matmul_bf16_split_new: a bias per column");
     }
@@ -591,6 +588,18 @@ pub(crate) fn matmul_bf16_split_new(
     out
 }
 
+/// The rows of each of `parts` equal blocks of m rows; panics, naming the product, unless they
+/// split m evenly and (with more than one) each holds whole tiles of [`MR`] rows, so no tile
+/// straddles two parts.
+fn part_rows(m: usize, parts: usize, what: &str) -> usize {
+    let part_rows = m / parts.max(1);
+    assert!(
+        part_rows * parts == m && (parts == 1 || part_rows.is_multiple_of(MR)),
+        "{what}: {m} rows in {parts} parts"
+    );
+    part_rows
+}
+
 /// [`matmul_bf16`] into a destination held as equal parts stacked by rows (`dst[i]` holds rows
 /// i·m/parts.. of the m × n result): one product where the caller keeps the blocks of rows
 /// apart (the query, key and value gradients). Each part's rows are a multiple of [`MR`], so no
@@ -606,12 +615,7 @@ pub(crate) fn matmul_bf16_split(
     start: Start,
     kernel: Bf16Kernel,
 ) {
-    let part_rows = m / dst.len().max(1);
-    assert!(
-        part_rows * dst.len() == m && (dst.len() == 1 || part_rows.is_multiple_of(MR)),
-        "matmul_bf16_split: {m} rows in {} parts",
-        dst.len()
-    );
+    let part_rows = part_rows(m, dst.len(), "matmul_bf16_split");
     for part in dst.iter() {
         assert_eq!(
             part.len(),
