@@ -177,7 +177,7 @@ fn average(e: &mut [f32], w: &[f32], d: f32) {
 wide_fn!(fn average_wide(e: &mut [f32], w: &[f32], d: f32) => average);
 
 /// `rows` (token ids) sorted, without repeats, each checked against the table's `len` rows.
-fn sorted_rows(rows: &[u32], len: usize) -> anyhow::Result<Vec<usize>> {
+pub fn sorted_rows(rows: &[u32], len: usize) -> anyhow::Result<Vec<usize>> {
     let mut out: Vec<usize> = rows.iter().map(|&r| r as usize).collect();
     out.sort_unstable();
     out.dedup();

@@ -413,9 +413,8 @@ impl<'a> Run<'a> {
         };
         // The word-embedding gradient is zero outside its batches' rows: the norm and the
         // scalings below read and write those rows of it only (the same bits).
-        let mut rows = acc.word_rows.clone();
-        rows.sort_unstable();
-        rows.dedup();
+        let vocab = self.params.cfg.vocab_size;
+        let rows = goemo_nn::optim::sorted_rows(&acc.word_rows, vocab)?;
         let word = WordRows {
             leaf: grads
                 .leaves()
@@ -731,7 +730,7 @@ fn interleaved_sums(xs: &[&[f32]]) -> Vec<f64> {
 #[derive(Clone, Copy)]
 struct WordRows<'a> {
     leaf: usize,
-    rows: &'a [u32],
+    rows: &'a [usize],
     width: usize,
 }
 
@@ -747,7 +746,7 @@ fn scale(grads: &mut Grads, word: WordRows, factor: f32) {
                 return g.iter_mut().for_each(|x| *x *= factor);
             }
             for &id in word.rows {
-                let row = id as usize * word.width..(id as usize + 1) * word.width;
+                let row = id * word.width..(id + 1) * word.width;
                 if let Some(row) = g.get_mut(row) {
                     row.iter_mut().for_each(|x| *x *= factor);
                 }
@@ -759,7 +758,7 @@ fn scale(grads: &mut Grads, word: WordRows, factor: f32) {
 /// all threads, then the one chain over those blocks, in order. With `rows` (sorted row ids
 /// and the row width), only the blocks that hold part of those rows are looked at: the
 /// gradient is zero elsewhere.
-fn sparse_sum_of_squares(g: &[f32], rows: Option<(&[u32], usize)>) -> f64 {
+fn sparse_sum_of_squares(g: &[f32], rows: Option<(&[usize], usize)>) -> f64 {
     const BLOCK: usize = 64;
     const PIECE: usize = BLOCK * 1024;
     let any_nonzero =
@@ -769,7 +768,7 @@ fn sparse_sum_of_squares(g: &[f32], rows: Option<(&[u32], usize)>) -> f64 {
             let mut blocks: Vec<usize> = rows
                 .iter()
                 .flat_map(|&id| {
-                    let (start, end) = (id as usize * width, (id as usize + 1) * width);
+                    let (start, end) = (id * width, (id + 1) * width);
                     start / BLOCK..end.min(g.len()).div_ceil(BLOCK)
                 })
                 .collect();
@@ -838,9 +837,7 @@ mod tests {
             want.leaves_mut()
                 .into_iter()
                 .for_each(|g| g.iter_mut().for_each(|x| *x *= 0.37));
-            let mut rows = batch_rows.to_vec();
-            rows.sort_unstable();
-            rows.dedup();
+            let rows = goemo_nn::optim::sorted_rows(&batch_rows, cfg.vocab_size).unwrap();
             let word = super::WordRows {
                 leaf: 0,
                 rows: &rows,
@@ -891,9 +888,9 @@ mod tests {
         let plain = |g: &[f32]| g.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>();
         for width in [16usize, 24, 64, 384] {
             let vocab = 3001;
-            let mut rows: Vec<u32> = vec![0, 5, 6, 7, 700, 701, 1500, 2999, 3000, 42];
+            let ids: Vec<u32> = vec![0, 5, 6, 7, 700, 701, 1500, 2999, 3000, 42];
             let mut g = vec![0f32; vocab * width];
-            for (k, &id) in rows.iter().enumerate() {
+            for (k, &id) in ids.iter().enumerate() {
                 for (j, x) in g[id as usize * width..][..width].iter_mut().enumerate() {
                     *x = match k {
                         9 => 0.0,
@@ -902,8 +899,7 @@ mod tests {
                     };
                 }
             }
-            rows.sort_unstable();
-            rows.dedup();
+            let rows = goemo_nn::optim::sorted_rows(&ids, vocab).unwrap();
             assert_eq!(
                 super::sparse_sum_of_squares(&g, Some((&rows, width))).to_bits(),
                 plain(&g).to_bits(),
