@@ -39,13 +39,148 @@ pub(crate) fn attend(
     if avx512::usable(h / heads) {
         // SAFETY: `usable` checked the CPU's features and the head width; the asserts above
         // the slices' sizes.
-        return unsafe { avx512::attend(order, qkv, (h, heads), (s, len), out) };
+        return unsafe {
+            avx512::attend::<fn(usize) -> f32>(order, qkv, (h, heads), (s, len), out, None)
+        };
     }
     // The references add into `out`, from zero.
     out.fill(0.0);
     match order {
         ScoreOrder::DotLanes => attend_row_wide(qkv, h, heads, s, len, out),
         ScoreOrder::ByKeys => attend_row_by_keys_wide(qkv, h, heads, s, len, out),
+    }
+}
+
+/// Whether [`attend_for_training`] and [`FeatureMajor`] can run here: the AVX-512 kernel on
+/// this CPU for heads `dh` wide. Elsewhere training keeps its own scalar loops (the same bits).
+pub(crate) fn training_kernel_usable(dh: usize) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        avx512::usable(dh)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = dh;
+        false
+    }
+}
+
+/// Training's forward attention for one row, all heads, by the AVX-512 kernel: for each head
+/// and query i, the scores `scale · dot(q_i, k_j)` ([`dot`]'s order), their softmax
+/// (`exp_approx` of each minus the max, times 1 / their [`lane_sum`]) written to
+/// `probs[(head·len + i)·len + j]` (before dropout), then `out_i = Σ_j w_ij·v_j` from zero in
+/// key order, with `w_ij` the probability times `dropout(index)` where given (the same index
+/// into `probs`). These are the operations of the trainer's scalar loop, in its order, so the
+/// bits are the same (a test checks it). `qkv` holds per token the query (not scaled), key and
+/// value side by side; `out` is `len` tokens × h. Only where [`training_kernel_usable`].
+pub(crate) fn attend_for_training<F: Fn(usize) -> f32>(
+    qkv: &[f32],
+    (h, heads, scale): (usize, usize, f32),
+    (s, len): (usize, usize),
+    dropout: Option<F>,
+    out: &mut [f32],
+    probs: &mut [f32],
+) {
+    assert!(len > 0 && (s + len) * 3 * h <= qkv.len(), "attention row");
+    assert!(out.len() == len * h, "attention output");
+    assert!(probs.len() == heads * len * len, "attention probabilities");
+    assert!(
+        training_kernel_usable(h / heads),
+        "no AVX-512 attention kernel here"
+    );
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: `training_kernel_usable` checked the CPU's features and the head width; the
+    // asserts above the slices' sizes.
+    unsafe {
+        let keep = avx512::Keep {
+            scale,
+            probs,
+            dropout,
+        };
+        avx512::attend(
+            ScoreOrder::DotLanes,
+            qkv,
+            (h, heads),
+            (s, len),
+            out,
+            Some(keep),
+        )
+    }
+}
+
+/// One row's keys or values (or any third of its tokens' `qkv`), feature-major: feature c of
+/// token j at `c·lp + j`, `lp` the tokens rounded up to 16, so [`FeatureMajor::dots`] takes 16
+/// tokens a register. Only where [`training_kernel_usable`].
+pub(crate) struct FeatureMajor {
+    data: Vec<f32>,
+    lp: usize,
+    len: usize,
+    dh: usize,
+}
+
+impl FeatureMajor {
+    /// Tokens `s..s + len` of `qkv` (3·h per token), the h features from `part · h` (1 the
+    /// keys, 2 the values), in heads `dh` wide; `buffer` is reused (its contents ignored).
+    pub(crate) fn new(
+        qkv: &[f32],
+        h: usize,
+        dh: usize,
+        (s, len): (usize, usize),
+        part: usize,
+        mut buffer: Vec<f32>,
+    ) -> FeatureMajor {
+        assert!(training_kernel_usable(dh) && h.is_multiple_of(dh) && part < 3);
+        assert!(len > 0 && (s + len) * 3 * h <= qkv.len(), "attention row");
+        let lp = len.div_ceil(16) * 16;
+        // Not cleared: the padding tokens' dot products are computed and never read.
+        if buffer.len() < h * lp {
+            buffer.resize(h * lp, 0.0);
+        }
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `training_kernel_usable` checked avx512f; the sizes are asserted above.
+        unsafe {
+            avx512::transpose_keys(qkv, (h, part * h), s, len, lp, &mut buffer)
+        };
+        FeatureMajor {
+            data: buffer,
+            lp,
+            len,
+            dh,
+        }
+    }
+
+    /// `out[j] = dot(x, token j's features of head)` for the `len` tokens ([`dot`]'s order:
+    /// the same bits); `x` is `dh` long.
+    pub(crate) fn dots(&self, head: usize, x: &[f32], out: &mut [f32]) {
+        assert!(x.len() == self.dh && out.len() == self.len, "dots sizes");
+        assert!((head + 1) * self.dh * self.lp <= self.data.len(), "head");
+        let mut scores = [0f32; 512];
+        let lp = self.lp;
+        let mut full;
+        let dst: &mut [f32] = if lp <= scores.len() {
+            &mut scores[..lp]
+        } else {
+            full = vec![0f32; lp];
+            &mut full
+        };
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `new` checked the CPU and the head width; `data` holds `dh · lp` floats per
+        // head (asserted above), `dst` `lp`.
+        unsafe {
+            avx512::scores_dot_lanes(
+                x.as_ptr(),
+                self.data.as_ptr().add(head * self.dh * lp),
+                self.dh,
+                lp,
+                dst.as_mut_ptr(),
+            )
+        };
+        out.copy_from_slice(&dst[..self.len]);
+    }
+
+    /// The buffer back, for the next row.
+    pub(crate) fn into_buffer(self) -> Vec<f32> {
+        self.data
     }
 }
 
@@ -151,6 +286,14 @@ mod avx512 {
 
     use super::{ScoreOrder, QUERIES, SCRATCH};
 
+    /// What training keeps from the forward pass, and how it changes the weights (see
+    /// [`super::attend_for_training`]).
+    pub(super) struct Keep<'a, F> {
+        pub(super) scale: f32,
+        pub(super) probs: &'a mut [f32],
+        pub(super) dropout: Option<F>,
+    }
+
     /// Head widths the kernel handles: 16, 32, 48 or 64 features (one to four registers).
     const MAX_HEAD_REGS: usize = 4;
 
@@ -165,13 +308,17 @@ mod avx512 {
 
     /// See [`super::attend`]. Caller: the CPU has avx512f, `dh` is a multiple of 16 up to 64,
     /// `qkv` holds tokens `s..s + len` and `out` one or `len` tokens × h.
+    /// With `keep` (training), the order is `DotLanes`, every query is computed, each score
+    /// is scaled after its dot product, the probabilities are copied out before dropout, and
+    /// the dropout factors multiply the weights the values are summed with.
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn attend(
+    pub(super) unsafe fn attend<F: Fn(usize) -> f32>(
         order: ScoreOrder,
         qkv: &[f32],
         (h, heads): (usize, usize),
         (s, len): (usize, usize),
         out: &mut [f32],
+        mut keep: Option<Keep<'_, F>>,
     ) {
         let dh = h / heads;
         let lp = len.div_ceil(16) * 16;
@@ -182,7 +329,7 @@ mod avx512 {
             scratch.resize(need, 0.0);
         }
         let (keys, probs) = scratch[..need].split_at_mut(h * lp);
-        transpose_keys(qkv, h, s, len, lp, keys);
+        transpose_keys(qkv, (h, h), s, len, lp, keys);
         let stride = 3 * h;
         let queries = out.len() / h;
         for head in 0..heads {
@@ -209,12 +356,31 @@ mod avx512 {
                         }
                     }
                 }
+                if let Some(keep) = &keep {
+                    let scale = _mm512_set1_ps(keep.scale);
+                    for c in (0..n * lp).step_by(16) {
+                        let p = probs.as_mut_ptr().add(c);
+                        _mm512_storeu_ps(p, _mm512_mul_ps(scale, _mm512_loadu_ps(p)));
+                    }
+                }
                 let p = probs.as_mut_ptr();
                 match n {
                     1 => softmax_weights::<1>(p, lp, len),
                     2 => softmax_weights::<2>(p, lp, len),
                     3 => softmax_weights::<3>(p, lp, len),
                     _ => softmax_weights::<4>(p, lp, len),
+                }
+                if let Some(keep) = &mut keep {
+                    for i in 0..n {
+                        let at = (head * len + first + i) * len;
+                        let p = &mut probs[i * lp..][..len];
+                        keep.probs[at..at + len].copy_from_slice(p);
+                        if let Some(factor) = &keep.dropout {
+                            for (j, p) in p.iter_mut().enumerate() {
+                                *p *= factor(at + j);
+                            }
+                        }
+                    }
                 }
                 let o = out.as_mut_ptr().add(first * h + head * dh);
                 let weights = (probs.as_ptr(), lp, len);
@@ -235,14 +401,15 @@ mod avx512 {
         SCRATCH.with(|c| c.replace(scratch));
     }
 
-    /// keys[c·lp + j] = feature c of key j: 8 keys × 8 features at a time transposed in
+    /// keys[c·lp + j] = feature c of key j (the features from `part` within each token's
+    /// 3·h: h for the keys, 2·h for the values): 8 keys × 8 features at a time transposed in
     /// registers (LLVM had turned the plain loop into scatters, a quarter of the kernel's time
     /// on these cores); a last block of fewer than 8 keys is padded with zeros. `h` is a
     /// multiple of 16, `lp` of 16 and at least `len`.
     #[target_feature(enable = "avx512f")]
-    unsafe fn transpose_keys(
+    pub(super) unsafe fn transpose_keys(
         qkv: &[f32],
-        h: usize,
+        (h, part): (usize, usize),
         s: usize,
         len: usize,
         lp: usize,
@@ -253,8 +420,9 @@ mod avx512 {
                 && lp >= len.div_ceil(8) * 8
                 && keys.len() >= h * lp
                 && (s + len) * 3 * h <= qkv.len()
+                && part <= 2 * h
         );
-        let key = |j: usize| qkv.as_ptr().add((s + j) * 3 * h + h);
+        let key = |j: usize| qkv.as_ptr().add((s + j) * 3 * h + part);
         let out = keys.as_mut_ptr();
         for j0 in (0..len).step_by(8) {
             for c0 in (0..h).step_by(8) {
@@ -351,8 +519,8 @@ mod avx512 {
     /// scores[j] = `dot(q, key j)` (infer::dot: lane i sums features i, i + 8, … in order from
     /// 0; then the eight lanes in order; then the empty remainder, dh being a multiple of 16),
     /// for 16 keys a register.
-    #[inline(always)]
-    unsafe fn scores_dot_lanes(
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn scores_dot_lanes(
         q: *const f32,
         keys: *const f32,
         dh: usize,

@@ -25,6 +25,7 @@ use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 
+use crate::attention::{self, FeatureMajor};
 use crate::bf16::{
     matmul_bf16, matmul_bf16_new, matmul_bf16_split, matmul_bf16_split_new, Bf16Kernel, Rhs, Start,
 };
@@ -744,6 +745,7 @@ fn attention_forward(
         prob_rows.push(mine);
         rest = tail;
     }
+    let kernel = attention::training_kernel_usable(dh);
     pack.split_rows(&mut ctx, h)
         .into_par_iter()
         .zip(prob_rows)
@@ -755,7 +757,21 @@ fn attention_forward(
                 len,
                 prob_start: pack.prob_start[r],
             };
-            attend_row_wide((q, k, v), (h, heads, scale), row, drop, ctx, probs);
+            if kernel {
+                // The same operations in the same order as `attend_row`, 16 keys a register.
+                let base = row.prob_start as u64;
+                let dropout = drop.map(|d| move |i: usize| d.factor(base + i as u64));
+                attention::attend_for_training(
+                    qkv,
+                    (h, heads, scale),
+                    (s, len),
+                    dropout,
+                    ctx,
+                    probs,
+                );
+            } else {
+                attend_row_wide((q, k, v), (h, heads, scale), row, drop, ctx, probs);
+            }
         });
     (ctx, probs)
 }
@@ -850,6 +866,7 @@ fn attention_backward(d_ctx: &[f32], saved: &LayerSaved, pack: &Packing, heads: 
     let (q, k, v) = (&qkv[..], &qkv[h..], &qkv[2 * h..]);
     let drop = saved.drop_probs;
     let mut d_qkv = vec![0f32; qkv.len()];
+    let kernel = attention::training_kernel_usable(dh);
     pack.split_rows(&mut d_qkv, 3 * h)
         .into_par_iter()
         .enumerate()
@@ -860,14 +877,23 @@ fn attention_backward(d_ctx: &[f32], saved: &LayerSaved, pack: &Packing, heads: 
                 len,
                 prob_start: pack.prob_start[r],
             };
+            // The values feature-major, for the AVX-512 dot products of ∂ctx against 16 of
+            // them at a time (the same bits as one `dot` each).
+            let values = kernel.then(|| {
+                let buffer = VALUES.with(|b| b.take());
+                FeatureMajor::new(qkv, h, dh, (s, len), 2, buffer)
+            });
             attend_row_backward_wide(
                 d_ctx,
                 (q, k, v, &saved.probs),
                 (h, heads, scale),
                 row,
-                drop,
+                (drop, values.as_ref()),
                 d_qkv,
             );
+            if let Some(values) = values {
+                VALUES.with(|b| b.replace(values.into_buffer()));
+            }
         });
     d_qkv
 }
@@ -880,7 +906,7 @@ fn attend_row_backward(
     (q, k, v, probs): (&[f32], &[f32], &[f32], &[f32]),
     (h, heads, scale): (usize, usize, f32),
     row: Span,
-    drop: Option<Dropout>,
+    (drop, values): (Option<Dropout>, Option<&FeatureMajor>),
     d_qkv: &mut [f32],
 ) {
     let (s, len) = (row.start, row.len);
@@ -896,11 +922,18 @@ fn attend_row_backward(
             let p = &probs[row.prob_start + (head * len + i) * len..][..len];
             let base = (row.prob_start + (head * len + i) * len) as u64;
             let g = &d_ctx[at_ctx(i, head)..][..dh];
+            if let Some(values) = values {
+                values.dots(head, g, &mut dp);
+            }
             // ctx_i = Σ_j p'_ij v_j, p' = p ⊙ mask: ∂p_ij = mask_ij·(g·v_j),
             // ∂v_j += p'_ij·g.
             for j in 0..len {
                 let m = drop.map_or(1.0, |d| d.factor(base + j as u64));
-                dp[j] = m * dot(g, &v[at(j, head)..][..dh]);
+                let g_v = match values {
+                    Some(_) => dp[j],
+                    None => dot(g, &v[at(j, head)..][..dh]),
+                };
+                dp[j] = m * g_v;
                 let w = m * p[j];
                 if w != 0.0 {
                     add_weighted(
@@ -930,7 +963,12 @@ fn attend_row_backward(
     }
 }
 
-wide_fn!(fn attend_row_backward_wide(d_ctx: &[f32], saved: (&[f32], &[f32], &[f32], &[f32]), dims: (usize, usize, f32), row: Span, drop: Option<Dropout>, d_qkv: &mut [f32]) => attend_row_backward);
+wide_fn!(fn attend_row_backward_wide(d_ctx: &[f32], saved: (&[f32], &[f32], &[f32], &[f32]), dims: (usize, usize, f32), row: Span, drop: (Option<Dropout>, Option<&FeatureMajor>), d_qkv: &mut [f32]) => attend_row_backward);
+
+thread_local! {
+    /// The attention backward pass's feature-major values, kept per thread between rows.
+    static VALUES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
 
 /// Forward and backward for one micro-batch on the CPU: (mean loss, gradients), the contract
 /// of `train::loss_and_grads`. `targets` is rows × labels in [0, 1] (0/1, or soft targets);
@@ -1380,8 +1418,8 @@ mod tests {
     use crate::loss::{bce_with_logits, LossKind};
     use crate::model::{forward, Batch};
     use crate::test_support::{
-        check_finite_differences, check_finite_differences_within, max_abs_diff, random_token_rows,
-        tiny_config,
+        check_finite_differences, check_finite_differences_within, max_abs_diff, random_floats,
+        random_token_rows, tiny_config,
     };
     use candle_core::{Device, Tensor};
     use rand::SeedableRng;
@@ -1616,14 +1654,95 @@ mod tests {
         }
     }
 
-    /// bf16 products, dropout off: loss and every gradient within bf16's rounding of
-    /// autograd's f32 reference (operands keep 8 significant bits: a few parts in a thousand
-    /// per product; measured 0.3-3% of a tensor's largest gradient, the most at the
-    /// embeddings, deepest in the backward pass; held to 5%), and not equal
-    /// to the f32 trainer's (the bf16 path really ran). The portable kernel, forced on this CPU,
-    /// gives the same bits as the AVX-512 BF16 one.
     fn same_bits(a: &[f32], b: &[f32]) -> bool {
         a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
+    }
+
+    /// One row's attention, forward and backward, by the AVX-512 kernels the trainer picks on
+    /// this CPU (16 keys a register) and by the scalar loops: the same bits, for head widths
+    /// 16, 32 and 64, rows around the 16-key blocks, dropout on and off. On a CPU without
+    /// AVX-512 there is nothing to compare (the scalar loops are what runs).
+    #[test]
+    fn the_attention_kernels_give_the_scalar_loops_bits() {
+        if !attention::training_kernel_usable(32) {
+            eprintln!("no AVX-512 here: the scalar loops are the only attention");
+            return;
+        }
+        for (h, heads) in [(64, 4), (64, 2), (128, 2)] {
+            let dh = h / heads;
+            let scale = 1.0 / (dh as f32).sqrt();
+            for len in [1, 2, 7, 15, 16, 17, 33, 40] {
+                let s = 2;
+                let tokens = s + len + 1;
+                let qkv: Vec<f32> = random_floats(tokens * 3 * h, (h * 100 + len) as u64)
+                    .iter()
+                    .map(|x| 3.0 * x)
+                    .collect();
+                let d_ctx = random_floats(tokens * h, len as u64 + 7);
+                let (q, k, v) = (&qkv[..], &qkv[h..], &qkv[2 * h..]);
+                let row = Span {
+                    start: s,
+                    len,
+                    prob_start: 11,
+                };
+                for drop in [None, Some(Dropout { p: 0.3, seed: 5 })] {
+                    let what = format!(
+                        "h {h}, heads {heads}, len {len}, dropout {}",
+                        drop.is_some()
+                    );
+                    let mut scalar = (vec![0f32; len * h], vec![0f32; heads * len * len]);
+                    attend_row(
+                        (q, k, v),
+                        (h, heads, scale),
+                        row,
+                        drop,
+                        &mut scalar.0,
+                        &mut scalar.1,
+                    );
+                    let mut fast = (vec![f32::NAN; len * h], vec![f32::NAN; heads * len * len]);
+                    let base = row.prob_start as u64;
+                    let dropout = drop.map(|d| move |i: usize| d.factor(base + i as u64));
+                    attention::attend_for_training(
+                        &qkv,
+                        (h, heads, scale),
+                        (s, len),
+                        dropout,
+                        &mut fast.0,
+                        &mut fast.1,
+                    );
+                    assert!(same_bits(&fast.0, &scalar.0), "context: {what}");
+                    assert!(same_bits(&fast.1, &scalar.1), "probabilities: {what}");
+                    if drop.is_some() {
+                        let zeros = scalar.1.iter().filter(|&&p| p == 0.0).count();
+                        assert_eq!(zeros, 0, "probabilities are kept before dropout");
+                    }
+
+                    // The backward pass reads the probabilities the forward pass kept.
+                    let mut probs = vec![0f32; row.prob_start];
+                    probs.extend(&scalar.1);
+                    let backward = |values: Option<&FeatureMajor>| {
+                        let mut d_qkv = vec![0f32; len * 3 * h];
+                        attend_row_backward(
+                            &d_ctx,
+                            (q, k, v, &probs),
+                            (h, heads, scale),
+                            row,
+                            (drop, values),
+                            &mut d_qkv,
+                        );
+                        d_qkv
+                    };
+                    let values = FeatureMajor::new(&qkv, h, dh, (s, len), 2, vec![f32::NAN; 3]);
+                    let by_kernel = backward(Some(&values));
+                    let by_loops = backward(None);
+                    assert!(same_bits(&by_kernel, &by_loops), "backward: {what}");
+                    assert!(
+                        by_loops.iter().all(|x| x.is_finite())
+                            && by_loops.iter().any(|&x| x != 0.0)
+                    );
+                }
+            }
+        }
     }
 
     /// A step writing into a spare (an earlier step's gradients, scaled as clipping scales
@@ -1701,6 +1820,12 @@ mod tests {
         }
     }
 
+    /// bf16 products, dropout off: loss and every gradient within bf16's rounding of
+    /// autograd's f32 reference (operands keep 8 significant bits: a few parts in a thousand
+    /// per product; measured 0.3-3% of a tensor's largest gradient, the most at the
+    /// embeddings, deepest in the backward pass; held to 5%), and not equal
+    /// to the f32 trainer's (the bf16 path really ran). The portable kernel, forced on this CPU,
+    /// gives the same bits as the AVX-512 BF16 one.
     #[test]
     fn bf16_gradients_match_autograd_within_bf16_rounding() {
         for (seed, (arch, key)) in [(Arch::Bert, "hidden_act"), (Arch::DistilBert, "activation")]
