@@ -307,13 +307,15 @@ struct LayerSaved {
     /// Per row r, heads × len × len attention probabilities (before dropout), from
     /// `prob_start[r]`.
     probs: Vec<f32>,
+    /// The dropout factor of each probability (0 or 1 / (1 − p)), laid out as `probs`; none
+    /// when attention dropout is off.
+    prob_factors: Option<Vec<f32>>,
     ctx: Vec<f32>,
     attn_norm: NormSaved,
     attn_norm_out: Vec<f32>,
     ffn_pre: Vec<f32>,
     ffn_act: Vec<f32>,
     ffn_norm: NormSaved,
-    drop_probs: Option<Dropout>,
     drop_attn: Option<Dropout>,
     drop_ffn: Option<Dropout>,
 }
@@ -725,19 +727,26 @@ fn qkv_backward(
 
 /// Scaled dot-product attention of each row over its own tokens, head by head, from each
 /// token's query, key and value side by side (tokens × 3·hidden). Returns the context (tokens
-/// × hidden) and the probabilities before dropout.
+/// × hidden), the probabilities before dropout, and their dropout factors when `drop` is on
+/// (each hashed once here, for this pass and the backward pass).
 fn attention_forward(
     qkv: &[f32],
     pack: &Packing,
     heads: usize,
     drop: Option<Dropout>,
-) -> (Vec<f32>, Vec<f32>) {
+) -> (Vec<f32>, Vec<f32>, Option<Vec<f32>>) {
     let h = qkv.len() / 3 / pack.start[pack.rows()].max(1);
     let dh = h / heads;
     let scale = 1.0 / (dh as f32).sqrt();
     let (q, k, v) = (qkv, &qkv[h..], &qkv[2 * h..]);
     let mut ctx = vec![0f32; pack.start[pack.rows()] * h];
     let mut probs = vec![0f32; pack.prob_start[pack.rows()]];
+    let factors = drop.map(|d| {
+        // 1 × factor(i) is factor(i): the bits `Dropout::factor` gives.
+        let mut f = vec![1f32; probs.len()];
+        Dropout::apply(Some(d), &mut f, 0);
+        f
+    });
     let mut prob_rows = Vec::with_capacity(pack.rows());
     let mut rest = probs.as_mut_slice();
     for r in 0..pack.rows() {
@@ -757,10 +766,12 @@ fn attention_forward(
                 len,
                 prob_start: pack.prob_start[r],
             };
+            let factors = factors
+                .as_deref()
+                .map(|f| &f[row.prob_start..][..probs.len()]);
             if kernel {
                 // The same operations in the same order as `attend_row`, 16 keys a register.
-                let base = row.prob_start as u64;
-                let dropout = drop.map(|d| move |i: usize| d.factor(base + i as u64));
+                let dropout = factors.map(|f| move |i: usize| f[i]);
                 attention::attend_for_training(
                     qkv,
                     (h, heads, scale),
@@ -770,10 +781,10 @@ fn attention_forward(
                     probs,
                 );
             } else {
-                attend_row_wide((q, k, v), (h, heads, scale), row, drop, ctx, probs);
+                attend_row_wide((q, k, v), (h, heads, scale), row, factors, ctx, probs);
             }
         });
-    (ctx, probs)
+    (ctx, probs, factors)
 }
 
 /// Where a row lies in the packed tokens and in the packed probabilities.
@@ -784,13 +795,14 @@ struct Span {
     prob_start: usize,
 }
 
-/// One row's attention, all heads: its context and its probabilities (before dropout).
+/// One row's attention, all heads: its context and its probabilities (before dropout), with
+/// the row's dropout factors (laid out as its probabilities) when dropout is on.
 #[inline(always)]
 fn attend_row(
     (q, k, v): (&[f32], &[f32], &[f32]),
     (h, heads, scale): (usize, usize, f32),
     row: Span,
-    drop: Option<Dropout>,
+    factors: Option<&[f32]>,
     ctx: &mut [f32],
     probs: &mut [f32],
 ) {
@@ -809,11 +821,11 @@ fn attend_row(
             p.iter_mut().for_each(|x| *x = exp_approx(*x - max));
             let inv = 1.0 / lane_sum(p);
             p.iter_mut().for_each(|x| *x *= inv);
-            let base = (row.prob_start + (head * len + i) * len) as u64;
+            let at_p = (head * len + i) * len;
             let out = &mut ctx[i * h + head * dh..][..dh];
             let terms = p.iter().enumerate().map(|(j, &pj)| {
-                let w = match drop {
-                    Some(d) => pj * d.factor(base + j as u64),
+                let w = match factors {
+                    Some(f) => pj * f[at_p + j],
                     None => pj,
                 };
                 (w, &v[at(j, head)..][..dh])
@@ -854,7 +866,7 @@ fn add_weighted<'x>(acc: &mut [f32], terms: impl Iterator<Item = (f32, &'x [f32]
     }
 }
 
-wide_fn!(fn attend_row_wide(qkv: (&[f32], &[f32], &[f32]), dims: (usize, usize, f32), row: Span, drop: Option<Dropout>, ctx: &mut [f32], probs: &mut [f32]) => attend_row);
+wide_fn!(fn attend_row_wide(qkv: (&[f32], &[f32], &[f32]), dims: (usize, usize, f32), row: Span, factors: Option<&[f32]>, ctx: &mut [f32], probs: &mut [f32]) => attend_row);
 
 /// The attention backward pass: from ∂L/∂ctx (tokens × hidden), ∂L/∂q, ∂L/∂k and ∂L/∂v side by
 /// side per token (tokens × 3·hidden), as the forward pass read q, k and v.
@@ -864,7 +876,6 @@ fn attention_backward(d_ctx: &[f32], saved: &LayerSaved, pack: &Packing, heads: 
     let scale = 1.0 / (dh as f32).sqrt();
     let qkv = &saved.qkv;
     let (q, k, v) = (&qkv[..], &qkv[h..], &qkv[2 * h..]);
-    let drop = saved.drop_probs;
     let mut d_qkv = vec![0f32; qkv.len()];
     let kernel = attention::training_kernel_usable(dh);
     pack.split_rows(&mut d_qkv, 3 * h)
@@ -883,12 +894,16 @@ fn attention_backward(d_ctx: &[f32], saved: &LayerSaved, pack: &Packing, heads: 
                 let buffer = VALUES.with(|b| b.take());
                 FeatureMajor::new(qkv, h, dh, (s, len), 2, buffer)
             });
+            let factors = saved
+                .prob_factors
+                .as_deref()
+                .map(|f| &f[row.prob_start..pack.prob_start[r + 1]]);
             attend_row_backward_wide(
                 d_ctx,
                 (q, k, v, &saved.probs),
                 (h, heads, scale),
                 row,
-                (drop, values.as_ref()),
+                (factors, values.as_ref()),
                 d_qkv,
             );
             if let Some(values) = values {
@@ -906,7 +921,7 @@ fn attend_row_backward(
     (q, k, v, probs): (&[f32], &[f32], &[f32], &[f32]),
     (h, heads, scale): (usize, usize, f32),
     row: Span,
-    (drop, values): (Option<Dropout>, Option<&FeatureMajor>),
+    (factors, values): (Option<&[f32]>, Option<&FeatureMajor>),
     d_qkv: &mut [f32],
 ) {
     let (s, len) = (row.start, row.len);
@@ -920,7 +935,7 @@ fn attend_row_backward(
     for head in 0..heads {
         for i in 0..len {
             let p = &probs[row.prob_start + (head * len + i) * len..][..len];
-            let base = (row.prob_start + (head * len + i) * len) as u64;
+            let at_p = (head * len + i) * len;
             let g = &d_ctx[at_ctx(i, head)..][..dh];
             if let Some(values) = values {
                 values.dots(head, g, &mut dp);
@@ -928,7 +943,7 @@ fn attend_row_backward(
             // ctx_i = Σ_j p'_ij v_j, p' = p ⊙ mask: ∂p_ij = mask_ij·(g·v_j),
             // ∂v_j += p'_ij·g.
             for j in 0..len {
-                let m = drop.map_or(1.0, |d| d.factor(base + j as u64));
+                let m = factors.map_or(1.0, |f| f[at_p + j]);
                 let g_v = match values {
                     Some(_) => dp[j],
                     None => dot(g, &v[at(j, head)..][..dh]),
@@ -963,7 +978,7 @@ fn attend_row_backward(
     }
 }
 
-wide_fn!(fn attend_row_backward_wide(d_ctx: &[f32], saved: (&[f32], &[f32], &[f32], &[f32]), dims: (usize, usize, f32), row: Span, drop: (Option<Dropout>, Option<&FeatureMajor>), d_qkv: &mut [f32]) => attend_row_backward);
+wide_fn!(fn attend_row_backward_wide(d_ctx: &[f32], saved: (&[f32], &[f32], &[f32], &[f32]), dims: (usize, usize, f32), row: Span, drop: (Option<&[f32]>, Option<&FeatureMajor>), d_qkv: &mut [f32]) => attend_row_backward);
 
 thread_local! {
     /// The attention backward pass's feature-major values, kept per thread between rows.
@@ -1146,7 +1161,7 @@ fn layer_forward(
     let eps = cfg.layer_norm_eps as f32;
     let qkv = qkv_forward(mm, layer, &x);
     let drop_probs = Dropout::draw(cfg.attention_dropout, rng);
-    let (ctx, probs) = attention_forward(&qkv, pack, cfg.heads, drop_probs);
+    let (ctx, probs, prob_factors) = attention_forward(&qkv, pack, cfg.heads, drop_probs);
     let drop_attn = Dropout::draw(cfg.hidden_dropout, rng);
     let attn = ResidualNorm {
         mm,
@@ -1173,7 +1188,7 @@ fn layer_forward(
         ffn_pre,
         ffn_act,
         ffn_norm,
-        drop_probs,
+        prob_factors,
         drop_attn,
         drop_ffn,
     };
@@ -1690,18 +1705,29 @@ mod tests {
                         "h {h}, heads {heads}, len {len}, dropout {}",
                         drop.is_some()
                     );
+                    // The row's factors, as `attention_forward` forms them for a layer.
+                    let factors = drop.map(|d| {
+                        let mut f = vec![1f32; heads * len * len];
+                        Dropout::apply(Some(d), &mut f, row.prob_start as u64);
+                        assert!(f.iter().all(|&f| f == 0.0 || f == 1.0 / 0.7));
+                        assert_eq!(
+                            f[3 % f.len()],
+                            d.factor(row.prob_start as u64 + 3 % f.len() as u64)
+                        );
+                        f
+                    });
+                    let factors = factors.as_deref();
                     let mut scalar = (vec![0f32; len * h], vec![0f32; heads * len * len]);
                     attend_row(
                         (q, k, v),
                         (h, heads, scale),
                         row,
-                        drop,
+                        factors,
                         &mut scalar.0,
                         &mut scalar.1,
                     );
                     let mut fast = (vec![f32::NAN; len * h], vec![f32::NAN; heads * len * len]);
-                    let base = row.prob_start as u64;
-                    let dropout = drop.map(|d| move |i: usize| d.factor(base + i as u64));
+                    let dropout = factors.map(|f| move |i: usize| f[i]);
                     attention::attend_for_training(
                         &qkv,
                         (h, heads, scale),
@@ -1727,7 +1753,7 @@ mod tests {
                             (q, k, v, &probs),
                             (h, heads, scale),
                             row,
-                            (drop, values),
+                            (factors, values),
                             &mut d_qkv,
                         );
                         d_qkv
