@@ -184,6 +184,102 @@ impl FeatureMajor {
     }
 }
 
+/// Training's backward attention for one row, all heads, by the AVX-512 kernel: from ∂L/∂ctx
+/// (`d_ctx`, tokens × h, the row's from token `s`), the row's probabilities (before dropout)
+/// and dropout factors as [`attend_for_training`] kept them, and its values feature-major,
+/// adds into `d_qkv` (the row's tokens × 3·h, ∂q, ∂k, ∂v side by side) what the trainer's
+/// scalar loop adds: per head and query i in order, ∂p_ij = m_ij·dot(∂ctx_i, v_j),
+/// ∂v_j += (m_ij·p_ij)·∂ctx_i, ∂s_ij = scale·p_ij·(∂p_ij − dot(p_i, ∂p_i)), ∂k_j += ∂s_ij·q_i
+/// and ∂q_i = Σ_j ∂s_ij·k_j, each addition skipped where its weight is 0. Several queries go
+/// at once: each ∂v_j and ∂k_j still takes its terms in query order and each ∂q_i in key
+/// order, so every sum is the same chain of roundings (a test checks the bits). What the
+/// scalar loop spent its time on was each query's ∂q_i, one chain of dependent additions;
+/// here two to four of them overlap.
+pub(crate) fn attend_backward_for_training(
+    d_ctx: &[f32],
+    qkv: &[f32],
+    (probs, factors): (&[f32], Option<&[f32]>),
+    (h, heads, scale): (usize, usize, f32),
+    (s, len): (usize, usize),
+    values: &FeatureMajor,
+    d_qkv: &mut [f32],
+) {
+    let dh = h / heads;
+    assert!(
+        training_kernel_usable(dh),
+        "no AVX-512 attention kernel here"
+    );
+    assert!(len > 0 && (s + len) * 3 * h <= qkv.len(), "attention row");
+    assert!((s + len) * h <= d_ctx.len(), "attention gradient");
+    assert!(probs.len() == heads * len * len, "attention probabilities");
+    assert!(
+        factors.is_none_or(|f| f.len() == probs.len()),
+        "dropout factors"
+    );
+    assert!(d_qkv.len() == len * 3 * h, "attention input gradient");
+    assert!(
+        values.len == len && values.dh == dh,
+        "values of another row"
+    );
+    // Queries at once: as many as keep their ∂q sums, ∂ctx and q rows in registers.
+    let most = if dh <= 32 { 4 } else { 2 };
+    let (mut dp, mut w, mut ds) = (
+        vec![0f32; most * len],
+        vec![0f32; most * len],
+        vec![0f32; most * len],
+    );
+    for head in 0..heads {
+        let mut first = 0;
+        while first < len {
+            let n = (len - first).min(most);
+            for b in 0..n {
+                let i = first + b;
+                let at_p = (head * len + i) * len;
+                let p = &probs[at_p..][..len];
+                let g = &d_ctx[(s + i) * h + head * dh..][..dh];
+                let (dp, w, ds) = (
+                    &mut dp[b * len..][..len],
+                    &mut w[b * len..][..len],
+                    &mut ds[b * len..][..len],
+                );
+                values.dots(head, g, dp);
+                for j in 0..len {
+                    let m = factors.map_or(1.0, |f| f[at_p + j]);
+                    dp[j] *= m;
+                    w[j] = m * p[j];
+                }
+                let centre = dot(p, dp);
+                for j in 0..len {
+                    ds[j] = scale * p[j] * (dp[j] - centre);
+                }
+            }
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `training_kernel_usable` checked the CPU and the head width; the sizes
+            // are asserted above: queries first..first + n of the row, `len` keys each.
+            unsafe {
+                let block = avx512::BackwardBlock {
+                    weights: (w.as_ptr(), ds.as_ptr(), len),
+                    d_ctx: d_ctx.as_ptr().add((s + first) * h + head * dh),
+                    qkv: qkv.as_ptr().add(s * 3 * h + head * dh),
+                    d_qkv: d_qkv.as_mut_ptr().add(head * dh),
+                    first,
+                    h,
+                };
+                macro_rules! block_for {
+                    ($($n:literal, $t:literal);*) => {
+                        match (n, dh / 16) {
+                            $(($n, $t) => block.run::<$n, $t>(),)*
+                            _ => unreachable!("1 to 4 queries of 1 or 2 registers, 1 or 2 of 3 or 4"),
+                        }
+                    };
+                }
+                block_for!(1, 1; 2, 1; 3, 1; 4, 1; 1, 2; 2, 2; 3, 2; 4, 2; 1, 3; 2, 3; 1, 4; 2, 4);
+            }
+            first += n;
+        }
+    }
+}
+
 wide_fn!(fn attend_row_wide(qkv: &[f32], h: usize, heads: usize, s: usize, len: usize, out: &mut [f32]) => attend_row);
 wide_fn!(fn attend_row_by_keys_wide(qkv: &[f32], h: usize, heads: usize, s: usize, len: usize, out: &mut [f32]) => attend_row_by_keys);
 
@@ -399,6 +495,84 @@ mod avx512 {
             }
         }
         SCRATCH.with(|c| c.replace(scratch));
+    }
+
+    /// Queries `first..first + Q` of one head in the backward pass (see
+    /// [`super::attend_backward_for_training`]): their weights `m·p` and score gradients ∂s
+    /// (Q rows of `len` at `weights`), their ∂ctx rows from `d_ctx` (h apart), and the row's
+    /// q, k (from `qkv`, 3·h a token) and ∂q, ∂k, ∂v (from `d_qkv`, likewise), at the head's
+    /// features.
+    pub(super) struct BackwardBlock {
+        pub(super) weights: (*const f32, *const f32, usize),
+        pub(super) d_ctx: *const f32,
+        pub(super) qkv: *const f32,
+        pub(super) d_qkv: *mut f32,
+        pub(super) first: usize,
+        pub(super) h: usize,
+    }
+
+    impl BackwardBlock {
+        /// Q queries, heads 16·T wide. Each addition `acc + w·x` is masked off where w is 0
+        /// (the scalar loop's skipped term), rounded as the scalar loop rounds (a product,
+        /// then a sum: no fused multiply-add).
+        #[target_feature(enable = "avx512f")]
+        pub(super) unsafe fn run<const Q: usize, const T: usize>(&self) {
+            let (w, ds, len) = self.weights;
+            let (h, stride) = (self.h, 3 * self.h);
+            let token = |t: usize| self.qkv.add(t * stride);
+            let grad = |t: usize| self.d_qkv.add(t * stride);
+            let load = |p: *const f32| -> [__m512; T] {
+                std::array::from_fn(|t| _mm512_loadu_ps(p.add(16 * t)))
+            };
+            let store = |p: *mut f32, x: &[__m512; T]| {
+                for (t, x) in x.iter().enumerate() {
+                    _mm512_storeu_ps(p.add(16 * t), *x);
+                }
+            };
+            let nonzero = |x: f32| -> __mmask16 {
+                if x != 0.0 {
+                    !0
+                } else {
+                    0
+                }
+            };
+            // ∂v_j += (m·p)_ij·∂ctx_i, i in order.
+            let g: [[__m512; T]; Q] = std::array::from_fn(|i| load(self.d_ctx.add(i * h)));
+            for j in 0..len {
+                let dv = grad(j).add(2 * h);
+                let mut acc = load(dv);
+                for (i, g) in g.iter().enumerate() {
+                    let wij = *w.add(i * len + j);
+                    let (keep, wv) = (nonzero(wij), _mm512_set1_ps(wij));
+                    for (a, g) in acc.iter_mut().zip(g) {
+                        *a = _mm512_mask_add_ps(*a, keep, *a, _mm512_mul_ps(wv, *g));
+                    }
+                }
+                store(dv, &acc);
+            }
+            // ∂k_j += ∂s_ij·q_i, i in order; ∂q_i += ∂s_ij·k_j, j in order.
+            let q: [[__m512; T]; Q] = std::array::from_fn(|i| load(token(self.first + i)));
+            let mut dq: [[__m512; T]; Q] = std::array::from_fn(|i| load(grad(self.first + i)));
+            for j in 0..len {
+                let k = load(token(j).add(h));
+                let dk = grad(j).add(h);
+                let mut acc = load(dk);
+                for i in 0..Q {
+                    let d = *ds.add(i * len + j);
+                    let (keep, dv) = (nonzero(d), _mm512_set1_ps(d));
+                    for t in 0..T {
+                        acc[t] =
+                            _mm512_mask_add_ps(acc[t], keep, acc[t], _mm512_mul_ps(dv, q[i][t]));
+                        dq[i][t] =
+                            _mm512_mask_add_ps(dq[i][t], keep, dq[i][t], _mm512_mul_ps(dv, k[t]));
+                    }
+                }
+                store(dk, &acc);
+            }
+            for (i, dq) in dq.iter().enumerate() {
+                store(grad(self.first + i), dq);
+            }
+        }
     }
 
     /// keys[c·lp + j] = feature c of key j (the features from `part` within each token's

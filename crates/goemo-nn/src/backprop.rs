@@ -888,26 +888,37 @@ fn attention_backward(d_ctx: &[f32], saved: &LayerSaved, pack: &Packing, heads: 
                 len,
                 prob_start: pack.prob_start[r],
             };
-            // The values feature-major, for the AVX-512 dot products of ∂ctx against 16 of
-            // them at a time (the same bits as one `dot` each).
-            let values = kernel.then(|| {
-                let buffer = VALUES.with(|b| b.take());
-                FeatureMajor::new(qkv, h, dh, (s, len), 2, buffer)
-            });
             let factors = saved
                 .prob_factors
                 .as_deref()
                 .map(|f| &f[row.prob_start..pack.prob_start[r + 1]]);
-            attend_row_backward_wide(
-                d_ctx,
-                (q, k, v, &saved.probs),
-                (h, heads, scale),
-                row,
-                (factors, values.as_ref()),
-                d_qkv,
-            );
-            if let Some(values) = values {
+            if kernel {
+                // The values feature-major, for the dot products of ∂ctx against 16 of them at
+                // a time; then `attend_row_backward`'s operations, several queries at once.
+                let buffer = VALUES.with(|b| b.take());
+                let values = FeatureMajor::new(qkv, h, dh, (s, len), 2, buffer);
+                attention::attend_backward_for_training(
+                    d_ctx,
+                    qkv,
+                    (
+                        &saved.probs[row.prob_start..pack.prob_start[r + 1]],
+                        factors,
+                    ),
+                    (h, heads, scale),
+                    (s, len),
+                    &values,
+                    d_qkv,
+                );
                 VALUES.with(|b| b.replace(values.into_buffer()));
+            } else {
+                attend_row_backward_wide(
+                    d_ctx,
+                    (q, k, v, &saved.probs),
+                    (h, heads, scale),
+                    row,
+                    factors,
+                    d_qkv,
+                );
             }
         });
     d_qkv
@@ -921,7 +932,7 @@ fn attend_row_backward(
     (q, k, v, probs): (&[f32], &[f32], &[f32], &[f32]),
     (h, heads, scale): (usize, usize, f32),
     row: Span,
-    (factors, values): (Option<&[f32]>, Option<&FeatureMajor>),
+    factors: Option<&[f32]>,
     d_qkv: &mut [f32],
 ) {
     let (s, len) = (row.start, row.len);
@@ -937,18 +948,11 @@ fn attend_row_backward(
             let p = &probs[row.prob_start + (head * len + i) * len..][..len];
             let at_p = (head * len + i) * len;
             let g = &d_ctx[at_ctx(i, head)..][..dh];
-            if let Some(values) = values {
-                values.dots(head, g, &mut dp);
-            }
             // ctx_i = Σ_j p'_ij v_j, p' = p ⊙ mask: ∂p_ij = mask_ij·(g·v_j),
             // ∂v_j += p'_ij·g.
             for j in 0..len {
                 let m = factors.map_or(1.0, |f| f[at_p + j]);
-                let g_v = match values {
-                    Some(_) => dp[j],
-                    None => dot(g, &v[at(j, head)..][..dh]),
-                };
-                dp[j] = m * g_v;
+                dp[j] = m * dot(g, &v[at(j, head)..][..dh]);
                 let w = m * p[j];
                 if w != 0.0 {
                     add_weighted(
@@ -978,7 +982,7 @@ fn attend_row_backward(
     }
 }
 
-wide_fn!(fn attend_row_backward_wide(d_ctx: &[f32], saved: (&[f32], &[f32], &[f32], &[f32]), dims: (usize, usize, f32), row: Span, drop: (Option<&[f32]>, Option<&FeatureMajor>), d_qkv: &mut [f32]) => attend_row_backward);
+wide_fn!(fn attend_row_backward_wide(d_ctx: &[f32], saved: (&[f32], &[f32], &[f32], &[f32]), dims: (usize, usize, f32), row: Span, factors: Option<&[f32]>, d_qkv: &mut [f32]) => attend_row_backward);
 
 thread_local! {
     /// The attention backward pass's feature-major values, kept per thread between rows.
@@ -1675,7 +1679,7 @@ mod tests {
 
     /// One row's attention, forward and backward, by the AVX-512 kernels the trainer picks on
     /// this CPU (16 keys a register) and by the scalar loops: the same bits, for head widths
-    /// 16, 32 and 64, rows around the 16-key blocks, dropout on and off. On a CPU without
+    /// 16, 32, 48 and 64, rows around the 16-key blocks, dropout on and off. On a CPU without
     /// AVX-512 there is nothing to compare (the scalar loops are what runs).
     #[test]
     fn the_attention_kernels_give_the_scalar_loops_bits() {
@@ -1683,7 +1687,7 @@ mod tests {
             eprintln!("no AVX-512 here: the scalar loops are the only attention");
             return;
         }
-        for (h, heads) in [(64, 4), (64, 2), (128, 2)] {
+        for (h, heads) in [(64, 4), (64, 2), (96, 2), (128, 2)] {
             let dh = h / heads;
             let scale = 1.0 / (dh as f32).sqrt();
             for len in [1, 2, 7, 15, 16, 17, 33, 40] {
@@ -1746,21 +1750,26 @@ mod tests {
                     // The backward pass reads the probabilities the forward pass kept.
                     let mut probs = vec![0f32; row.prob_start];
                     probs.extend(&scalar.1);
-                    let backward = |values: Option<&FeatureMajor>| {
-                        let mut d_qkv = vec![0f32; len * 3 * h];
-                        attend_row_backward(
-                            &d_ctx,
-                            (q, k, v, &probs),
-                            (h, heads, scale),
-                            row,
-                            (factors, values),
-                            &mut d_qkv,
-                        );
-                        d_qkv
-                    };
+                    let mut by_loops = vec![0f32; len * 3 * h];
+                    attend_row_backward(
+                        &d_ctx,
+                        (q, k, v, &probs),
+                        (h, heads, scale),
+                        row,
+                        factors,
+                        &mut by_loops,
+                    );
                     let values = FeatureMajor::new(&qkv, h, dh, (s, len), 2, vec![f32::NAN; 3]);
-                    let by_kernel = backward(Some(&values));
-                    let by_loops = backward(None);
+                    let mut by_kernel = vec![0f32; len * 3 * h];
+                    attention::attend_backward_for_training(
+                        &d_ctx,
+                        &qkv,
+                        (&scalar.1, factors),
+                        (h, heads, scale),
+                        (s, len),
+                        &values,
+                        &mut by_kernel,
+                    );
                     assert!(same_bits(&by_kernel, &by_loops), "backward: {what}");
                     assert!(
                         by_loops.iter().all(|x| x.is_finite())
