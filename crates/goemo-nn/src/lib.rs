@@ -31,11 +31,15 @@ macro_rules! wide_fn {
         fn $name($($arg: $ty),*) -> $ret {
             #[cfg(target_arch = "x86_64")]
             {
-                #[target_feature(enable = "avx512f,avx512vl,avx2")]
+                // avx512dq for its 64-bit multiply (the dropout hash's, three per element).
+                #[target_feature(enable = "avx512f,avx512vl,avx512dq,avx2")]
                 unsafe fn avx512($($arg: $ty),*) -> $ret {
                     $body($($arg),*)
                 }
-                if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512vl") {
+                if is_x86_feature_detected!("avx512f")
+                    && is_x86_feature_detected!("avx512vl")
+                    && is_x86_feature_detected!("avx512dq")
+                {
                     // SAFETY: the CPU has the features `avx512` is compiled for.
                     return unsafe { avx512($($arg),*) };
                 }
