@@ -31,7 +31,7 @@ use crate::bf16::{
 };
 use crate::config::{Activation, EncoderConfig, Pooling};
 use crate::infer::{
-    activate, check_rows, dot, embed, erf_rational, exp_approx, lane_sum, matmul,
+    activate_into, check_rows, dot, embed, erf_rational, exp_approx, lane_sum, matmul,
     matmul_rows_apart, normalise, packed_tokens, pool_rows, Operand, SQRT_TWO_OVER_PI,
 };
 use crate::loss::Loss;
@@ -257,8 +257,10 @@ const FRAC_1_SQRT_2PI: f32 = 0.398_942_3;
 /// The activation of `pre` (`infer::activate`, into a new buffer: the backward pass needs
 /// `pre`).
 fn activation_forward(pre: &[f32], a: Activation) -> Vec<f32> {
-    let mut out = pre.to_vec();
-    activate(&mut out, a);
+    let mut out = Vec::with_capacity(pre.len());
+    activate_into(pre, &mut out.spare_capacity_mut()[..pre.len()], a);
+    // SAFETY: `activate_into` wrote every one of the first `pre.len()` elements.
+    unsafe { out.set_len(pre.len()) };
     out
 }
 

@@ -15,6 +15,8 @@
 //!
 //! Tests check its logits against `model::forward` on tiny random BERT and DistilBERT models.
 
+use std::mem::MaybeUninit;
+
 use candle_core::Tensor;
 use gemm::Parallelism;
 use rayon::prelude::*;
@@ -897,14 +899,54 @@ wide_fn!(fn activate_chunk_wide(c: &mut [f32], a: Activation) => activate_chunk)
 #[inline(always)]
 fn activate_chunk(c: &mut [f32], a: Activation) {
     match a {
-        Activation::GeluErf => c.iter_mut().for_each(|v| {
-            *v = (erf_rational(*v * std::f32::consts::FRAC_1_SQRT_2) + 1.0) * 0.5 * *v
-        }),
-        Activation::GeluTanh => c.iter_mut().for_each(|v| {
-            *v = 0.5 * *v * (1.0 + (SQRT_TWO_OVER_PI * *v * (1.0 + 0.044715 * *v * *v)).tanh())
-        }),
+        Activation::GeluErf => c.iter_mut().for_each(|v| *v = gelu_erf(*v)),
+        Activation::GeluTanh => c.iter_mut().for_each(|v| *v = gelu_tanh(*v)),
         Activation::Relu => c.iter_mut().for_each(|v| *v = v.max(0.0)),
     }
+}
+
+/// The activation of `src` into `dst` (fresh memory, every element written): the numbers
+/// [`activate`] gives in place, without first copying `src` to where they go.
+pub(crate) fn activate_into(src: &[f32], dst: &mut [MaybeUninit<f32>], a: Activation) {
+    assert_eq!(src.len(), dst.len(), "activation sizes");
+    dst.par_chunks_mut(4096)
+        .zip(src.par_chunks(4096))
+        .for_each(|(d, s)| activate_chunk_into_wide(s, d, a));
+}
+
+wide_fn!(fn activate_chunk_into_wide(src: &[f32], dst: &mut [MaybeUninit<f32>], a: Activation) => activate_chunk_into);
+
+#[inline(always)]
+fn activate_chunk_into(src: &[f32], dst: &mut [MaybeUninit<f32>], a: Activation) {
+    match a {
+        Activation::GeluErf => {
+            for (d, &x) in dst.iter_mut().zip(src) {
+                d.write(gelu_erf(x));
+            }
+        }
+        Activation::GeluTanh => {
+            for (d, &x) in dst.iter_mut().zip(src) {
+                d.write(gelu_tanh(x));
+            }
+        }
+        Activation::Relu => {
+            for (d, &x) in dst.iter_mut().zip(src) {
+                d.write(x.max(0.0));
+            }
+        }
+    }
+}
+
+/// GELU with erf, as candle's `gelu_erf`: x·(erf(x/√2) + 1)/2.
+#[inline(always)]
+fn gelu_erf(v: f32) -> f32 {
+    (erf_rational(v * std::f32::consts::FRAC_1_SQRT_2) + 1.0) * 0.5 * v
+}
+
+/// GELU's tanh form, as candle's `gelu`.
+#[inline(always)]
+fn gelu_tanh(v: f32) -> f32 {
+    0.5 * v * (1.0 + (SQRT_TWO_OVER_PI * v * (1.0 + 0.044715 * v * v)).tanh())
 }
 
 #[cfg(test)]
@@ -913,6 +955,30 @@ mod tests {
     use crate::model::{forward, Batch, Params};
     use crate::test_support::{max_abs_diff, random_token_rows, tiny_config};
     use candle_core::Device;
+
+    /// Each activation written into fresh memory gives the bits of the same activation in
+    /// place, for every element of a buffer longer than one parallel chunk.
+    #[test]
+    fn activating_into_new_memory_gives_the_in_place_bits() {
+        let src: Vec<f32> = crate::test_support::random_floats(10_001, 3)
+            .into_iter()
+            .map(|x| 6.0 * x)
+            .collect();
+        for a in [Activation::GeluErf, Activation::GeluTanh, Activation::Relu] {
+            let mut in_place = src.clone();
+            activate(&mut in_place, a);
+            let mut into = Vec::with_capacity(src.len());
+            activate_into(&src, &mut into.spare_capacity_mut()[..src.len()], a);
+            // SAFETY: `activate_into` wrote every element.
+            unsafe { into.set_len(src.len()) };
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&into), bits(&in_place), "{a:?}");
+            assert!(
+                in_place.iter().zip(&src).any(|(y, x)| y != x),
+                "{a:?} changed nothing"
+            );
+        }
+    }
 
     /// What `matmul` promises for its bits: each output is, block by block of [`k_blocks`], one
     /// fused multiply-add chain over the block's terms from zero, and the blocks are added in
