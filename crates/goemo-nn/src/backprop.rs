@@ -20,6 +20,8 @@
 //! Tests check loss and gradients against `train::loss_and_grads_autograd` on tiny BERT and
 //! DistilBERT models (dropout off), and against finite differences with dropout on.
 
+use std::mem::MaybeUninit;
+
 use candle_core::Storage;
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
@@ -147,14 +149,26 @@ fn norm_forward(z: &[f32], n: &LayerNorm<&[f32]>, eps: f32) -> (Vec<f32>, NormSa
     let (gamma, beta) = (n.weight, n.bias);
     let h = gamma.len();
     let rows = z.len() / h;
-    let mut normalised = z.to_vec();
     let mut inv_std = vec![0f32; rows];
-    let mut y = vec![0f32; z.len()];
-    normalised
+    // Both written row by row below (each row of z copied while it is in cache, not in a pass
+    // of its own first).
+    let (mut normalised, mut y) = (Vec::with_capacity(z.len()), Vec::with_capacity(z.len()));
+    normalised.spare_capacity_mut()[..z.len()]
         .par_chunks_mut(h)
-        .zip(y.par_chunks_mut(h))
+        .zip(y.spare_capacity_mut()[..z.len()].par_chunks_mut(h))
+        .zip(z.par_chunks(h))
         .zip(inv_std.par_iter_mut())
-        .for_each(|((xhat, y), inv)| *inv = norm_row_forward_wide(xhat, y, (gamma, beta), eps));
+        .for_each(|(((xhat, y), z), inv)| {
+            let xhat = write_row(xhat, z);
+            // y's every element is written next.
+            let y = write_row(y, xhat);
+            *inv = norm_row_forward_wide(xhat, y, (gamma, beta), eps)
+        });
+    // SAFETY: every row of both was written above (`z.len()` is a multiple of h).
+    unsafe {
+        normalised.set_len(z.len());
+        y.set_len(z.len());
+    }
     (
         y,
         NormSaved {
@@ -162,6 +176,16 @@ fn norm_forward(z: &[f32], n: &LayerNorm<&[f32]>, eps: f32) -> (Vec<f32>, NormSa
             inv_std,
         },
     )
+}
+
+/// `src` copied into the fresh memory `dst`, which is then initialised.
+fn write_row<'a>(dst: &'a mut [MaybeUninit<f32>], src: &[f32]) -> &'a mut [f32] {
+    assert_eq!(dst.len(), src.len(), "row sizes");
+    for (d, &s) in dst.iter_mut().zip(src) {
+        d.write(s);
+    }
+    // SAFETY: every element was just written; MaybeUninit<f32> has f32's layout.
+    unsafe { &mut *(dst as *mut [MaybeUninit<f32>] as *mut [f32]) }
 }
 
 /// LayerNorm backward, in place: `d` holds ∂L/∂y on entry and ∂L/∂z on return; the gradients
