@@ -1,4 +1,5 @@
-//! Attention for scoring: each row of a packed batch over its own tokens, head by head.
+//! Attention: each row of a packed batch over its own tokens, head by head, for scoring and
+//! (forward and backward) for training.
 //!
 //! Two summation orders, each defined by a scalar function here that is the reference:
 //! - [`ScoreOrder::DotLanes`] ([`attend_row`]): each score a [`dot`] (eight lanes, then their
@@ -11,6 +12,12 @@
 //! transposed once per row and every sum stays in a register (the scalar loops kept the scores
 //! in memory: attention was a fifth of an int8 inference profile). It multiplies and adds in
 //! two instructions, never one fused multiply-add, because the scalar order rounds twice.
+//!
+//! Training's references are the trainer's scalar loops (`backprop::attend_row` and
+//! `attend_row_backward`, used where this CPU has no AVX-512): [`attend_for_training`] is the
+//! scoring kernel in the `DotLanes` order with the scale, the kept probabilities and the dropout
+//! factors added; [`attend_backward_for_training`] takes several queries at once with the
+//! same per-sum order. A test in `backprop` compares their bits.
 
 use std::cell::RefCell;
 
