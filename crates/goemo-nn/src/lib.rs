@@ -49,8 +49,9 @@ macro_rules! wide_fn {
     };
 }
 
-/// The environment variable that makes every dispatching kernel (bf16 products, int8 products)
-/// take its portable path, as on a CPU without AVX-512 BF16 or VNNI: `GOEMO_KERNELS=portable`.
+/// The environment variable that makes every dispatching kernel (bf16 products, int8 products,
+/// attention for scoring and training) take its portable path, as on a CPU without AVX-512 BF16
+/// or VNNI: `GOEMO_KERNELS=portable`.
 /// The portable kernels give the same bits, so a run under it must reproduce a lock written
 /// without it (CI checks that); it is only slower.
 pub const KERNELS_ENV: &str = "GOEMO_KERNELS";
