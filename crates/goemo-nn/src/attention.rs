@@ -117,7 +117,8 @@ pub(crate) fn attend_for_training<F: Fn(usize) -> f32>(
 
 /// One row's keys or values (or any third of its tokens' `qkv`), feature-major: feature c of
 /// token j at `c·lp + j`, `lp` the tokens rounded up to 16, so [`FeatureMajor::dots`] takes 16
-/// tokens a register. Only where [`training_kernel_usable`].
+/// tokens a register. Its buffer is the thread's, taken back from the last row on the thread
+/// and returned when dropped. Only where [`training_kernel_usable`].
 pub(crate) struct FeatureMajor {
     data: Vec<f32>,
     lp: usize,
@@ -127,18 +128,18 @@ pub(crate) struct FeatureMajor {
 
 impl FeatureMajor {
     /// Tokens `s..s + len` of `qkv` (3·h per token), the h features from `part · h` (1 the
-    /// keys, 2 the values), in heads `dh` wide; `buffer` is reused (its contents ignored).
+    /// keys, 2 the values), in heads `dh` wide.
     pub(crate) fn new(
         qkv: &[f32],
         h: usize,
         dh: usize,
         (s, len): (usize, usize),
         part: usize,
-        mut buffer: Vec<f32>,
     ) -> FeatureMajor {
         assert!(training_kernel_usable(dh) && h.is_multiple_of(dh) && part < 3);
         assert!(len > 0 && (s + len) * 3 * h <= qkv.len(), "attention row");
         let lp = len.div_ceil(16) * 16;
+        let mut buffer = FEATURE_MAJOR.with(|b| b.take());
         // Not cleared: the padding tokens' dot products are computed and never read.
         if buffer.len() < h * lp {
             buffer.resize(h * lp, 0.0);
@@ -184,10 +185,12 @@ impl FeatureMajor {
         };
         out.copy_from_slice(&dst[..self.len]);
     }
+}
 
-    /// The buffer back, for the next row.
-    pub(crate) fn into_buffer(self) -> Vec<f32> {
-        self.data
+impl Drop for FeatureMajor {
+    fn drop(&mut self) {
+        let data = std::mem::take(&mut self.data);
+        FEATURE_MAJOR.with(|b| b.replace(data));
     }
 }
 
@@ -381,6 +384,8 @@ const QUERIES: usize = 4;
 thread_local! {
     /// The AVX-512 kernel's transposed keys and scores, kept per thread between rows.
     static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    /// [`FeatureMajor`]'s buffer, likewise.
+    static FEATURE_MAJOR: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
 #[cfg(target_arch = "x86_64")]

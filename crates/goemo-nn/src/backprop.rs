@@ -914,28 +914,21 @@ fn attention_backward(d_ctx: &[f32], saved: &LayerSaved, pack: &Packing, heads: 
                 len,
                 prob_start: pack.prob_start[r],
             };
-            let factors = saved
-                .prob_factors
-                .as_deref()
-                .map(|f| &f[row.prob_start..pack.prob_start[r + 1]]);
+            let probs = row.prob_start..pack.prob_start[r + 1];
+            let factors = saved.prob_factors.as_deref().map(|f| &f[probs.clone()]);
             if kernel {
                 // The values feature-major, for the dot products of ∂ctx against 16 of them at
                 // a time; then `attend_row_backward`'s operations, several queries at once.
-                let buffer = VALUES.with(|b| b.take());
-                let values = FeatureMajor::new(qkv, h, dh, (s, len), 2, buffer);
+                let values = FeatureMajor::new(qkv, h, dh, (s, len), 2);
                 attention::attend_backward_for_training(
                     d_ctx,
                     qkv,
-                    (
-                        &saved.probs[row.prob_start..pack.prob_start[r + 1]],
-                        factors,
-                    ),
+                    (&saved.probs[probs], factors),
                     (h, heads, scale),
                     (s, len),
                     &values,
                     d_qkv,
                 );
-                VALUES.with(|b| b.replace(values.into_buffer()));
             } else {
                 attend_row_backward_wide(
                     d_ctx,
@@ -1009,11 +1002,6 @@ fn attend_row_backward(
 }
 
 wide_fn!(fn attend_row_backward_wide(d_ctx: &[f32], saved: (&[f32], &[f32], &[f32], &[f32]), dims: (usize, usize, f32), row: Span, factors: Option<&[f32]>, d_qkv: &mut [f32]) => attend_row_backward);
-
-thread_local! {
-    /// The attention backward pass's feature-major values, kept per thread between rows.
-    static VALUES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
-}
 
 /// Forward and backward for one micro-batch on the CPU: (mean loss, gradients), the contract
 /// of `train::loss_and_grads`. `targets` is rows × labels in [0, 1] (0/1, or soft targets);
@@ -1785,7 +1773,11 @@ mod tests {
                         factors,
                         &mut by_loops,
                     );
-                    let values = FeatureMajor::new(&qkv, h, dh, (s, len), 2, vec![f32::NAN; 3]);
+                    // A longer row of NaNs first leaves its buffer to the next: the padding
+                    // past `len` holds stale NaNs, which must never be read.
+                    let nan = vec![f32::NAN; 48 * 3 * h];
+                    std::mem::drop(FeatureMajor::new(&nan, h, dh, (0, 48), 2));
+                    let values = FeatureMajor::new(&qkv, h, dh, (s, len), 2);
                     let mut by_kernel = vec![0f32; len * 3 * h];
                     attention::attend_backward_for_training(
                         &d_ctx,
